@@ -1,0 +1,52 @@
+# Two commands: `make figures` and `make test`. Each creates .venv when it is missing.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Extra pip arguments for torch on a CPU machine (e.g. --index-url https://download.pytorch.org/whl/cpu where that
+# index is reachable). Here `torch==2.13.0` resolves to a local CPU wheel.
+TORCH_PIP_ARGS ?=
+NOTEBOOKS ?=
+
+.PHONY: venv test unit smoke figures bench lab clean-build
+
+venv: $(STAMP)
+
+# On a GPU box the venv sees the system packages, so a CUDA torch already installed there is kept, never replaced.
+# Without a GPU, torch is installed first as the 2.13.0 CPU wheel, so nothing later pulls the multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@set -e; \
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; else gpu=0; fi; \
+	if [ ! -x $(PY) ]; then \
+	  if [ $$gpu = 1 ]; then python3 -m venv --system-site-packages $(VENV); else python3 -m venv $(VENV); fi; \
+	fi; \
+	if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if [ $$gpu = 1 ]; then $(PY) -m pip install torch; \
+	  else $(PY) -m pip install "torch==2.13.0" $(TORCH_PIP_ARGS); fi; \
+	fi; \
+	$(PY) -m pip install -e ".[dev]"; \
+	touch $(STAMP)
+
+# Unit tests, then every notebook at smoke scale (papermill), then nbval re-executes those copies and compares the
+# cells marked NBVAL_CHECK_OUTPUT (the key numbers), so a notebook that raises or drifts fails.
+test: $(STAMP)
+	rm -rf build/smoke
+	$(PY) -m sparse_coding.runner --smoke --out build/smoke $(if $(NOTEBOOKS),--only $(NOTEBOOKS))
+	$(PY) -m pytest tests build/smoke --nbval-lax -p no:cacheprovider
+
+unit: $(STAMP)
+	$(PY) -m pytest tests -p no:cacheprovider
+
+# Every notebook with its defaults; figures/ and figures/README.md are rewritten, data/ keeps the artefacts.
+figures: $(STAMP)
+	$(PY) -m sparse_coding.runner --out build/figures $(if $(NOTEBOOKS),--only $(NOTEBOOKS))
+	$(PY) -m sparse_coding.writeup
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+lab: $(STAMP)
+	$(PY) -m pip install -e ".[lab]" && $(VENV)/bin/jupyter lab notebooks/
+
+clean-build:
+	rm -rf build
