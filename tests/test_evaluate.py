@@ -178,6 +178,12 @@ def test_identity_splice_equals_clean(model, tokens):
     assert zero.kl_to_clean > 0.1
     assert ident.ce_zero - ident.ce_clean > 0.5  # the ablation really hurts, so the ratios above mean something
     assert ident.n_predictions == 6 * 11
+    # KL(clean ‖ zero-ablated), averaged over the 66 predictions, computed by hand
+    with torch.no_grad():
+        lc = model(tokens)[:, :-1].log_softmax(-1)
+        lz = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda a, hook: torch.zeros_like(a))])[:, :-1]
+        lz = lz.log_softmax(-1)
+    assert zero.kl_to_clean == pytest.approx(float((lc.exp() * (lc - lz)).sum(-1).mean()), rel=1e-4)
     # clean CE agrees with TransformerLens's own loss
     assert ident.ce_clean == pytest.approx(float(model(tokens, return_type="loss").detach()), abs=1e-5)
     assert ident.ppl_clean == pytest.approx(math.exp(ident.ce_clean))
@@ -216,6 +222,13 @@ def test_non_residual_hook_and_no_sae(model, tokens):
     df = spliced_loss(model, tokens, hook, StandIn(64, [IDENTITY]), ablations=("zero",), progress=False)
     assert df.ce_spliced[0] == pytest.approx(df.ce_clean[0], abs=1e-5)
     assert math.isnan(df.ce_mean[0]) and math.isnan(df.loss_recovered_mean[0])
+    # a per-head hook [B, T, H, d_head] is flattened to H*d_head = 32 wide rows and reshaped back
+    z = "blocks.0.attn.hook_z"
+    dz = spliced_loss(model, tokens, z, StandIn(32, [IDENTITY]), progress=False)
+    zmean = model.run_with_cache(tokens, names_filter=z)[1][z].reshape(-1, 32).double().mean(0).float()
+    dz2 = spliced_loss(model, tokens, z, None, mean_act=zmean, progress=False)
+    assert dz.ce_spliced[0] == pytest.approx(dz.ce_clean[0], abs=1e-5)
+    assert dz.ce_mean[0] == pytest.approx(dz2.ce_mean[0], abs=1e-5)
     base = spliced_loss(model, tokens, HOOK, None, progress=False)
     assert list(base.member) == [-1] and "ce_spliced" not in base
 

@@ -432,8 +432,11 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
         if mean_act is None:
             total, count = None, 0
             for tb in tqdm(batches, desc="mean activation", disable=not progress, leave=False):
-                act = splicer.activation(tb.to(device))[:, first:]
+                act = splicer.activation(tb.to(device))
                 _check_finite(act, f"the activation at {hook_name!r}")
+                act = act[:, first:].reshape(act.shape[0], act.shape[1] - first, -1)
+                if sae is not None and act.shape[-1] != int(sae.d_in):  # fail before the long pass, not after
+                    raise _width_error(splicer, sae, act.shape[-1])
                 s = act.double().sum(dim=(0, 1))
                 total = s if total is None else total + s
                 count += act.shape[0] * act.shape[1]
