@@ -1,0 +1,405 @@
+"""The language model: train the offline default, or load any GPT-NeoX-family model as a TransformerLens model.
+
+Offline default: a small GPT-NeoX (Pythia's architecture: rotary on a quarter of each head, attention and MLP in
+parallel off the same residual, untied unembedding) trained here on the standard library's source with a byte-level
+BPE tokenizer. It is saved with ``save_pretrained`` and checkpointed on Pythia's schedule in ``step{N}`` folders, so
+``load_model(dir, "step512")`` and ``load_model("EleutherAI/pythia-70m-deduped", "step512")`` mean the same thing.
+
+Layout under ``<data_dir>/lm/offline/``::
+
+    tokenizer.json  tokenizer_config.json        the BPE (also copied into every checkpoint folder)
+    tokens-train.safetensors tokens-val.safetensors  the token streams the model saw / was validated on
+    step0/ step1/ step2/ step4/ ... step512/ step1000/ ...   save_pretrained + tokenizer, each loads alone
+    final/                                       the last step (also its step{N} folder)
+    train_log.json                               config, loss history, metrics
+
+Public API::
+
+    train_offline_model(data_dir, ...) -> dict       # metrics + history; skips work already on disk
+    load_model(name_or_dir, revision=None, device="cpu") -> TransformerBridge
+    load_hf_model(name_or_dir, revision=None, device="cpu") -> (transformers model, tokenizer)
+    valid_hooks(model) -> list[str];  check_hooks(model, hooks);  hook_name("resid_post", 3)
+    checkpoint_steps(last_step) -> [0, 1, 2, 4, ..., 512, 1000, 2000, ...]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import corpus as _corpus
+from .io import load_json, load_tensors, save_json, save_tensors
+from .paths import resolve
+
+OFFLINE_SUBDIR = Path("lm") / "offline"
+DEFAULT_OFFLINE_DIR = "data/lm/offline"
+
+
+# ----------------------------------------------------------------------------------------------------- config
+
+@dataclass
+class LMConfig:
+    """Everything that decides the offline model. Defaults: the model `make figures` trains (~10 min on 2 cores)."""
+
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    vocab_size: int = 4096
+    ctx_len: int = 128
+    rotary_pct: float = 0.25       # Pythia: rotary on a quarter of each head's dims
+    batch_size: int = 32           # contexts per step
+    steps: int = 1200
+    lr: float = 3e-3
+    min_lr_frac: float = 0.1       # cosine decays to lr * min_lr_frac
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_contexts: int = 256       # validation contexts used by the periodic estimate (the final one uses all)
+    seed: int = 0
+
+    def hf_config(self):
+        from transformers import GPTNeoXConfig
+
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        return GPTNeoXConfig(
+            vocab_size=self.vocab_size, hidden_size=self.d_model, num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads, intermediate_size=self.d_mlp, max_position_embeddings=self.ctx_len,
+            rotary_pct=self.rotary_pct, use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False,
+            bos_token_id=0, eos_token_id=0, initializer_range=0.02, attention_dropout=0.0, hidden_dropout=0.0)
+
+
+def checkpoint_steps(last_step: int) -> list[int]:
+    """Pythia's checkpoint schedule up to ``last_step``: 0, 1, 2, 4, ..., 512, then every 1000; plus the last step."""
+    steps = [0] + [2 ** i for i in range(10) if 2 ** i <= last_step]
+    steps += list(range(1000, last_step + 1, 1000))
+    if last_step not in steps:
+        steps.append(last_step)
+    return sorted(set(steps))
+
+
+def lr_at(step: int, cfg: LMConfig) -> float:
+    """Linear warm-up then cosine decay to lr * min_lr_frac at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+# ----------------------------------------------------------------------------------------------------- training
+
+def _save_checkpoint(model, tokenizer, folder: Path, extra: dict | None = None) -> None:
+    """save_pretrained into a temporary sibling, then rename: a killed run never leaves a half-written step folder."""
+    from transformers.utils import logging as hf_logging
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per checkpoint buries the training bar
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if extra:
+            save_json(tmp / "training_state.json", extra)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+
+
+@torch.inference_mode()
+def evaluate(model, ctxs: torch.Tensor, batch_size: int = 64, device: str | torch.device = "cpu") -> float:
+    """Mean next-token cross-entropy (nats) over every position of ``ctxs`` [n, ctx_len]."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(ctxs), batch_size):
+        x = ctxs[i:i + batch_size].to(device)
+        logits = model(x).logits[:, :-1]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
+                                 reduction="sum").item()
+        count += x[:, 1:].numel()
+    return total / count
+
+
+def train_offline_model(data_dir: str | os.PathLike = "data", cfg: LMConfig | None = None, *,
+                        source: str = "stdlib", max_train_bytes: int | None = None, device: str = "cpu",
+                        n_threads: int | None = None, progress: bool = True, overwrite: bool = False) -> dict:
+    """Train the offline default model into ``<data_dir>/lm/offline`` and return its ``train_log.json`` contents.
+
+    Work already on disk with the same config is reused (a second call returns at once); ``overwrite=True``
+    retrains. Deterministic for ``cfg.seed`` on a given machine and thread count."""
+    from tqdm.auto import tqdm
+    from transformers import GPTNeoXForCausalLM
+
+    cfg = cfg or LMConfig()
+    out = resolve(data_dir) / OFFLINE_SUBDIR
+    log_path = out / "train_log.json"
+    run_key = {"config": asdict(cfg), "source": source, "max_train_bytes": max_train_bytes}
+    if log_path.exists() and not overwrite:
+        log = load_json(log_path)
+        if log.get("run_key") == run_key and (out / "final" / "config.json").exists():
+            return log
+    if out.exists():  # a different config (or overwrite): never mix checkpoints of two runs
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    if n_threads:
+        torch.set_num_threads(n_threads)
+
+    # Corpus -> tokenizer -> token streams (the tokenizer is trained on training documents only).
+    corp = _corpus.load_corpus(source, max_train_bytes=max_train_bytes)
+    tokenizer = _corpus.train_tokenizer(corp.train, vocab_size=cfg.vocab_size, out_dir=out)
+    train_tokens = _corpus.tokenize(corp.train, tokenizer, progress=progress)
+    val_tokens = _corpus.tokenize(corp.val, tokenizer, progress=progress)
+    save_tensors(out / "tokens-train.safetensors", {"tokens": train_tokens}, {"corpus": corp.name})
+    save_tensors(out / "tokens-val.safetensors", {"tokens": val_tokens}, {"corpus": corp.name})
+    save_json(out / "corpus.json", {"name": corp.name, "source": source, "train_docs": corp.train_ids,
+                                    "val_docs": corp.val_ids, "ctx_len": cfg.ctx_len,
+                                    "train_tokens": train_tokens.numel(), "val_tokens": val_tokens.numel()})
+    train_ctx = _corpus.contexts(train_tokens, cfg.ctx_len)
+    val_ctx = _corpus.contexts(val_tokens, cfg.ctx_len)
+    if len(train_ctx) < cfg.batch_size:
+        raise ValueError(f"only {len(train_ctx)} training contexts for batch_size={cfg.batch_size}; "
+                         f"lower batch_size/ctx_len or give more text")
+    unigram_H = _corpus.unigram_entropy(val_tokens[: len(val_ctx) * cfg.ctx_len], cfg.vocab_size)
+
+    # Model. The seed fixes the init and the data order (a generator of its own, untouched by anything else).
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    hf_cfg = cfg.hf_config()
+    hf_cfg.vocab_size = len(tokenizer)  # BPE may stop short of the requested vocab on tiny corpora
+    model = GPTNeoXForCausalLM(hf_cfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    ckpts = set(checkpoint_steps(cfg.steps))
+    eval_ctx = val_ctx[: cfg.eval_contexts]
+    history: dict[str, list] = {"step": [], "train_loss": [], "val_step": [], "val_loss": [], "lr": []}
+
+    def checkpoint(step: int) -> None:
+        _save_checkpoint(model, tokenizer, out / f"step{step}", {"step": step, "tokens_seen": step * tokens_per_step})
+
+    tokens_per_step = cfg.batch_size * cfg.ctx_len
+    perm = torch.randperm(len(train_ctx), generator=gen)
+    cursor, t_train, running = 0, 0.0, None
+    bar = tqdm(range(cfg.steps + 1), desc="train", disable=not progress, unit="step")
+    for step in bar:
+        # The state after `step` optimizer updates is Pythia's "step{step}" (step0 = the initialisation).
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            history["val_step"].append(step)
+            history["val_loss"].append(evaluate(model, eval_ctx, device=device))
+        if step in ckpts:
+            checkpoint(step)
+        if step == cfg.steps:
+            break
+        model.train()
+        t0 = time.perf_counter()
+        if cursor + cfg.batch_size > len(perm):  # a new epoch: a fresh permutation from the same generator
+            perm, cursor = torch.randperm(len(train_ctx), generator=gen), 0
+        x = train_ctx[perm[cursor:cursor + cfg.batch_size]].to(device)
+        cursor += cfg.batch_size
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        logits = model(x).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        t_train += time.perf_counter() - t0
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        history["step"].append(step + 1)
+        history["train_loss"].append(loss.item())
+        history["lr"].append(lr_at(step, cfg))
+        bar.set_postfix(loss=f"{running:.3f}", val=f"{history['val_loss'][-1]:.3f}", refresh=False)
+    bar.close()
+
+    final_val = evaluate(model, val_ctx, device=device)
+    final_dir = out / "final"
+    _save_checkpoint(model, tokenizer, final_dir, {"step": cfg.steps, "tokens_seen": cfg.steps * tokens_per_step})
+    metrics = {
+        "val_loss": final_val, "unigram_entropy": unigram_H, "loss_ratio": final_val / unigram_H,
+        "n_params": n_params, "train_tokens": cfg.steps * tokens_per_step, "corpus_train_tokens": train_tokens.numel(),
+        "val_tokens": val_ctx.numel(), "tokens_per_s": cfg.steps * tokens_per_step / max(t_train, 1e-9),
+        "train_seconds": t_train, "n_layers": cfg.n_layers, "d_model": cfg.d_model, "vocab_size": len(tokenizer),
+        "ctx_len": cfg.ctx_len, "checkpoints": [f"step{s}" for s in sorted(ckpts)], "corpus": corp.name,
+    }
+    log = {"run_key": run_key, "metrics": metrics, "history": history}
+    save_json(log_path, log)
+    return log
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+
+def _is_hub_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", name)) and not Path(name).exists()
+
+
+def resolve_checkpoint(name_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
+    """The folder holding ``config.json`` for a local model dir + revision (None/"final" = the last step)."""
+    root = Path(resolve(name_or_dir)) if not Path(name_or_dir).is_absolute() else Path(name_or_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model folder {root} does not exist; train it with lm.train_offline_model() "
+                                f"(notebook 00) or pass a hub name")
+    available = sorted((p.name for p in root.iterdir() if re.fullmatch(r"step\d+", p.name) and
+                        (p / "config.json").exists()), key=lambda s: int(s[4:]))
+    if revision in (None, "final", "main"):
+        for cand in (root / "final", root):
+            if (cand / "config.json").exists():
+                return cand
+        if available:
+            return root / available[-1]
+    else:
+        rev = f"step{revision}" if isinstance(revision, int) or str(revision).isdigit() else str(revision)
+        if (root / rev / "config.json").exists():
+            return root / rev
+    raise FileNotFoundError(f"no checkpoint {revision!r} in {root}; available: {['final'] + available}")
+
+
+def load_hf_model(name_or_dir: str | os.PathLike, revision: str | None = None, device: str | torch.device = "cpu"):
+    """(transformers causal-LM model in eval mode, tokenizer) for a hub name + revision or a local folder + checkpoint.
+
+    Attention is "eager", the implementation TransformerLens's bridge uses, so the two give the same logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_dir)
+    if _is_hub_name(name):
+        if not _corpus.hub_reachable():
+            raise ConnectionError(
+                f"{name!r} is a hub model but huggingface.co is not reachable from here (or HF_HUB_OFFLINE is set). "
+                f"Use the offline default instead: load_model({DEFAULT_OFFLINE_DIR!r}) after running notebook "
+                f"00_offline_model (lm.train_offline_model()).")
+        path, kw = name, {"revision": revision or "main"}
+    else:
+        path, kw = str(resolve_checkpoint(name, revision)), {}
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32, **kw)
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    return model.to(device).eval(), tok
+
+
+def load_model(name_or_dir: str | os.PathLike = DEFAULT_OFFLINE_DIR, revision: str | None = None,
+               device: str | torch.device = "cpu"):
+    """A TransformerLens 3 ``TransformerBridge`` for a hub model + revision or a local model folder + checkpoint.
+
+    Examples: ``load_model("data/lm/offline")`` (final), ``load_model("data/lm/offline", "step512")``,
+    ``load_model("EleutherAI/pythia-70m-deduped", "step3000", device="cuda")``.
+
+    The bridge runs the transformers model's own weights unchanged (no LayerNorm folding), so its logits equal the
+    plain ``transformers`` model's; hooks have TransformerLens names (``blocks.{L}.hook_resid_post``,
+    ``blocks.{L}.mlp.hook_post``, ...; see :func:`valid_hooks`). ``model.sc_source`` / ``model.sc_revision`` record
+    what was loaded, for manifests."""
+    import logging
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf, tok = load_hf_model(name_or_dir, revision, device)
+    prev = logging.getLogger().level
+    bridge = TransformerBridge.boot_transformers(str(name_or_dir), hf_model=hf, tokenizer=tok, device=str(device))
+    logging.getLogger().setLevel(prev)
+    bridge.eval()
+    object.__setattr__(bridge, "sc_source", str(name_or_dir))
+    object.__setattr__(bridge, "sc_revision", revision or "final")
+    return bridge
+
+
+# ----------------------------------------------------------------------------------------------------- hooks
+
+_HOOK_KINDS = {
+    "resid_pre": "blocks.{L}.hook_resid_pre", "resid_mid": "blocks.{L}.hook_resid_mid",
+    "resid_post": "blocks.{L}.hook_resid_post", "mlp_out": "blocks.{L}.hook_mlp_out",
+    "attn_out": "blocks.{L}.hook_attn_out", "mlp_post": "blocks.{L}.mlp.hook_post", "mlp_pre": "blocks.{L}.mlp.hook_pre",
+}
+
+
+def hook_name(kind: str, layer: int) -> str:
+    """``hook_name("resid_post", 2) == "blocks.2.hook_resid_post"``; kinds: resid_pre/mid/post, attn_out, mlp_out,
+    mlp_pre, mlp_post (the MLP's hidden activations after the nonlinearity)."""
+    if kind not in _HOOK_KINDS:
+        raise ValueError(f"unknown hook kind {kind!r}; valid: {sorted(_HOOK_KINDS)}")
+    return _HOOK_KINDS[kind].format(L=int(layer))
+
+
+_VALID_CACHE: dict[int, list[str]] = {}
+
+
+def n_layers(model) -> int:
+    return int(model.cfg.n_layers)
+
+
+def valid_hooks(model) -> list[str]:
+    """Every hook name the model fires on a forward pass (canonical names and TransformerLens aliases), in order.
+
+    Found by running one token through the model with everything cached: what is listed is exactly what a
+    forward pass can deliver, whatever the architecture."""
+    key = id(model)
+    if key not in _VALID_CACHE:
+        dev = next(model.parameters()).device
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(torch.zeros(1, 1, dtype=torch.long, device=dev))
+        _VALID_CACHE[key] = list(cache.keys())
+    return list(_VALID_CACHE[key])
+
+
+def hook_layer(hook: str) -> int | None:
+    """The block index a hook belongs to (``blocks.3.…`` -> 3), or None for embed / final-LN hooks."""
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    return int(m.group(1)) if m else None
+
+
+def check_hooks(model, hooks: Sequence[str]) -> list[str]:
+    """``hooks`` unchanged if the model has them all; otherwise a ValueError naming the valid choices."""
+    if isinstance(hooks, str):
+        hooks = [hooks]
+    if not hooks:
+        raise ValueError("no hooks requested; e.g. hooks=['blocks.0.hook_resid_post']")
+    L = n_layers(model)
+    valid = valid_hooks(model)
+    for h in hooks:
+        layer = hook_layer(h)
+        if layer is not None and layer >= L:
+            raise ValueError(f"hook {h!r}: layer {layer} is out of range; this model has {L} layers "
+                             f"(valid layers 0..{L - 1})")
+        if h not in valid:
+            per_block = sorted({v.split(".", 2)[2] for v in valid if v.startswith("blocks.0.")})
+            other = [v for v in valid if not v.startswith("blocks.")]
+            raise ValueError(f"unknown hook {h!r}. Valid: blocks.{{0..{L - 1}}}.<name> with <name> in {per_block}; "
+                             f"plus {other}")
+    return list(hooks)
+
+
+def offline_dir(data_dir: str | os.PathLike = "data") -> Path:
+    """``<data_dir>/lm/offline``: where notebook 00 puts the default model."""
+    return resolve(data_dir) / OFFLINE_SUBDIR
+
+
+def validation_contexts(model_dir: str | os.PathLike = DEFAULT_OFFLINE_DIR, ctx_len: int | None = None,
+                        split: str = "val", max_contexts: int | None = None) -> torch.Tensor:
+    """LongTensor [n, ctx_len] of the held-out (``split="val"``) or training token contexts of a locally trained
+    model, the same tokens its validation loss was measured on. For "loss with the reconstruction spliced in"."""
+    root = resolve(model_dir)
+    path = root / f"tokens-{split}.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: train the model first (lm.train_offline_model / notebook 00); "
+                                f"for a hub model tokenize a corpus with corpus.tokenize(...) instead")
+    if ctx_len is None:
+        ctx_len = int(load_json(root / "corpus.json")["ctx_len"])
+    return _corpus.contexts(load_tensors(path)["tokens"], ctx_len, max_contexts)
