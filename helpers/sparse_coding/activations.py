@@ -305,6 +305,7 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
 
     from tqdm.auto import tqdm
 
+    t_start = time.perf_counter()
     writer = _ChunkWriter()
     # Chunk numbers are counted here, not read back from the manifests the writer thread is still appending to.
     next_index = {h: len(manifests[h]["chunks"]) for h in harvester.hooks}
@@ -338,6 +339,13 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
     finally:
         bar.close()
         writer.close()
+        # Wall time spent harvesting, summed over resumed runs: tokens/s = n_tokens / seconds, even when a later
+        # call finds the work done and returns at once.
+        elapsed = time.perf_counter() - t_start
+        for h in harvester.hooks:
+            if manifests[h]["chunks"]:
+                manifests[h]["seconds"] = manifests[h].get("seconds", 0.0) + elapsed
+                save_json(folders[h] / MANIFEST, manifests[h])
     return folders
 
 
