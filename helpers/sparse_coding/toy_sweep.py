@@ -1,0 +1,164 @@
+"""Notebook 01's experiment: train SAEs on toy data over an α × dictionary-size grid and score them against the
+known features, next to TopK and the classical baselines.
+
+One ensemble per dictionary ratio, one member per L1 coefficient α. Every ensemble is fed the same batches:
+`ToyData.batches` is deterministic for a seed, so each ensemble re-draws the identical stream (drawing a batch is
+~1 % of a training step here, far cheaper than holding steps × batch × d floats in memory to share them).
+Ratios are relative to the number of true features (ratio 1 = 512 atoms for 512 features), as in Sharkey et al.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .baselines import ica_dictionary, omp_dictionary, pca_dictionary
+from .recovery import dead_features, mmcs_from_learned, mmcs_to_truth, mmcs_vs_larger, share_recovered
+from .toy import ToyData
+
+# Held-out data for dead-feature counts and FVU comes from this seed offset, never from a training stream.
+EVAL_SEED_OFFSET = 10_000
+
+
+@dataclass
+class ToySweepResult:
+    l1_coefs: list[float]
+    ratios: list[float]
+    table: pd.DataFrame  # one row per (ratio, l1_coef): mmcs, mmcs_reverse, share_recovered, dead_share, l0, fvu, mmcs_vs_larger
+    dictionaries: dict[float, torch.Tensor] = field(repr=False)  # ratio -> [E, n, d] decoder directions
+    history: pd.DataFrame = field(repr=False)  # train_sae logs with a `ratio` column
+    seconds: float = 0.0
+
+    def grid(self, metric: str) -> pd.DataFrame:
+        """metric as a ratio × l1_coef matrix (rows: ratios ascending, columns: α ascending)."""
+        return self.table.pivot(index="ratio", columns="l1_coef", values=metric).sort_index()
+
+    def best(self) -> dict:
+        """The grid cell with the highest MMCS against the truth."""
+        row = self.table.loc[self.table["mmcs"].idxmax()]
+        return {"mmcs": float(row["mmcs"]), "l1_coef": float(row["l1_coef"]), "ratio": float(row["ratio"])}
+
+
+def _check_grid(values, name: str) -> list[float]:
+    try:
+        out = [float(v) for v in values]
+    except TypeError:
+        raise ValueError(f"{name} must be a list of positive numbers, got {values!r}") from None
+    if not out or any(not (v > 0 and math.isfinite(v)) for v in out):
+        raise ValueError(f"{name} must be a non-empty list of positive numbers, got {values!r}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} has repeated values: {values!r}")
+    return sorted(out)
+
+
+def _check_positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def eval_batch(data: ToyData, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out (x, true codes), disjoint in seed from every training stream."""
+    return data.sample(n, data.generator(seed + EVAL_SEED_OFFSET))
+
+
+@torch.no_grad()
+def _score_ensemble(sae, truth: torch.Tensor, x_eval: torch.Tensor) -> dict[str, np.ndarray]:
+    D = sae.decoder_directions()
+    codes = sae.encode(x_eval)
+    x_hat = sae.decode(codes)
+    var = (x_eval - x_eval.mean(0)).pow(2).sum(-1).mean()
+    _, dead_share = dead_features(codes)
+    return {
+        "mmcs": mmcs_to_truth(D, truth).cpu().numpy(),
+        "mmcs_reverse": mmcs_from_learned(D, truth).cpu().numpy(),
+        "share_recovered": share_recovered(D, truth, 0.9).cpu().numpy(),
+        "dead_share": dead_share.cpu().numpy(),
+        "l0": (codes > 0).sum(-1).float().mean(-1).cpu().numpy(),
+        "fvu": ((x_hat - x_eval).pow(2).sum(-1).mean(-1) / var).cpu().numpy(),
+    }
+
+
+def run_toy_sweep(data: ToyData, l1_coefs, ratios, steps: int, batch_size: int = 256, lr: float = 1e-3,
+                  seed: int = 0, n_eval: int = 4096, tied: bool = False, progress: bool = False) -> ToySweepResult:
+    """Train one ReLU-L1 ensemble per ratio (members = l1_coefs) on identical batches and score every member."""
+    from .sae import make_sae
+    from .train import train_sae
+
+    l1_coefs = _check_grid(l1_coefs, "l1_coefs")
+    ratios = _check_grid(ratios, "ratios")
+    steps = _check_positive_int(steps, "steps")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    n_eval = _check_positive_int(n_eval, "n_eval")
+    t0 = time.time()
+    truth = data.features
+    x_eval, _ = eval_batch(data, n_eval, seed)
+    rows, dictionaries, histories = [], {}, []
+    for ratio in ratios:
+        n = max(1, round(ratio * data.cfg.n_features))
+        sae = make_sae("relu", d_in=data.cfg.d, d_sae=n, l1_coef=l1_coefs, tied=tied, seed=seed, device=data.device)
+        hist = train_sae(sae, data.batches(batch_size, steps, seed), steps=steps, lr=lr, progress=progress,
+                         log_every=max(1, steps // 20), seed=seed)
+        histories.append(hist.assign(ratio=ratio))
+        scores = _score_ensemble(sae, truth, x_eval)
+        dictionaries[ratio] = sae.decoder_directions().cpu()
+        for m, a in enumerate(l1_coefs):
+            rows.append({"ratio": ratio, "n_atoms": n, "l1_coef": a, **{k: float(v[m]) for k, v in scores.items()}})
+    table = pd.DataFrame(rows)
+    table["mmcs_vs_larger"] = np.nan
+    if len(ratios) > 1:
+        for ratio, vals in mmcs_vs_larger(dictionaries).items():
+            for m, a in enumerate(l1_coefs):
+                table.loc[(table.ratio == ratio) & (table.l1_coef == a), "mmcs_vs_larger"] = float(vals[m])
+    return ToySweepResult(l1_coefs, ratios, table, dictionaries, pd.concat(histories, ignore_index=True),
+                          time.time() - t0)
+
+
+def train_topk(data: ToyData, k: int, ratio: float, steps: int, batch_size: int = 256, lr: float = 1e-3,
+               seed: int = 0, n_eval: int = 4096, progress: bool = False) -> dict:
+    """One TopK SAE (k active per row) on the same stream as the sweep; its scores as a dict."""
+    from .sae import make_sae
+    from .train import train_sae
+
+    n = max(1, round(_check_grid([ratio], "ratio")[0] * data.cfg.n_features))
+    sae = make_sae("topk", d_in=data.cfg.d, d_sae=n, k=[_check_positive_int(k, "k")], seed=seed, device=data.device)
+    train_sae(sae, data.batches(_check_positive_int(batch_size, "batch_size"), _check_positive_int(steps, "steps"),
+                                seed), steps=steps, lr=lr, progress=progress, log_every=max(1, steps // 20), seed=seed)
+    x_eval, _ = eval_batch(data, _check_positive_int(n_eval, "n_eval"), seed)
+    scores = _score_ensemble(sae, data.features, x_eval)
+    return {"k": k, "ratio": ratio, **{key: float(v[0]) for key, v in scores.items()}}
+
+
+def run_baselines(data: ToyData, n_samples: int = 8192, omp_iter: int = 10, ica_samples: int = 4096,
+                  seed: int = 0, k_true: int | None = None, verbose: bool = False) -> pd.DataFrame:
+    """PCA, ICA and OMP/k-SVD (true k and 2k) fitted on one fresh sample; MMCS against the truth for each.
+
+    PCA and ICA can return at most d atoms (half the true features at the defaults): that limit is part of what the
+    comparison shows. OMP/k-SVD gets as many atoms as there are true features."""
+    n_samples = _check_positive_int(n_samples, "n_samples")
+    ica_samples = _check_positive_int(ica_samples, "ica_samples")
+    k_true = _check_positive_int(k_true if k_true is not None else max(1, round(data.cfg.k)), "k_true")
+    X, _ = data.sample(n_samples, data.generator(seed + 2 * EVAL_SEED_OFFSET))
+    X = X.cpu()
+    truth = data.features.cpu()
+    F = data.cfg.n_features
+    rows = []
+
+    def add(name: str, fit):
+        t = time.time()
+        D = fit()
+        rows.append({"method": name, "n_atoms": D.shape[0], "mmcs": float(mmcs_to_truth(D, truth)),
+                     "mmcs_reverse": float(mmcs_from_learned(D, truth)),
+                     "share_recovered": float(share_recovered(D, truth, 0.9)), "seconds": time.time() - t})
+
+    add("PCA", lambda: pca_dictionary(X, seed=seed))
+    add("ICA", lambda: ica_dictionary(X[:ica_samples], seed=seed))
+    add(f"OMP k={k_true} (true)", lambda: omp_dictionary(X, F, k_true, n_iter=omp_iter, seed=seed, verbose=verbose))
+    add(f"OMP k={2 * k_true} (2×)", lambda: omp_dictionary(X, F, 2 * k_true, n_iter=omp_iter, seed=seed,
+                                                          verbose=verbose))
+    return pd.DataFrame(rows)
