@@ -247,3 +247,30 @@ def test_relu_hand_backward_matches_autograd(tied, pre_bias, shared):
         grads[-1]["loss"] = out["loss"].detach()
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_topk_sparse_decode_matches_dense_autograd(with_dead):
+    """TopK decodes through embedding_bag (only the k chosen rows); the dense generic path is the reference."""
+    from sparse_coding.sae import TopKSAE
+
+    sae = make_sae("topk", d_in=6, d_sae=20, k=[2, 5], aux_k=[3, 4], seed=[0, 1], dead_window=10,
+                   dtype=torch.float64)
+    _randomise_biases(sae)
+    sae.train()
+    if with_dead:
+        with torch.no_grad():
+            sae.tokens_since_fired[0, ::2] = 100
+            sae.tokens_since_fired[1, :7] = 100
+    x = torch.randn(13, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    results = []
+    for forward in (TopKSAE.forward, EnsembleSAE.forward):
+        sae.zero_grad()
+        out = forward(sae, x)
+        out["loss"].sum().backward()
+        results.append(({k: out[k].detach() for k in ("x_hat", "codes", "loss", "mse", "aux")},
+                        {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    assert (results[0][0]["aux"] > 0).all() == with_dead
+    for a, b in zip(results[0], results[1]):
+        for name in b:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-10, atol=1e-12, msg=name)

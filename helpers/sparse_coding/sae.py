@@ -310,8 +310,8 @@ class ReLUSAE(EnsembleSAE):
         return {"l1": self.member_param("l1_coef") * codes.sum(-1).mean(-1)}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if type(self).activation is not ReLUSAE.activation:
-            return super().forward(x)  # a subclass with its own activation takes the generic path
+        if type(self).activation is not ReLUSAE.activation or type(self).kind_losses is not ReLUSAE.kind_losses:
+            return super().forward(x)  # a subclass with its own maths takes the generic path
         x = self._check_input(x)
         W = self.encoder_weight()
         bias = self.b_enc
@@ -356,31 +356,70 @@ class TopKSAE(EnsembleSAE):
         ranks = torch.arange(values.shape[-1], device=values.device)
         return values * (ranks < self.member_param(key).view(-1, 1, 1)).to(values.dtype)
 
+    def select(self, pre: torch.Tensor, k: int, key: str, mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's top-k ReLU'd pre-activations (k = max over members, each member then keeps its own
+        `key`): values [E, B, k] and latent indices [E, B, k]. `mask` [E, d_sae] restricts the choice."""
+        if mask is not None:
+            pre = pre.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        # Top-k first, ReLU on the k survivors: the same codes as ReLU then top-k, without two full passes over
+        # [E, B, d_sae] (ReLU forward and backward). Sorting is only needed to cut members at different k.
+        ragged = k > 1 and len({h[key] for h in self.hparams}) > 1
+        values, idx = pre.topk(k, dim=-1, sorted=ragged)
+        values = torch.relu(values)
+        if ragged:
+            values = self._keep_first(values, key)
+        return values, idx
+
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        values, idx = torch.relu(pre).topk(self.k_max, dim=-1)
-        if self.k_max > 1 and len({h["k"] for h in self.hparams}) > 1:
-            values = self._keep_first(values, "k")
+        values, idx = self.select(pre, self.k_max, "k")
         return torch.zeros_like(pre).scatter(-1, idx, values)
 
+    def sparse_decode(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Σ_j values[e,b,j] · W_dec[e, idx[e,b,j]]  ([E, B, d_in], no b_dec). Only the k chosen decoder rows are
+        touched, forward and backward: k·d_in multiply-adds per row instead of d_sae·d_in."""
+        E, B, k = values.shape
+        offsets = (torch.arange(E, device=idx.device) * self.d_sae).view(E, 1, 1)
+        out = nn.functional.embedding_bag((idx + offsets).view(E * B, k), self.W_dec.reshape(E * self.d_sae, -1),
+                                          per_sample_weights=values.reshape(E * B, k), mode="sum")
+        return out.view(E, B, self.d_in)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if type(self).activation is not TopKSAE.activation or type(self).kind_losses is not TopKSAE.kind_losses:
+            return super().forward(x)  # a subclass with its own maths takes the generic path
+        x = self._check_input(x)
+        pre = self.pre_activations(x)
+        values, idx = self.select(pre, self.k_max, "k")
+        x_hat = self.sparse_decode(values, idx) + self.b_dec.unsqueeze(1)
+        mse = (x_hat - x).pow(2).sum(-1).mean(-1)
+        aux = self._aux(x, pre, x_hat)
+        with torch.no_grad():
+            fired = torch.zeros(self.n_members, self.d_sae, device=self.device, dtype=self.dtype).scatter_add_(
+                1, idx.view(self.n_members, -1), values.detach().view(self.n_members, -1)) > 0
+        codes = torch.zeros_like(pre).scatter(-1, idx, values)
+        return {"x_hat": x_hat, "codes": codes, "loss": mse + aux, "mse": mse, "aux": aux, "fired": fired}
+
     def kind_losses(self, x, pre, codes, x_hat):
+        return {"aux": self._aux(x, pre, x_hat)}
+
+    def _aux(self, x: torch.Tensor, pre: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """AuxK: the aux_k largest dead latents reconstruct the main reconstruction's error."""
+        zero = torch.zeros(self.n_members, device=self.device, dtype=self.dtype)
         if self.aux_k_max == 0 or not self.training:
-            return {"aux": torch.zeros(self.n_members, device=self.device, dtype=self.dtype)}
+            return zero
         dead = self.dead_mask(self.dead_window if self.dead_window is not None else DEFAULT_DEAD_WINDOW)
         # One host sync per step, but it saves a second top-k and decode on every step where nothing is dead.
         if not bool(dead.any()):
-            return {"aux": torch.zeros(self.n_members, device=self.device, dtype=self.dtype)}
+            return zero
         residual = (x - x_hat).detach()
-        dead_pre = torch.relu(pre) * dead.unsqueeze(1).to(pre.dtype)
-        values, idx = dead_pre.topk(self.aux_k_max, dim=-1)
-        values = self._keep_first(values, "aux_k")
-        aux_codes = torch.zeros_like(pre).scatter(-1, idx, values)
+        values, idx = self.select(pre, self.aux_k_max, "aux_k", mask=dead)
         # b_dec is already in x_hat; the dead latents model only what is left over.
-        aux_hat = torch.bmm(aux_codes, self.W_dec)
+        aux_hat = self.sparse_decode(values, idx)
         # Normalised by the residual's own variance so aux_coef (1/32) means the same at any activation scale.
-        baseline = (residual - residual.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1).clamp_min(1e-12)
+        baseline = (residual - residual.mean(-2, keepdim=True)).pow(2).sum(-1).mean(-1).clamp_min(1e-12)
         aux = (aux_hat - residual).pow(2).sum(-1).mean(-1) / baseline
         # A member with nothing dead has no aux loss (not the residual's full error, which it cannot reduce).
-        return {"aux": self.member_param("aux_coef") * aux * dead.any(-1).to(aux.dtype)}
+        return self.member_param("aux_coef") * aux * dead.any(-1).to(aux.dtype)
 
 
 def make_sae(kind: str, d_in: int, d_sae: int | None = None, *, ratio: float | None = None,
