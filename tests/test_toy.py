@@ -102,7 +102,7 @@ def test_noise_is_added():
 
 @pytest.mark.parametrize("kwargs, name", [
     (dict(k=600.0), "k"), (dict(k=0.0), "k"), (dict(d=0), "d"), (dict(n_features=0), "n_features"),
-    (dict(decay=0.0), "decay"), (dict(decay=1.5), "decay"), (dict(noise=-0.1), "noise"), (dict(corr_rank=0), "corr_rank"),
+    (dict(decay=0.0), "decay"), (dict(decay=1.5), "decay"), (dict(noise=-0.1), "noise"), (dict(corr_rank=0), "corr_rank"), (dict(correlated=True, corr_rank=-2), "corr_rank"),
 ])
 def test_bad_config_names_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):

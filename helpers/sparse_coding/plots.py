@@ -62,10 +62,13 @@ def plot_mmcs_vs_larger(table, chance: float | None = None) -> "plt.Figure":
     if chance is not None:
         ax.axhline(chance, color="grey", lw=1, ls="--", label="random directions")
     ax.set_xscale("log")
+    alphas = sorted(table["l1_coef"].unique())
+    ax.set_xticks(alphas, [_alpha_label(a) for a in alphas], fontsize=8)
+    ax.minorticks_off()
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("L1 coefficient α")
     ax.set_ylabel("mean max cosine similarity")
-    ax.set_title("Agreement with a larger dictionary tracks agreement with the truth")
+    ax.set_title("MMCS against the next-larger dictionary (solid) and against the truth (dotted)")
     ax.legend(fontsize=7, ncol=2, loc="lower left")
     return fig
 

@@ -24,9 +24,10 @@ class ToyConfig:
     """Defaults are Sharkey et al.'s toy setting: 512 features in 256 dimensions, 5 active on average, firing
     probabilities decaying by 0.99 per feature, correlated.
 
-    corr_rank: Σ is the correlation matrix of W Wᵀ + I with W a [n_features, corr_rank] Gaussian matrix. A few
-    shared factors make the correlations large enough to matter (typical |ρ| ≈ 1/√corr_rank); a full-rank random
-    PSD matrix in 512 dimensions would leave them all near 0.04, i.e. practically independent firing.
+    corr_rank: Σ is the correlation matrix of W Wᵀ + I with W a [n_features, corr_rank] Gaussian matrix, a random
+    PSD matrix whose typical off-diagonal |ρ| is about 1/√corr_rank. None (default) = n_features: a full-rank random
+    covariance as in Sharkey et al., where the correlations are weak (|ρ| ≈ 0.04 at 512 features) but many. A small
+    corr_rank (a few shared factors) gives strong co-firing, a harder problem for every method.
     """
 
     d: int = 256
@@ -36,7 +37,7 @@ class ToyConfig:
     correlated: bool = True
     noise: float = 0.0
     seed: int = 0
-    corr_rank: int = 16
+    corr_rank: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -53,7 +54,7 @@ class ToyConfig:
             raise ValueError(f"decay must be in (0, 1] (1 = every feature equally likely), got {self.decay!r}")
         if not (isinstance(self.noise, (int, float)) and self.noise >= 0 and math.isfinite(self.noise)):
             raise ValueError(f"noise (std of additive Gaussian noise) must be >= 0, got {self.noise!r}")
-        if not isinstance(self.corr_rank, numbers.Integral) or self.corr_rank < 1:
+        if self.corr_rank is not None and (not isinstance(self.corr_rank, numbers.Integral) or self.corr_rank < 1):
             raise ValueError(f"corr_rank must be an integer >= 1, got {self.corr_rank!r}")
         if not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
@@ -99,7 +100,7 @@ class ToyData:
         self.thresholds = torch.special.ndtri(self.probabilities.double()).float()
         self._factors = None
         if cfg.correlated:
-            w = torch.randn(cfg.n_features, cfg.corr_rank, generator=g)
+            w = torch.randn(cfg.n_features, cfg.corr_rank or cfg.n_features, generator=g)
             # z = (W e + u) / sqrt(diag(W Wᵀ) + 1), e ~ N(0, I_r), u ~ N(0, I_F): unit-variance marginals with
             # correlation exactly corr(W Wᵀ + I), at the cost of a [B, r] x [r, F] product per batch.
             self._scale = (w.pow(2).sum(dim=1) + 1).rsqrt().to(self.device)
