@@ -74,11 +74,30 @@ def test_one_pass_stops_after_the_last_layer_needed(tiny, tmp_path):
     h0 = model.blocks[0].register_forward_pre_hook(lambda *a: calls.__setitem__("block0", calls["block0"] + 1))
     h1 = model.blocks[1].register_forward_pre_hook(lambda *a: calls.__setitem__("block1", calls["block1"] + 1))
     try:
-        A.harvest(model, ctx, HOOKS, n_tokens=64, out_root=tmp_path, model_name="m", batch_size=2, progress=False)
+        A.harvest(model, ctx, HOOKS, n_tokens=64, out_root=tmp_path, model_name="m", batch_size=2, progress=False,
+                  fast=False)
     finally:
         h0.remove()
         h1.remove()
     assert calls == {"block0": 2, "block1": 0}  # 4 contexts / batch 2 = 2 passes, block 1 never entered
+    assert A._NeoXFastPath(model, HOOKS).last == 0  # the lean path also stops after block 0
+
+
+def test_fast_path_equals_bridge_hooks_for_every_supported_hook(tiny, tmp_path):
+    model, ctx, _ = tiny
+    hooks = [f"blocks.{L}.{k}" for L in range(2) for k in sorted(A._NeoXFastPath.SUPPORTED)]
+    assert A._NeoXFastPath.applies(model, hooks)
+    assert not A._NeoXFastPath.applies(model, ["blocks.0.attn.hook_pattern"])
+    fast = A.harvest(model, ctx, hooks, 64, tmp_path / "fast", "m", progress=False)
+    slow = A.harvest(model, ctx, hooks, 64, tmp_path / "slow", "m", progress=False, fast=False)
+    for h in hooks:
+        torch.testing.assert_close(A.ActivationStore(fast[h]).all(), A.ActivationStore(slow[h]).all(),
+                                   atol=1e-5, rtol=1e-5)
+    # A hook only the bridge has (the attention pattern is not a [rows, d] activation, but any hook name works).
+    other = A.harvest(model, ctx, ["blocks.1.ln2.hook_normalized"], 32, tmp_path / "other", "m", progress=False)
+    _, cache = model.run_with_cache(ctx[:2], names_filter=["blocks.1.ln2.hook_normalized"])
+    torch.testing.assert_close(A.ActivationStore(other["blocks.1.ln2.hook_normalized"]).all(),
+                               cache["blocks.1.ln2.hook_normalized"].reshape(32, -1), atol=1e-5, rtol=1e-5)
 
 
 def test_killed_harvest_resumes_from_last_complete_chunk(tiny, tmp_path, monkeypatch):

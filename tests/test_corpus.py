@@ -33,12 +33,17 @@ def test_stdlib_split_keeps_tests_out_of_training():
     assert not any("site-packages" in p.parts for p in train + test)
     root_parts = len(C.sysconfig.get_paths()["stdlib"].split("/"))
     assert all(not {"test", "tests", "idle_test"} & set(p.parts[root_parts:-1]) for p in train)
-    c = C.load_corpus("stdlib", val_bytes=50_000, max_train_bytes=100_000)
+    c = C.load_corpus("stdlib", max_train_bytes=100_000)  # default: held-out library modules, tests left out
     assert c.name.startswith("stdlib-") and sum(map(len, c.train)) >= 100_000
-    assert all({"test", "tests", "idle_test"} & set(v.split("/")[:-1]) for v in c.val_ids)
-    assert not set(c.train_ids) & set(c.val_ids)
-    again = C.load_corpus("stdlib", val_bytes=50_000, max_train_bytes=100_000)
-    assert again.train_ids == c.train_ids and again.val_ids == c.val_ids  # deterministic
+    every = C.load_corpus("stdlib")
+    assert not set(every.train_ids) & set(every.val_ids) and 0.02 < len(every.val) / len(every.train) < 0.1
+    assert not any({"test", "tests", "idle_test"} & set(v.split("/")[:-1]) for v in every.train_ids + every.val_ids)
+    assert C.load_corpus("stdlib").val_ids == every.val_ids  # deterministic
+    t = C.load_corpus("stdlib", stdlib_val="tests", val_bytes=50_000, max_train_bytes=100_000)
+    assert all({"test", "tests", "idle_test"} & set(v.split("/")[:-1]) for v in t.val_ids)
+    assert t.val and sum(map(len, t.val)) < 2_000_000  # ~val_bytes, sampled evenly across the test packages
+    with pytest.raises(ValueError, match="'split' or 'tests'"):
+        C.load_corpus("stdlib", stdlib_val="nope")
 
 
 def test_folder_source_splits_by_document(text_folder):

@@ -192,6 +192,96 @@ class _Harvester:
         return self.out
 
 
+class _NeoXFastPath:
+    """A lean forward for GPT-NeoX (Pythia's family) that computes exactly what the requested hooks need.
+
+    TransformerLens's bridge runs the transformers modules with ~40 hook points per block, eager attention (it must
+    materialise the pattern for ``hook_pattern``) and a fresh causal mask per call. For harvesting we need none of
+    that: this path reads the same weights and runs embed -> blocks up to the last needed layer with fused
+    scaled-dot-product attention (``is_causal``) and cached rotary tables. It covers the block-level hooks below;
+    anything else goes through the bridge's own hooks (:class:`_Harvester`). The harvest tests check both paths give
+    the bridge's ``run_with_cache`` values."""
+
+    SUPPORTED = {"hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post", "mlp.hook_pre"}
+
+    @classmethod
+    def applies(cls, model, hooks: Sequence[str]) -> bool:
+        hf = getattr(model, "original_model", None)
+        cfg = getattr(hf, "config", None)
+        if cfg is None or getattr(cfg, "model_type", None) != "gpt_neox" or getattr(cfg, "hidden_act", "") != "gelu":
+            return False
+        return all(re.fullmatch(r"blocks\.\d+\.(.+)", h) and h.split(".", 2)[2] in cls.SUPPORTED for h in hooks)
+
+    def __init__(self, model, hooks: Sequence[str]):
+        hf = model.original_model
+        self.cfg = hf.config
+        # The bridge wraps each transformers module in place; its parameters are the originals under
+        # "._original_component". q/k/v/o are the bridge's split views of query_key_value / dense: skipped.
+        self.p = {k.replace("._original_component", ""): v for k, v in hf.named_parameters(remove_duplicate=False)}
+        self.hooks = list(hooks)
+        self.by_layer: dict[int, list[tuple[str, str]]] = {}
+        for h in self.hooks:
+            _, L, kind = h.split(".", 2)
+            self.by_layer.setdefault(int(L), []).append((kind, h))
+        self.last = max(self.by_layer)
+        self.n_heads = self.cfg.num_attention_heads
+        self.head = self.cfg.hidden_size // self.n_heads
+        self.eps = self.cfg.layer_norm_eps
+        self.rotary = hf.gpt_neox.rotary_emb
+        self._cos_sin: dict = {}
+
+    def _rope(self, x: torch.Tensor, T: int):
+        key = (T, x.device, x.dtype)
+        if key not in self._cos_sin:  # the model's own rotary module, once per length
+            pos = torch.arange(T, device=x.device)[None]
+            cos, sin = self.rotary(x[:1, :T], pos)
+            self._cos_sin[key] = (cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))
+        return self._cos_sin[key]
+
+    def _apply_rope(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        r = cos.shape[-1]  # rotary dims (Pythia: a quarter of each head), as the model's rotary module made them
+        t_rot, t_pass = t[..., :r], t[..., r:]
+        half = r // 2
+        rotated = torch.cat((-t_rot[..., half:], t_rot[..., :half]), dim=-1)
+        return torch.cat((t_rot * cos + rotated * sin, t_pass), dim=-1)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        p, F_ = self.p, torch.nn.functional
+        B, T = tokens.shape
+        d = self.cfg.hidden_size
+        h = F_.embedding(tokens, p["gpt_neox.embed_in.weight"])
+        cos, sin = self._rope(h, T)
+        out: dict[str, torch.Tensor] = {}
+        for L in range(self.last + 1):
+            pre = f"gpt_neox.layers.{L}."
+            want = dict(self.by_layer.get(L, []))
+            if "hook_resid_pre" in want:
+                out[want["hook_resid_pre"]] = h
+            a_in = F_.layer_norm(h, (d,), p[pre + "input_layernorm.weight"], p[pre + "input_layernorm.bias"], self.eps)
+            qkv = F_.linear(a_in, p[pre + "attention.query_key_value.weight"], p[pre + "attention.query_key_value.bias"])
+            q, k, v = qkv.view(B, T, self.n_heads, 3 * self.head).transpose(1, 2).chunk(3, dim=-1)
+            q, k = self._apply_rope(q, cos, sin), self._apply_rope(k, cos, sin)
+            z = F_.scaled_dot_product_attention(q, k, v, is_causal=True)
+            attn = F_.linear(z.transpose(1, 2).reshape(B, T, d), p[pre + "attention.dense.weight"],
+                             p[pre + "attention.dense.bias"])
+            if self.cfg.use_parallel_residual:
+                m_in = F_.layer_norm(h, (d,), p[pre + "post_attention_layernorm.weight"],
+                                     p[pre + "post_attention_layernorm.bias"], self.eps)
+            else:
+                mid = h + attn
+                m_in = F_.layer_norm(mid, (d,), p[pre + "post_attention_layernorm.weight"],
+                                     p[pre + "post_attention_layernorm.bias"], self.eps)
+            pre_act = F_.linear(m_in, p[pre + "mlp.dense_h_to_4h.weight"], p[pre + "mlp.dense_h_to_4h.bias"])
+            post_act = F_.gelu(pre_act)
+            mlp = F_.linear(post_act, p[pre + "mlp.dense_4h_to_h.weight"], p[pre + "mlp.dense_4h_to_h.bias"])
+            h = h + attn + mlp if self.cfg.use_parallel_residual else mid + mlp
+            for kind, name in want.items():
+                out[name] = {"hook_resid_post": h, "hook_attn_out": attn, "hook_mlp_out": mlp,
+                             "mlp.hook_post": post_act, "mlp.hook_pre": pre_act}.get(kind, out.get(name))
+        return out
+
+
 class _ChunkWriter:
     """Writes finished chunks on a background thread (disk I/O overlaps the next forward passes) and appends each
     to its manifest only after its file is in place. At most `max_pending` chunks wait, bounding memory."""
@@ -238,7 +328,7 @@ class _ChunkWriter:
 def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, out_root: str | os.PathLike,
             model_name: str, revision: str | None = None, *, chunk_rows: int = 131072, batch_size: int = 32,
             dtype: torch.dtype = torch.float32, ctx_len: int | None = None, corpus: str = "", seed: int = 0,
-            progress: bool = True) -> dict[str, Path]:
+            progress: bool = True, fast: bool = True) -> dict[str, Path]:
     """Run ``tokens`` through ``model`` and store the activations of every hook in ``hooks``.
 
     Args:
@@ -252,6 +342,9 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
         batch_size: contexts per forward pass.
         dtype: torch.float32 (default) or torch.float16 on disk; the reader always yields float32.
         corpus, seed: provenance for the manifest.
+        fast: for GPT-NeoX and block-level hooks (resid_pre/post, attn_out, mlp_out, mlp.hook_pre/post) run a lean
+            forward on the same weights (fused attention, nothing after the last needed layer); False, or any other
+            model or hook, uses the bridge's own hook points with ``stop_at_layer``. Both give the same values.
 
     Returns {hook: folder}. A folder whose manifest is complete with the same settings is left as is; a partial
     one resumes after its last complete chunk; one with different settings is an error (delete it or change
@@ -272,7 +365,11 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
         raise ValueError(f"n_tokens={n_tokens} needs {need_ctx} contexts of {ctx_len} but only {n_ctx_total} were "
                          f"given ({n_ctx_total * ctx_len} tokens); lower n_tokens or pass more text")
     target = need_ctx * ctx_len
-    harvester = _Harvester(model, hooks)
+    harvester = _Harvester(model, hooks)  # also validates the hook names against the model
+    if fast and _NeoXFastPath.applies(model, harvester.hooks):
+        run = _NeoXFastPath(model, harvester.hooks)
+    else:
+        run = harvester
     device = next(model.parameters()).device
 
     # Manifests: new, resumed, or already complete.
@@ -321,7 +418,7 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
             buffers: dict[str, torch.Tensor] = {}
             for b0 in range(0, c1 - c0, batch_size):
                 x = chunk_tokens[b0:b0 + batch_size].to(device)
-                acts = harvester(x)
+                acts = run(x)
                 for h in todo:
                     a = acts[h].reshape(x.shape[0] * ctx_len, -1)
                     if h not in buffers:  # one preallocated buffer per chunk: each activation is copied once

@@ -60,7 +60,7 @@ class LMConfig:
     ctx_len: int = 128
     rotary_pct: float = 0.25       # Pythia: rotary on a quarter of each head's dims
     batch_size: int = 32           # contexts per step
-    steps: int = 1200
+    steps: int = 1000
     lr: float = 3e-3
     min_lr_frac: float = 0.1       # cosine decays to lr * min_lr_frac
     warmup_steps: int = 100
@@ -140,8 +140,8 @@ def evaluate(model, ctxs: torch.Tensor, batch_size: int = 64, device: str | torc
 
 
 def train_offline_model(data_dir: str | os.PathLike = "data", cfg: LMConfig | None = None, *,
-                        source: str = "stdlib", max_train_bytes: int | None = None, val_bytes: int = 1_000_000,
-                        device: str = "cpu",
+                        source: str = "stdlib", max_train_bytes: int | None = None, val_fraction: float = 0.05,
+                        stdlib_val: str = "split", device: str = "cpu",
                         n_threads: int | None = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Train the offline default model into ``<data_dir>/lm/offline`` and return its ``train_log.json`` contents.
 
@@ -153,7 +153,8 @@ def train_offline_model(data_dir: str | os.PathLike = "data", cfg: LMConfig | No
     cfg = cfg or LMConfig()
     out = resolve(data_dir) / OFFLINE_SUBDIR
     log_path = out / "train_log.json"
-    run_key = {"config": asdict(cfg), "source": source, "max_train_bytes": max_train_bytes, "val_bytes": val_bytes}
+    run_key = {"config": asdict(cfg), "source": source, "max_train_bytes": max_train_bytes,
+               "val_fraction": val_fraction, "stdlib_val": stdlib_val}
     if log_path.exists() and not overwrite:
         log = load_json(log_path)
         if log.get("run_key") == run_key and (out / "final" / "config.json").exists():
@@ -165,7 +166,8 @@ def train_offline_model(data_dir: str | os.PathLike = "data", cfg: LMConfig | No
         torch.set_num_threads(n_threads)
 
     # Corpus -> tokenizer -> token streams (the tokenizer is trained on training documents only).
-    corp = _corpus.load_corpus(source, max_train_bytes=max_train_bytes, val_bytes=val_bytes)
+    corp = _corpus.load_corpus(source, max_train_bytes=max_train_bytes, val_fraction=val_fraction,
+                               stdlib_val=stdlib_val)
     tokenizer = _corpus.train_tokenizer(corp.train, vocab_size=cfg.vocab_size, out_dir=out)
     train_tokens = _corpus.tokenize(corp.train, tokenizer, progress=progress)
     val_tokens = _corpus.tokenize(corp.val, tokenizer, progress=progress)
