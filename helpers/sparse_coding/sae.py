@@ -6,13 +6,17 @@ sweep of 16 small SAEs costs about one kernel launch per layer instead of 16. Me
 is a sum of per-member losses and Adam is per-element, so member i trains exactly as it would alone.
 
 Weights are stored in SAELens's orientation (W_enc [d_in, d_sae], W_dec [d_sae, d_in]) with the member axis
-in front, so `member_state(i)` is a view-free slice.
+in front, so `member_state(i)` is a plain slice.
 
     c  = act(x W_enc + b_enc - b_dec W_enc)      (the b_dec term only with pre_bias)
     x̂  = c W_dec + b_dec
 
 The pre-bias is applied as `- b_dec W_enc` instead of `(x - b_dec) W_enc`: same maths, but x needs no gradient,
 so autograd skips a full [B, d_in] x [d_in, d_sae] matmul per member that would only feed the tiny b_dec grad.
+
+Kinds (`SAE_KINDS`, extend with `@register_sae(name)`): "relu" (ReLU + L1, forward/backward written out by hand
+for speed) and "topk" (TopK + AuxK, decoding through only the k chosen rows). Each fast path is tested against
+the generic autograd `EnsembleSAE.forward`, which a new kind gets by defining `activation` and `kind_losses`.
 """
 
 from __future__ import annotations
