@@ -120,6 +120,9 @@ def main() -> None:
     update_json(repo_root() / "benchmarks/results.json", {
         "ensemble16_vs_sequential": round(ratio, 2),
         "ensemble16_fraction_of_ideal": round(fraction, 3),
+        # The machine is shared: record how busy it was, since both ratios move with it.
+        "ensemble_bench_load_average": round(os.getloadavg()[0], 2),
+        "ensemble_bench_threads": torch.get_num_threads(),
     })
 
 
