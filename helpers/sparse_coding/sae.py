@@ -281,7 +281,8 @@ class _ReLUSAEFunction(torch.autograd.Function):
             g_codes = bias.contiguous()
         else:
             g_codes = torch.baddbmm(bias, g_xhat, W_dec.transpose(1, 2))
-        g_pre = torch.ops.aten.threshold_backward(g_codes, codes, 0)
+        # In place: g_codes is ours, and a fresh [E, B, d_sae] buffer costs page faults on every step.
+        g_pre = torch.ops.aten.threshold_backward.grad_input(g_codes, codes, 0, grad_input=g_codes)
         need = ctx.needs_input_grad
         g_x = torch.bmm(g_pre, W_enc.transpose(1, 2)) if need[0] else None
         g_W_enc = torch.bmm(x.transpose(1, 2), g_pre) if need[1] else None
