@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .io import load_json, load_tensors, save_json, save_tensors
+from .io import atomic_write_text, load_json, load_tensors, save_json, save_tensors
 from .sae import SAE_KINDS, EnsembleSAE, make_sae
 
 CFG_FILE = "cfg.json"
@@ -106,8 +106,11 @@ def member_name(i: int) -> str:
 
 def save_sweep(sae: EnsembleSAE, folder: str | os.PathLike, *, input_scale: float = 1.0,
                metadata: Mapping[str, Any] | None = None, member_metrics: Sequence[Mapping[str, Any]] | None = None,
-               extra: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Save every member of an ensemble (one SAELens folder each) plus sweep.json describing the sweep."""
+               extra: Mapping[str, Any] | None = None, files: Mapping[str, str] | None = None,
+               overwrite: bool = False) -> Path:
+    """Save every member of an ensemble (one SAELens folder each) plus sweep.json describing the sweep.
+    files: extra text files (name -> content, e.g. the training log as CSV) written into the folder before it is
+    renamed into place, so the sweep appears whole or not at all."""
     if member_metrics is not None and len(member_metrics) != sae.n_members:
         raise ValueError(f"member_metrics has {len(member_metrics)} entries for {sae.n_members} members")
     final = Path(folder)
@@ -120,6 +123,8 @@ def save_sweep(sae: EnsembleSAE, folder: str | os.PathLike, *, input_scale: floa
                                  "members": [{"folder": member_name(i), "hparams": h}
                                              for i, h in enumerate(sae.hparams)],
                                  "metadata": dict(metadata or {}), **(extra or {})})
+    for name, text in (files or {}).items():
+        atomic_write_text(tmp / name, text)
     return _replace_dir(tmp, final, overwrite)
 
 
