@@ -467,6 +467,9 @@ def make_sae(kind: str, d_in: int, d_sae: int | None = None, *, ratio: float | N
         member_hparams.setdefault("aux_coef", 1 / 32)
     elif kind == "relu":
         member_hparams.setdefault("l1_coef", 1e-3)
+    defaults = getattr(cls, "default_hparams", None)  # a kind's own defaults (see sae_kinds)
+    for key, value in (defaults(d_in) if defaults else {}).items():
+        member_hparams.setdefault(key, value)
     unknown = set(member_hparams) - set(cls.member_keys)
     if unknown:
         raise ValueError(f"unknown hyperparameters for kind {kind!r}: {', '.join(sorted(unknown))}; "
@@ -475,3 +478,6 @@ def make_sae(kind: str, d_in: int, d_sae: int | None = None, *, ratio: float | N
     sae = cls(d_in, d_sae, hparams, tied=tied, pre_bias=pre_bias, device=device, dtype=dtype)
     sae.dead_window = dead_window
     return sae
+
+
+from . import sae_kinds  # noqa: E402,F401  (registers jumprelu, batchtopk, relu_bias_decay)
