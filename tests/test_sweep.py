@@ -1,5 +1,6 @@
 """sweep: train on a store, save in SAELens layout with the scale folded in, reuse on rerun, never overwrite."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,3 +77,29 @@ def test_bad_ratio_and_too_few_tokens(store, tmp_path):
         sweep.train_lm_sweep(s, "relu", 0, {"l1_coef": 0.1}, data_dir=tmp_path)
     with pytest.raises(ValueError, match="batch_size"):
         sweep.train_lm_sweep(s, "relu", 1, {"l1_coef": 0.1}, data_dir=tmp_path, n_tokens=10, batch_size=256)
+
+
+def _table():
+    import pandas as pd
+
+    return pd.DataFrame({"kind": ["relu"] * 3 + ["topk"] * 2, "l0": [4.0, 16.0, 64.0, 8.0, 100.0],
+                         "fvu": [0.4, 0.2, 0.1, 0.15, 0.01], "dead_frac": [0, 0.1, 0.0, 0.02, 0.0],
+                         "ppl_clean": [10.0] * 5, "ppl_spliced": [20, 15, 12, 14, 11.0],
+                         "loss_recovered": [0.5, 0.7, 0.9, 0.8, 0.99]})
+
+
+def test_best_members_respects_the_l0_budget():
+    best = sweep.best_members(_table(), l0_budget=20)
+    assert best.loc["relu", "l0"] == 16.0 and best.loc["topk", "l0"] == 8.0
+    # nothing within budget: the sparsest member
+    assert sweep.best_members(_table(), l0_budget=2).loc["relu", "l0"] == 4.0
+
+
+def test_fvu_vs_reference_interpolates_in_log_log():
+    t = _table()
+    # relu at L0=8 interpolates log-linearly between (4, 0.4) and (16, 0.2): sqrt(0.4 * 0.2); topk 0.15 is below.
+    expected = float(np.log2(0.15 / np.sqrt(0.4 * 0.2)))
+    assert abs(sweep.fvu_vs_reference(t, "topk") - expected) < 1e-9  # L0=100 is outside relu's range: ignored
+    m = sweep.frontier_metrics(t, sweep.best_members(t, 20))
+    assert m["max_dead_fraction"] == 0.1 and m["clean_perplexity"] == 10.0 and m["spliced_perplexity"] == 15.0
+    assert m["topk_log2_fvu_vs_relu_at_same_l0"] < 0

@@ -145,3 +145,86 @@ def evaluate_lm_sweep(model: Any, run: LMSweep, store: ActivationStore, tokens: 
     ev.table["train_seconds"] = run.seconds
     ev.save(run.folder)
     return ev
+
+
+def model_source(model: str, data_dir: str | os.PathLike = "data") -> str:
+    """What lm.load_model takes: the offline model's folder for "offline", else the hub name as given."""
+    from . import lm
+
+    return str(lm.offline_dir(data_dir)) if model == "offline" else model
+
+
+def ensure_activations(tl: Any, model: str, revision: str, hook: str, n_tokens: int, *,
+                       data_dir: str | os.PathLike = "data", ctx_len: int = 128, batch_size: int = 32,
+                       chunk_rows: int = 131072, seed: int = 0, progress: bool = True) -> ActivationStore:
+    """The activation store for (model, revision, hook), harvested now if it is missing or short; an existing
+    harvest of at least n_tokens is reused as is (also one made by notebook 02 with every layer)."""
+    from . import activations, lm
+
+    folder = activations.hook_folder(resolve(data_dir) / "activations", model, revision, hook)
+    if (folder / activations.MANIFEST).exists():
+        store = ActivationStore(folder)
+        if store.manifest.get("complete") and store.n_tokens >= n_tokens:
+            return store
+    lm.check_hooks(tl, [hook])
+    ctxs = training_contexts(tl, model, data_dir=data_dir, ctx_len=ctx_len)
+    activations.harvest(tl, ctxs, [hook], n_tokens=n_tokens, out_root=resolve(data_dir) / "activations",
+                        model_name=model, revision=revision, chunk_rows=chunk_rows, batch_size=batch_size,
+                        corpus="stdlib", seed=seed, progress=progress)
+    return ActivationStore(folder)
+
+
+def training_contexts(tl: Any, model: str, *, data_dir: str | os.PathLike = "data", ctx_len: int = 128,
+                      split: str = "train") -> torch.Tensor:
+    """Token contexts to harvest (split="train") or to measure the spliced loss on (split="val"): the offline
+    model's own tokenized splits, or the standard library tokenized with a hub model's tokenizer."""
+    from . import corpus, lm
+
+    if model == "offline":
+        return lm.validation_contexts(lm.offline_dir(data_dir), split=split)
+    c = corpus.load_corpus("stdlib")
+    return corpus.contexts(corpus.tokenize(c.train if split == "train" else c.val, tl.tokenizer), ctx_len)
+
+
+def best_members(table: pd.DataFrame, l0_budget: float) -> pd.DataFrame:
+    """Per kind, the member with the lowest FVU among those with L0 <= l0_budget (the sparsest member if none
+    is that sparse): one row per kind, indexed by kind."""
+    rows = []
+    for kind, sub in table.groupby("kind", sort=False):
+        ok = sub[sub["l0"] <= l0_budget]
+        rows.append(ok.loc[ok["fvu"].idxmin()] if len(ok) else sub.loc[sub["l0"].idxmin()])
+    return pd.DataFrame(rows).set_index("kind", drop=False)
+
+
+def fvu_vs_reference(table: pd.DataFrame, kind: str, reference: str = "relu") -> float:
+    """Mean log2 ratio of `kind`'s FVU to `reference`'s FVU interpolated (in log-log) at the same L0, over the
+    kind's members inside the reference's L0 range: < 0 means kind's frontier lies below. NaN if no overlap."""
+    ref = table[table["kind"] == reference].sort_values("l0")
+    sub = table[table["kind"] == kind]
+    if len(ref) < 2 or not len(sub):
+        return float("nan")
+    lx, ly = np.log(ref["l0"].to_numpy()), np.log(ref["fvu"].to_numpy())
+    inside = sub[(sub["l0"] >= ref["l0"].min()) & (sub["l0"] <= ref["l0"].max())]
+    if not len(inside):
+        return float("nan")
+    ref_at = np.interp(np.log(inside["l0"].to_numpy()), lx, ly)
+    return float(np.mean((np.log(inside["fvu"].to_numpy()) - ref_at) / np.log(2)))
+
+
+def frontier_metrics(table: pd.DataFrame, best: pd.DataFrame) -> dict[str, Any]:
+    """The notebook-03 metrics: per kind best_<kind>_fvu / _l0 / _loss_recovered / _spliced_perplexity, the
+    frontier comparison against ReLU + L1, max_dead_fraction, and clean vs spliced perplexity (of the best ReLU
+    member, the setting the original paper reports, else of the first kind's best)."""
+    out: dict[str, Any] = {}
+    for kind, row in best.iterrows():
+        out[f"best_{kind}_fvu"] = float(row["fvu"])
+        out[f"best_{kind}_l0"] = float(row["l0"])
+        out[f"best_{kind}_loss_recovered"] = float(row.get("loss_recovered", float("nan")))
+        out[f"best_{kind}_spliced_perplexity"] = float(row.get("ppl_spliced", float("nan")))
+        if kind != "relu" and "relu" in best.index:
+            out[f"{kind}_log2_fvu_vs_relu_at_same_l0"] = fvu_vs_reference(table, kind)
+    out["max_dead_fraction"] = float(table["dead_frac"].max())
+    out["clean_perplexity"] = float(table["ppl_clean"].iloc[0]) if "ppl_clean" in table else float("nan")
+    ref = best.loc["relu"] if "relu" in best.index else best.iloc[0]
+    out["spliced_perplexity"] = float(ref.get("ppl_spliced", float("nan")))
+    return out
