@@ -101,7 +101,8 @@ class JumpReLUSAE(EnsembleSAE):
 
     architecture = "jumprelu"
     member_keys = ("l0_coef", "bandwidth", "init_threshold")
-    loss_terms = ("l0",)
+    # Not "l0": the trainer's log already has an "l0" column (active latents per row), this is λ·L0.
+    loss_terms = ("l0_loss",)
 
     @classmethod
     def default_hparams(cls, d_in: int) -> dict[str, Any]:
@@ -131,7 +132,7 @@ class JumpReLUSAE(EnsembleSAE):
         return self._jump(pre)[0]
 
     def kind_losses(self, x, pre, codes, x_hat):
-        return {"l0": self.member_param("l0_coef") * self._jump(pre)[1]}
+        return {"l0_loss": self.member_param("l0_coef") * self._jump(pre)[1]}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         # Same maths as the generic forward, with one jump pass giving codes, L0 and firing together.
@@ -140,8 +141,9 @@ class JumpReLUSAE(EnsembleSAE):
         codes, l0, counts = self._jump(pre)
         x_hat = self.decode(codes)
         mse = (x_hat - x).pow(2).sum(-1).mean(-1)
-        l0 = self.member_param("l0_coef") * l0
-        return {"x_hat": x_hat, "codes": codes, "loss": mse + l0, "mse": mse, "l0": l0, "fired": counts > 0}
+        l0_loss = self.member_param("l0_coef") * l0
+        return {"x_hat": x_hat, "codes": codes, "loss": mse + l0_loss, "mse": mse, "l0_loss": l0_loss,
+                "fired": counts > 0}
 
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         state = super().member_state(i)
