@@ -304,7 +304,7 @@ def resample_dead_(sae: EnsembleSAE, opt: torch.optim.Optimizer, x: torch.Tensor
                     buf = st[key][m]
                     if name == "W_enc":
                         buf[:, j] = 0
-                    elif name in ("W_dec", "b_enc"):
+                    elif name == "W_dec" or tuple(param.shape[1:]) == (sae.d_sae,):  # b_enc, a kind's thresholds
                         buf[j] = 0
     return counts
 
