@@ -254,12 +254,12 @@ def train_offline_model(data_dir: str | os.PathLike = "data", cfg: LMConfig | No
 # ----------------------------------------------------------------------------------------------------- loading
 
 def _is_hub_name(name: str) -> bool:
-    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", name)) and not Path(name).exists()
+    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", name)) and not Path(name).exists() and not resolve(name).exists()
 
 
 def resolve_checkpoint(name_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
     """The folder holding ``config.json`` for a local model dir + revision (None/"final" = the last step)."""
-    root = Path(resolve(name_or_dir)) if not Path(name_or_dir).is_absolute() else Path(name_or_dir)
+    root = Path(name_or_dir) if Path(name_or_dir).exists() else resolve(name_or_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"model folder {root} does not exist; train it with lm.train_offline_model() "
                                 f"(notebook 00) or pass a hub name")
@@ -310,14 +310,10 @@ def load_model(name_or_dir: str | os.PathLike = DEFAULT_OFFLINE_DIR, revision: s
     plain ``transformers`` model's; hooks have TransformerLens names (``blocks.{L}.hook_resid_post``,
     ``blocks.{L}.mlp.hook_post``, ...; see :func:`valid_hooks`). ``model.sc_source`` / ``model.sc_revision`` record
     what was loaded, for manifests."""
-    import logging
-
     from transformer_lens.model_bridge import TransformerBridge
 
     hf, tok = load_hf_model(name_or_dir, revision, device)
-    prev = logging.getLogger().level
     bridge = TransformerBridge.boot_transformers(str(name_or_dir), hf_model=hf, tokenizer=tok, device=str(device))
-    logging.getLogger().setLevel(prev)
     bridge.eval()
     object.__setattr__(bridge, "sc_source", str(name_or_dir))
     object.__setattr__(bridge, "sc_revision", revision or "final")
