@@ -1,0 +1,200 @@
+"""Training-step speed: ours vs SAELens's SAETrainer, vs the matmul ideal, and TopK vs dense L1.
+
+(a) One ReLU-L1 SAE, d=512, 4096 latents, batch 4096, float32 on the CPU, the same in-memory batches for both:
+    - ours: the public `train_sae` loop (hand-written ReLU forward/backward, fused Adam, decoder projection and
+      renormalisation, firing counters), logging every 50 steps as a notebook would;
+    - SAELens: its own `StandardTrainingSAE` driven by its own `SAETrainer`, calling the body of `SAETrainer.fit`'s
+      loop ourselves (`maybe_reset_sparsity`, `step(batch)`, step counter) so that nothing is read from disk and
+      wandb, evals, checkpoints and the progress bar stay off. `step` is SAELens's whole training step: forward,
+      loss, firing statistics, backward, gradient clipping, Adam, LR and coefficient schedulers.
+    - the matmul ideal: 12·d·n FLOPs per token (forward 2 matmuls, backward 4) at the `torch.mm` rate measured in
+      this run on the five matmul shapes of one step (our step needs only 10·d·n: x needs no gradient).
+    Reports `l1_vs_saelens` (their median step time / ours, target >= 1.6) and `l1_vs_matmul_ideal` (ideal step
+    time / our median step time, target >= 0.9).
+(b) TopK (k=32) vs dense ReLU-L1, both d=512, 16384 latents, batch 4096, both through `train_sae`. TopK decodes
+    through only the k chosen decoder rows (forward and backward); its encoder forward and encoder weight gradient
+    stay dense matmuls. Reports `topk_vs_dense` (dense median step / TopK median step, target >= 3).
+
+Method (the machine is shared): blocks of steps alternate between the contenders, repeated; per-step times are
+taken inside the loops (ours: from the time the loop asks for each batch to the next request; SAELens: around each
+loop body); the first step of every block (warm-up, and our logging step) is dropped; medians on both sides; the
+mm rate is measured between blocks and the fastest measurement is used (the conservative choice for the ideal).
+`BENCH_SCALE` (float, default 1) scales the number of repeats.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from sparse_coding.io import update_json
+from sparse_coding.paths import repo_root
+from sparse_coding.sae import make_sae
+from sparse_coding.train import _adam, train_sae
+
+SCALE = float(os.environ.get("BENCH_SCALE", "1"))
+D, N, N_TOPK, K, BATCH, L1 = 512, 4096, 16384, 32, 4096, 1e-3
+LR = 3e-4
+
+
+def data_pool(d: int, batch: int, n_batches: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    """Sparse planted data (2048 unit features, ~20 active per row): realistic sparsity for the ReLU codes."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(2048, d, generator=g)
+    feats /= feats.norm(dim=1, keepdim=True)
+    out = []
+    for _ in range(n_batches):
+        fire = torch.rand(batch, 2048, generator=g) < 20 / 2048
+        out.append((fire * torch.rand(batch, 2048, generator=g)) @ feats * (d / 20 * 3) ** 0.5)
+    return out
+
+
+def mm_rate(d: int, n: int, batch: int) -> float:
+    """FLOP/s of plain torch.mm over the five matmuls of one step (best of two passes)."""
+    x, W_enc = torch.randn(batch, d), torch.randn(d, n)
+    c, W_dec, g = torch.randn(batch, n), torch.randn(n, d), torch.randn(batch, d)
+    ops = [lambda: x @ W_enc, lambda: c @ W_dec, lambda: c.T @ g, lambda: g @ W_dec.T, lambda: x.T @ c]
+    for op in ops:
+        op()
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for op in ops:
+            op()
+        best = min(best, time.perf_counter() - t0)
+    return len(ops) * 2 * batch * d * n / best
+
+
+class Ours:
+    """One SAE trained through `train_sae` in blocks; the optimizer is carried over so blocks continue one run."""
+
+    def __init__(self, kind: str, d_sae: int, pool: list[torch.Tensor], **hp):
+        self.sae = make_sae(kind, d_in=D, d_sae=d_sae, seed=0, **hp)
+        self.opt = _adam(self.sae, LR, (0.9, 0.999))
+        self.pool = pool
+        self.step = 0
+
+    def block(self, steps: int) -> list[float]:
+        stamps: list[float] = []
+
+        def batch(s: int) -> torch.Tensor:
+            stamps.append(time.perf_counter())
+            self.step += 1
+            return self.pool[self.step % len(self.pool)]
+
+        # Two extra steps: the first (logged) is dropped, the last one's request closes the timing of the one before.
+        train_sae(self.sae, batch, steps=steps + 2, lr=LR, progress=False, log_every=50, optimizer=self.opt)
+        return [b - a for a, b in zip(stamps, stamps[1:])][1:]  # drop the block's first (logged) step
+
+
+class SAELens:
+    """SAELens's StandardTrainingSAE under its own SAETrainer, stepped on our in-memory batches."""
+
+    def __init__(self, pool: list[torch.Tensor]):
+        from sae_lens import LoggingConfig, StandardTrainingSAE, StandardTrainingSAEConfig
+        from sae_lens.config import SAETrainerConfig
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        torch.manual_seed(0)
+        cfg = StandardTrainingSAEConfig(d_in=D, d_sae=N, l1_coefficient=L1, dtype="float32", device="cpu",
+                                        apply_b_dec_to_input=True, normalize_activations="none")
+        sae = StandardTrainingSAE(cfg)
+        trainer_cfg = SAETrainerConfig(total_training_samples=10**12, train_batch_size_samples=BATCH, lr=LR, lr_end=LR,
+                                       device="cpu", logger=LoggingConfig(log_to_wandb=False))
+        self.pool = pool
+        self.step = 0
+        self.trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(pool))
+
+    def block(self, steps: int) -> list[float]:
+        times = []
+        for _ in range(steps + 1):
+            t0 = time.perf_counter()
+            # The body of SAETrainer.fit's loop, minus wandb logging, evals, checkpoints and the progress bar.
+            self.trainer.maybe_reset_sparsity()
+            self.trainer.step(self.pool[self.step % len(self.pool)])
+            self.trainer.n_training_steps += 1
+            times.append(time.perf_counter() - t0)
+            self.step += 1
+        return times[1:]
+
+
+def compare(contenders: dict[str, Callable[[int], list[float]]], rounds: int, steps: int,
+            rates: list[float] | None = None, shape: tuple[int, int, int] | None = None) -> dict[str, float]:
+    """Alternate blocks of `steps` steps between contenders for `rounds` rounds; median step time of each."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for name, block in contenders.items():
+        block(2)  # warm-up: allocator, kernels, Adam state
+    for r in range(rounds):
+        names = list(contenders) if r % 2 == 0 else list(reversed(contenders))  # neither always goes first
+        for name in names:
+            times[name] += contenders[name](steps)
+            if rates is not None and shape is not None:
+                rates.append(mm_rate(*shape))
+    return {name: statistics.median(t) for name, t in times.items()} | {
+        f"{name}_n": len(t) for name, t in times.items()}
+
+
+def main() -> None:
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, load average {os.getloadavg()[0]:.2f}")
+    rounds = max(2, round(4 * SCALE))
+    pool = data_pool(D, BATCH)
+
+    # (a) ReLU-L1 at d=512, n=4096: ours vs SAELens vs the matmul ideal.
+    rates = [mm_rate(D, N, BATCH)]
+    ours, theirs = Ours("relu", N, pool, l1_coef=L1), SAELens(pool)
+    a = compare({"ours": ours.block, "saelens": theirs.block}, rounds=rounds, steps=5, rates=rates,
+                shape=(D, N, BATCH))
+    del ours, theirs
+    rate = max(rates)
+    ideal_step = 12 * D * N * BATCH / rate
+    l1_vs_saelens = a["saelens"] / a["ours"]
+    l1_vs_ideal = ideal_step / a["ours"]
+
+    # (b) TopK k=32 vs dense L1 at d=512, n=16384.
+    topk, dense = Ours("topk", N_TOPK, pool, k=K), Ours("relu", N_TOPK, pool, l1_coef=L1)
+    b = compare({"topk": topk.block, "dense": dense.block}, rounds=rounds, steps=3)
+    del topk, dense
+    topk_vs_dense = b["dense"] / b["topk"]
+    load = os.getloadavg()[0]
+
+    tok = lambda t: f"{BATCH / t:,.0f} tok/s"  # noqa: E731
+    rows = [
+        ("(a) ReLU-L1 d=512 n=4096 B=4096", "", "", ""),
+        ("", f"ours (train_sae), median of {a['ours_n']} steps", f"{a['ours'] * 1e3:.0f} ms", tok(a["ours"])),
+        ("", f"SAELens SAETrainer.step, median of {a['saelens_n']}", f"{a['saelens'] * 1e3:.0f} ms",
+         tok(a["saelens"])),
+        ("", f"matmul ideal (12dn at {rate / 1e9:.0f} GFLOP/s torch.mm)", f"{ideal_step * 1e3:.0f} ms",
+         tok(ideal_step)),
+        ("", "ours vs SAELens", f"{l1_vs_saelens:.2f}x", "target >= 1.6"),
+        ("", "ours / ideal", f"{l1_vs_ideal:.2f}", f"target >= 0.90 (SAELens {ideal_step / a['saelens']:.2f})"),
+        ("(b) d=512 n=16384 B=4096", "", "", ""),
+        ("", f"TopK k=32, median of {b['topk_n']} steps", f"{b['topk'] * 1e3:.0f} ms", tok(b["topk"])),
+        ("", f"dense ReLU-L1, median of {b['dense_n']} steps", f"{b['dense'] * 1e3:.0f} ms", tok(b["dense"])),
+        ("", "TopK vs dense", f"{topk_vs_dense:.2f}x", "target >= 3"),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print(f"mm rates measured (GFLOP/s): {', '.join(f'{r / 1e9:.0f}' for r in rates)}; load average {load:.2f}")
+    update_json(repo_root() / "benchmarks/results.json", {
+        "l1_vs_saelens": round(l1_vs_saelens, 3),
+        "l1_vs_matmul_ideal": round(l1_vs_ideal, 3),
+        "topk_vs_dense": round(topk_vs_dense, 3),
+        "train_bench_ours_tokens_per_s": round(BATCH / a["ours"]),
+        "train_bench_saelens_tokens_per_s": round(BATCH / a["saelens"]),
+        "train_bench_ideal_tokens_per_s": round(BATCH / ideal_step),
+        "train_bench_topk_tokens_per_s": round(BATCH / b["topk"]),
+        "train_bench_dense16k_tokens_per_s": round(BATCH / b["dense"]),
+        # The machine is shared: record how busy it was, since every ratio moves with it.
+        "train_bench_load_average": round(load, 2),
+        "train_bench_threads": threads,
+    })
+
+
+if __name__ == "__main__":
+    main()
