@@ -38,7 +38,7 @@ def store(tmp_path_factory):
 
 def test_input_scale_normalises_mean_squared_norm(store):
     s, _ = store
-    scale = sweep.input_scale(s, n_rows=8192)
+    scale = sweep.input_scale(s)
     x = s.all()
     assert abs((scale * x).pow(2).sum(1).mean().item() - s.d) < 1e-3 * s.d
 
@@ -103,3 +103,12 @@ def test_fvu_vs_reference_interpolates_in_log_log():
     m = sweep.frontier_metrics(t, sweep.best_members(t, 20))
     assert m["max_dead_fraction"] == 0.1 and m["clean_perplexity"] == 10.0 and m["spliced_perplexity"] == 15.0
     assert m["topk_log2_fvu_vs_relu_at_same_l0"] < 0
+
+
+def test_checkpoints_are_kept_beside_the_sweep(store, tmp_path):
+    s, _ = store
+    run = sweep.train_lm_sweep(s, "topk", 1, {"k": 2}, data_dir=tmp_path, n_tokens=256 * 9, batch_size=256,
+                               progress=False, checkpoints=True)
+    from sparse_coding.checkpoint import snapshot_steps
+
+    assert snapshot_steps(sweep.checkpoint_dir(run.folder)) == [0, 1, 2, 4, 8, 9]  # steps completed, the last one included

@@ -12,7 +12,6 @@ the scale is folded into the saved weights, so a loaded sweep takes raw activati
 from __future__ import annotations
 
 import io as _io
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from .activations import ActivationStore, safe_name
 from .paths import resolve
 from .sae import make_sae
 from .sae_io import SWEEP_FILE, load_sweep, save_sweep, sweep_info
-from .train import train_sae
+from .train import estimate_input_scale, train_sae
 
 HISTORY_FILE = "history.csv"
 
@@ -37,19 +36,21 @@ def sweep_name(kind: str, ratio: float, seed: int) -> str:
     return f"{kind}-r{ratio:g}-s{seed}"
 
 
+def checkpoint_dir(folder: Path) -> Path:
+    """Where a sweep's training snapshots live: beside the sweep folder, which is written whole at the end."""
+    return folder.with_name(folder.name + ".checkpoints")
+
+
 def sweep_dir(data_dir: str | os.PathLike, store: ActivationStore, kind: str, ratio: float, seed: int) -> Path:
     m = store.manifest
     return (resolve(data_dir) / "dictionaries" / safe_name(str(m["model"])) / safe_name(str(m["revision"]))
             / safe_name(str(m["hook"])) / sweep_name(kind, ratio, seed))
 
 
-def input_scale(store: ActivationStore, n_rows: int = 16384, seed: int = 0) -> float:
-    """s with E||s x||^2 = d_in on a seeded sample of rows: SAE hyperparameters (L1 coefficient, learning rate)
-    then mean the same at every layer and on every model, whatever the raw activation norm."""
-    rng = np.random.default_rng([seed, 7])
-    idx = np.sort(rng.choice(store.n_tokens, size=min(n_rows, store.n_tokens), replace=False))
-    x = store.rows(idx)
-    return float(math.sqrt(store.d / x.pow(2).sum(1).mean().item()))
+def input_scale(store: ActivationStore, seed: int = 0) -> float:
+    """s with E||s x||^2 = d_in, from 16 seeded batches of 4096 rows: SAE hyperparameters (L1 coefficient,
+    learning rate) then mean the same at every layer and on every model, whatever the raw activation norm."""
+    return estimate_input_scale(store, n_batches=16, batch_size=4096, seed=seed)
 
 
 @dataclass
@@ -87,11 +88,13 @@ def _settings(store: ActivationStore, kind: str, ratio: float, hparams: Mapping[
 def train_lm_sweep(store: ActivationStore, kind: str, ratio: float, hparams: Mapping[str, Any], *,
                    data_dir: str | os.PathLike = "data", seed: int = 0, n_tokens: int | None = None,
                    batch_size: int = 4096, lr: float = 1e-3, device: str | torch.device = "cpu",
-                   progress: bool = True, log_every: int = 50, retrain: bool = False,
+                   progress: bool = True, log_every: int = 50, retrain: bool = False, checkpoints: bool = False,
                    **train_kwargs: Any) -> LMSweep:
     """Train one ensemble (kind, ratio; one member per value in `hparams` lists) on `store`, or reload it.
 
-    n_tokens: training tokens (default: one pass over the store). train_kwargs go to `train.train_sae`.
+    n_tokens: training tokens (default: one pass over the store). train_kwargs go to `train.train_sae`
+    (warmup_steps, decay, resample_every, ...). checkpoints=True keeps log-spaced training snapshots in
+    `<sweep folder>.checkpoints/` (notebook 05 tracks features across them) and lets a killed run resume there.
     retrain=True replaces a saved sweep whose settings differ; otherwise that is an error."""
     if not isinstance(ratio, (int, float)) or ratio <= 0:
         raise ValueError(f"ratio must be > 0 (dictionary size / d_model), got {ratio!r}")
@@ -100,6 +103,7 @@ def train_lm_sweep(store: ActivationStore, kind: str, ratio: float, hparams: Map
         raise ValueError(f"n_tokens={n_tokens} is less than one batch (batch_size={batch_size})")
     folder = sweep_dir(data_dir, store, kind, ratio, seed)
     settings = _settings(store, kind, ratio, hparams, seed, n_tokens, batch_size, lr, train_kwargs)
+    settings["checkpoints"] = bool(checkpoints)
     if (folder / SWEEP_FILE).exists():
         saved = sweep_info(folder)
         if saved.get("settings") == settings:
@@ -112,12 +116,13 @@ def train_lm_sweep(store: ActivationStore, kind: str, ratio: float, hparams: Map
 
     s = input_scale(store, seed=seed)
     sae = make_sae(kind, store.d, ratio=ratio, seed=seed, device=device, **hparams)
-    steps = n_tokens // batch_size
-    epochs = math.ceil(steps * batch_size / store.n_tokens)
-    stream = store.batches(batch_size, seed=seed, epochs=epochs, device=device, drop_last=True)
+    if checkpoints:
+        train_kwargs.setdefault("checkpoint_dir", checkpoint_dir(folder))
+        train_kwargs.setdefault("checkpoint_steps", "log")
     t0 = time.time()
-    history = train_sae(sae, (x * s for x in stream), steps=steps, lr=lr, progress=progress, log_every=log_every,
-                        seed=seed, **train_kwargs)
+    # The store itself (not an iterator over it) lets train_sae jump to any step when it resumes.
+    history = train_sae(sae, store, steps=n_tokens // batch_size, lr=lr, batch_size=batch_size, input_scale=s,
+                        progress=progress, log_every=log_every, seed=seed, **train_kwargs)
     seconds = time.time() - t0
     m = store.manifest
     metadata = {"model_name": str(m["model"]), "revision": str(m["revision"]), "hook_name": str(m["hook"]),
