@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparse_coding.toy import ToyConfig, ToyData
-from sparse_coding.toy_sweep import _decaying_lr, run_baselines, run_toy_sweep, train_topk
+from sparse_coding.toy_sweep import run_baselines, run_toy_sweep, train_topk
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +43,6 @@ def test_sweep_recovers_planted_features(sweep):
 def test_sweep_is_deterministic(easy):
     a, b = (run_toy_sweep(easy, l1_coefs=[0.1], ratios=[1], steps=20, batch_size=32, n_eval=64) for _ in range(2))
     torch.testing.assert_close(a.dictionaries[1.0], b.dictionaries[1.0])
-
-
-def test_lr_decay_schedule():
-    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = _decaying_lr(1.0, 101)
-    sched(0, opt)
-    assert opt.param_groups[0]["lr"] == 1.0
-    sched(60, opt)
-    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
-    sched(100, opt)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
 def test_topk_and_baselines_run_and_score(easy):

@@ -62,25 +62,13 @@ def _check_positive_int(v, name: str) -> int:
     return int(v)
 
 
-def _decaying_lr(lr: float, steps: int, decay_from: float = 0.6, final: float = 0.1):
-    """Adam at `lr`, then linear decay to final·lr over the last 40 % of training, applied at the logged steps
-    (every 5 %). The high early rate finds the features fast; the decay lets the atoms settle on them precisely."""
-    def schedule(step: int, opt: torch.optim.Optimizer) -> None:
-        frac = step / max(1, steps - 1)
-        scale = 1.0 if frac <= decay_from else 1.0 - (1.0 - final) * (frac - decay_from) / (1.0 - decay_from)
-        for group in opt.param_groups:
-            group["lr"] = lr * scale
-    return schedule
-
-
 def _train(sae, data: ToyData, steps: int, batch_size: int, lr: float, seed: int, progress: bool) -> pd.DataFrame:
+    """Adam at `lr`, then linear decay to zero over the last 40 % of the steps (train_sae's schedule): the high
+    early rate finds the features fast, the decay lets the atoms settle on them precisely."""
     from .train import train_sae
 
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    schedule = _decaying_lr(lr, steps)
     return train_sae(sae, data.batches(batch_size, steps, seed), steps=steps, lr=lr, progress=progress,
-                     log_every=max(1, steps // 20), seed=seed, optimizer=opt,
-                     callback=lambda step, _sae: schedule(step, opt))
+                     log_every=max(1, steps // 20), seed=seed, decay="linear", decay_frac=0.4)
 
 
 def eval_batch(data: ToyData, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +97,7 @@ def run_toy_sweep(data: ToyData, l1_coefs, ratios, steps: int, batch_size: int =
                   seed: int = 0, n_eval: int = 4096, tied: bool = False, progress: bool = False) -> ToySweepResult:
     """Train one ReLU-L1 ensemble per ratio (members = l1_coefs) on identical batches and score every member.
 
-    Adam at `lr`, decayed linearly to lr/10 over the last 40 % of the steps."""
+    Adam at `lr`, decayed linearly to zero over the last 40 % of the steps."""
     from .sae import make_sae
 
     l1_coefs = _check_grid(l1_coefs, "l1_coefs")
