@@ -392,13 +392,16 @@ def tracking_metrics(traj: TrainingTrajectory, em: Emergence, labels: Sequence[s
                      high: float = 0.9, low: float = 0.6, threshold: float = 0.9) -> dict[str, Any]:
     """The 05_metrics.json keys: part (a)'s shares and births/deaths, part (b)'s share and count of final-model
     features present (match >= threshold) at each revision, and the consecutive matches."""
-    out = traj.summary(high, low)
-    out[f"final_features_present_by_step"] = em.present_by_revision(threshold)
-    out[f"final_features_present_count_by_step"] = em.count_by_revision(threshold)
+    def r4(values):
+        return [round(float(v), 4) for v in values]
+
+    out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in traj.summary(high, low).items()}
+    out["final_features_present_by_step"] = dict(zip(em.revisions, r4(em.present_by_revision(threshold).values())))
+    out["final_features_present_count_by_step"] = em.count_by_revision(threshold)
     out["n_final_features_alive"] = int(em.alive[-1].sum())
     out["consecutive_share_matched"] = dict(zip([f"{a}->{b}" for a, b in zip(em.revisions, em.revisions[1:])],
-                                                em.matching.consecutive_share_above(threshold).tolist()))
-    out["median_match_to_final_by_step"] = dict(zip(em.revisions, em.matching.to_final[:, em.alive[-1]]
-                                                    .nanmedian(dim=1).values.tolist()))
+                                                r4(em.matching.consecutive_share_above(threshold))))
+    out["median_match_to_final_by_step"] = dict(zip(em.revisions, r4(em.matching.to_final[:, em.alive[-1]]
+                                                                      .nanmedian(dim=1).values)))
     out["revisions"] = list(em.revisions) if labels is None else list(labels)
     return out

@@ -230,7 +230,7 @@ def plot_emergence(em, labels, thresholds=(0.9, 0.7)) -> "plt.Figure":
     ax.set_xticks(xs, labels, rotation=30, ha="right")
     ax.set(ylim=(-0.02, 1.02), xlabel="model checkpoint", ylabel="share of features",
            title="When do the final model's features emerge?")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="best")
     ax = axes[1]
     live = em.alive[-1]
     data = [v[~np.isnan(v)] for v in em.matching.to_final[:, live].numpy()]
