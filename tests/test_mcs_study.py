@@ -214,6 +214,12 @@ def test_train_or_reuse_never_writes_into_the_shared_folder(store, tmp_path):
     assert M.OWN_SUBDIR in fresh.folder.parts
     assert not sweep.sweep_dir(tmp_path, store, "topk", 1, 0).exists()
     assert M.train_or_reuse(store, "topk", 1, {"k": 3}, data_dir=tmp_path, **KW).reused
+    # Other settings for a sweep of ours: an error, unless retrain=True (which never touches the shared folder).
+    with pytest.raises(FileExistsError, match="retrain=True"):
+        M.train_or_reuse(store, "topk", 1, {"k": 4}, data_dir=tmp_path, **KW)
+    redone = M.train_or_reuse(store, "topk", 2, {"k": 4}, data_dir=tmp_path, retrain=True, **KW)
+    assert M.OWN_SUBDIR in redone.folder.parts and not redone.reused
+    assert sweep.train_lm_sweep(store, "topk", 2, {"k": [2, 4]}, data_dir=tmp_path, **KW).reused
 
 
 def test_pipeline_on_a_toy_ladder(store, tmp_path):

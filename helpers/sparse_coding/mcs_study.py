@@ -57,18 +57,21 @@ def _check_ladder(ratios: Sequence[float], seeds: Sequence[int]) -> tuple[list[f
 
 
 def train_or_reuse(store: ActivationStore, kind: str, ratio: float, hparams: Mapping[str, Any], *,
-                   data_dir: str | os.PathLike = "data", seed: int = 0, **kwargs: Any) -> sweep.LMSweep:
+                   data_dir: str | os.PathLike = "data", seed: int = 0, retrain: bool = False,
+                   **kwargs: Any) -> sweep.LMSweep:
     """One sweep: reused from data_dir's shared dictionaries (e.g. notebook 03's) when that folder holds exactly
     these settings, otherwise trained (or reused) under data_dir/04_mcs. Never writes into the shared folder, so
-    a later notebook-03 run with its own settings cannot collide with ours."""
+    a later notebook-03 run with its own settings cannot collide with ours. retrain=True replaces a sweep of
+    ours (under 04_mcs) saved with other settings; without it that is a FileExistsError."""
     shared = sweep.sweep_dir(data_dir, store, kind, ratio, seed)
     if (shared / SWEEP_FILE).exists():
         try:
-            return sweep.train_lm_sweep(store, kind, ratio, hparams, data_dir=data_dir, seed=seed, **kwargs)
+            return sweep.train_lm_sweep(store, kind, ratio, hparams, data_dir=data_dir, seed=seed, retrain=False,
+                                        **kwargs)
         except FileExistsError:
             pass  # other settings there: not ours to reuse or replace
     return sweep.train_lm_sweep(store, kind, ratio, hparams, data_dir=Path(data_dir) / OWN_SUBDIR, seed=seed,
-                                **kwargs)
+                                retrain=retrain, **kwargs)
 
 
 def train_ladder(store: ActivationStore, kind: str, hparams: Mapping[str, Any], ratios: Sequence[float],
