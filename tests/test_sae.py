@@ -250,27 +250,93 @@ def test_relu_hand_backward_matches_autograd(tied, pre_bias, shared):
 
 
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_topk_sparse_decode_matches_dense_autograd(with_dead):
-    """TopK decodes through embedding_bag (only the k chosen rows); the dense generic path is the reference."""
+@pytest.mark.parametrize("tied,pre_bias,shared,ks", [
+    (False, True, True, ([2, 5], [3, 4])),  # ragged k and aux_k: sorted top-k, each member cut at its own
+    (True, True, False, ([3, 3], [4, 4])),  # equal k: unsorted top-k; tied weights; one input per member
+    (False, False, False, ([4, 2], [5, 2])),
+    (True, False, True, ([1, 6], [20, 3])),  # aux_k = d_sae: more aux picks than dead latents (-inf picks)
+])
+def test_topk_sparse_path_matches_dense_autograd(with_dead, tied, pre_bias, shared, ks):
+    """TopK's step is sparse (the encoder forward runs without autograd, gradients flow through the chosen entries
+    only, the decoder touches only the chosen rows); the dense generic autograd path is the reference, in float64:
+    outputs, every parameter gradient (members weighted differently) and the input gradient."""
     from sparse_coding.sae import TopKSAE
 
-    sae = make_sae("topk", d_in=6, d_sae=20, k=[2, 5], aux_k=[3, 4], seed=[0, 1], dead_window=10,
-                   dtype=torch.float64)
+    k, aux_k = ks
+    sae = make_sae("topk", d_in=6, d_sae=20, k=k, aux_k=aux_k, seed=[0, 1], dead_window=10, tied=tied,
+                   pre_bias=pre_bias, dtype=torch.float64)
     _randomise_biases(sae)
     sae.train()
     if with_dead:
         with torch.no_grad():
             sae.tokens_since_fired[0, ::2] = 100
             sae.tokens_since_fired[1, :7] = 100
-    x = torch.randn(13, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*(() if shared else (2,)), 13, 6, generator=g, dtype=torch.float64)
     results = []
     for forward in (TopKSAE.forward, EnsembleSAE.forward):
         sae.zero_grad()
-        out = forward(sae, x)
-        out["loss"].sum().backward()
-        results.append(({k: out[k].detach() for k in ("x_hat", "codes", "loss", "mse", "aux")},
-                        {n: p.grad.clone() for n, p in sae.named_parameters()}))
+        xg = x.clone().requires_grad_()
+        out = forward(sae, xg)
+        (out["loss"] * torch.tensor([1.0, 2.5], dtype=torch.float64)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+        grads["x"] = xg.grad.clone()
+        results.append(({k: out[k].detach() for k in ("x_hat", "codes", "loss", "mse", "aux")}, grads))
     assert (results[0][0]["aux"] > 0).all() == with_dead
     for a, b in zip(results[0], results[1]):
+        assert set(a) == set(b)
         for name in b:
             torch.testing.assert_close(a[name], b[name], rtol=1e-10, atol=1e-12, msg=name)
+    # Without x needing a gradient (the trainer's case) the parameter gradients are the same.
+    sae.zero_grad()
+    out = TopKSAE.forward(sae, x)
+    (out["loss"] * torch.tensor([1.0, 2.5], dtype=torch.float64)).sum().backward()
+    for n, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, results[1][1][n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_topk_output_codes_are_lazy_but_complete():
+    """TopK's dense codes are built only when read; the output still behaves as a dict holding them."""
+    import pickle
+
+    sae = make_sae("topk", d_in=8, d_sae=24, k=[2, 3], seed=[0, 1])
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    out = sae(x)
+    assert "codes" in out and len(out) == 6 and out.get("nope") is None
+    assert set(out) == {"x_hat", "codes", "loss", "mse", "aux", "fired"}
+    assert torch.equal(out["codes"], sae.encode(x).detach())
+    for copy in (dict(out), {**out}, out.copy(), pickle.loads(pickle.dumps(out))):
+        assert set(copy) == set(out) and torch.equal(copy["codes"], out["codes"])
+    fresh = sae(x)
+    assert torch.equal(fresh.get("codes"), out["codes"])
+    fresh = sae(x)
+    fresh["codes"] = None
+    assert fresh["codes"] is None
+    del fresh["codes"]
+    assert "codes" not in fresh and len(fresh) == 5
+    torch.testing.assert_close(out["fired"], (out["codes"] != 0).any(1))
+
+
+def test_topk_step_deterministic_and_ensemble_equals_solo():
+    """Two identical runs give identical weights; each member of an ensemble trains as it would alone (the
+    sparse backward's index_add runs in a fixed order, and members never share a chunk's rows)."""
+    # float64: in float32 the members' different summation orders (ragged k sorts the top-k) differ by rounding,
+    # which Adam amplifies where a gradient is near zero.
+    kw = dict(d_in=8, d_sae=40, aux_k=6, dead_window=32, dtype=torch.float64)  # dead: silent for one batch
+    logs = []
+
+    def run(sae):
+        g = torch.Generator().manual_seed(5)
+        logs.append(train_sae(sae, lambda s: torch.randn(32, 8, generator=g, dtype=torch.float64), steps=12, lr=1e-2, log_every=1,
+                              progress=False))
+        return sae
+
+    a = run(make_sae("topk", k=[3, 5], seed=[1, 2], **kw))
+    b = run(make_sae("topk", k=[3, 5], seed=[1, 2], **kw))
+    for name, p in a.named_parameters():
+        assert torch.equal(p, dict(b.named_parameters())[name]), name
+    assert (logs[0]["aux"] > 0).any()  # some latents went dead, so AuxK ran
+    for i, (k, seed) in enumerate([(3, 1), (5, 2)]):
+        solo = run(make_sae("topk", k=k, seed=seed, **kw))
+        for name, t in solo.member_state(0).items():
+            torch.testing.assert_close(a.member_state(i)[name], t, rtol=1e-9, atol=1e-11, msg=name)

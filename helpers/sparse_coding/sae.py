@@ -209,13 +209,21 @@ class EnsembleSAE(nn.Module):
 
     # ----- dead latents -----
     @torch.no_grad()
-    def update_firing_(self, codes: torch.Tensor, fired: torch.Tensor | None = None) -> None:
+    def update_firing_(self, codes: torch.Tensor | None, fired: torch.Tensor | None = None,
+                       n_tokens: int | None = None) -> None:
         """Advance the tokens-since-fired counters by one batch of codes [E, B, d_sae]. `fired` [E, d_sae], when
-        the forward pass already worked it out (its output's "fired"), saves a pass over the codes."""
+        the forward pass already worked it out (its output's "fired"), saves a pass over the codes; with `fired`
+        and `n_tokens` (the batch size) the codes are not needed at all (None)."""
         if fired is None:
+            if codes is None:
+                raise ValueError("update_firing_ needs the codes, or fired and n_tokens")
             # amax beats (codes != 0).any() by skipping a bool temporary; valid where codes cannot be negative.
             fired = codes.amax(dim=1) > 0 if self.nonnegative_codes else (codes != 0).any(dim=1)
-        self.tokens_since_fired.add_(codes.shape[1]).masked_fill_(fired, 0)
+        if n_tokens is None:
+            if codes is None:
+                raise ValueError("update_firing_ needs n_tokens (the batch size) when codes is None")
+            n_tokens = codes.shape[1]
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
 
     def dead_mask(self, window: int) -> torch.Tensor:
         """[E, d_sae] bool: latents that have not fired in the last `window` tokens."""
@@ -329,13 +337,211 @@ class ReLUSAE(EnsembleSAE):
         return {"x_hat": x_hat, "codes": codes, "loss": mse + l1, "mse": mse, "l1": l1, "fired": per_latent > 0}
 
 
+class SAEOutput(dict):
+    """The dict a forward pass returns, with some entries computed only when first read.
+
+    TopK's training step never needs its dense [E, B, d_sae] codes (the trainer takes "fired" and the batch size),
+    so building them (an allocation, a fill and a scatter over E·B·d_sae entries, as much memory traffic as the rest
+    of the step's sparse part) is deferred until someone reads `out["codes"]`. Reading, `in`, `get`, iteration and
+    copying all see the lazy entries; iterating or copying computes them."""
+
+    def __init__(self, *args: Any, lazy: dict[str, Callable[[], Any]] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._lazy = {k: f for k, f in (lazy or {}).items() if not dict.__contains__(self, k)}
+
+    def __missing__(self, key: str) -> Any:
+        make = self._lazy.pop(key, None)
+        if make is None:
+            raise KeyError(key)
+        value = make()
+        dict.__setitem__(self, key, value)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._lazy.pop(key, None)
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        if self._lazy.pop(key, None) is None:
+            dict.__delitem__(self, key)
+        elif dict.__contains__(self, key):
+            dict.__delitem__(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or key in self._lazy
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in self._lazy:
+            self[key]
+        return dict.pop(self, key, *default)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key in self:
+            return self[key]
+        self[key] = default
+        return default
+
+    def materialize(self) -> "SAEOutput":
+        """Compute every lazy entry now."""
+        for key in list(self._lazy):
+            self[key]
+        return self
+
+    def __len__(self) -> int:
+        return dict.__len__(self) + len(self._lazy)
+
+    def __iter__(self):
+        return dict.__iter__(self.materialize())
+
+    def keys(self):
+        return dict.keys(self.materialize())
+
+    def values(self):
+        return dict.values(self.materialize())
+
+    def items(self):
+        return dict.items(self.materialize())
+
+    def popitem(self):
+        return dict.popitem(self.materialize())
+
+    def copy(self) -> dict[str, Any]:
+        return dict(self.materialize())
+
+    def __eq__(self, other: object) -> bool:
+        return dict.__eq__(self.materialize(), other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return dict.__repr__(self.materialize())
+
+    def __reduce__(self):
+        return dict, (dict(self.materialize()),)
+
+
+# Rows of the batch per chunk in the sparse backward passes: E·rows·K·d_in ≈ this many elements (a cache-sized
+# temporary; larger chunks spill out of the cache, smaller ones pay Python per chunk).
+_SPARSE_CHUNK_ELEMS = 1 << 18
+
+
+def _chunks(E: int, B: int, K: int, d: int):
+    step = max(1, _SPARSE_CHUNK_ELEMS // max(1, E * K * d))
+    return [(s, min(B, s + step)) for s in range(0, B, step)]
+
+
+def _rows_add_(out: torch.Tensor, gidx: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """out [E·n, d] += Σ_(e,b,j) coef[e,b,j] · rows[e,b] at row gidx[e,b,j] (already offset by e·n): the transpose
+    of a sparse [B, n] matrix with K entries per row times a dense [B, d] one, in O(E·B·K·d) without sorting."""
+    E, B, K = gidx.shape
+    d = rows.shape[-1]
+    for s, t in _chunks(E, B, K, d):
+        src = (coef[:, s:t].unsqueeze(-1) * rows[:, s:t].unsqueeze(2)).reshape(-1, d)
+        out.index_add_(0, gidx[:, s:t].reshape(-1), src)
+    return out
+
+
+def _gather_dot(table: torch.Tensor, gidx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[E, B, K]: table[gidx[e,b,j]] · rows[e,b] (table [E·n, d], gidx offset by e·n)."""
+    E, B, K = gidx.shape
+    d = rows.shape[-1]
+    out = rows.new_empty(E, B, K)
+    for s, t in _chunks(E, B, K, d):
+        picked = table.index_select(0, gidx[:, s:t].reshape(-1)).view(E, t - s, K, d)
+        torch.sum(picked.mul_(rows[:, s:t].unsqueeze(2)), dim=-1, out=out[:, s:t])
+    return out
+
+
+def _offset(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Latent indices [E, B, K] -> rows of the member-flattened [E·n, ·] table."""
+    return idx + (torch.arange(idx.shape[0], device=idx.device) * n).view(-1, 1, 1)
+
+
+class _SparseEncodeFunction(torch.autograd.Function):
+    """The pre-activations at chosen entries, pre[e, b, idx[e,b,j]] with pre = x W + b_enc (- b_dec W with
+    pre_bias), as a differentiable function of x, W, b_enc and b_dec. The forward receives those values already
+    computed (the dense encoder forward that picked them ran without autograd) and only passes them on; the backward
+    touches the E·B·K chosen entries only, instead of the dense [B, d_in] x [B, d_sae] matmul that a dense
+    pre-activation gradient (zero almost everywhere) would cost:
+        ∂W[:, j] = Σ_(b: j chosen) g · x_b (built as rows of Wᵀ),   ∂b_enc[j] = Σ g,
+        pre_bias: ∂W[:, j] -= b_dec ∂b_enc[j],  ∂b_dec = -W ∂b_enc,   ∂x_b = Σ_j g · W[:, idx]."""
+
+    @staticmethod
+    def forward(ctx, x, W, b_enc, b_dec, idx, picked):
+        ctx.save_for_backward(x, W, b_dec, idx)
+        ctx.pre_bias = b_dec is not None
+        ctx.mark_non_differentiable(idx)
+        return picked.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W, b_dec, idx = ctx.saved_tensors
+        E, d, n = W.shape
+        need = ctx.needs_input_grad
+        gidx = _offset(idx, n)
+        g_x = g_W = g_b_enc = g_b_dec = None
+        g_b = g.new_zeros(E * n).index_add_(0, gidx.reshape(-1), g.reshape(-1)).view(E, n)
+        if need[1]:
+            g_Wt = _rows_add_(g.new_zeros(E * n, d), gidx, g, x.expand(E, *x.shape[-2:])).view(E, n, d)
+            if ctx.pre_bias:
+                g_Wt.baddbmm_(g_b.unsqueeze(2), b_dec.unsqueeze(1), alpha=-1)
+            g_W = g_Wt.transpose(1, 2)
+        if need[2]:
+            g_b_enc = g_b
+        if ctx.pre_bias and need[3]:
+            g_b_dec = -torch.bmm(W, g_b.unsqueeze(2)).squeeze(2)
+        if need[0]:
+            table = W.transpose(1, 2).reshape(E * n, d)
+            g_x = nn.functional.embedding_bag(gidx.reshape(-1, idx.shape[-1]), table, mode="sum",
+                                              per_sample_weights=g.reshape(-1, idx.shape[-1]))
+            g_x = g_x.view(E, -1, d)  # x is [E, B, d_in] (expanded when shared): autograd sums the expand
+        return g_x, g_W, g_b_enc, g_b_dec, None, None
+
+
+class _SparseDecodeFunction(torch.autograd.Function):
+    """Σ_j values[e,b,j] · W_dec[e, idx[e,b,j]] -> [E, B, d_in] (no b_dec), touching only the chosen decoder rows:
+    forward one embedding_bag; backward ∂W_dec by index_add (no sort, unlike embedding_bag's own backward) and
+    ∂values by dot products with the gathered rows."""
+
+    @staticmethod
+    def forward(ctx, W_dec, values, idx):
+        E, n, d = W_dec.shape
+        K = idx.shape[-1]
+        gidx = _offset(idx, n)
+        out = nn.functional.embedding_bag(gidx.view(-1, K), W_dec.reshape(E * n, d), mode="sum",
+                                          per_sample_weights=values.reshape(-1, K))
+        ctx.save_for_backward(W_dec, values, gidx)
+        return out.view(E, -1, d)
+
+    @staticmethod
+    def backward(ctx, g_out):
+        W_dec, values, gidx = ctx.saved_tensors
+        E, n, d = W_dec.shape
+        g_out = g_out.contiguous()
+        g_W = g_values = None
+        if ctx.needs_input_grad[0]:
+            g_W = _rows_add_(g_out.new_zeros(E * n, d), gidx, values, g_out).view(E, n, d)
+        if ctx.needs_input_grad[1]:
+            g_values = _gather_dot(W_dec.reshape(E * n, d), gidx, g_out)
+        return g_W, g_values, None
+
+
 @register_sae("topk")
 class TopKSAE(EnsembleSAE):
     """TopK (Gao et al. 2024): keep each row's k largest ReLU'd pre-activations; AuxK makes dead latents model the
     residual error so they get gradient again.
 
     Members may have different k: the top max(k) are taken once for all members and each member keeps its first k
-    (topk returns them sorted)."""
+    (topk returns them sorted).
+
+    The forward pass is sparse everywhere but the encoder matmul: that runs without autograd, the k chosen entries
+    per row (and AuxK's aux_k) are picked, and the gradients reach the weights through those entries only
+    (`_SparseEncodeFunction`, `_SparseDecodeFunction`): per row O(K·d_in) work instead of O(d_sae·d_in) for the
+    encoder gradient, the decoder forward and both decoder gradients. The dense codes in the output are built only
+    if read (`SAEOutput`)."""
 
     architecture = "topk"
     member_keys = ("k", "aux_k", "aux_coef")
@@ -361,6 +567,19 @@ class TopKSAE(EnsembleSAE):
         ranks = torch.arange(values.shape[-1], device=values.device)
         return values * (ranks < self.member_param(key).view(-1, 1, 1)).to(values.dtype)
 
+    def _ragged(self, k: int, key: str) -> bool:
+        return k > 1 and len({h[key] for h in self.hparams}) > 1
+
+    def _top(self, pre: torch.Tensor, k: int, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's k largest pre-activations (before the ReLU) and their latents; sorted only if the members'
+        `key` differ (they are then cut at their own k)."""
+        return pre.topk(k, dim=-1, sorted=self._ragged(k, key))
+
+    def _finish(self, values: torch.Tensor, k: int, key: str) -> torch.Tensor:
+        """ReLU and the per-member cut of chosen pre-activations."""
+        values = torch.relu(values)
+        return self._keep_first(values, key) if self._ragged(k, key) else values
+
     def select(self, pre: torch.Tensor, k: int, key: str, mask: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's top-k ReLU'd pre-activations (k = max over members, each member then keeps its own
@@ -369,12 +588,8 @@ class TopKSAE(EnsembleSAE):
             pre = pre.masked_fill(~mask.unsqueeze(1), float("-inf"))
         # Top-k first, ReLU on the k survivors: the same codes as ReLU then top-k, without two full passes over
         # [E, B, d_sae] (ReLU forward and backward). Sorting is only needed to cut members at different k.
-        ragged = k > 1 and len({h[key] for h in self.hparams}) > 1
-        values, idx = pre.topk(k, dim=-1, sorted=ragged)
-        values = torch.relu(values)
-        if ragged:
-            values = self._keep_first(values, key)
-        return values, idx
+        values, idx = self._top(pre, k, key)
+        return self._finish(values, k, key), idx
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         values, idx = self.select(pre, self.k_max, "k")
@@ -383,41 +598,68 @@ class TopKSAE(EnsembleSAE):
     def sparse_decode(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Σ_j values[e,b,j] · W_dec[e, idx[e,b,j]]  ([E, B, d_in], no b_dec). Only the k chosen decoder rows are
         touched, forward and backward: k·d_in multiply-adds per row instead of d_sae·d_in."""
-        E, B, k = values.shape
-        offsets = (torch.arange(E, device=idx.device) * self.d_sae).view(E, 1, 1)
-        out = nn.functional.embedding_bag((idx + offsets).view(E * B, k), self.W_dec.reshape(E * self.d_sae, -1),
-                                          per_sample_weights=values.reshape(E * B, k), mode="sum")
-        return out.view(E, B, self.d_in)
+        return _SparseDecodeFunction.apply(self.W_dec, values, idx)
+
+    def _dead_for_aux(self) -> torch.Tensor | None:
+        """[E, d_sae] dead latents when AuxK has work this step, else None."""
+        if self.aux_k_max == 0 or not self.training:
+            return None
+        dead = self.dead_mask(self.dead_window if self.dead_window is not None else DEFAULT_DEAD_WINDOW)
+        # One host sync per step, but it saves a second top-k and decode on every step where nothing is dead.
+        return dead if bool(dead.any()) else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if type(self).activation is not TopKSAE.activation or type(self).kind_losses is not TopKSAE.kind_losses:
             return super().forward(x)  # a subclass with its own maths takes the generic path
         x = self._check_input(x)
-        pre = self.pre_activations(x)
-        values, idx = self.select(pre, self.k_max, "k")
-        x_hat = self.sparse_decode(values, idx) + self.b_dec.unsqueeze(1)
-        mse = (x_hat - x).pow(2).sum(-1).mean(-1)
-        aux = self._aux(x, pre, x_hat)
+        E, B, n, k = self.n_members, x.shape[-2], self.d_sae, self.k_max
+        W = self.encoder_weight()
+        xs = x.expand(E, *x.shape) if x.ndim == 2 else x
+        dead = self._dead_for_aux()
         with torch.no_grad():
-            fired = torch.zeros(self.n_members, self.d_sae, device=self.device, dtype=self.dtype).scatter_add_(
-                1, idx.view(self.n_members, -1), values.detach().view(self.n_members, -1)) > 0
-        codes = torch.zeros_like(pre).scatter(-1, idx, values)
-        return {"x_hat": x_hat, "codes": codes, "loss": mse + aux, "mse": mse, "aux": aux, "fired": fired}
+            bias = self.b_enc
+            if self.pre_bias:
+                bias = bias - torch.bmm(self.b_dec.unsqueeze(1), W).squeeze(1)
+            pre = torch.baddbmm(bias.unsqueeze(1), xs, W)
+            picked, idx = self._top(pre, k, "k")
+            if dead is not None:
+                # pre is ours and no longer needed: mask it in place for AuxK's choice among the dead.
+                aux_picked, aux_idx = self._top(pre.masked_fill_(~dead.unsqueeze(1), float("-inf")),
+                                                self.aux_k_max, "aux_k")
+                picked, idx = torch.cat([picked, aux_picked], -1), torch.cat([idx, aux_idx], -1)
+            del pre
+        # Gradients reach W, b_enc and b_dec through the chosen entries only (main and AuxK together).
+        picked = _SparseEncodeFunction.apply(xs, W, self.b_enc, self.b_dec if self.pre_bias else None, idx, picked)
+        values, main_idx = self._finish(picked[..., :k], k, "k"), idx[..., :k]
+        x_hat = self.sparse_decode(values, main_idx) + self.b_dec.unsqueeze(1)
+        mse = (x_hat - x).pow(2).sum(-1).mean(-1)
+        if dead is None:
+            aux = mse.new_zeros(E)
+        else:
+            aux_values = self._finish(picked[..., k:], self.aux_k_max, "aux_k")
+            aux = self._aux_loss(x, x_hat, aux_values, idx[..., k:], dead)
+        with torch.no_grad():
+            v = values.detach()
+            fired = torch.zeros(E, n, device=self.device, dtype=self.dtype).scatter_add_(
+                1, main_idx.reshape(E, -1), v.reshape(E, -1)) > 0
+        dense = lambda: torch.zeros(E, B, n, device=v.device, dtype=v.dtype).scatter_(-1, main_idx, v)  # noqa: E731
+        return SAEOutput({"x_hat": x_hat, "loss": mse + aux, "mse": mse, "aux": aux, "fired": fired},
+                         lazy={"codes": dense})
 
     def kind_losses(self, x, pre, codes, x_hat):
         return {"aux": self._aux(x, pre, x_hat)}
 
     def _aux(self, x: torch.Tensor, pre: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         """AuxK: the aux_k largest dead latents reconstruct the main reconstruction's error."""
-        zero = torch.zeros(self.n_members, device=self.device, dtype=self.dtype)
-        if self.aux_k_max == 0 or not self.training:
-            return zero
-        dead = self.dead_mask(self.dead_window if self.dead_window is not None else DEFAULT_DEAD_WINDOW)
-        # One host sync per step, but it saves a second top-k and decode on every step where nothing is dead.
-        if not bool(dead.any()):
-            return zero
-        residual = (x - x_hat).detach()
+        dead = self._dead_for_aux()
+        if dead is None:
+            return torch.zeros(self.n_members, device=self.device, dtype=self.dtype)
         values, idx = self.select(pre, self.aux_k_max, "aux_k", mask=dead)
+        return self._aux_loss(x, x_hat, values, idx, dead)
+
+    def _aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor, idx: torch.Tensor,
+                  dead: torch.Tensor) -> torch.Tensor:
+        residual = (x - x_hat).detach()
         # b_dec is already in x_hat; the dead latents model only what is left over.
         aux_hat = self.sparse_decode(values, idx)
         # Normalised by the residual's own variance so aux_coef (1/32) means the same at any activation scale.

@@ -506,8 +506,9 @@ def train_sae(sae: EnsembleSAE, batches: Batches, steps: int = 2000, lr: float =
             sae.project_decoder_grad_()
             opt.step()
             sae.normalize_decoder_()
-            codes = out["codes"].detach()
-            sae.update_firing_(codes, out.get("fired"))
+            # With "fired" the codes are not needed here (TopK builds its dense codes only when they are read).
+            fired = out.get("fired")
+            sae.update_firing_(out["codes"].detach() if fired is None else None, fired, n_tokens=x.shape[0])
             tokens_seen += x.shape[0]
             bad_step.masked_fill_((~torch.isfinite(out["loss"].detach())) & (bad_step < 0), step)
             done = step + 1
@@ -524,7 +525,7 @@ def train_sae(sae: EnsembleSAE, batches: Batches, steps: int = 2000, lr: float =
                     variance = (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
                     row = {"loss": out["loss"].detach(), "mse": out["mse"].detach(),
                            "fvu": out["mse"].detach() / variance,
-                           "l0": (codes != 0).sum(-1).float().mean(-1),
+                           "l0": (out["codes"] != 0).sum(-1).float().mean(-1),
                            # update_firing_ already counted this batch, so the window includes it.
                            "dead_frac": sae.dead_mask(min(window, tokens_seen)).float().mean(-1)}
                     row.update({k: out[k].detach() for k in sae.loss_terms if k in out})
