@@ -340,3 +340,21 @@ def test_topk_step_deterministic_and_ensemble_equals_solo():
         solo = run(make_sae("topk", k=k, seed=seed, **kw))
         for name, t in solo.member_state(0).items():
             torch.testing.assert_close(a.member_state(i)[name], t, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("k,sorted_", [(4, True), (4, False), (1, True), (8, False)])
+def test_topk_rows_through_group_maxima_equals_torch_topk(k, sorted_):
+    """TopK's row top-k goes through group maxima once d_sae >= 256·k; its values must be torch.topk's exactly,
+    also with masked (-inf) latents and with fewer finite entries than k (AuxK with few dead latents)."""
+    from sparse_coding.sae import _topk_rows
+
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(3, 50, 4096, generator=g)
+    pre[0, :, 100:] = float("-inf")  # fewer candidates than groups
+    pre[1, :5, 2:] = float("-inf")  # fewer finite entries than k
+    pre[2, 7] = pre[2, 7].round(decimals=0)  # many ties
+    values, idx = _topk_rows(pre, k, sorted=sorted_)
+    ref = pre.topk(k, dim=-1, sorted=True).values
+    assert torch.equal(pre.gather(-1, idx), values)
+    assert torch.equal(values.sort(-1, descending=True).values if not sorted_ else values, ref)
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # no latent twice

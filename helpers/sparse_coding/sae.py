@@ -529,6 +529,28 @@ class _SparseDecodeFunction(torch.autograd.Function):
         return g_W, g_values, None
 
 
+def _topk_rows(pre: torch.Tensor, k: int, sorted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pre.topk(k, dim=-1, sorted=sorted)` for [E, B, n], through group maxima when n is large next to k.
+
+    Split each row into s strided groups {g, g + m, g + 2m, ...} (m = n / s): every one of the row's k largest
+    values lies in one of the k groups with the largest maxima (a group outside them has k groups whose maxima are
+    at least its own), so the top k of those k·s candidates are the row's top k. One vectorised max over the row
+    and two small top-k's replace a top-k over all n (CPU top-k costs several ns per element). The values are
+    exactly torch.topk's; among exactly tied values the latent picked may differ."""
+    n = pre.shape[-1]
+    s = 1
+    while s * 2 * 64 * k <= n and n % (s * 2) == 0:  # keep m >= 64k, where torch.topk takes its cheaper path
+        s *= 2
+    if s < 4:
+        return pre.topk(k, dim=-1, sorted=sorted)
+    m = n // s
+    group_max = pre.unflatten(-1, (s, m)).amax(-2)
+    _, groups = group_max.topk(k, dim=-1, sorted=False)
+    cand = (groups.unsqueeze(-1) + torch.arange(0, n, m, device=pre.device)).flatten(-2)
+    values, j = pre.gather(-1, cand).topk(k, dim=-1, sorted=sorted)
+    return values, cand.gather(-1, j)
+
+
 @register_sae("topk")
 class TopKSAE(EnsembleSAE):
     """TopK (Gao et al. 2024): keep each row's k largest ReLU'd pre-activations; AuxK makes dead latents model the
@@ -573,7 +595,7 @@ class TopKSAE(EnsembleSAE):
     def _top(self, pre: torch.Tensor, k: int, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's k largest pre-activations (before the ReLU) and their latents; sorted only if the members'
         `key` differ (they are then cut at their own k)."""
-        return pre.topk(k, dim=-1, sorted=self._ragged(k, key))
+        return _topk_rows(pre, k, sorted=self._ragged(k, key))
 
     def _finish(self, values: torch.Tensor, k: int, key: str) -> torch.Tensor:
         """ReLU and the per-member cut of chosen pre-activations."""
@@ -600,6 +622,22 @@ class TopKSAE(EnsembleSAE):
         touched, forward and backward: k·d_in multiply-adds per row instead of d_sae·d_in."""
         return _SparseDecodeFunction.apply(self.W_dec, values, idx)
 
+    def _pre_buffer(self, E: int, B: int) -> torch.Tensor | None:
+        """In training, one [E, B, d_sae] buffer for the pre-activations, kept from step to step: a fresh one costs
+        page faults on every step (large CPU allocations are mapped and unmapped each time). Dropped by eval()."""
+        if not self.training:
+            return None
+        buf = getattr(self, "_pre_cache", None)
+        if buf is None or buf.shape != (E, B, self.d_sae) or buf.dtype != self.dtype or buf.device != self.device:
+            self._pre_cache = buf = None  # free the old one first
+            buf = self._pre_cache = torch.empty(E, B, self.d_sae, device=self.device, dtype=self.dtype)
+        return buf
+
+    def train(self, mode: bool = True) -> "TopKSAE":
+        if not mode:
+            self._pre_cache = None
+        return super().train(mode)
+
     def _dead_for_aux(self) -> torch.Tensor | None:
         """[E, d_sae] dead latents when AuxK has work this step, else None."""
         if self.aux_k_max == 0 or not self.training:
@@ -620,7 +658,7 @@ class TopKSAE(EnsembleSAE):
             bias = self.b_enc
             if self.pre_bias:
                 bias = bias - torch.bmm(self.b_dec.unsqueeze(1), W).squeeze(1)
-            pre = torch.baddbmm(bias.unsqueeze(1), xs, W)
+            pre = torch.baddbmm(bias.unsqueeze(1), xs, W, out=self._pre_buffer(E, B))
             picked, idx = self._top(pre, k, "k")
             if dead is not None:
                 # pre is ours and no longer needed: mask it in place for AuxK's choice among the dead.
