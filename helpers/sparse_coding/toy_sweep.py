@@ -62,13 +62,17 @@ def _check_positive_int(v, name: str) -> int:
     return int(v)
 
 
-def _train(sae, data: ToyData, steps: int, batch_size: int, lr: float, seed: int, progress: bool) -> pd.DataFrame:
-    """Adam at `lr`, then linear decay to zero over the last 40 % of the steps (train_sae's schedule): the high
-    early rate finds the features fast, the decay lets the atoms settle on them precisely."""
+def _train(sae, data: ToyData, steps: int, batch_size: int, lr: float, seed: int, progress: bool,
+           resample_every: int | None = None) -> pd.DataFrame:
+    """Adam at `lr`, then linear decay over the last 40 % of the steps (train_sae's schedule): the high early rate
+    finds the features fast, the decay lets the atoms settle on them precisely. resample_every: re-initialise
+    atoms that have not fired since the last resample towards badly reconstructed samples (first half of
+    training), which is how the rarely firing features get an atom of their own."""
     from .train import train_sae
 
     return train_sae(sae, data.batches(batch_size, steps, seed), steps=steps, lr=lr, progress=progress,
-                     log_every=max(1, steps // 20), seed=seed, decay="linear", decay_frac=0.4)
+                     log_every=max(1, steps // 20), seed=seed, decay="linear", decay_frac=0.4,
+                     resample_every=resample_every)
 
 
 def eval_batch(data: ToyData, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +98,8 @@ def _score_ensemble(sae, truth: torch.Tensor, x_eval: torch.Tensor) -> dict[str,
 
 
 def run_toy_sweep(data: ToyData, l1_coefs, ratios, steps: int, batch_size: int = 256, lr: float = 1e-3,
-                  seed: int = 0, n_eval: int = 4096, tied: bool = False, progress: bool = False) -> ToySweepResult:
+                  seed: int = 0, n_eval: int = 4096, tied: bool = False, progress: bool = False,
+                  resample_every: int | None = None) -> ToySweepResult:
     """Train one ReLU-L1 ensemble per ratio (members = l1_coefs) on identical batches and score every member.
 
     Adam at `lr`, decayed linearly to zero over the last 40 % of the steps."""
@@ -115,7 +120,7 @@ def run_toy_sweep(data: ToyData, l1_coefs, ratios, steps: int, batch_size: int =
         # of the larger one's, and "reappears in a larger dictionary" would partly measure a shared start.
         sae = make_sae("relu", d_in=data.cfg.d, d_sae=n, l1_coef=l1_coefs, tied=tied, seed=seed + 1000 * i,
                        device=data.device)
-        hist = _train(sae, data, steps, batch_size, lr, seed, progress)
+        hist = _train(sae, data, steps, batch_size, lr, seed, progress, resample_every)
         histories.append(hist.assign(ratio=ratio))
         scores = _score_ensemble(sae, truth, x_eval)
         dictionaries[ratio] = sae.decoder_directions().cpu()
