@@ -303,11 +303,47 @@ def study_metrics(table: pd.DataFrame, threshold: float = 0.9) -> dict[str, Any]
     seeds = out["mmcs_across_seeds"]
     out["mmcs_across_seeds_mean"] = float(np.mean(list(seeds.values()))) if seeds else float("nan")
     first = table.drop_duplicates("n")
+    out["bimodal_vs_larger"] = {n: bool(b > BIMODAL_SARLE) for n, b in out["sarle_vs_larger"].items()}
+    out["note"] = summary_sentence(table, threshold)
     # Summed over the seeds (each dictionary once): dead features are reported, never scored.
     out["dead_features"] = {str(int(n)): int(v) for n, v in zip(first["n"], first["n_dead"])}
     out["dead_fraction"] = {str(int(n)): float(v / (n * p)) for n, v, p in
                             zip(first["n"], first["n_dead"], first["pairs"])}
-    return out
+    return _rounded(out)
+
+
+def _rounded(obj: Any, digits: int = 4) -> Any:
+    """Floats to `digits` decimals (the write-up shows these tables; more digits would be noise)."""
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, float):
+        return round(obj, digits) if np.isfinite(obj) else obj
+    return obj
+
+
+def _span(values: Sequence[float], pct: bool = True) -> str:
+    lo, hi = min(values), max(values)
+    f = (lambda v: f"{100 * v:.0f}") if pct else (lambda v: f"{v:.2f}")
+    return f"{f(lo)}{'%' if pct else ''}" if f(lo) == f(hi) else f"{f(lo)}-{f(hi)}{'%' if pct else ''}"
+
+
+def summary_sentence(table: pd.DataFrame, threshold: float = 0.9) -> str:
+    """What the run shows, in one sentence built from the numbers (for the metrics file and the write-up)."""
+    vs = table[table["comparison"] == "vs_larger"]
+    if not len(vs):
+        return "no vs-larger comparison (one ratio only)"
+    bimodal = int((vs["sarle"] > BIMODAL_SARLE).sum())
+    text = (f"MCS vs the next-larger dictionary (other seed) is bimodal (Sarle > 5/9) at {bimodal} of {len(vs)} "
+            f"sizes (Sarle {_span(list(vs['sarle']), pct=False)}); {_span(list(vs['share_above']))} of live "
+            f"features reach {threshold:g}, {_span(list(vs['share_random']))} are no better than random directions")
+    seeds = table[table["comparison"] == "across_seeds"]
+    if len(seeds):
+        text += f"; across seeds at the same size {_span(list(seeds['share_above']))} reach {threshold:g}"
+    same = table[table["comparison"] == "vs_larger_same_seed"]
+    if len(same):
+        text += (f"; with the same seed (shared initialisation) {_span(list(same['share_above']))} reach it, an "
+                 f"overestimate")
+    return text + "."
 
 
 # ----------------------------------------------------------------------------------------------------------------
