@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import checkpoint as ckpt
+from . import sweep
 from . import tracking
 from .activations import ActivationStore
 from .paths import resolve
@@ -124,31 +125,23 @@ def _check_single(hparams: Mapping[str, Any]) -> None:
         raise ValueError(f"hparams must give one SAE per revision (scalars, e.g. {{'k': 16}}), got lists {lists}")
 
 
-def checkpoint_dir_of(folder: Path) -> Path:
-    """Training snapshots live next to the sweep folder (save_sweep replaces the sweep folder as a whole)."""
-    return folder.with_name(folder.name + "-checkpoints")
-
-
 def train_revision_sae(store: ActivationStore, kind: str, ratio: float, hparams: Mapping[str, Any], *,
                        data_dir: str | os.PathLike = "data", seed: int = 0, n_tokens: int, batch_size: int = 4096,
                        lr: float = 1e-3, device: str = "cpu", snapshots: bool = False, n_even: int = 16,
                        progress: bool = True, **train_kwargs: Any):
     """One SAE (kind, ratio, hparams) on one revision's store via sweep.train_lm_sweep, saved under
     `<data_dir>/tracking/` and reused on rerun. snapshots=True also keeps weight snapshots during training at
-    `tracking_schedule(steps, n_even)` (in `checkpoint_dir_of(run.folder)`)."""
-    from . import sweep
-
+    `tracking_schedule(steps, n_even)` (in `sweep.checkpoint_dir(run.folder)`)."""
     _check_single(hparams)
     if snapshots:
         steps = int(n_tokens) // batch_size
         if steps < 1:
             raise ValueError(f"n_tokens={n_tokens} is less than one batch (batch_size={batch_size})")
-        folder = sweep.sweep_dir(resolve(data_dir) / TRACKING_SUBDIR, store, kind, ratio, seed)
-        train_kwargs = {**train_kwargs, "checkpoint_dir": str(checkpoint_dir_of(folder)),
-                        "checkpoint_steps": tracking_schedule(steps, n_even)}
+        train_kwargs = {**train_kwargs, "checkpoint_steps": tracking_schedule(steps, n_even)}
+    # checkpoints=True keeps only a flag in the saved settings (not an absolute path), so a moved checkout reuses it.
     return sweep.train_lm_sweep(store, kind, ratio, dict(hparams), data_dir=resolve(data_dir) / TRACKING_SUBDIR,
                                 seed=seed, n_tokens=n_tokens, batch_size=batch_size, lr=lr, device=device,
-                                progress=progress, **train_kwargs)
+                                progress=progress, checkpoints=snapshots, **train_kwargs)
 
 
 def eval_rows(stores: Sequence[ActivationStore], n_rows: int) -> torch.Tensor:
@@ -226,7 +219,7 @@ def snapshot_sae(run, step: int, member: int = 0):
 
     from safetensors import safe_open
 
-    folder = checkpoint_dir_of(run.folder)
+    folder = sweep.checkpoint_dir(run.folder)
     weights = ckpt.load_snapshot(folder, step, fold=True, device=run.sae.device)
     with safe_open(str(ckpt.snapshot_path(folder, step)), framework="pt") as f:
         trained_scale = float(json.loads((f.metadata() or {}).get("meta", "{}")).get("input_scale", 1.0))
@@ -245,7 +238,7 @@ def training_trajectory(run, x_eval: torch.Tensor, member: int = 0, min_fires: i
                         low: float = 0.6, settle: float = 0.9) -> TrainingTrajectory:
     """Part (a) for a run trained with snapshots: decoder directions at every snapshot, alive masks from firing on
     x_eval (raw activations), then tracking.track_training."""
-    folder = checkpoint_dir_of(run.folder)
+    folder = sweep.checkpoint_dir(run.folder)
     steps = ckpt.snapshot_steps(folder)
     if len(steps) < 2:
         raise ValueError(f"{folder} holds {len(steps)} training snapshots; train the final revision's SAE with "
@@ -380,8 +373,6 @@ def trajectory_examples(em: Emergence, runs: Sequence[Any], stores: Sequence[Act
 def token_decoder(model: str, data_dir: str | os.PathLike = "data"):
     """ids -> text with the model's tokenizer (the offline model's tokenizer.json, or a hub model's)."""
     from transformers import AutoTokenizer
-
-    from . import sweep
 
     src = sweep.model_source(model, data_dir)
     tok = AutoTokenizer.from_pretrained(src)
