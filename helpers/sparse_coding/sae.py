@@ -414,6 +414,15 @@ class SAEOutput(dict):
     def __eq__(self, other: object) -> bool:
         return dict.__eq__(self.materialize(), other)
 
+    def __ne__(self, other: object) -> bool:
+        return dict.__ne__(self.materialize(), other)
+
+    def __or__(self, other: Any) -> Any:
+        return dict.__or__(self.materialize(), other)
+
+    def __ror__(self, other: Any) -> Any:
+        return dict.__ror__(self.materialize(), other)
+
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
@@ -424,12 +433,14 @@ class SAEOutput(dict):
 
 
 # Rows of the batch per chunk in the sparse backward passes: E·rows·K·d_in ≈ this many elements (a cache-sized
-# temporary; larger chunks spill out of the cache, smaller ones pay Python per chunk).
+# temporary; larger chunks spill out of the cache, smaller ones pay Python per chunk), but at least _MIN_ROWS rows
+# so that AuxK's wide picks (K = k + d_in/2) do not turn into thousands of tiny calls.
 _SPARSE_CHUNK_ELEMS = 1 << 18
+_MIN_ROWS = 8
 
 
 def _chunks(E: int, B: int, K: int, d: int):
-    step = max(1, _SPARSE_CHUNK_ELEMS // max(1, E * K * d))
+    step = max(_MIN_ROWS, _SPARSE_CHUNK_ELEMS // max(1, E * K * d))
     return [(s, min(B, s + step)) for s in range(0, B, step)]
 
 
@@ -473,7 +484,6 @@ class _SparseEncodeFunction(torch.autograd.Function):
     def forward(ctx, x, W, b_enc, b_dec, idx, picked):
         ctx.save_for_backward(x, W, b_dec, idx)
         ctx.pre_bias = b_dec is not None
-        ctx.mark_non_differentiable(idx)
         return picked.clone()
 
     @staticmethod
