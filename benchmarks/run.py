@@ -20,6 +20,8 @@ def main(argv: list[str]) -> int:
     for script in scripts:
         print(f"\n=== {script.name}", flush=True)
         t0 = time.time()
+        saved_argv = sys.argv
+        sys.argv = [str(script)]  # the filters given to run.py are not the benchmark's own arguments
         try:
             runpy.run_path(str(script), run_name="__main__")
         except SystemExit as e:
@@ -28,6 +30,8 @@ def main(argv: list[str]) -> int:
         except Exception as e:  # keep going: one broken benchmark should not hide the others' numbers
             print(f"{script.name} failed: {type(e).__name__}: {e}", flush=True)
             failed.append(script.name)
+        finally:
+            sys.argv = saved_argv
         print(f"=== {script.name} took {time.time() - t0:.0f}s", flush=True)
     print(f"\nresults: {here / 'results.json'}")
     if failed:
