@@ -15,12 +15,7 @@ from sparse_coding.sae_io import member_name
 from sparse_coding.train import train_sae
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=3000, d=16, n_features=24, seed=0):

@@ -39,13 +39,7 @@ IDENTITY = lambda x: x.clone()  # noqa: E731
 ZERO = torch.zeros_like
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tensors are tiny: with the CPU shared, intra-op threads only fight each other (measured 40x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,7 @@ from sparse_coding.sae import SAE_KINDS, EnsembleSAE, ReLUSAE, make_sae, registe
 from sparse_coding.train import train_sae
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: a second thread buys nothing and, on a busy machine, waiting for it costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise_biases(sae, seed=0):

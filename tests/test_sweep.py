@@ -10,12 +10,7 @@ from sparse_coding.io import save_json
 from sparse_coding.toy import ToyConfig, ToyData
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

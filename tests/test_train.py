@@ -9,13 +9,7 @@ from sparse_coding.similarity import mmcs
 from sparse_coding.train import train_sae
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: a second thread buys nothing and, on a busy machine, waiting for it costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(d=24, n_features=48, k=3, seed=0):

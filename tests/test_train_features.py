@@ -16,13 +16,7 @@ from sparse_coding.train import (TrainingDiverged, coef_factor, estimate_input_s
                                  resample_dead_, sparsity_key, train_sae, _adam, _member_generators)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: a second thread buys nothing and, on a busy machine, waiting for it costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted_data(n=4000, d=16, n_features=32, k=3, seed=0):
