@@ -96,6 +96,28 @@ def test_jumprelu_threshold_is_learned_as_log_and_saved_as_theta():
     assert sae.log_threshold.grad is not None and sae.log_threshold.grad.abs().sum() > 0
 
 
+def test_jumprelu_threshold_lr_mult_speeds_log_theta_and_keeps_theta():
+    """threshold_lr_mult m stores log θ / m: same θ at the start and after a save/load, and one Adam step (which
+    moves every parameter by about lr) moves log θ by about m·lr."""
+    fast = make_sae("jumprelu", d_in=8, d_sae=20, seed=0, init_threshold=0.1, threshold_lr_mult=[1.0, 10.0])
+    torch.testing.assert_close(fast.threshold(), torch.full((2, 20), 0.1))
+    state = fast.member_state(1)
+    state["threshold"] = torch.linspace(0.05, 0.5, 20)
+    fast.load_member_state_(1, state)
+    torch.testing.assert_close(fast.member_state(1)["threshold"], torch.linspace(0.05, 0.5, 20))
+    torch.testing.assert_close(fast.log_threshold[1], torch.linspace(0.05, 0.5, 20).log() / 10)
+    before = fast.threshold().detach().log()
+    opt = torch.optim.Adam(fast.parameters(), lr=1e-3)
+    fast(torch.randn(256, 8, generator=torch.Generator().manual_seed(0)) * 0.3)["loss"].sum().backward()
+    opt.step()
+    moved = (fast.threshold().detach().log() - before).abs()
+    touched = moved[0] > 9e-4  # a full Adam step in member 0 (same seed and data in both members)
+    assert touched.any()
+    torch.testing.assert_close(moved[1][touched], moved[0][touched] * 10, rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="threshold_lr_mult"):
+        make_sae("jumprelu", d_in=8, d_sae=20, threshold_lr_mult=0)
+
+
 # ----------------------------------------------------------------------------------------------------- BatchTopK
 
 def test_batchtopk_keeps_exactly_k_times_batch_per_member():

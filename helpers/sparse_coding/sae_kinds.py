@@ -93,25 +93,28 @@ class _JumpReLUFunction(torch.autograd.Function):
 
 @register_sae("jumprelu")
 class JumpReLUSAE(EnsembleSAE):
-    """JumpReLU + L0 (Rajamanoharan et al. 2024). Per member: l0_coef (λ), bandwidth (ε), init_threshold (θ₀).
+    """JumpReLU + L0 (Rajamanoharan et al. 2024). Per member: l0_coef (λ), bandwidth (ε), init_threshold (θ₀),
+    threshold_lr_mult (log θ is stored divided by it, so Adam moves log θ that many times faster than lr: short runs
+    need it for the L0 penalty to move the thresholds at all; 1 is the paper's setting).
 
     Decoder rows are kept unit-norm (the base class's projection and renormalisation). The paper trains an
     unconstrained decoder and folds its norms into the encoder at the end; since the L0 does not see the scale of
     the codes, unit-norm rows lose nothing, keep every threshold in the same units, and need no folding on save."""
 
     architecture = "jumprelu"
-    member_keys = ("l0_coef", "bandwidth", "init_threshold")
+    member_keys = ("l0_coef", "bandwidth", "init_threshold", "threshold_lr_mult")
     # Not "l0": the trainer's log already has an "l0" column (active latents per row), this is λ·L0.
     loss_terms = ("l0_loss",)
 
     @classmethod
     def default_hparams(cls, d_in: int) -> dict[str, Any]:
-        return {"l0_coef": 1.0, "bandwidth": 0.05, "init_threshold": 0.05}
+        return {"l0_coef": 1.0, "bandwidth": 0.05, "init_threshold": 0.05, "threshold_lr_mult": 1.0}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         theta0 = torch.tensor([float(h["init_threshold"]) for h in self.hparams], dtype=torch.float64)
-        log_theta = theta0.log().view(-1, 1).expand(-1, self.d_sae)
+        self._lr_mult = torch.tensor([float(h["threshold_lr_mult"]) for h in self.hparams], dtype=torch.float64)
+        log_theta = (theta0.log() / self._lr_mult).view(-1, 1).expand(-1, self.d_sae)
         self.log_threshold = nn.Parameter(log_theta.to(device=self.device, dtype=self.dtype).contiguous())
 
     def validate_member(self, h: dict[str, Any]) -> None:
@@ -120,10 +123,14 @@ class JumpReLUSAE(EnsembleSAE):
         _check_positive("bandwidth", h.get("bandwidth"), "the width ε of the threshold's straight-through kernel, "
                         "e.g. 0.05 on inputs with E‖x‖² = d_in")
         _check_positive("init_threshold", h.get("init_threshold"), "the starting θ, stored as log θ, e.g. 0.05")
+        _check_positive("threshold_lr_mult", h.get("threshold_lr_mult"), "how many times faster than lr log θ "
+                        "learns, e.g. 1 (the paper) or 30 for runs of a few hundred steps")
 
     def threshold(self) -> torch.Tensor:
-        """[E, d_sae] thresholds θ = exp(log θ)."""
-        return self.log_threshold.exp()
+        """[E, d_sae] thresholds θ = exp(threshold_lr_mult · log_threshold)."""
+        if bool((self._lr_mult == 1).all()):
+            return self.log_threshold.exp()
+        return (self.log_threshold * self.member_param("threshold_lr_mult").view(-1, 1)).exp()
 
     def _jump(self, pre: torch.Tensor):
         return _JumpReLUFunction.apply(pre, self.threshold(), self.member_param("bandwidth"))
@@ -147,7 +154,7 @@ class JumpReLUSAE(EnsembleSAE):
 
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         state = super().member_state(i)
-        state["threshold"] = self.log_threshold.detach()[i].exp()
+        state["threshold"] = self.threshold().detach()[i]
         return state
 
     @torch.no_grad()
@@ -155,7 +162,7 @@ class JumpReLUSAE(EnsembleSAE):
         t = _state_threshold(state, self.d_sae)
         super().load_member_state_(i, state)
         # θ = 0 (a plain ReLU) becomes log θ = -inf, which exp() maps back to exactly 0.
-        self.log_threshold[i].copy_(t.to(torch.float64).log())
+        self.log_threshold[i].copy_(t.to(torch.float64).log() / self._lr_mult[i])
 
 
 # ---------------------------------------------------------------------------------------------------- BatchTopK
