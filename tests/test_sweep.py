@@ -95,8 +95,13 @@ def test_fvu_vs_reference_interpolates_in_log_log():
     # relu at L0=8 interpolates log-linearly between (4, 0.4) and (16, 0.2): sqrt(0.4 * 0.2); topk 0.15 is below.
     expected = float(np.log2(0.15 / np.sqrt(0.4 * 0.2)))
     assert abs(sweep.fvu_vs_reference(t, "topk") - expected) < 1e-9  # L0=100 is outside relu's range: ignored
-    m = sweep.frontier_metrics(t, sweep.best_members(t, 20))
-    assert m["max_dead_fraction"] == 0.1 and m["clean_perplexity"] == 10.0 and m["spliced_perplexity"] == 15.0
+    m = sweep.frontier_metrics(t, sweep.best_members(t, 20), l0_budget=20)
+    # the headline splice is the sweep's best SAE within the budget: topk at L0 8 (FVU 0.15 < relu's 0.2)
+    assert m["max_dead_fraction"] == 0.1 and m["clean_perplexity"] == 10.0 and m["spliced_perplexity"] == 14.0
+    assert m["spliced_perplexity_kind"] == "topk" and m["best_relu_spliced_perplexity"] == 15.0
+    # topk has nothing within L0 <= 5: its fallback (L0 8) may not win the headline however low its FVU
+    m5 = sweep.frontier_metrics(t, sweep.best_members(t, 5), l0_budget=5)
+    assert m5["spliced_perplexity_kind"] == "relu" and m5["spliced_perplexity"] == 20.0
     assert m["topk_log2_fvu_vs_relu_at_same_l0"] < 0
 
 

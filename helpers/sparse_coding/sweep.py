@@ -216,10 +216,11 @@ def fvu_vs_reference(table: pd.DataFrame, kind: str, reference: str = "relu") ->
     return float(np.mean((np.log(inside["fvu"].to_numpy()) - ref_at) / np.log(2)))
 
 
-def frontier_metrics(table: pd.DataFrame, best: pd.DataFrame) -> dict[str, Any]:
+def frontier_metrics(table: pd.DataFrame, best: pd.DataFrame, l0_budget: float | None = None) -> dict[str, Any]:
     """The notebook-03 metrics: per kind best_<kind>_fvu / _l0 / _loss_recovered / _spliced_perplexity, the
-    frontier comparison against ReLU + L1, max_dead_fraction, and clean vs spliced perplexity (of the best ReLU
-    member, the setting the original paper reports, else of the first kind's best)."""
+    frontier comparison against ReLU + L1, max_dead_fraction, and clean vs spliced perplexity of the sweep's best
+    SAE: the lowest FVU among the kinds' best members within `l0_budget` (among all of them if none is), named in
+    spliced_perplexity_sweep / _member. Each kind's own spliced perplexity is in best_<kind>_spliced_perplexity."""
     out: dict[str, Any] = {}
     for kind, row in best.iterrows():
         out[f"best_{kind}_fvu"] = float(row["fvu"])
@@ -230,6 +231,11 @@ def frontier_metrics(table: pd.DataFrame, best: pd.DataFrame) -> dict[str, Any]:
             out[f"{kind}_log2_fvu_vs_relu_at_same_l0"] = fvu_vs_reference(table, kind)
     out["max_dead_fraction"] = float(table["dead_frac"].max())
     out["clean_perplexity"] = float(table["ppl_clean"].iloc[0]) if "ppl_clean" in table else float("nan")
-    ref = best.loc["relu"] if "relu" in best.index else best.iloc[0]
+    within = best[best["l0"] <= l0_budget] if l0_budget is not None else best
+    within = within if len(within) else best
+    ref = within.loc[within["fvu"].idxmin()] if "fvu" in within and within["fvu"].notna().any() else best.iloc[0]
     out["spliced_perplexity"] = float(ref.get("ppl_spliced", float("nan")))
+    out["spliced_perplexity_kind"] = str(ref.get("kind", ""))
+    if "sweep" in ref and "member" in ref:
+        out["spliced_perplexity_sweep"], out["spliced_perplexity_member"] = str(ref["sweep"]), int(ref["member"])
     return out
