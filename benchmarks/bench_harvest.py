@@ -7,7 +7,11 @@ training buffer); ours runs one hooked pass that stops at the hook and also writ
 Each side runs twice, alternating, and keeps its best time (the machine is shared). The two sides' activations are
 checked to be equal before any number is recorded.
 
-    .venv/bin/python benchmarks/bench_harvest.py [--tokens 131072] [--hook blocks.2.hook_resid_post]
+    .venv/bin/python benchmarks/bench_harvest.py [--tokens 524288] [--hook blocks.2.hook_resid_post]
+
+524288 tokens are four of our default 131072-row chunks, so the measurement includes the chunk writes overlapping
+the forward passes as they do in a real harvest (with one chunk, its whole write would be a serial tail that a
+2M-token harvest pays once in sixteen).
 
 Adds harvest_vs_saelens (our tokens/s over theirs) and both throughputs to benchmarks/results.json. Also measures
 notebook 02's job, the residual stream at every layer: SAELens's store takes one hook, so it needs one pass per
@@ -84,7 +88,7 @@ def run_saelens(model, ctxs, hook, n_tokens, batch_size):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--tokens", type=int, default=131072)
+    ap.add_argument("--tokens", type=int, default=524288)
     ap.add_argument("--hook", default="blocks.2.hook_resid_post")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

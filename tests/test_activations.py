@@ -37,7 +37,7 @@ def fake_folder(root: Path, chunk_rows=(50, 30, 20), d=3, name="fake") -> Path:
         acts[:, 0] = torch.arange(start, start + rows, dtype=torch.float32)
         nbytes, sha = A.write_chunk(folder / f"chunk-{i:05d}.safetensors",
                                     {"acts": acts, "tokens": torch.arange(start, start + rows, dtype=torch.int32)})
-        chunks.append({"file": f"chunk-{i:05d}.safetensors", "rows": rows, "bytes": nbytes, "sha256": sha})
+        chunks.append({"file": f"chunk-{i:05d}.safetensors", "rows": rows, "bytes": nbytes, "crc32": sha})
         start += rows
     save_json(folder / A.MANIFEST, {"model": "fake", "revision": "final", "hook": "h", "d": d, "dtype": "float32",
                                     "n_tokens": start, "target_tokens": start, "ctx_len": 10, "corpus": "",
@@ -100,6 +100,32 @@ def test_fast_path_equals_bridge_hooks_for_every_supported_hook(tiny, tmp_path):
                                cache["blocks.1.ln2.hook_normalized"].reshape(32, -1), atol=1e-5, rtol=1e-5)
 
 
+def test_harvest_on_two_cpu_threads_runs_batches_side_by_side_and_matches(tiny, tmp_path, monkeypatch):
+    """With 2+ torch threads the lean path runs whole batches on worker threads (one intra-op thread each): same
+    values, same chunk files, batches in order, and the caller's thread count back afterwards."""
+    model, ctx, _ = tiny
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"]
+    kw = dict(n_tokens=160, model_name="m", chunk_rows=64, batch_size=2, progress=False)
+    serial = A.harvest(model, ctx, hooks, out_root=tmp_path / "serial", **kw)
+    used = []
+    real_init = A._CPUWorkers.__init__
+
+    def spy(self, fn):
+        real_init(self, fn)
+        used.append(bool(self))
+
+    monkeypatch.setattr(A._CPUWorkers, "__init__", spy)
+    torch.set_num_threads(2)  # the module's one_thread fixture puts 1 back afterwards
+    threaded = A.harvest(model, ctx, hooks, out_root=tmp_path / "threaded", **kw)
+    assert used == [True] and torch.get_num_threads() == 2
+    slow = A.harvest(model, ctx, hooks, out_root=tmp_path / "slow", fast=False, **kw)
+    for h in hooks:
+        a, b = A.ActivationStore(threaded[h]), A.ActivationStore(serial[h])
+        torch.testing.assert_close(a.all(), b.all(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a.all(), A.ActivationStore(slow[h]).all(), atol=1e-5, rtol=1e-5)
+        assert torch.equal(a.tokens, b.tokens)
+
+
 def test_killed_harvest_resumes_from_last_complete_chunk(tiny, tmp_path, monkeypatch):
     model, ctx, _ = tiny
     kw = dict(n_tokens=160, model_name="m", chunk_rows=32, batch_size=2, progress=False)
@@ -124,7 +150,7 @@ def test_killed_harvest_resumes_from_last_complete_chunk(tiny, tmp_path, monkeyp
     folders = A.harvest(model, ctx, HOOKS, out_root=tmp_path / "run", **kw)
     for h in HOOKS:
         m, r = load_json(folders[h] / "manifest.json"), load_json(ref[h] / "manifest.json")
-        assert m["complete"] and [c["sha256"] for c in m["chunks"]] == [c["sha256"] for c in r["chunks"]]
+        assert m["complete"] and [c["crc32"] for c in m["chunks"]] == [c["crc32"] for c in r["chunks"]]
         assert not list(folders[h].glob("*.tmp"))
     assert (folders[HOOKS[0]] / "chunk-00000.safetensors").stat().st_mtime_ns == first  # not rewritten
     with pytest.raises(ValueError, match="other settings"):
@@ -184,7 +210,7 @@ def test_reader_names_truncated_or_corrupted_chunks(tmp_path):
     # Same size, valid header, flipped data: only the checksum sees it.
     bad.write_bytes(data[:-4] + bytes(b ^ 0xFF for b in data[-4:]))
     store = A.ActivationStore(folder)
-    with pytest.raises(A.ChunkError, match="chunk-00001.safetensors.*sha256"):
+    with pytest.raises(A.ChunkError, match="chunk-00001.safetensors.*crc32"):
         store.verify()
     bad.unlink()
     with pytest.raises(A.ChunkError, match="chunk-00001.safetensors.*missing"):

@@ -21,7 +21,7 @@ def write_store(folder, x, tokens, revision="final", ctx_len=16):
                                     "d": x.shape[1], "dtype": "float32", "n_tokens": len(x), "target_tokens": len(x),
                                     "ctx_len": ctx_len, "corpus": "toy", "seed": 0, "complete": True,
                                     "chunks": [{"file": "chunk-00000.safetensors", "rows": len(x), "bytes": nbytes,
-                                                "sha256": sha}]})
+                                                "crc32": sha}]})
     return A.ActivationStore(folder)
 
 

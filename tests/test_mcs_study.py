@@ -23,7 +23,7 @@ def _write_store(folder, x):
                                     "d": x.shape[1], "dtype": "float32", "n_tokens": len(x),
                                     "target_tokens": len(x), "ctx_len": 16, "corpus": "toy", "seed": 0,
                                     "complete": True, "chunks": [{"file": "chunk-00000.safetensors",
-                                                                  "rows": len(x), "bytes": nbytes, "sha256": sha}]})
+                                                                  "rows": len(x), "bytes": nbytes, "crc32": sha}]})
     return A.ActivationStore(folder)
 
 

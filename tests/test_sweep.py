@@ -27,7 +27,7 @@ def store(tmp_path_factory):
                                     "d": 16, "dtype": "float32", "n_tokens": len(x), "target_tokens": len(x),
                                     "ctx_len": 16, "corpus": "toy", "seed": 0, "complete": True,
                                     "chunks": [{"file": "chunk-00000.safetensors", "rows": len(x), "bytes": nbytes,
-                                                "sha256": sha}]})
+                                                "crc32": sha}]})
     return A.ActivationStore(folder), data
 
 

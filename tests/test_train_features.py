@@ -261,7 +261,7 @@ def _store(root, rows=600, d=8):
                                     "n_tokens": rows, "target_tokens": rows, "ctx_len": 10, "corpus": "",
                                     "seed": 0, "complete": True,
                                     "chunks": [{"file": "chunk-00000.safetensors", "rows": rows, "bytes": nbytes,
-                                                "sha256": sha}]})
+                                                "crc32": sha}]})
     return A.ActivationStore(folder)
 
 
