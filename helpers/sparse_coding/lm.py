@@ -195,7 +195,9 @@ def train_offline_model(data_dir: str | os.PathLike = "data", cfg: LMConfig | No
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     ckpts = set(checkpoint_steps(cfg.steps))
-    eval_ctx = val_ctx[: cfg.eval_contexts]
+    # Evenly spaced over the whole validation set: its first contexts are a few modules only, so a prefix is a
+    # biased estimate of the final (all-contexts) loss.
+    eval_ctx = val_ctx[torch.linspace(0, len(val_ctx) - 1, min(cfg.eval_contexts, len(val_ctx))).long()]
     history: dict[str, list] = {"step": [], "train_loss": [], "val_step": [], "val_loss": [], "lr": []}
 
     def checkpoint(step: int) -> None:
