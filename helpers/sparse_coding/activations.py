@@ -233,18 +233,9 @@ class _NeoXFastPath:
         self.head = self.cfg.hidden_size // self.n_heads
         self.eps = self.cfg.layer_norm_eps
         self.rotary = hf.gpt_neox.rotary_emb
-        self._cos_sin: dict = {}
         self._tables: dict = {}
         self._folded: dict = {}
         self._lock = threading.Lock()  # harvest may run batches on several threads
-
-    def _rope(self, x: torch.Tensor, T: int):
-        key = (T, x.device, x.dtype)
-        if key not in self._cos_sin:  # the model's own rotary module, once per length
-            pos = torch.arange(T, device=x.device)[None]
-            cos, sin = self.rotary(x[:1, :T], pos)
-            self._cos_sin[key] = (cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))
-        return self._cos_sin[key]
 
     def _layer(self, L: int) -> dict[str, torch.Tensor]:
         """Layer L's weights rearranged for this path (made once): the layer norms' scale and shift folded into the
@@ -283,11 +274,13 @@ class _NeoXFastPath:
         return self._tables[key]
 
     def _make_tables(self, T: int, ref: torch.Tensor):
-        cos, sin = self._rope(ref, T)  # [1, 1, T, r]
+        # The model's own rotary module gives cos, sin [1, T, r] (r: the rotary dims, Pythia a quarter of a head).
+        cos, sin = self.rotary(ref[:1, :T], torch.arange(T, device=ref.device)[None])
+        cos, sin = cos.to(ref.dtype), sin.to(ref.dtype)
         r, hd = cos.shape[-1], self.head
         cos_f = torch.ones(T, hd, device=ref.device, dtype=ref.dtype)
         sin_f = torch.zeros(T, hd, device=ref.device, dtype=ref.dtype)
-        cos_f[:, :r], sin_f[:, :r] = cos[0, 0], sin[0, 0]
+        cos_f[:, :r], sin_f[:, :r] = cos[0], sin[0]
         R = torch.zeros(hd, hd, device=ref.device, dtype=ref.dtype)
         half = r // 2
         idx = torch.arange(half, device=ref.device)
