@@ -113,8 +113,9 @@ class JumpReLUSAE(EnsembleSAE):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         theta0 = torch.tensor([float(h["init_threshold"]) for h in self.hparams], dtype=torch.float64)
-        self._lr_mult = torch.tensor([float(h["threshold_lr_mult"]) for h in self.hparams], dtype=torch.float64)
-        log_theta = (theta0.log() / self._lr_mult).view(-1, 1).expand(-1, self.d_sae)
+        mult = torch.tensor([float(h["threshold_lr_mult"]) for h in self.hparams], dtype=torch.float64)
+        self._unit_mult = bool((mult == 1).all())  # a Python flag: no device sync per forward
+        log_theta = (theta0.log() / mult).view(-1, 1).expand(-1, self.d_sae)
         self.log_threshold = nn.Parameter(log_theta.to(device=self.device, dtype=self.dtype).contiguous())
 
     def validate_member(self, h: dict[str, Any]) -> None:
@@ -128,7 +129,7 @@ class JumpReLUSAE(EnsembleSAE):
 
     def threshold(self) -> torch.Tensor:
         """[E, d_sae] thresholds θ = exp(threshold_lr_mult · log_threshold)."""
-        if bool((self._lr_mult == 1).all()):
+        if self._unit_mult:
             return self.log_threshold.exp()
         return (self.log_threshold * self.member_param("threshold_lr_mult").view(-1, 1)).exp()
 
@@ -162,7 +163,7 @@ class JumpReLUSAE(EnsembleSAE):
         t = _state_threshold(state, self.d_sae)
         super().load_member_state_(i, state)
         # θ = 0 (a plain ReLU) becomes log θ = -inf, which exp() maps back to exactly 0.
-        self.log_threshold[i].copy_(t.to(torch.float64).log() / self._lr_mult[i])
+        self.log_threshold[i].copy_(t.to(torch.float64).log() / float(self.hparams[i]["threshold_lr_mult"]))
 
 
 # ---------------------------------------------------------------------------------------------------- BatchTopK
