@@ -101,11 +101,13 @@ def test_fast_path_equals_bridge_hooks_for_every_supported_hook(tiny, tmp_path):
 
 
 def test_harvest_on_two_cpu_threads_runs_batches_side_by_side_and_matches(tiny, tmp_path, monkeypatch):
-    """With 2+ torch threads the lean path runs whole batches on worker threads (one intra-op thread each): same
-    values, same chunk files, batches in order, and the caller's thread count back afterwards."""
+    """With 2+ torch threads the lean path runs batches on worker threads (one intra-op thread each), cut into
+    passes of at most ROWS_PER_CALL rows: same values, same chunk files, rows in order, and the caller's thread
+    count back afterwards."""
     model, ctx, _ = tiny
     hooks = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"]
-    kw = dict(n_tokens=160, model_name="m", chunk_rows=64, batch_size=2, progress=False)
+    kw = dict(n_tokens=160, model_name="m", chunk_rows=160, batch_size=3, progress=False)
+    monkeypatch.setattr(A._CPUWorkers, "ROWS_PER_CALL", 2 * ctx.shape[1])  # batches of 3 become passes of 2 + 1
     serial = A.harvest(model, ctx, hooks, out_root=tmp_path / "serial", **kw)
     used = []
     real_init = A._CPUWorkers.__init__

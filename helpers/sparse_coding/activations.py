@@ -254,7 +254,8 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
         out_root: folder under which ``<model>/<revision>/<hook>/`` is created (e.g. ``data/activations``).
         model_name, revision: recorded in the manifest and used in the path.
         chunk_rows: rows per chunk file (rounded down to whole contexts); 131072 x d=128 x 4 B = 64 MB.
-        batch_size: contexts per forward pass.
+        batch_size: contexts per forward pass (on a multi-core CPU with the lean path, passes of at most
+            2048 rows, run side by side: see ``neox_forward.CPUWorkers``).
         dtype: torch.float32 (default) or torch.float16 on disk; the reader always yields float32.
         corpus, seed: provenance for the manifest.
         fast: for GPT-NeoX and block-level hooks (resid_pre/post, attn_out, mlp_out, mlp.hook_pre/post) run a lean
@@ -332,10 +333,11 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
             # Hooks already past this chunk (a harvest killed between two hooks' manifests) skip it.
             todo = [h for h in harvester.hooks if done_ctx[h] <= c0]
             buffers: dict[str, torch.Tensor] = {}
-            starts = range(0, c1 - c0, batch_size)
-            inputs = (chunk_tokens[b0:b0 + batch_size].to(device) for b0 in starts)
+            step = workers.contexts_per_call(batch_size, ctx_len) if workers else batch_size
+            starts = range(0, c1 - c0, step)
+            inputs = (chunk_tokens[b0:b0 + step].to(device) for b0 in starts)
             for b0, acts in zip(starts, workers.map(inputs) if workers else map(run, inputs)):
-                n_rows = min(batch_size, c1 - c0 - b0) * ctx_len
+                n_rows = min(step, c1 - c0 - b0) * ctx_len
                 for h in todo:
                     a = acts[h].reshape(n_rows, -1)
                     if h not in buffers:  # one preallocated buffer per chunk: each activation is copied once

@@ -198,6 +198,14 @@ class CPUWorkers:
             torch.set_num_threads(1)
             self.pool = ThreadPoolExecutor(self.n, thread_name_prefix="harvest")
 
+    #: Rows per single-threaded forward, so that a pass's activations stay in cache: on 2 cores, interleaved
+    #: harvests (medians of 4) ran at 94k tokens/s with 8 or 16 contexts of 128 per pass against 84k with 32, and
+    #: 8 was at least as fast as 16 in a second run (94k vs 87k).
+    ROWS_PER_CALL = 1024
+
+    def contexts_per_call(self, batch_size: int, ctx_len: int) -> int:
+        return max(1, min(batch_size, self.ROWS_PER_CALL // ctx_len))
+
     def __bool__(self) -> bool:
         return self.pool is not None
 
