@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from matmul_rate import mm_rate
 from sparse_coding.io import update_json
 from sparse_coding.paths import repo_root
 from sparse_coding.sae import EnsembleSAE, ReLUSAE, make_sae
@@ -54,23 +55,6 @@ def run(d: int, n: int, batch: int, members: list[int], steps: int, data_seed: i
     return time.perf_counter() - t0
 
 
-def mm_rate(d: int, n: int, batch: int, repeats: int = 3) -> float:
-    """FLOP/s of plain torch.mm over the five matmuls of one member's step (best of `repeats`)."""
-    x, W_enc = torch.randn(batch, d), torch.randn(d, n)
-    c, W_dec, g = torch.randn(batch, n), torch.randn(n, d), torch.randn(batch, d)
-    ops = [lambda: x @ W_enc, lambda: c @ W_dec, lambda: c.T @ g, lambda: g @ W_dec.T, lambda: x.T @ c]
-    for op in ops:
-        op()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            for op in ops:
-                op()
-        best = min(best, time.perf_counter() - t0)
-    return 4 * len(ops) * 2 * batch * d * n / best
-
-
 def shape_a() -> tuple[float, float, int]:
     d, n, batch, steps = 64, 256, 256, max(10, int(200 * SCALE))
     run(d, n, batch, list(range(E)), 5, data_seed=0)  # warm-up: allocator, kernels, imports
@@ -85,12 +69,12 @@ def shape_a() -> tuple[float, float, int]:
 
 def shape_b() -> tuple[float, float, float, float, int]:
     d, n, batch, steps = 256, 1024, 1024, max(3, int(12 * SCALE))
-    rates = [mm_rate(d, n, batch)]
+    rates = [mm_rate(d, n, batch, repeats=3, inner=4)]
     run(d, n, batch, list(range(E)), 2, data_seed=0)  # warm-up
     t_ens = run(d, n, batch, list(range(E)), steps, data_seed=0)
-    rates.append(mm_rate(d, n, batch))
+    rates.append(mm_rate(d, n, batch, repeats=3, inner=4))
     t_autograd = run(d, n, batch, list(range(E)), steps, data_seed=0, autograd=True)
-    rates.append(mm_rate(d, n, batch))
+    rates.append(mm_rate(d, n, batch, repeats=3, inner=4))
     # The machine is shared: compare with the fastest mm measured around the runs (the conservative choice).
     rate = max(rates)
     ideal = 12 * d * n * batch * E * steps

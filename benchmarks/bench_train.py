@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from matmul_rate import mm_rate
 from sparse_coding.io import update_json
 from sparse_coding.paths import repo_root
 from sparse_coding.sae import make_sae
@@ -51,22 +52,6 @@ def data_pool(d: int, batch: int, n_batches: int = 4, seed: int = 0) -> list[tor
         fire = torch.rand(batch, 2048, generator=g) < 20 / 2048
         out.append((fire * torch.rand(batch, 2048, generator=g)) @ feats * (d / 20 * 3) ** 0.5)
     return out
-
-
-def mm_rate(d: int, n: int, batch: int) -> float:
-    """FLOP/s of plain torch.mm over the five matmuls of one step (best of two passes)."""
-    x, W_enc = torch.randn(batch, d), torch.randn(d, n)
-    c, W_dec, g = torch.randn(batch, n), torch.randn(n, d), torch.randn(batch, d)
-    ops = [lambda: x @ W_enc, lambda: c @ W_dec, lambda: c.T @ g, lambda: g @ W_dec.T, lambda: x.T @ c]
-    for op in ops:
-        op()
-    best = float("inf")
-    for _ in range(2):
-        t0 = time.perf_counter()
-        for op in ops:
-            op()
-        best = min(best, time.perf_counter() - t0)
-    return len(ops) * 2 * batch * d * n / best
 
 
 class Ours:

@@ -255,7 +255,7 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
         model_name, revision: recorded in the manifest and used in the path.
         chunk_rows: rows per chunk file (rounded down to whole contexts); 131072 x d=128 x 4 B = 64 MB.
         batch_size: contexts per forward pass (on a multi-core CPU with the lean path, passes of at most
-            2048 rows, run side by side: see ``neox_forward.CPUWorkers``).
+            ``CPUWorkers.ROWS_PER_CALL`` rows, run side by side: see ``neox_forward.CPUWorkers``).
         dtype: torch.float32 (default) or torch.float16 on disk; the reader always yields float32.
         corpus, seed: provenance for the manifest.
         fast: for GPT-NeoX and block-level hooks (resid_pre/post, attn_out, mlp_out, mlp.hook_pre/post) run a lean
