@@ -40,7 +40,7 @@ unit: $(STAMP)
 # Every notebook with its defaults; figures/ and figures/README.md are rewritten, data/ keeps the artefacts.
 figures: $(STAMP)
 	$(PY) -m sparse_coding.runner --out build/figures $(if $(NOTEBOOKS),--only $(NOTEBOOKS))
-	$(PY) -m sparse_coding.writeup
+	$(PY) -m sparse_coding.plots.writeup
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

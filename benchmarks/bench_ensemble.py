@@ -10,7 +10,7 @@
     Reports `ensemble16_fraction_of_ideal` (target >= 0.80). The loop timed here includes drawing toy data.
     The ratio can exceed 1: the step needs only 10·d·n (x needs no gradient, so the encoder's input-gradient
     matmul is skipped), and on a shared machine the mm rate itself moves between measurements. For comparison
-    the same ensemble also runs through plain autograd (the generic `EnsembleSAE.forward`) instead of the ReLU
+    the same ensemble also runs through plain autograd (the generic `EnsembleSAE._forward`) instead of the ReLU
     kind's hand-written backward.
 
 Both use the ReLU + L1 SAE through the public `train_sae`, logging every 50 steps as a notebook would.
@@ -26,11 +26,11 @@ import time
 import torch
 
 from matmul_rate import mm_rate
-from sparse_coding.io import update_json
+from sparse_coding.files import update_json
 from sparse_coding.paths import repo_root
-from sparse_coding.sae import EnsembleSAE, ReLUSAE, make_sae
-from sparse_coding.toy import ToyConfig, ToyData
-from sparse_coding.train import train_sae
+from sparse_coding.dictionaries import EnsembleSAE, ReLUSAE, make_sae
+from sparse_coding.activations import ToyConfig, ToyData
+from sparse_coding.dictionaries import train_sae
 
 E = 16
 SCALE = float(os.environ.get("BENCH_SCALE", "1"))
@@ -39,7 +39,7 @@ SCALE = float(os.environ.get("BENCH_SCALE", "1"))
 class AutogradReLU(ReLUSAE):
     """The same ReLU SAE through the generic autograd forward (the reference the hand backward is tested against)."""
 
-    forward = EnsembleSAE.forward
+    _forward = EnsembleSAE._forward
 
 
 def run(d: int, n: int, batch: int, members: list[int], steps: int, data_seed: int, autograd: bool = False

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from sparse_coding import activations, lm
-from sparse_coding.io import update_json
+from sparse_coding.files import update_json
 from sparse_coding.paths import repo_root
 
 

@@ -44,7 +44,7 @@ def dictionaries(n, kind, seed=0):
 def case(name: str) -> dict:
     import torch
 
-    from sparse_coding.similarity import hungarian_match, mcs
+    from sparse_coding.analyses import hungarian_match, mcs
 
     out = {"case": name, "threads": torch.get_num_threads()}
     if name in ("perm16k", "rand16k"):
@@ -89,7 +89,7 @@ def run_case(name: str) -> dict:
 
 
 def main() -> None:
-    from sparse_coding.io import update_json
+    from sparse_coding.files import update_json
     from sparse_coding.paths import repo_root
 
     load = os.getloadavg()[0]

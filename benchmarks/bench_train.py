@@ -32,10 +32,10 @@ from typing import Callable
 import torch
 
 from matmul_rate import mm_rate
-from sparse_coding.io import update_json
+from sparse_coding.files import update_json
 from sparse_coding.paths import repo_root
-from sparse_coding.sae import make_sae
-from sparse_coding.train import _adam, train_sae
+from sparse_coding.dictionaries import make_sae
+from sparse_coding.dictionaries.training import adam, train_sae
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1"))
 D, N, N_TOPK, K, BATCH, L1 = 512, 4096, 16384, 32, 4096, 1e-3
@@ -59,7 +59,7 @@ class Ours:
 
     def __init__(self, kind: str, d_sae: int, pool: list[torch.Tensor], **hp):
         self.sae = make_sae(kind, d_in=D, d_sae=d_sae, seed=0, **hp)
-        self.opt = _adam(self.sae, LR, (0.9, 0.999))
+        self.opt = adam(self.sae, LR, (0.9, 0.999))
         self.pool = pool
         self.step = 0
 

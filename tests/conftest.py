@@ -1,5 +1,16 @@
+"""Fixtures shared by every stage's tests: one thread for tiny tensors, an activation store written from tensors, and
+the tiny offline model trained once per session."""
+
+from __future__ import annotations
+
 import pytest
 import torch
+
+from sparse_coding import activations, lm
+
+DOCS = [f"def func_{i}(a, b):\n    '''Add {i}.'''\n    return a + b * {i}\n\nclass K{i % 5}:\n    pass\n" for i in range(60)]
+TINY = dict(n_layers=2, d_model=32, n_heads=2, d_mlp=64, vocab_size=300, ctx_len=16, batch_size=8, steps=60,
+            warmup_steps=4, lr=1e-2, eval_every=10, eval_contexts=16)
 
 
 @pytest.fixture(scope="module")
@@ -10,3 +21,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def make_store(tmp_path_factory):
+    """make_store(x [rows, d], tokens=None, ctx_len=16, **manifest) -> an ActivationStore in a fresh folder, written
+    by `activations.write_store` (the same files a harvest writes)."""
+
+    def make(x: torch.Tensor, tokens: torch.Tensor | None = None, ctx_len: int = 16, *, model: str = "toy/model",
+             revision: str = "final", hook: str = "blocks.0.hook_resid_post", chunk_rows: int | None = None,
+             folder=None):
+        folder = folder or tmp_path_factory.mktemp("store") / "acts"
+        return activations.write_store(folder, x, tokens, model=model, revision=revision, hook=hook, ctx_len=ctx_len,
+                                       chunk_rows=chunk_rows, corpus="toy")
+
+    return make
+
+
+def train_tiny(root, seed: int = 0, **kw) -> dict:
+    """The tiny offline model (2 layers, d=32, a 300-token BPE) trained on 60 small Python modules under root."""
+    folder = root / "texts"
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        for i, d in enumerate(DOCS):
+            (folder / f"m{i:02d}.py").write_text(d)
+    return lm.train_offline_model(root / "data", lm.LMConfig(seed=seed, **{**TINY, **kw}), source=str(folder),
+                                  progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """(root, train log, model folder) of the tiny model trained for 60 steps, once per session."""
+    root = tmp_path_factory.mktemp("lm")
+    log = train_tiny(root)
+    return root, log, lm.offline_dir(root / "data")

@@ -1,8 +1,8 @@
-"""sparse_coding: helpers behind the sparse-coding notebooks.
+"""sparse_coding: the helper package behind the sparse-coding notebooks, organised as stages along the data flow
 
-Modules, one concept each: toy (synthetic data with known features), sae (SAE kinds as batched ensembles),
-train (the training loop), similarity (MCS and matching), baselines (PCA/ICA/OMP), corpus, lm, activations,
-tracking, plots, io (atomic save/load), paths (where data and figures live).
-"""
+    corpus -> lm -> activations -> dictionaries -> analyses -> plots (-> the top-level figures/)
+
+with shared utilities (files, paths, checks) below every stage and the notebook glue (studies, runner) above them.
+A stage imports only earlier stages and the utilities; nothing imports studies (tests/test_layers.py checks it)."""
 
 __version__ = "0.1.0"

@@ -25,9 +25,3 @@ def resolve(path: str | os.PathLike) -> Path:
     """An absolute path as given, or a relative one taken from the repo root (not the notebook's cwd)."""
     p = Path(path)
     return p if p.is_absolute() else repo_root() / p
-
-
-def ensure_dir(path: str | os.PathLike) -> Path:
-    p = resolve(path)
-    p.mkdir(parents=True, exist_ok=True)
-    return p

@@ -1,0 +1,254 @@
+"""Harvest a model's activations at one or more hooks to disk (the layout in `activations.layout`).
+
+    harvest(model, tokens, hooks, n_tokens, out_root, model_name, revision, ...) -> {hook: folder}
+    ensure_activations(model, "offline", "final", hook, n_tokens, data_dir=...) -> ActivationStore
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .. import lm
+from ..corpus import contexts
+from ..files import load_json, save_json
+from ..paths import resolve
+from .layout import FORMAT_VERSION, MANIFEST, hook_folder, write_chunk
+from .store import ActivationStore
+
+class _StopForward(Exception):
+    """Raised by the last needed hook: nothing after it is computed."""
+
+
+class _Harvester:
+    """One forward pass per batch for all hooks: forward hooks copy each activation as it is produced and the
+    last needed one stops the pass (``stop_at_layer`` semantics without the cache machinery)."""
+
+    def __init__(self, model, hooks: Sequence[str]):
+        self.model = model
+        self.hooks = lm.check_hooks(model, list(hooks))
+        self.points = {h: lm.hook_point(model, h) for h in self.hooks}
+        layers = [lm.hook_layer(h) for h in self.hooks]
+        # Hooks outside the blocks (embed, ln_final, unembed) need the full pass; otherwise stop after the last block.
+        self.stop_at = None if any(l is None for l in layers) else max(layers) + 1
+        if self.stop_at is not None and self.stop_at >= lm.n_layers(model):
+            self.stop_at = None
+        self.out: dict[str, torch.Tensor] = {}
+        self._remaining: set[str] = set()
+
+    def _make_hook(self, name: str):
+        def fn(module, args, output):
+            if name in self._remaining:
+                self.out[name] = output.detach()
+                self._remaining.discard(name)
+                if not self._remaining:
+                    raise _StopForward
+        return fn
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.out, self._remaining = {}, set(self.hooks)
+        handles = [self.points[h].register_forward_hook(self._make_hook(h)) for h in self.hooks]
+        try:
+            kw = {"stop_at_layer": self.stop_at} if self.stop_at is not None else {}
+            self.model(tokens, **kw)
+        except _StopForward:
+            pass
+        finally:
+            for hd in handles:
+                hd.remove()
+        if self._remaining:
+            raise RuntimeError(f"hooks {sorted(self._remaining)} never fired during the forward pass")
+        return self.out
+
+
+class _ChunkWriter:
+    """Writes finished chunks on a background thread (disk I/O overlaps the next forward passes) and appends each
+    to its manifest only after its file is in place. At most `max_pending` chunks wait, bounding memory."""
+
+    def __init__(self, max_pending: int = 2):
+        self.q: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.bytes_written = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            job = self.q.get()
+            if job is None:
+                return
+            folder, index, acts, toks, manifest = job
+            try:
+                if self.error is None:
+                    name = f"chunk-{index:05d}.safetensors"
+                    nbytes, crc = write_chunk(folder / name, {"acts": acts, "tokens": toks},
+                                              {"hook": manifest["hook"], "index": str(index)})
+                    manifest["chunks"].append({"file": name, "rows": int(acts.shape[0]), "bytes": nbytes,
+                                               "crc32": crc})
+                    manifest["n_tokens"] += int(acts.shape[0])
+                    manifest["complete"] = manifest["n_tokens"] >= manifest["target_tokens"]
+                    save_json(folder / MANIFEST, manifest)
+                    self.bytes_written += nbytes
+            except BaseException as e:  # surfaced in the main thread at the next put / close
+                self.error = e
+
+    def put(self, job):
+        if self.error:
+            raise self.error
+        self.q.put(job)
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+
+def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, out_root: str | os.PathLike,
+            model_name: str, revision: str | None = None, *, chunk_rows: int = 131072, batch_size: int = 32,
+            dtype: torch.dtype = torch.float32, ctx_len: int | None = None, corpus: str = "", seed: int = 0,
+            progress: bool = True, fast: bool = True) -> dict[str, Path]:
+    """Run ``tokens`` through ``model`` and store the activations of every hook in ``hooks``.
+
+    Args:
+        model: a TransformerLens model from :func:`sparse_coding.lm.load_model`.
+        tokens: LongTensor contexts ``[n_contexts, ctx_len]`` (or a 1-D stream, cut with ``ctx_len``), used in order.
+        hooks: hook names, e.g. ``["blocks.0.hook_resid_post", "blocks.2.mlp.hook_post"]``; all come from one pass.
+        n_tokens: rows to store per hook, rounded up to whole contexts.
+        out_root: folder under which ``<model>/<revision>/<hook>/`` is created (e.g. ``data/activations``).
+        model_name, revision: recorded in the manifest and used in the path.
+        chunk_rows: rows per chunk file (rounded down to whole contexts); 131072 x d=128 x 4 B = 64 MB.
+        batch_size: contexts per forward pass (on a multi-core CPU with the lean path, passes of at most
+            ``CPUWorkers.ROWS_PER_CALL`` rows, run side by side: see ``lm.CPUWorkers``).
+        dtype: torch.float32 (default) or torch.float16 on disk; the reader always yields float32.
+        corpus, seed: provenance for the manifest.
+        fast: for GPT-NeoX and block-level hooks (resid_pre/post, attn_out, mlp_out, mlp.hook_pre/post) run a lean
+            forward on the same weights (fused attention, nothing after the last needed layer); False, or any other
+            model or hook, uses the bridge's own hook points with ``stop_at_layer``. Both give the same values.
+
+    Returns {hook: folder}. A folder whose manifest is complete with the same settings is left as is; a partial
+    one resumes after its last complete chunk; one with different settings is an error (delete it or change
+    out_root)."""
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+    if tokens.ndim == 1:
+        if ctx_len is None:
+            raise ValueError("tokens is a 1-D stream: pass ctx_len to cut it into contexts")
+        tokens = contexts(tokens, ctx_len)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [n_contexts, ctx_len], got shape {tuple(tokens.shape)}")
+    n_ctx_total, ctx_len = tokens.shape
+    ctx_per_chunk = max(1, chunk_rows // ctx_len)
+    need_ctx = -(-int(n_tokens) // ctx_len)
+    if need_ctx > n_ctx_total:
+        raise ValueError(f"n_tokens={n_tokens} needs {need_ctx} contexts of {ctx_len} but only {n_ctx_total} were "
+                         f"given ({n_ctx_total * ctx_len} tokens); lower n_tokens or pass more text")
+    target = need_ctx * ctx_len
+    harvester = _Harvester(model, hooks)  # also validates the hook names against the model
+    if fast and lm.NeoXFastPath.applies(model, harvester.hooks):
+        run = lm.NeoXFastPath(model, harvester.hooks)
+    else:
+        run = harvester
+    device = next(model.parameters()).device
+
+    # Manifests: new, resumed, or already complete.
+    folders, manifests, done_ctx = {}, {}, {}
+    d_of = {}
+    settings = {"model": str(model_name), "revision": revision or "final", "dtype": str(dtype).replace("torch.", ""),
+                "ctx_len": ctx_len, "corpus": corpus, "seed": seed, "target_tokens": target,
+                "chunk_contexts": ctx_per_chunk, "format": FORMAT_VERSION}
+    for h in harvester.hooks:
+        folder = hook_folder(out_root, model_name, revision, h)
+        folder.mkdir(parents=True, exist_ok=True)
+        mpath = folder / MANIFEST
+        if mpath.exists():
+            m = load_json(mpath)
+            diff = {k: (m.get(k), v) for k, v in settings.items() if m.get(k) != v}
+            if diff:
+                raise ValueError(f"{folder} holds a harvest with other settings {diff} (theirs, ours); delete the "
+                                 f"folder or choose another out_root")
+        else:
+            m = {**settings, "hook": h, "d": None, "n_tokens": 0, "complete": False, "chunks": [],
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            save_json(mpath, m)
+        folders[h], manifests[h] = folder, m
+        done_ctx[h] = m["n_tokens"] // ctx_len
+        for stray in folder.glob(".chunk-*.tmp"):  # leftovers of a killed write
+            stray.unlink(missing_ok=True)
+    start_ctx = min(done_ctx.values())
+    if start_ctx >= need_ctx:
+        return folders
+
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    workers = lm.CPUWorkers(run) if isinstance(run, lm.NeoXFastPath) and device.type == "cpu" else None
+    writer = _ChunkWriter()
+    # Chunk numbers are counted here, not read back from the manifests the writer thread is still appending to.
+    next_index = {h: len(manifests[h]["chunks"]) for h in harvester.hooks}
+    bar = tqdm(total=target, initial=start_ctx * ctx_len, desc="harvest", unit="tok", unit_scale=True,
+               disable=not progress)
+    try:
+        for c0 in range(start_ctx, need_ctx, ctx_per_chunk):
+            c1 = min(c0 + ctx_per_chunk, need_ctx)
+            rows = (c1 - c0) * ctx_len
+            chunk_tokens = tokens[c0:c1]
+            # Hooks already past this chunk (a harvest killed between two hooks' manifests) skip it.
+            todo = [h for h in harvester.hooks if done_ctx[h] <= c0]
+            buffers: dict[str, torch.Tensor] = {}
+            step = workers.contexts_per_call(batch_size, ctx_len) if workers else batch_size
+            starts = range(0, c1 - c0, step)
+            inputs = (chunk_tokens[b0:b0 + step].to(device) for b0 in starts)
+            for b0, acts in zip(starts, workers.map(inputs) if workers else map(run, inputs)):
+                n_rows = min(step, c1 - c0 - b0) * ctx_len
+                for h in todo:
+                    a = acts[h].reshape(n_rows, -1)
+                    if h not in buffers:  # one preallocated buffer per chunk: each activation is copied once
+                        buffers[h] = torch.empty(rows, a.shape[1], dtype=dtype)
+                        d_of[h] = a.shape[1]
+                    buffers[h][b0 * ctx_len:b0 * ctx_len + n_rows].copy_(a)
+                bar.update(n_rows)
+            toks32 = chunk_tokens.reshape(-1).to(torch.int32)
+            for h in todo:
+                m = manifests[h]
+                if m["d"] is None:
+                    m["d"] = int(d_of[h])
+                writer.put((folders[h], next_index[h], buffers[h], toks32, m))
+                next_index[h] += 1
+    finally:
+        bar.close()
+        if workers:
+            workers.close()
+        writer.close()
+        # Wall time spent harvesting, summed over resumed runs: tokens/s = n_tokens / seconds, even when a later
+        # call finds the work done and returns at once.
+        elapsed = time.perf_counter() - t_start
+        for h in harvester.hooks:
+            if manifests[h]["chunks"]:
+                manifests[h]["seconds"] = manifests[h].get("seconds", 0.0) + elapsed
+                save_json(folders[h] / MANIFEST, manifests[h])
+    return folders
+
+
+def ensure_activations(tl, model: str, revision: str, hook: str, n_tokens: int, *,
+                       data_dir: str | os.PathLike = "data", ctx_len: int = 128, batch_size: int = 32,
+                       chunk_rows: int = 131072, seed: int = 0, progress: bool = True) -> ActivationStore:
+    """The activation store for (model, revision, hook), harvested now if it is missing or short; an existing
+    harvest of at least n_tokens is reused as is (also one made by notebook 02 with every layer)."""
+    folder = hook_folder(resolve(data_dir) / "activations", model, revision, hook)
+    if (folder / MANIFEST).exists():
+        store = ActivationStore(folder)
+        if store.manifest.get("complete") and store.n_tokens >= n_tokens:
+            return store
+    ctxs = lm.model_contexts(tl, model, data_dir=data_dir, ctx_len=ctx_len)
+    harvest(tl, ctxs, [hook], n_tokens=n_tokens, out_root=resolve(data_dir) / "activations", model_name=model,
+            revision=revision, chunk_rows=chunk_rows, batch_size=batch_size, corpus="stdlib", seed=seed,
+            progress=progress)
+    return ActivationStore(folder)

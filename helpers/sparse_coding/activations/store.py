@@ -1,0 +1,162 @@
+"""Read harvested activations back: memory-mapped chunks, rows by index, shuffled batches; and write a store from
+tensors already in memory.
+
+    store = ActivationStore(folder);  store.d, store.n_tokens, store.tokens, store.manifest
+    for x in store.batches(batch_size=4096, seed=0, epochs=1, device="cpu"): ...   # float32 [B, d]
+
+`row_order` is the one definition of the shuffled row order: the store's batches, the trainer's batch source and the
+held-out bookkeeping of notebook 04 all call it, so they agree on which rows a run saw."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..files import load_json, save_json
+from ..paths import resolve
+from .layout import FORMAT_VERSION, MANIFEST, ChunkError, chunk_checksum, open_chunk, write_chunk
+
+
+def row_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The rows of a store in the order epoch `epoch` of a run with `seed` reads them: a permutation of
+    range(n_rows) drawn from numpy's default_rng([seed, epoch]), so any step's batch is computable directly."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(int(n_rows))
+
+
+class ActivationStore:
+    """Read a harvested folder by memory-mapping its chunks.
+
+    Attributes: ``d``, ``n_tokens``, ``ctx_len``, ``manifest``, ``folder``. ``tokens`` is a LongTensor [n_tokens] of
+    the token at every row. Only chunks listed in the manifest are read; each is checked against its listed size
+    and rows when opened (``verify()`` also checks the checksum)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = resolve(folder)
+        mpath = self.folder / MANIFEST
+        if not mpath.exists():
+            raise FileNotFoundError(f"no {MANIFEST} in {self.folder}: not a harvest folder (see activations.harvest)")
+        self.manifest = load_json(mpath)
+        chunks = self.manifest["chunks"]
+        if not chunks:
+            raise ValueError(f"{self.folder} has no complete chunks yet; run or resume the harvest")
+        self.d = int(self.manifest["d"])
+        self.ctx_len = int(self.manifest["ctx_len"])
+        self.hook = self.manifest.get("hook")
+        self._maps = [open_chunk(self.folder / c["file"], c["rows"], c.get("bytes")) for c in chunks]
+        for c, mp in zip(chunks, self._maps):
+            if mp["acts"].shape[1] != self.d:
+                raise ChunkError(f"chunk {self.folder / c['file']} has width {mp['acts'].shape[1]}, manifest d={self.d}")
+        self._offsets = np.cumsum([0] + [c["rows"] for c in chunks])
+        self.n_tokens = int(self._offsets[-1])
+        self._tokens: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"ActivationStore({m['model']}@{m['revision']} {self.hook}: {self.n_tokens} x {self.d} {m['dtype']}, "
+                f"{len(self._maps)} chunks{'' if m.get('complete') else ', INCOMPLETE'})")
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return int(sum((self.folder / c["file"]).stat().st_size for c in self.manifest["chunks"]))
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The token id at every row (LongTensor [n_tokens])."""
+        if self._tokens is None:
+            self._tokens = torch.from_numpy(np.concatenate([np.asarray(mp["tokens"]) for mp in self._maps])).long()
+        return self._tokens
+
+    def context_of(self, row: int) -> tuple[torch.Tensor, int]:
+        """(tokens of the context holding ``row``, the row's position in it)."""
+        if not 0 <= row < self.n_tokens:
+            raise IndexError(f"row {row} out of range [0, {self.n_tokens})")
+        c = row // self.ctx_len
+        return self.tokens[c * self.ctx_len:(c + 1) * self.ctx_len], row % self.ctx_len
+
+    def rows(self, idx: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
+        """Activations (float32 [len(idx), d]) at the given global row numbers, in that order."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_tokens):
+            raise IndexError(f"row indices must be in [0, {self.n_tokens})")
+        out = np.empty((idx.size, self.d), dtype=np.float32)
+        which = np.searchsorted(self._offsets, idx, side="right") - 1
+        for ci in np.unique(which):
+            sel = np.nonzero(which == ci)[0]
+            local = idx[sel] - self._offsets[ci]
+            order = np.argsort(local, kind="stable")  # ascending reads are kinder to the page cache
+            out[sel[order]] = self._maps[ci]["acts"][local[order]]
+        return torch.from_numpy(out)
+
+    def all(self) -> torch.Tensor:
+        """Every row in order as one float32 tensor (for PCA and the like; needs n_tokens x d x 4 bytes of RAM)."""
+        return torch.from_numpy(np.concatenate([np.asarray(mp["acts"], dtype=np.float32) for mp in self._maps]))
+
+    def batches(self, batch_size: int, seed: int = 0, epochs: int = 1, device: str | torch.device = "cpu",
+                drop_last: bool = False) -> Iterator[torch.Tensor]:
+        """Shuffled float32 batches [batch_size, d]: each epoch is a fresh permutation of all rows drawn from a
+        generator seeded by (seed, epoch), so every row appears exactly once per epoch and the order is a function
+        of the seed only. The last batch of an epoch is smaller unless drop_last."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for epoch in range(epochs):
+            perm = row_order(self.n_tokens, seed, epoch)
+            for i in range(0, self.n_tokens, batch_size):
+                idx = perm[i:i + batch_size]
+                if drop_last and idx.size < batch_size:
+                    break
+                x = self.rows(idx)
+                yield x.to(device, non_blocking=True) if str(device) != "cpu" else x
+
+    def verify(self) -> None:
+        """Re-read every chunk against the manifest's checksum (crc32; sha256 in manifests written before it) -
+        slow: reads everything. A ChunkError names the file."""
+        for c in self.manifest["chunks"]:
+            kind = "crc32" if "crc32" in c else "sha256" if "sha256" in c else None
+            if kind is not None and chunk_checksum(self.folder / c["file"], kind) != c[kind]:
+                raise ChunkError(f"chunk {self.folder / c['file']} does not match its {kind} checksum in the "
+                                 f"manifest: corrupted. Delete it (and its manifest entry) and re-run the harvest")
+
+
+def write_store(folder: str | os.PathLike, acts: torch.Tensor, tokens: torch.Tensor | None = None, *,
+                model: str = "tensors", revision: str = "final", hook: str = "activations", ctx_len: int | None = None,
+                chunk_rows: int | None = None, corpus: str = "", seed: int = 0) -> ActivationStore:
+    """Write activations already in memory (acts [rows, d], tokens [rows] or None) as a store folder that every
+    reader of this package accepts, and open it. ctx_len (rows per context, default: all rows are one context)
+    must divide the rows; chunk_rows (default: one chunk) is rounded down to whole contexts.
+    Raises FileExistsError when the folder already holds a manifest."""
+    folder = resolve(folder)
+    if (folder / MANIFEST).exists():
+        raise FileExistsError(f"{folder} already holds a store ({MANIFEST}); choose another folder")
+    if not isinstance(acts, torch.Tensor) or acts.ndim != 2 or not acts.is_floating_point():
+        raise ValueError(f"acts must be a float tensor [rows, d], got "
+                         f"{tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__}")
+    n, d = acts.shape
+    tokens = torch.zeros(n, dtype=torch.int32) if tokens is None else tokens.reshape(-1).to(torch.int32)
+    if tokens.numel() != n:
+        raise ValueError(f"tokens has {tokens.numel()} entries for {n} rows of acts")
+    ctx_len = int(ctx_len or n)
+    if n % ctx_len:
+        raise ValueError(f"ctx_len={ctx_len} does not divide the {n} rows (stores hold whole contexts)")
+    step = max(ctx_len, (int(chunk_rows or n) // ctx_len) * ctx_len)
+    dtype = {torch.float32: "float32", torch.float16: "float16"}.get(acts.dtype)
+    if dtype is None:
+        raise ValueError(f"acts must be float32 or float16, got {acts.dtype}")
+    folder.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    for i, start in enumerate(range(0, n, step)):
+        name = f"chunk-{i:05d}.safetensors"
+        nbytes, crc = write_chunk(folder / name, {"acts": acts[start:start + step], "tokens": tokens[start:start + step]})
+        chunks.append({"file": name, "rows": min(step, n - start), "bytes": nbytes, "crc32": crc})
+    save_json(folder / MANIFEST, {"model": model, "revision": revision, "hook": hook, "d": d, "dtype": dtype,
+                                  "n_tokens": n, "target_tokens": n, "ctx_len": ctx_len, "corpus": corpus, "seed": seed,
+                                  "chunk_contexts": step // ctx_len, "format": FORMAT_VERSION, "complete": True,
+                                  "chunks": chunks, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return ActivationStore(folder)

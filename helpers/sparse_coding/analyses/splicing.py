@@ -1,0 +1,268 @@
+"""The language model with the activation at one hook replaced: by each member's reconstruction (the "spliced"
+loss), by zeros, or by the mean. Next-token cross-entropy clean vs spliced vs ablated, "loss recovered", KL to the
+clean logits, perplexity. Cunningham et al. 2023 (arXiv 2309.08600) report Pythia-70M layer 2 perplexity going from
+about 25 to 40. The model is a TransformerLens model (HookedTransformer or TransformerBridge)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import lm
+from .reconstruction import check_finite, check_sae, encode_decode, member_indices, rows_per_block
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the activation we want has been seen (cheap mean pass)."""
+
+
+def _model_device(model: Any) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _fast_start_layer(model: Any, hook_name: str) -> int | None:
+    """For a HookedTransformer and a residual-stream hook, the layer the forward pass can restart from with the
+    patched residual (`start_at_layer`), which skips re-running the layers below the hook for every member.
+    None where that is not exactly equivalent (TransformerBridge has no start_at_layer; shortformer models need
+    their positional embedding passed separately), so the full hooked forward is used instead."""
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:  # pragma: no cover - transformer_lens is a dependency
+        return None
+    if not isinstance(model, HookedTransformer):
+        return None
+    if getattr(model.cfg, "positional_embedding_type", None) == "shortformer":
+        return None
+    layer, site = lm.parse_hook(hook_name)
+    if layer is None or site not in ("hook_resid_pre", "hook_resid_post"):
+        return None
+    return layer + (1 if site == "hook_resid_post" else 0)
+
+
+class _Splicer:
+    """One model + hook: a clean forward that also returns the activation at the hook, and a forward with that
+    activation replaced."""
+
+    def __init__(self, model: Any, hook_name: str, fast: bool = True):
+        lm.check_hooks(model, [hook_name])
+        self.model, self.hook_name = model, hook_name
+        self.start_layer = _fast_start_layer(model, hook_name) if fast else None
+
+    def clean(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(act, hook):
+            seen["act"] = act.detach().clone()  # clone: later hooks or in-place ops must not change our copy
+
+        logits = self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, grab)], return_type="logits")
+        if "act" not in seen:
+            raise ValueError(f"hook {self.hook_name!r} never fired during the forward pass; pick a hook on the path "
+                             f"from tokens to logits")
+        return logits, seen["act"]
+
+    def activation(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The activation at the hook only: the pass is cut short right after it (any model, any hook)."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(act, hook):
+            seen["act"] = act.detach().clone()
+            raise _Stop
+
+        try:
+            self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, grab)], return_type="logits")
+        except _Stop:
+            pass
+        if "act" not in seen:
+            raise ValueError(f"hook {self.hook_name!r} never fired during the forward pass")
+        return seen["act"]
+
+    def patched(self, tokens: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        if self.start_layer is not None:
+            return self.model(act, start_at_layer=self.start_layer, return_type="logits")
+
+        def put(orig, hook):
+            return act.to(dtype=orig.dtype, device=orig.device)
+
+        return self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, put)], return_type="logits")
+
+
+def _next_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs [B, T-1, V], CE [B, T-1]) for predicting token t+1 at position t, in float32 whatever the model's
+    dtype, so fp16/bf16 models do not round the losses we compare."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    ce = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return logp, ce
+
+
+def _check_tokens(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
+        got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be an integer tensor [n_contexts, context_length], got {got}")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+    if tokens.shape[0] < 1 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens {tuple(tokens.shape)}: need at least one context of at least 2 tokens "
+                         f"(the loss predicts each next token)")
+    d_vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
+    if d_vocab is not None and (int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab):
+        raise ValueError(f"token ids must lie in [0, {d_vocab}) for this model, got range "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]; were they made by another tokenizer?")
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if n_ctx is not None and tokens.shape[1] > n_ctx:
+        raise ValueError(f"contexts of {tokens.shape[1]} tokens exceed the model's n_ctx={n_ctx}; cut them with "
+                         f"tokens[:, :{n_ctx}]")
+    return tokens.long()
+
+
+def _width_error(splicer: _Splicer, sae: Any, width: int) -> ValueError:
+    msg = (f"SAE expects activations of width d_in={sae.d_in} but hook {splicer.hook_name!r} has width {width}: "
+           f"evaluate at the hook the SAE was trained on")
+    meta = getattr(sae, "metadata", None) or getattr(sae, "config", None)
+    if callable(meta):
+        try:
+            meta = meta()
+        except Exception:  # noqa: BLE001 - a hint only
+            meta = None
+    if isinstance(meta, dict) and meta.get("hook_name"):
+        msg += f" (its metadata says {meta['hook_name']!r})"
+    return ValueError(msg)
+
+
+@torch.no_grad()
+def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = None, *,
+                 members: Sequence[int] | None = None, batch_size: int = 8,
+                 ablations: Sequence[str] = ("zero", "mean"), mean_act: torch.Tensor | None = None,
+                 keep_first_position: bool = False, input_scale: float = 1.0, fast: bool = True,
+                 progress: bool = True) -> pd.DataFrame:
+    """Next-token loss of the model with the activation at `hook_name` replaced, per ensemble member.
+
+    tokens [N, T] integer ids; the loss is the cross-entropy of token t+1 at position t for t = 0..T-2 (the last
+    position has no target), averaged over all N·(T-1) predictions, in float32.
+    The first position: models with a BOS/attention-sink first token carry a residual there that is orders of
+    magnitude larger than elsewhere, and SAEs reconstruct it badly. keep_first_position=True leaves position 0's
+    activation clean in every spliced and ablated run (only positions 1.. are replaced); the loss is still over all
+    predictions. Default False replaces every position, as in the original paper.
+    ablations: any of "zero" (activation set to 0) and "mean" (set to `mean_act` [d], or, if None, to the mean of
+    the activation over these tokens, measured in a first pass that stops at the hook).
+    Returns one row per member (or a single row with member = -1 and no spliced columns when sae is None):
+      ce_clean, ce_spliced, ce_zero, ce_mean, loss_recovered = (ce_zero − ce_spliced) / (ce_zero − ce_clean)
+      (1 = as good as clean, 0 = no better than zeroing), loss_recovered_mean (same against mean ablation),
+      kl_to_clean = mean over predictions of KL(clean ‖ spliced) in nats, ppl_clean = exp(ce_clean), ppl_spliced,
+      n_predictions.
+    Efficiency: the clean forward runs once per batch and is reused by every member; for residual-stream hooks on a
+    HookedTransformer, spliced runs restart from the hook's layer instead of re-running the layers below it.
+    """
+    tokens = _check_tokens(model, tokens)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int (contexts per forward pass), got {batch_size!r}")
+    ablations = tuple(ablations)
+    bad = [a for a in ablations if a not in ("zero", "mean")]
+    if bad:
+        raise ValueError(f"unknown ablation(s) {bad}; choose from 'zero' and 'mean'")
+    if not (isinstance(input_scale, (int, float)) and math.isfinite(input_scale) and input_scale > 0):
+        raise ValueError(f"input_scale must be a finite positive number, got {input_scale!r}")
+    if sae is not None:
+        check_sae(sae)
+        member_ids = member_indices(sae, members)
+    else:
+        member_ids = []
+    splicer = _Splicer(model, hook_name, fast=fast)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    device = _model_device(model)
+    N, T = tokens.shape
+    first = 1 if keep_first_position else 0
+    batches = [tokens[i: i + batch_size] for i in range(0, N, batch_size)]
+
+    if "mean" in ablations:
+        if mean_act is None:
+            total, count = None, 0
+            for tb in tqdm(batches, desc="mean activation", disable=not progress, leave=False):
+                act = splicer.activation(tb.to(device))
+                check_finite(act, f"the activation at {hook_name!r}")
+                act = act[:, first:].reshape(act.shape[0], act.shape[1] - first, -1)
+                if sae is not None and act.shape[-1] != int(sae.d_in):  # fail before the long pass, not after
+                    raise _width_error(splicer, sae, act.shape[-1])
+                s = act.double().sum(dim=(0, 1))
+                total = s if total is None else total + s
+                count += act.shape[0] * act.shape[1]
+            mean_act = total / count
+        mean_act = torch.as_tensor(mean_act)
+        if not torch.isfinite(mean_act).all():
+            raise ValueError("mean_act contains NaN/inf; recompute it from clean activations")
+
+    sums: dict[str, float] = {"clean": 0.0, "zero": 0.0, "mean": 0.0}
+    ce_member = [0.0] * len(member_ids)
+    kl_member = [0.0] * len(member_ids)
+    n_pred = 0
+    try:
+        for tb in tqdm(batches, desc="spliced loss", disable=not progress, leave=False):
+            tb = tb.to(device)
+            logits, act = splicer.clean(tb)
+            check_finite(act, f"the activation at {hook_name!r}")
+            logp_clean, ce = _next_token_logprobs(logits, tb)
+            del logits
+            sums["clean"] += float(ce.double().sum())
+            n_pred += ce.numel()
+            B = tb.shape[0]
+            flat = act.reshape(B * T, -1)
+            if sae is not None and flat.shape[1] != int(sae.d_in):
+                raise _width_error(splicer, sae, flat.shape[1])
+            if "mean" in ablations and mean_act.numel() not in (1, flat.shape[1]):
+                raise ValueError(f"mean_act has {mean_act.numel()} values but the activation at {hook_name!r} has "
+                                 f"width {flat.shape[1]}; pass the per-dimension mean of that hook's activations")
+
+            def splice(new: torch.Tensor) -> torch.Tensor:
+                """new [B*T, w] or broadcastable -> patched logits, keeping position 0 clean if asked."""
+                new = new.to(dtype=act.dtype, device=act.device).expand(B * T, flat.shape[1]).reshape(act.shape)
+                if first:
+                    new = new.clone()
+                    new[:, :first] = act[:, :first]
+                return splicer.patched(tb, new)
+
+            for name in ablations:
+                fill = torch.zeros(1, flat.shape[1]) if name == "zero" else mean_act.reshape(1, -1)
+                _, ce_abl = _next_token_logprobs(splice(fill), tb)
+                sums[name] += float(ce_abl.double().sum())
+
+            if member_ids:
+                x_hat = torch.cat([encode_decode(sae, flat[s: s + step], float(input_scale))[1]
+                                   for step in [rows_per_block(sae, flat.shape[0])]
+                                   for s in range(0, flat.shape[0], step)], dim=1)
+                for j, m in enumerate(member_ids):
+                    logp, ce_s = _next_token_logprobs(splice(x_hat[m]), tb)
+                    ce_member[j] += float(ce_s.double().sum())
+                    kl = F.kl_div(logp, logp_clean, log_target=True, reduction="none").sum(-1)
+                    kl_member[j] += float(kl.double().sum())
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+
+    ce_clean = sums["clean"] / n_pred
+    row_common: dict[str, Any] = {"ce_clean": ce_clean, "ppl_clean": math.exp(ce_clean)}
+    for name in ("zero", "mean"):
+        row_common[f"ce_{name}"] = sums[name] / n_pred if name in ablations else math.nan
+    if sae is None:
+        return pd.DataFrame([{"member": -1, **row_common, "n_predictions": n_pred}])
+
+    def recovered(ce_s: float, ce_abl: float) -> float:
+        gap = ce_abl - ce_clean
+        return (ce_abl - ce_s) / gap if gap != 0 and math.isfinite(gap) else math.nan
+
+    rows = []
+    for j, m in enumerate(member_ids):
+        ce_s = ce_member[j] / n_pred
+        rows.append({"member": m, **row_common, "ce_spliced": ce_s,
+                     "loss_recovered": recovered(ce_s, row_common["ce_zero"]),
+                     "loss_recovered_mean": recovered(ce_s, row_common["ce_mean"]),
+                     "kl_to_clean": kl_member[j] / n_pred, "ppl_spliced": math.exp(ce_s),
+                     "n_predictions": n_pred})
+    return pd.DataFrame(rows)

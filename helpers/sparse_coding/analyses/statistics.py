@@ -1,0 +1,36 @@
+"""Small statistics the analyses share: bimodality of a distribution and medians in equal-count bins."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+BIMODAL_SARLE = 5 / 9
+"""Sarle's coefficient of a uniform distribution: above it suggests two modes."""
+
+
+def sarle_bimodality(values: np.ndarray | torch.Tensor) -> float:
+    """Sarle's bimodality coefficient (skew² + 1) / (excess kurtosis + 3 (n−1)² / ((n−2)(n−3))), with the
+    bias-corrected sample skewness and kurtosis: 1/3 for a normal, 5/9 for a uniform, 1 for two equal spikes.
+    Above 5/9 suggests two modes. NaN for fewer than 4 finite values or a constant sample."""
+    from scipy.stats import kurtosis, skew
+
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    n = v.size
+    if n < 4 or np.ptp(v) == 0:
+        return float("nan")
+    g, k = skew(v, bias=False), kurtosis(v, bias=False)
+    return float((g * g + 1) / (k + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3))))
+
+
+def binned_median(x: np.ndarray, y: np.ndarray, bins: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Median of y in `bins` equal-count bins of x: (bin centres as medians of x [bins], medians of y [bins])."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y must be 1-d arrays of the same length, got {x.shape} and {y.shape}")
+    if x.size == 0:
+        return np.empty(0), np.empty(0)
+    order = np.argsort(x, kind="stable")
+    parts = [p for p in np.array_split(order, min(int(bins), x.size)) if p.size]
+    return np.array([np.median(x[p]) for p in parts]), np.array([np.median(y[p]) for p in parts])

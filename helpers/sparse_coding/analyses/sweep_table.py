@@ -1,0 +1,107 @@
+"""The evaluation of a sweep as one tidy table, one row per member: hyperparameters, reconstruction and sparsity
+(`reconstruction.sparsity_stats`), and the spliced loss (`spliced_loss.spliced_loss`); saved beside the sweep as
+CSV + safetensors and reused on rerun. `best_members` picks each kind's best member within an L0 budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..activations.store import ActivationStore
+from ..files import atomic_write_text, load_tensors, save_tensors
+from ..paths import resolve
+from .reconstruction import DENSE_THRESHOLD, check_sae, sparsity_stats
+from .splicing import spliced_loss
+
+
+@dataclass
+class SweepEvaluation:
+    """table: one row per member (hyperparameters, sparsity stats, spliced-loss numbers); feature_freq [E, d_sae]."""
+
+    table: pd.DataFrame
+    feature_freq: torch.Tensor
+
+    def save(self, folder: str | Path, name: str = "eval") -> tuple[Path, Path]:
+        """`<name>.csv` and `<name>_feature_freq.safetensors` in folder, both written atomically."""
+        folder = resolve(folder)
+        csv = atomic_write_text(folder / f"{name}.csv", self.table.to_csv(index=False))
+        freq = save_tensors(folder / f"{name}_feature_freq.safetensors", {"feature_freq": self.feature_freq})
+        return csv, freq
+
+    @staticmethod
+    def load(folder: str | Path, name: str = "eval") -> "SweepEvaluation":
+        folder = resolve(folder)
+        return SweepEvaluation(pd.read_csv(folder / f"{name}.csv"),
+                               load_tensors(folder / f"{name}_feature_freq.safetensors")["feature_freq"])
+
+
+def _hparam_columns(sae: Any) -> pd.DataFrame:
+    """Per-member hyperparameters as columns (scalars only, so the CSV stays flat), plus kind, d_in, d_sae."""
+    E = int(sae.n_members)
+    hp = list(getattr(sae, "hparams", None) or [{} for _ in range(E)])
+    if len(hp) != E:
+        raise ValueError(f"sae.hparams has {len(hp)} entries for {E} members")
+    rows = []
+    for i, h in enumerate(hp):
+        row = {"member": i, "kind": getattr(sae, "kind", type(sae).__name__),
+               "d_in": int(sae.d_in), "d_sae": int(sae.d_sae)}
+        for k, v in dict(h).items():
+            if isinstance(v, (bool, int, float, str, np.integer, np.floating)) and k not in row:
+                row[k] = v
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def evaluate_sweep(model: Any, sae: Any, batches: Iterable[torch.Tensor], tokens: torch.Tensor | None,
+                   hook_name: str, *, max_tokens: int | None = None, batch_size: int = 8,
+                   ablations: Sequence[str] = ("zero", "mean"), mean_act: torch.Tensor | None = None,
+                   keep_first_position: bool = False, dense_threshold: float = DENSE_THRESHOLD,
+                   input_scale: float = 1.0, progress: bool = True) -> SweepEvaluation:
+    """The whole evaluation of one sweep: hyperparameters + `sparsity_stats` on `batches` + `spliced_loss` on
+    `tokens`, joined into one tidy table (one row per member, CSV-ready). tokens=None (or model=None) skips the
+    language-model part. See those functions for each column's meaning."""
+    check_sae(sae)
+    stats, freq = sparsity_stats(sae, batches, max_tokens, dense_threshold=dense_threshold,
+                                 input_scale=input_scale, progress=progress)
+    table = _hparam_columns(sae).merge(stats, on="member")
+    if tokens is not None and model is not None:
+        loss = spliced_loss(model, tokens, hook_name, sae, batch_size=batch_size, ablations=ablations,
+                            mean_act=mean_act, keep_first_position=keep_first_position, input_scale=input_scale,
+                            progress=progress)
+        table = table.merge(loss, on="member", how="left")
+    table.insert(1, "hook_name", hook_name)
+    table.attrs["dense_threshold"] = dense_threshold
+    return SweepEvaluation(table, freq)
+
+
+def evaluate_lm_sweep(model: Any, run: Any, store: ActivationStore, tokens: torch.Tensor | None, *,
+                      n_eval_tokens: int = 65536, batch_size: int = 8, seed: int = 1, progress: bool = True,
+                      reuse: bool = True) -> SweepEvaluation:
+    """`evaluate_sweep` for a trained sweep (a dictionaries.LMSweep), cached as eval.csv in its folder (reused when
+    present and the sweep was not retrained). FVU/L0 use `n_eval_tokens` rows of the store in an order unlike
+    training's."""
+    if reuse and run.reused and (run.folder / "eval.csv").exists():
+        return SweepEvaluation.load(run.folder)
+    batches = store.batches(4096, seed=seed + 1000, device=run.sae.device)
+    ev = evaluate_sweep(model, run.sae, batches, tokens, str(store.manifest["hook"]), max_tokens=n_eval_tokens,
+                        batch_size=batch_size, progress=progress)
+    ev.table.insert(1, "sweep", run.name)
+    ev.table.insert(2, "ratio", run.ratio)
+    ev.table["train_seconds"] = run.seconds
+    ev.save(run.folder)
+    return ev
+
+
+def best_members(table: pd.DataFrame, l0_budget: float) -> pd.DataFrame:
+    """Per kind, the member with the lowest FVU among those with L0 <= l0_budget (the sparsest member if none
+    is that sparse): one row per kind, indexed by kind."""
+    rows = []
+    for kind, sub in table.groupby("kind", sort=False):
+        ok = sub[sub["l0"] <= l0_budget]
+        rows.append(ok.loc[ok["fvu"].idxmin()] if len(ok) else sub.loc[sub["l0"].idxmin()])
+    return pd.DataFrame(rows).set_index("kind", drop=False)

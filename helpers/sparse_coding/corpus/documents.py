@@ -1,0 +1,176 @@
+"""Documents: the text a model is trained and validated on, split by document.
+
+Sources:
+
+- ``"stdlib"`` (the offline default): the running interpreter's own standard-library ``*.py`` source, sorted so every
+  machine with the same Python sees the same text. Test packages (``test/``, ``tests/``, ``idle_test/``) never enter
+  training. Validation is, by default, 5 % of the library's modules held out by a hash of their path (same
+  distribution as training); ``stdlib_val="tests"`` validates on the test packages instead — a different
+  distribution (fixtures, odd encodings, long literal blobs).
+- a folder of text files (``*.txt *.md *.rst *.py``), split by a hash of each file's relative path.
+- a Hugging Face dataset name such as ``NeelNanda/pile-10k`` (needs the ``datasets`` package).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
+_TEST_DIRS = {"test", "tests", "idle_test"}
+
+
+@dataclass
+class Corpus:
+    """Documents split by document. ``name`` identifies the source in manifests (e.g. ``stdlib-3.11``)."""
+
+    name: str
+    train: list[str]
+    val: list[str]
+    train_ids: list[str] = field(default_factory=list)  # file paths or row numbers, for provenance
+    val_ids: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        mb = lambda docs: sum(len(d) for d in docs) / 1e6  # noqa: E731
+        return (f"Corpus({self.name!r}: {len(self.train)} train docs / {mb(self.train):.1f} MB chars, "
+                f"{len(self.val)} val docs / {mb(self.val):.1f} MB chars)")
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """True when huggingface.co answers a TCP connect and offline mode is not forced. Used to fail fast (seconds,
+    not minutes of retries) with a message naming the offline default."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or \
+            os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _read(path: Path) -> str:
+    # A few stdlib test files are deliberately mis-encoded; "replace" keeps them deterministic instead of fatal.
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def stdlib_files(stdlib_dir: str | os.PathLike | None = None) -> tuple[list[Path], list[Path]]:
+    """(non-test files, test files) of the standard library's ``*.py`` source, each sorted. site-packages (third
+    party code, different per machine) is excluded."""
+    root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"standard library source not found at {root}; pass stdlib_dir= or use a folder source")
+    train, test = [], []
+    for p in sorted(root.rglob("*.py")):
+        parts = p.relative_to(root).parts
+        if "site-packages" in parts or "dist-packages" in parts or "__pycache__" in parts:
+            continue
+        (test if _TEST_DIRS.intersection(parts[:-1]) else train).append(p)
+    if not train:
+        raise FileNotFoundError(f"no *.py files under {root}")
+    return train, test
+
+
+def _hash_fraction(key: str) -> float:
+    """A stable number in [0, 1) for a document key: the split does not depend on file order or Python's hash seed."""
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
+
+
+def load_corpus(source: str | os.PathLike = "stdlib", *, stdlib_val: str = "split", val_bytes: int = 1_000_000,
+                val_fraction: float = 0.05,
+                max_train_bytes: int | None = None, hf_split: str = "train", text_field: str = "text",
+                max_docs: int | None = None) -> Corpus:
+    """Load documents from ``source`` and split them by document.
+
+    Args:
+        source: ``"stdlib"``, a folder of text files, or a HF dataset name (``"NeelNanda/pile-10k"``).
+        stdlib_val: ``"split"`` (default): validate on held-out library modules (``val_fraction`` of them, by a
+            hash of the path), the test packages left out entirely; ``"tests"``: validate on the test packages.
+        val_bytes: ``stdlib_val="tests"`` only: characters of test-package source to validate on (evenly spaced).
+        val_fraction: share of documents (by a hash of their path / id) held out for validation.
+        max_train_bytes: keep only the first documents up to this many characters (smoke runs).
+        hf_split, text_field: which split / column of a HF dataset holds the text.
+        max_docs: HF only: read at most this many rows.
+    """
+    src = str(source)
+    if src == "stdlib":
+        import sys
+
+        train_paths, test_paths = stdlib_files()
+        root = Path(sysconfig.get_paths()["stdlib"])
+        rel = [str(p.relative_to(root)) for p in train_paths]
+        name = f"stdlib-{sys.version_info.major}.{sys.version_info.minor}"
+        if stdlib_val == "split":
+            # Held-out library modules, chosen by a hash of their path: the same distribution as training.
+            is_val = [_hash_fraction(r) < val_fraction for r in rel]
+            corpus = Corpus(name, [_read(p) for p, v in zip(train_paths, is_val) if not v],
+                            [_read(p) for p, v in zip(train_paths, is_val) if v],
+                            [r for r, v in zip(rel, is_val) if not v], [r for r, v in zip(rel, is_val) if v])
+        elif stdlib_val == "tests":
+            if not test_paths:
+                raise FileNotFoundError("this Python has no test packages to validate on; use stdlib_val='split'")
+            # Evenly spaced test files until val_bytes: deterministic, and samples every test package.
+            sizes = [p.stat().st_size for p in test_paths]
+            stride = max(1, int(sum(sizes) / max(val_bytes, 1)))
+            val_paths, total = [], 0
+            for p in test_paths[::stride]:
+                if total >= val_bytes:
+                    break
+                val_paths.append(p)
+                total += p.stat().st_size
+            corpus = Corpus(name, [_read(p) for p in train_paths], [_read(p) for p in val_paths], rel,
+                            [str(p.relative_to(root)) for p in val_paths])
+        else:
+            raise ValueError(f"stdlib_val must be 'split' or 'tests', got {stdlib_val!r}")
+    elif Path(src).is_dir():
+        root = Path(src)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no text files ({', '.join(TEXT_SUFFIXES)}) under {root}")
+        rel = [str(p.relative_to(root)) for p in files]
+        is_val = [_hash_fraction(r) < val_fraction for r in rel]
+        if len(files) >= 2 and not any(is_val):  # tiny folders: still validate on something
+            is_val[-1] = True
+        if all(is_val):
+            is_val[0] = False
+        texts = [_read(p) for p in files]
+        corpus = Corpus(f"folder:{root.name}", [t for t, v in zip(texts, is_val) if not v],
+                        [t for t, v in zip(texts, is_val) if v],
+                        [r for r, v in zip(rel, is_val) if not v], [r for r, v in zip(rel, is_val) if v])
+    else:
+        corpus = _load_hf(src, val_fraction=val_fraction, split=hf_split, text_field=text_field, max_docs=max_docs)
+    if max_train_bytes is not None:
+        keep, total = 0, 0
+        for keep, doc in enumerate(corpus.train, start=1):
+            total += len(doc)
+            if total >= max_train_bytes:
+                break
+        corpus.train, corpus.train_ids = corpus.train[:keep], corpus.train_ids[:keep]
+    if not corpus.val:
+        raise ValueError(f"corpus {corpus.name} has no validation documents; raise val_fraction / val_bytes")
+    return corpus
+
+
+def _load_hf(name: str, *, val_fraction: float, split: str, text_field: str, max_docs: int | None) -> Corpus:
+    if "/" not in name:
+        raise FileNotFoundError(f"corpus source {name!r} is neither 'stdlib', an existing folder, nor a hub dataset "
+                                f"name like 'NeelNanda/pile-10k'")
+    if not hub_reachable():
+        raise ConnectionError(f"hub dataset {name!r} needs huggingface.co, which is not reachable from here. "
+                              f"Use the offline default: load_corpus('stdlib') (or a folder of text files).")
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"loading the hub dataset {name!r} needs `pip install datasets`") from e
+    ds = datasets.load_dataset(name, split=split)
+    if text_field not in ds.column_names:
+        raise KeyError(f"dataset {name!r} has no column {text_field!r}; columns: {ds.column_names}")
+    n = len(ds) if max_docs is None else min(max_docs, len(ds))
+    texts = ds[text_field][:n]
+    is_val = [_hash_fraction(f"{name}:{i}") < val_fraction for i in range(n)]
+    return Corpus(f"hf:{name}", [t for t, v in zip(texts, is_val) if not v], [t for t, v in zip(texts, is_val) if v],
+                  [str(i) for i, v in enumerate(is_val) if not v], [str(i) for i, v in enumerate(is_val) if v])

@@ -1,0 +1,116 @@
+"""Tokens: documents -> one token stream -> fixed-length contexts.
+
+Documents are encoded, each followed by the EOS token, concatenated, and cut into fixed-length contexts (the
+remainder is dropped), as Pythia's training data was. The offline model's tokenizer is a byte-level BPE trained here
+(:func:`train_tokenizer`); a hub model brings its own.
+
+    corpus = load_corpus("stdlib")
+    tok = train_tokenizer(corpus.train, vocab_size=4096)
+    train = contexts(tokenize(corpus.train, tok), ctx_len=128)      # LongTensor [n_contexts, 128]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from ..files import load_tensors, save_tensors
+from .documents import Corpus
+
+EOS_TOKEN = "<|endoftext|>"
+
+# ----------------------------------------------------------------------------------------------------- tokenizer
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, out_dir: str | os.PathLike | None = None):
+    """Train a byte-level BPE (GPT-2 / Pythia style: every byte representable, no unknown tokens) on ``texts``.
+
+    Returns a ``transformers`` fast tokenizer whose EOS (also BOS/UNK/PAD, as in Pythia) is ``<|endoftext|>`` with
+    id 0. With ``out_dir``, writes ``tokenizer.json`` + ``tokenizer_config.json`` there, so
+    ``AutoTokenizer.from_pretrained(out_dir)`` loads the same tokenizer. Deterministic for the same texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE: it needs 256 bytes + EOS (>= 257)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                   unk_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def tokenize(docs: Sequence[str], tokenizer, progress: bool = False, batch: int = 256) -> torch.Tensor:
+    """All documents as one 1-D LongTensor of token ids, each document followed by the EOS token."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; documents cannot be joined")
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    from tqdm.auto import tqdm
+
+    pieces: list[torch.Tensor] = []
+    eos_t = torch.tensor([eos], dtype=torch.long)
+    for start in tqdm(range(0, len(docs), batch), desc="tokenize", disable=not progress, unit="batch"):
+        chunk = list(docs[start:start + batch])
+        if backend is not None:  # the Rust tokenizer encodes a batch in parallel, far faster than one doc per call
+            ids = [e.ids for e in backend.encode_batch(chunk, add_special_tokens=False)]
+        else:
+            ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        for seq in ids:
+            pieces.append(torch.tensor(seq, dtype=torch.long))
+            pieces.append(eos_t)
+    if not pieces:
+        raise ValueError("no documents to tokenize")
+    return torch.cat(pieces)
+
+
+def contexts(tokens: torch.Tensor, ctx_len: int, max_contexts: int | None = None) -> torch.Tensor:
+    """Cut a 1-D token stream into ``[n, ctx_len]`` non-overlapping contexts (a view; the tail is dropped)."""
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D (one joined stream), got shape {tuple(tokens.shape)}")
+    if ctx_len < 2:
+        raise ValueError(f"ctx_len must be >= 2, got {ctx_len}")
+    n = tokens.numel() // ctx_len
+    if n == 0:
+        raise ValueError(f"only {tokens.numel()} tokens: not enough for one context of {ctx_len}; lower ctx_len")
+    if max_contexts is not None:
+        n = min(n, max_contexts)
+    return tokens[: n * ctx_len].view(n, ctx_len)
+
+
+def unigram_entropy(tokens: torch.Tensor, vocab_size: int | None = None) -> float:
+    """Entropy (nats/token) of the empirical unigram distribution of ``tokens``: the loss of the best model that
+    ignores context, the reference line a language model must get well under."""
+    counts = torch.bincount(tokens.flatten(), minlength=vocab_size or 0).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+def cached_tokens(corpus: Corpus, tokenizer, cache_dir: str | os.PathLike, progress: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) token streams, tokenized once and cached as ``tokens-<key>.safetensors`` in ``cache_dir``;
+    the key covers the corpus documents and the tokenizer, so a changed corpus or tokenizer never reads stale ids."""
+    h = hashlib.sha1()
+    h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else
+             repr(tokenizer).encode())
+    for split in (corpus.train_ids, corpus.val_ids, [str(len(corpus.train)), str(len(corpus.val))]):
+        h.update("\0".join(split).encode())
+    h.update(str(sum(len(d) for d in corpus.train) + 7 * sum(len(d) for d in corpus.val)).encode())
+    path = Path(cache_dir) / f"tokens-{h.hexdigest()[:16]}.safetensors"
+    if path.exists():
+        t = load_tensors(path)
+        return t["train"], t["val"]
+    train = tokenize(corpus.train, tokenizer, progress=progress)
+    val = tokenize(corpus.val, tokenizer, progress=progress)
+    save_tensors(path, {"train": train, "val": val}, metadata={"corpus": corpus.name})
+    return train, val

@@ -1,0 +1,16 @@
+"""Stage 4, dictionaries: SAE kinds as batched ensembles (one file each, registered), the factory, classical
+baselines (PCA, ICA, K-SVD), SAELens-layout files, training, and sweeps on harvested activations."""
+
+from .base import DEFAULT_DEAD_WINDOW, SAE_KINDS, EnsembleSAE, SAEOutput, fold_input_scale, register_sae
+from .factory import make_sae
+from .kinds import BatchTopKSAE, JumpReLUSAE, ReLUBiasDecaySAE, ReLUSAE, TopKSAE
+from .metrics import FVU
+from .saelens_io import load_sae, load_sweep, member_name, save_sae, save_sweep, sweep_info
+from .sweep import LMSweep, input_scale, state_dir, sweep_dir, sweep_name, train_lm_sweep
+from .training import TrainingDiverged, estimate_input_scale, train_sae
+
+__all__ = ["DEFAULT_DEAD_WINDOW", "SAE_KINDS", "EnsembleSAE", "SAEOutput", "fold_input_scale", "register_sae",
+           "make_sae", "BatchTopKSAE", "JumpReLUSAE", "ReLUBiasDecaySAE", "ReLUSAE", "TopKSAE", "FVU", "load_sae",
+           "load_sweep", "member_name", "save_sae", "save_sweep", "sweep_info", "LMSweep", "input_scale",
+           "state_dir", "sweep_dir", "sweep_name", "train_lm_sweep", "TrainingDiverged", "estimate_input_scale",
+           "train_sae"]

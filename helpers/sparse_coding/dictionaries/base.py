@@ -1,0 +1,301 @@
+"""Sparse autoencoders as batched ensembles: the base class every kind builds on, its typed output, and the registry.
+
+An ensemble holds E members that share d_in and d_sae but differ in per-member hyperparameters (L1 coefficient, k,
+seed, ...). Their weights are stacked along a leading member axis and computed with batched matmuls, so a sweep of
+16 small SAEs costs about one kernel launch per layer instead of 16. Members never interact: the loss is a sum of
+per-member losses and Adam is per-element, so member i trains exactly as it would alone.
+
+Weights are stored in SAELens's orientation (W_enc [E, d_in, d_sae], W_dec [E, d_sae, d_in]), so `member_state(i)`
+is a plain slice:
+
+    codes = act(x W_enc + b_enc − b_dec W_enc)      (the b_dec term only with pre_bias)
+    x̂     = codes W_dec + b_dec
+
+The pre-bias is applied as `− b_dec W_enc` instead of `(x − b_dec) W_enc`: the same maths, but x needs no gradient,
+so autograd skips a full [B, d_in] x [d_in, d_sae] matmul per member that would only feed the tiny b_dec gradient.
+
+A kind subclasses `EnsembleSAE`, registers with `@register_sae(name)` and defines `activation` (pre-activations ->
+codes) and, if it has any, `kind_losses`; a kind with a faster training step overrides `_forward` and returns the same
+four things. The forward pass always returns an `SAEOutput`: the base computes the MSE once, the kind adds its own
+loss terms (as SAELens's TrainStepOutput). This module knows no kind: `dictionaries.factory` imports them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..checks import check_int
+
+SAE_KINDS: dict[str, type["EnsembleSAE"]] = {}
+
+# Tokens without firing before a latent counts as dead (Gao et al. 2024, arXiv 2406.04093, use 10M); `train_sae`
+# picks a shorter window for short runs unless told otherwise.
+DEFAULT_DEAD_WINDOW = 10_000_000
+
+
+def register_sae(name: str) -> Callable[[type["EnsembleSAE"]], type["EnsembleSAE"]]:
+    """Class decorator: make an SAE kind available to `make_sae(name, ...)`."""
+
+    def deco(cls: type["EnsembleSAE"]) -> type["EnsembleSAE"]:
+        if name in SAE_KINDS and SAE_KINDS[name] is not cls:
+            raise ValueError(f"SAE kind {name!r} is already registered to {SAE_KINDS[name].__name__}")
+        cls.kind = name
+        SAE_KINDS[name] = cls
+        return cls
+
+    return deco
+
+
+def broadcast(hparams: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-member dicts from scalars and lists: lists fix the member count, scalars repeat."""
+    lengths = {name: len(v) for name, v in hparams.items() if isinstance(v, (list, tuple))}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"per-member lists must have one length (the number of members), got "
+                         f"{', '.join(f'{k}: {n}' for k, n in lengths.items())}")
+    n = next(iter(lengths.values()), 1)
+    if n == 0:
+        raise ValueError(f"per-member lists are empty ({', '.join(lengths)}): give at least one value")
+    return [{name: (v[i] if isinstance(v, (list, tuple)) else v) for name, v in hparams.items()} for i in range(n)]
+
+
+def init_decoder(d_in: int, d_sae: int, seed: int) -> torch.Tensor:
+    """A member's unit-norm decoder [d_sae, d_in], drawn on the CPU from its own generator so that the same seed
+    gives the same weights whatever the ensemble around it and whatever device it ends up on."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    W = torch.randn(d_sae, d_in, generator=g, dtype=torch.float64)
+    return (W / W.norm(dim=1, keepdim=True)).float()
+
+
+def fold_input_scale(state: dict[str, torch.Tensor], input_scale: float) -> dict[str, torch.Tensor]:
+    """Weights trained on x·s as weights for raw x: W_enc·s, W_dec/s, b_dec/s (b_enc and thresholds act on codes,
+    which do not change). Works on one member's state or a member-stacked one; returns a new dict."""
+    out = dict(state)
+    if input_scale != 1.0:
+        if "W_enc" in out:
+            out["W_enc"] = out["W_enc"] * input_scale
+        out["W_dec"], out["b_dec"] = out["W_dec"] / input_scale, out["b_dec"] / input_scale
+    return out
+
+
+@dataclass(eq=False)
+class SAEOutput:
+    """One forward pass of an ensemble, filled the same way by every kind.
+
+    x_hat [E, B, d_in]; mse [E] (mean over the batch of ‖x − x̂‖², summed over d_in); losses: the kind's extra loss
+    terms, each [E] and already weighted (relu: l1; topk/batchtopk: aux; jumprelu: l0_loss); loss [E] = mse + their
+    sum; fired [E, d_sae] bool: latents nonzero on at least one row; codes [E, B, d_sae], built on first read when
+    the kind passed a function (TopK's training step never needs them densely)."""
+
+    x_hat: torch.Tensor
+    mse: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    fired: torch.Tensor
+    codes_or_fn: torch.Tensor | Callable[[], torch.Tensor] = field(repr=False)
+    loss: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.loss = self.mse + sum(self.losses.values()) if self.losses else self.mse
+
+    @cached_property
+    def codes(self) -> torch.Tensor:
+        c = self.codes_or_fn
+        return c() if callable(c) else c
+
+
+class EnsembleSAE(nn.Module):
+    """Base class: E stacked SAEs. Subclasses define `activation` (pre-activations -> codes) and `kind_losses`."""
+
+    kind: str = "base"
+    architecture: str = "standard"  # SAELens's name for the architecture
+    member_keys: tuple[str, ...] = ()  # per-member hyperparameters besides the seed
+    required_hparams: tuple[str, ...] = ()  # member keys without a default
+    unit_norm_decoder: bool = True
+    nonnegative_codes: bool = True  # False for a kind whose codes can be negative
+
+    @classmethod
+    def default_hparams(cls, d_in: int) -> dict[str, Any]:
+        """Defaults of the member keys for this width; a missing key or None takes its default."""
+        return {}
+
+    def __init__(self, d_in: int, d_sae: int, hparams: Sequence[dict[str, Any]], tied: bool = False,
+                 pre_bias: bool = True, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        check_int(d_in, "d_in", 1, hint=" (the activation width)")
+        check_int(d_sae, "d_sae", 1, hint=" (the dictionary size)")
+        self.d_in, self.d_sae = d_in, d_sae
+        self.tied, self.pre_bias = bool(tied), bool(pre_bias)
+        self.dead_window: int | None = None  # tokens; see DEFAULT_DEAD_WINDOW
+        self.hparams = [dict(h) for h in hparams]
+        for h in self.hparams:
+            self.validate_member(h)
+        E = len(self.hparams)
+        W_dec = torch.stack([init_decoder(d_in, d_sae, h["seed"]) for h in self.hparams])
+        self.W_dec = nn.Parameter(W_dec.to(device=device, dtype=dtype))
+        # The encoder starts as the decoder's transpose (Gao et al.): every latent begins reading its own direction.
+        self.W_enc = None if self.tied else nn.Parameter(self.W_dec.detach().transpose(1, 2).clone())
+        self.b_enc = nn.Parameter(torch.zeros(E, d_sae, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(E, d_in, device=device, dtype=dtype))
+        # Tokens since each latent last fired; the trainer updates it, AuxK and the dead-feature metric read it.
+        self.register_buffer("tokens_since_fired", torch.zeros(E, d_sae, dtype=torch.long, device=device))
+        for key in self.member_keys:
+            values = [float(h[key]) for h in self.hparams]
+            self.register_buffer(f"_{key}", torch.tensor(values, device=device, dtype=dtype), persistent=False)
+
+    # ----- description -----
+    @property
+    def n_members(self) -> int:
+        return self.W_dec.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Settings shared by all members (per-member ones are in `hparams`)."""
+        return {"kind": self.kind, "architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
+                "tied": self.tied, "pre_bias": self.pre_bias, "dtype": str(self.dtype).removeprefix("torch.")}
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, n_members={self.n_members}, d_in={self.d_in}, d_sae={self.d_sae}, tied={self.tied}"
+
+    def validate_member(self, h: dict[str, Any]) -> None:
+        seed = h.get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int (or a list of ints, one per member), got {seed!r}")
+
+    def member_param(self, key: str) -> torch.Tensor:
+        """A per-member hyperparameter as an [E] tensor on the SAE's device."""
+        return getattr(self, f"_{key}")
+
+    # ----- the maths -----
+    def encoder_weight(self) -> torch.Tensor:
+        """[E, d_in, d_sae]: W_enc, or W_decᵀ for a tied SAE."""
+        return self.W_dec.transpose(1, 2) if self.tied else self.W_enc
+
+    def encoder_bias(self) -> torch.Tensor:
+        """[E, d_sae]: b_enc − b_dec W_enc with pre_bias, else b_enc."""
+        if not self.pre_bias:
+            return self.b_enc
+        return self.b_enc - torch.bmm(self.b_dec.unsqueeze(1), self.encoder_weight()).squeeze(1)
+
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, d_in] (every member sees it) or [E, B, d_in], moved to the SAE's device and dtype."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x must be a torch.Tensor of shape [batch, d_in], got {type(x).__name__}")
+        if x.ndim not in (2, 3) or x.shape[-1] != self.d_in:
+            raise ValueError(f"x has shape {tuple(x.shape)}: expected [batch, {self.d_in}] or "
+                             f"[{self.n_members}, batch, {self.d_in}] (d_in={self.d_in}, got width {x.shape[-1]})")
+        if x.ndim == 3 and x.shape[0] != self.n_members:
+            raise ValueError(f"x has {x.shape[0]} member slices but the ensemble has n_members={self.n_members}")
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, d_in] or [E, B, d_in] -> [E, B, d_in] (a view when shared)."""
+        return x.expand(self.n_members, *x.shape) if x.ndim == 2 else x
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, d_in] or [E, B, d_in] -> [E, B, d_sae]."""
+        x = self.check_input(x)
+        return torch.baddbmm(self.encoder_bias().unsqueeze(1), self.expand(x), self.encoder_weight())
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, d_in] (every member sees it) or [E, B, d_in] -> codes [E, B, d_sae]."""
+        return self.activation(self.pre_activations(x))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [E, B, d_sae] -> x̂ [E, B, d_in]."""
+        if codes.ndim != 3 or codes.shape[0] != self.n_members or codes.shape[2] != self.d_sae:
+            raise ValueError(f"codes must be [{self.n_members}, batch, {self.d_sae}], got {tuple(codes.shape)}")
+        return torch.baddbmm(self.b_dec.unsqueeze(1), codes, self.W_dec)
+
+    def kind_losses(self, x: torch.Tensor, pre: torch.Tensor, codes: torch.Tensor, x_hat: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+        """Extra loss terms, each [E] and already weighted; they are added to the MSE."""
+        return {}
+
+    def fired(self, codes: torch.Tensor) -> torch.Tensor:
+        """[E, d_sae] bool: latents nonzero on at least one row of codes [E, B, d_sae]."""
+        # amax beats (codes != 0).any() by skipping a bool temporary; valid where codes cannot be negative.
+        return codes.detach().amax(dim=1) > 0 if self.nonnegative_codes else (codes.detach() != 0).any(dim=1)
+
+    def _forward(self, x: torch.Tensor):
+        """The kind's part of a forward pass: (x̂ [E, B, d_in], codes or a function making them, fired [E, d_sae],
+        losses {name: [E]}). This generic version is autograd through `activation` and `kind_losses`."""
+        pre = self.pre_activations(x)
+        codes = self.activation(pre)
+        x_hat = self.decode(codes)
+        return x_hat, codes, self.fired(codes), self.kind_losses(x, pre, codes, x_hat)
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        """x [B, d_in] or [E, B, d_in] -> SAEOutput (x̂, mse, the kind's losses, loss, fired, codes)."""
+        x = self.check_input(x)
+        x_hat, codes, fired, losses = self._forward(x)
+        mse = (x_hat - x).pow(2).sum(-1).mean(-1)
+        return SAEOutput(x_hat, mse, losses, fired, codes)
+
+    # ----- decoder geometry -----
+    def decoder_directions(self) -> torch.Tensor:
+        """[E, d_sae, d_in] unit-norm feature directions (detached)."""
+        W = self.W_dec.detach()
+        return W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale decoder rows to unit norm (kinds whose L1 or scale conventions need it)."""
+        if self.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def project_decoder_grad_(self) -> None:
+        """Drop the gradient component along each decoder row: with unit-norm rows it only changes the norm, which
+        the renormalisation after the step would undo anyway, and it would leak into Adam's moments."""
+        g = self.W_dec.grad
+        if self.unit_norm_decoder and g is not None:
+            g.sub_((g * self.W_dec).sum(-1, keepdim=True) * self.W_dec)
+
+    # ----- dead latents -----
+    @torch.no_grad()
+    def update_firing_(self, fired: torch.Tensor, n_tokens: int) -> None:
+        """Advance the tokens-since-fired counters by a batch of n_tokens rows in which `fired` [E, d_sae] fired."""
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
+
+    def dead_mask(self, window: int) -> torch.Tensor:
+        """[E, d_sae] bool: latents that have not fired in the last `window` tokens."""
+        return self.tokens_since_fired >= window
+
+    # ----- interop -----
+    def member_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Member i's weights in SAELens's layout (detached copies)."""
+        if not -self.n_members <= i < self.n_members:
+            raise ValueError(f"member index i={i} out of range for n_members={self.n_members}")
+        return {"W_enc": self.encoder_weight().detach()[i].clone(), "b_enc": self.b_enc.detach()[i].clone(),
+                "W_dec": self.W_dec.detach()[i].clone(), "b_dec": self.b_dec.detach()[i].clone()}
+
+    @torch.no_grad()
+    def load_member_state_(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of `member_state`: copy one member's SAELens-layout weights in (W_enc is ignored when tied)."""
+        expected = {"W_enc": (self.d_in, self.d_sae), "b_enc": (self.d_sae,), "W_dec": (self.d_sae, self.d_in),
+                    "b_dec": (self.d_in,)}
+        for name, shape in expected.items():
+            if name not in state:
+                raise ValueError(f"state is missing {name!r} (needs {', '.join(expected)})")
+            if tuple(state[name].shape) != shape:
+                raise ValueError(f"state[{name!r}] has shape {tuple(state[name].shape)}, expected {shape}")
+        if not self.tied:
+            self.W_enc[i].copy_(state["W_enc"])
+        self.b_enc[i].copy_(state["b_enc"])
+        self.W_dec[i].copy_(state["W_dec"])
+        self.b_dec[i].copy_(state["b_dec"])

@@ -1,0 +1,189 @@
+"""The hand-written autograd functions behind the fast training steps (each tested against plain autograd).
+
+- `ReLUStep`: a ReLU SAE's forward and backward in a few batched matmuls (kinds.relu).
+- `SparseEncode`, `SparseDecode`: gradients that touch only the chosen latents of a TopK-style code, so only the
+  encoder forward stays dense (kinds.topk, kinds.batchtopk; Gao et al. 2024, arXiv 2406.04093).
+- `topk_rows`: each row's k largest values through strided group maxima (exact values, cheaper than a full top-k
+  when d_sae is large next to k).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ReLUStep(torch.autograd.Function):
+    """ReLU SAE forward and backward by hand: x [E, B, d_in], W_enc [E, d_in, d_sae], b_eff [E, d_sae] (b_enc with
+    the pre-bias folded in), W_dec [E, d_sae, d_in], b_dec [E, d_in] -> x̂ [E, B, d_in], the per-member mean L1 of
+    the codes [E], the codes [E, B, d_sae] and their per-latent sums [E, d_sae] (the last two not differentiable:
+    use `encode` for gradients with respect to codes).
+
+    Autograd computes the same numbers, but on CPU it hands the ReLU backward a transposed-layout gradient (slow
+    elementwise passes over [E, B, d_sae]) and adds the L1 gradient as a separate broadcast pass; here the L1
+    gradient is the bias of the one baddbmm that computes the code gradient, and every [E, B, d_sae] tensor stays
+    contiguous, so a step costs little beyond its 5 matmuls."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_eff, W_dec, b_dec):
+        codes = torch.baddbmm(b_eff.unsqueeze(1), x, W_enc).clamp_min_(0)
+        x_hat = torch.baddbmm(b_dec.unsqueeze(1), codes, W_dec)
+        # One pass over the codes gives both the L1 norm (codes >= 0) and which latents fired.
+        per_latent = codes.sum(1)
+        l1 = per_latent.sum(-1) / codes.shape[1]
+        ctx.save_for_backward(x, W_enc, W_dec, codes)
+        ctx.mark_non_differentiable(codes, per_latent)
+        ctx.set_materialize_grads(False)
+        return x_hat, l1, codes, per_latent
+
+    @staticmethod
+    def backward(ctx, g_xhat, g_l1, _g_codes, _g_per_latent):
+        x, W_enc, W_dec, codes = ctx.saved_tensors
+        E, B, n = codes.shape
+        bias = ((g_l1 / B).view(E, 1, 1) if g_l1 is not None else codes.new_zeros(1, 1, 1)).expand(E, B, n)
+        if g_xhat is None:
+            g_codes = bias.contiguous()
+        else:
+            g_codes = torch.baddbmm(bias, g_xhat, W_dec.transpose(1, 2))
+        # In place: g_codes is ours, and a fresh [E, B, d_sae] buffer costs page faults on every step.
+        g_pre = g_codes.masked_fill_(codes <= 0, 0)
+        need = ctx.needs_input_grad
+        g_x = torch.bmm(g_pre, W_enc.transpose(1, 2)) if need[0] else None
+        g_W_enc = torch.bmm(x.transpose(1, 2), g_pre) if need[1] else None
+        g_b_eff = g_pre.sum(1) if need[2] else None
+        g_W_dec = g_b_dec = None
+        if g_xhat is not None:
+            g_W_dec = torch.bmm(codes.transpose(1, 2), g_xhat) if need[3] else None
+            g_b_dec = g_xhat.sum(1) if need[4] else None
+        return g_x, g_W_enc, g_b_eff, g_W_dec, g_b_dec
+
+
+# Rows of the batch per chunk in the sparse backward passes: E·rows·K·d_in ≈ this many elements (a cache-sized
+# temporary; larger chunks spill out of the cache, smaller ones pay Python per chunk), but at least _MIN_ROWS rows
+# so that AuxK's wide picks (K = k + d_in/2) do not turn into thousands of tiny calls.
+_SPARSE_CHUNK_ELEMS = 1 << 18
+_MIN_ROWS = 8
+
+
+def _chunks(E: int, B: int, K: int, d: int):
+    step = max(_MIN_ROWS, _SPARSE_CHUNK_ELEMS // max(1, E * K * d))
+    return [(s, min(B, s + step)) for s in range(0, B, step)]
+
+
+def _rows_add_(out: torch.Tensor, gidx: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """out [E·n, d] += Σ_(e,b,j) coef[e,b,j] · rows[e,b] at row gidx[e,b,j] (already offset by e·n): the transpose
+    of a sparse [B, n] matrix with K entries per row times a dense [B, d] one, in O(E·B·K·d) without sorting."""
+    E, B, K = gidx.shape
+    d = rows.shape[-1]
+    for s, t in _chunks(E, B, K, d):
+        src = (coef[:, s:t].unsqueeze(-1) * rows[:, s:t].unsqueeze(2)).reshape(-1, d)
+        out.index_add_(0, gidx[:, s:t].reshape(-1), src)
+    return out
+
+
+def _gather_dot(table: torch.Tensor, gidx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[E, B, K]: table[gidx[e,b,j]] · rows[e,b] (table [E·n, d], gidx offset by e·n)."""
+    E, B, K = gidx.shape
+    d = rows.shape[-1]
+    out = rows.new_empty(E, B, K)
+    for s, t in _chunks(E, B, K, d):
+        picked = table.index_select(0, gidx[:, s:t].reshape(-1)).view(E, t - s, K, d)
+        torch.sum(picked.mul_(rows[:, s:t].unsqueeze(2)), dim=-1, out=out[:, s:t])
+    return out
+
+
+def _offset(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Latent indices [E, B, K] -> rows of the member-flattened [E·n, ·] table."""
+    return idx + (torch.arange(idx.shape[0], device=idx.device) * n).view(-1, 1, 1)
+
+
+class SparseEncode(torch.autograd.Function):
+    """The pre-activations at chosen entries, pre[e, b, idx[e,b,j]] with pre = x W + b_enc (- b_dec W with
+    pre_bias), as a differentiable function of x, W, b_enc and b_dec. The forward receives those values already
+    computed (the dense encoder forward that picked them ran without autograd) and only passes them on; the backward
+    touches the E·B·K chosen entries only, instead of the dense [B, d_in] x [B, d_sae] matmul that a dense
+    pre-activation gradient (zero almost everywhere) would cost:
+        ∂W[:, j] = Σ_(b: j chosen) g · x_b (built as rows of Wᵀ),   ∂b_enc[j] = Σ g,
+        pre_bias: ∂W[:, j] -= b_dec ∂b_enc[j],  ∂b_dec = -W ∂b_enc,   ∂x_b = Σ_j g · W[:, idx]."""
+
+    @staticmethod
+    def forward(ctx, x, W, b_enc, b_dec, idx, picked):
+        ctx.save_for_backward(x, W, b_dec, idx)
+        ctx.pre_bias = b_dec is not None
+        return picked.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W, b_dec, idx = ctx.saved_tensors
+        E, d, n = W.shape
+        need = ctx.needs_input_grad
+        gidx = _offset(idx, n)
+        g_x = g_W = g_b_enc = g_b_dec = None
+        g_b = g.new_zeros(E * n).index_add_(0, gidx.reshape(-1), g.reshape(-1)).view(E, n)
+        if need[1]:
+            g_Wt = _rows_add_(g.new_zeros(E * n, d), gidx, g, x.expand(E, *x.shape[-2:])).view(E, n, d)
+            if ctx.pre_bias:
+                g_Wt.baddbmm_(g_b.unsqueeze(2), b_dec.unsqueeze(1), alpha=-1)
+            g_W = g_Wt.transpose(1, 2)
+        if need[2]:
+            g_b_enc = g_b
+        if ctx.pre_bias and need[3]:
+            g_b_dec = -torch.bmm(W, g_b.unsqueeze(2)).squeeze(2)
+        if need[0]:
+            table = W.transpose(1, 2).reshape(E * n, d)
+            g_x = nn.functional.embedding_bag(gidx.reshape(-1, idx.shape[-1]), table, mode="sum",
+                                              per_sample_weights=g.reshape(-1, idx.shape[-1]))
+            g_x = g_x.view(E, -1, d)  # x is [E, B, d_in] (expanded when shared): autograd sums the expand
+        return g_x, g_W, g_b_enc, g_b_dec, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """Σ_j values[e,b,j] · W_dec[e, idx[e,b,j]] -> [E, B, d_in] (no b_dec), touching only the chosen decoder rows:
+    forward one embedding_bag; backward ∂W_dec by index_add (no sort, unlike embedding_bag's own backward) and
+    ∂values by dot products with the gathered rows."""
+
+    @staticmethod
+    def forward(ctx, W_dec, values, idx):
+        E, n, d = W_dec.shape
+        K = idx.shape[-1]
+        gidx = _offset(idx, n)
+        out = nn.functional.embedding_bag(gidx.view(-1, K), W_dec.reshape(E * n, d), mode="sum",
+                                          per_sample_weights=values.reshape(-1, K))
+        ctx.save_for_backward(W_dec, values, gidx)
+        return out.view(E, -1, d)
+
+    @staticmethod
+    def backward(ctx, g_out):
+        W_dec, values, gidx = ctx.saved_tensors
+        E, n, d = W_dec.shape
+        g_out = g_out.contiguous()
+        g_W = g_values = None
+        if ctx.needs_input_grad[0]:
+            g_W = _rows_add_(g_out.new_zeros(E * n, d), gidx, values, g_out).view(E, n, d)
+        if ctx.needs_input_grad[1]:
+            g_values = _gather_dot(W_dec.reshape(E * n, d), gidx, g_out)
+        return g_W, g_values, None
+
+
+def topk_rows(pre: torch.Tensor, k: int, sorted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pre.topk(k, dim=-1, sorted=sorted)` for [E, B, n], through group maxima when n is large next to k.
+
+    Split each row into s strided groups {g, g + m, g + 2m, ...} (m = n / s): every one of the row's k largest
+    values lies in one of the k groups with the largest maxima (a group outside them has k groups whose maxima are
+    at least its own), so the top k of those k·s candidates are the row's top k. One vectorised max over the row
+    and two small top-k's replace a top-k over all n (CPU top-k costs several ns per element). The values are
+    exactly torch.topk's; among exactly tied values the latent picked may differ."""
+    n = pre.shape[-1]
+    s = 1
+    while s * 2 * 64 * k <= n and n % (s * 2) == 0:  # keep m >= 64k, where torch.topk takes its cheaper path
+        s *= 2
+    if s < 4:
+        return pre.topk(k, dim=-1, sorted=sorted)
+    m = n // s
+    group_max = pre.unflatten(-1, (s, m)).amax(-2)
+    _, groups = group_max.topk(k, dim=-1, sorted=False)
+    cand = (groups.unsqueeze(-1) + torch.arange(0, n, m, device=pre.device)).flatten(-2)
+    values, j = pre.gather(-1, cand).topk(k, dim=-1, sorted=sorted)
+    return values, cand.gather(-1, j)
+
+

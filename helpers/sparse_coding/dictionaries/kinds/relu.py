@@ -1,0 +1,68 @@
+"""ReLU + L1 (Cunningham et al. 2023, arXiv 2309.08600; Sharkey et al. 2022): codes = ReLU(x W_enc + b_enc),
+loss = ‖x − x̂‖² + l1_coef·‖codes‖₁ with unit-norm decoder rows, so the L1 cannot be dodged by shrinking codes and
+growing the decoder. Saved as SAELens "standard".
+
+"relu_bias_decay" adds b_enc_decay·‖b_enc‖² to the loss (an L2 decay on the encoder bias), reusing the same step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...checks import check_coef
+from ..base import EnsembleSAE, register_sae
+from ..kernels import ReLUStep
+
+
+@register_sae("relu")
+class ReLUSAE(EnsembleSAE):
+    """ReLU + L1. Per member: l1_coef (default 1e-3)."""
+
+    architecture = "standard"
+    member_keys = ("l1_coef",)
+
+    @classmethod
+    def default_hparams(cls, d_in: int) -> dict[str, Any]:
+        return {"l1_coef": 1e-3}
+
+    def validate_member(self, h: dict[str, Any]) -> None:
+        super().validate_member(h)
+        check_coef(h.get("l1_coef"), "l1_coef")
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre)
+
+    def kind_losses(self, x, pre, codes, x_hat):
+        # codes are >= 0, so the L1 norm is a plain sum.
+        return {"l1": self.member_param("l1_coef") * codes.sum(-1).mean(-1)}
+
+    def _forward(self, x: torch.Tensor):
+        if type(self).activation is not ReLUSAE.activation or type(self).kind_losses is not ReLUSAE.kind_losses:
+            return super()._forward(x)  # a subclass with its own maths takes the generic path
+        x_hat, l1, codes, per_latent = ReLUStep.apply(self.expand(x), self.encoder_weight(), self.encoder_bias(),
+                                                      self.W_dec, self.b_dec)
+        return x_hat, codes, per_latent > 0, {"l1": self.member_param("l1_coef") * l1}
+
+
+@register_sae("relu_bias_decay")
+class ReLUBiasDecaySAE(ReLUSAE):
+    """ReLU + L1 with an L2 penalty on the encoder bias: loss = mse + l1_coef·‖c‖₁ + b_enc_decay·‖b_enc‖².
+
+    Keeps ReLUSAE's hand-written step (activation and kind_losses are not overridden, so its fast path applies) and
+    adds the decay to the losses afterwards; autograd gives b_enc the extra 2·b_enc_decay·b_enc."""
+
+    member_keys = ("l1_coef", "b_enc_decay")
+
+    @classmethod
+    def default_hparams(cls, d_in: int) -> dict[str, Any]:
+        return {"l1_coef": 1e-3, "b_enc_decay": 1e-3}
+
+    def validate_member(self, h: dict[str, Any]) -> None:
+        super().validate_member(h)
+        check_coef(h.get("b_enc_decay"), "b_enc_decay")
+
+    def _forward(self, x: torch.Tensor):
+        x_hat, codes, fired, losses = super()._forward(x)
+        losses["b_enc_l2"] = self.member_param("b_enc_decay") * self.b_enc.pow(2).sum(-1)
+        return x_hat, codes, fired, losses

@@ -1,0 +1,165 @@
+"""TopK (Gao et al. 2024, arXiv 2406.04093): keep each row's k largest ReLU'd pre-activations; AuxK makes dead
+latents model the residual error so they get gradient again. Saved as SAELens "topk"."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...checks import check_coef, check_int
+from ..base import DEFAULT_DEAD_WINDOW, EnsembleSAE, register_sae
+from ..kernels import SparseDecode, SparseEncode, topk_rows
+
+
+@register_sae("topk")
+class TopKSAE(EnsembleSAE):
+    """TopK (Gao et al. 2024): keep each row's k largest ReLU'd pre-activations; AuxK makes dead latents model the
+    residual error so they get gradient again.
+
+    Members may have different k: the top max(k) are taken once for all members and each member keeps its first k
+    (topk returns them sorted).
+
+    The forward pass is sparse everywhere but the encoder matmul: that runs without autograd, the k chosen entries
+    per row (and AuxK's aux_k) are picked, and the gradients reach the weights through those entries only
+    (`SparseEncode`, `SparseDecode`): per row O(K·d_in) work instead of O(d_sae·d_in) for the
+    encoder gradient, the decoder forward and both decoder gradients. The dense codes in the output are built only
+    if read (`SAEOutput.codes`)."""
+
+    architecture = "topk"
+    member_keys = ("k", "aux_k", "aux_coef")
+    required_hparams = ("k",)
+
+    @classmethod
+    def default_hparams(cls, d_in: int) -> dict[str, Any]:
+        return {"aux_k": d_in // 2, "aux_coef": 1 / 32}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.k_max = max(int(h["k"]) for h in self.hparams)
+        self.aux_k_max = max(int(h["aux_k"]) for h in self.hparams)
+
+    def validate_member(self, h: dict[str, Any]) -> None:
+        super().validate_member(h)
+        check_int(h.get("k"), "k", 1, self.d_sae, f" (active latents per row; d_sae={self.d_sae})")
+        check_int(h.get("aux_k"), "aux_k", 0, self.d_sae, " (dead latents AuxK uses; None means d_in // 2)")
+        check_coef(h.get("aux_coef"), "aux_coef")
+
+    def _keep_first(self, values: torch.Tensor, key: str) -> torch.Tensor:
+        """Zero each member's ranks >= its own k (values sorted descending along the last axis)."""
+        ranks = torch.arange(values.shape[-1], device=values.device)
+        return values * (ranks < self.member_param(key).view(-1, 1, 1)).to(values.dtype)
+
+    def _ragged(self, k: int, key: str) -> bool:
+        return k > 1 and len({h[key] for h in self.hparams}) > 1
+
+    def _top(self, pre: torch.Tensor, k: int, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's k largest pre-activations (before the ReLU) and their latents; sorted only if the members'
+        `key` differ (they are then cut at their own k)."""
+        return topk_rows(pre, k, sorted=self._ragged(k, key))
+
+    def _finish(self, values: torch.Tensor, k: int, key: str) -> torch.Tensor:
+        """ReLU and the per-member cut of chosen pre-activations."""
+        values = torch.relu(values)
+        return self._keep_first(values, key) if self._ragged(k, key) else values
+
+    def select(self, pre: torch.Tensor, k: int, key: str, mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's top-k ReLU'd pre-activations (k = max over members, each member then keeps its own
+        `key`): values [E, B, k] and latent indices [E, B, k]. `mask` [E, d_sae] restricts the choice."""
+        if mask is not None:
+            pre = pre.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        # Top-k first, ReLU on the k survivors: the same codes as ReLU then top-k, without two full passes over
+        # [E, B, d_sae] (ReLU forward and backward). Sorting is only needed to cut members at different k.
+        values, idx = self._top(pre, k, key)
+        return self._finish(values, k, key), idx
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        values, idx = self.select(pre, self.k_max, "k")
+        return torch.zeros_like(pre).scatter(-1, idx, values)
+
+    def sparse_decode(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Σ_j values[e,b,j] · W_dec[e, idx[e,b,j]]  ([E, B, d_in], no b_dec). Only the k chosen decoder rows are
+        touched, forward and backward: k·d_in multiply-adds per row instead of d_sae·d_in."""
+        return SparseDecode.apply(self.W_dec, values, idx)
+
+    def _pre_buffer(self, E: int, B: int) -> torch.Tensor | None:
+        """In training, one [E, B, d_sae] buffer for the pre-activations, kept from step to step: a fresh one costs
+        page faults on every step (large CPU allocations are mapped and unmapped each time). Dropped by eval()."""
+        if not self.training:
+            return None
+        buf = getattr(self, "_pre_cache", None)
+        if buf is None or buf.shape != (E, B, self.d_sae) or buf.dtype != self.dtype or buf.device != self.device:
+            self._pre_cache = buf = None  # free the old one first
+            buf = self._pre_cache = torch.empty(E, B, self.d_sae, device=self.device, dtype=self.dtype)
+        return buf
+
+    def train(self, mode: bool = True) -> "TopKSAE":
+        if not mode:
+            self._pre_cache = None
+        return super().train(mode)
+
+    def _dead_for_aux(self) -> torch.Tensor | None:
+        """[E, d_sae] dead latents when AuxK has work this step, else None."""
+        if self.aux_k_max == 0 or not self.training:
+            return None
+        dead = self.dead_mask(self.dead_window if self.dead_window is not None else DEFAULT_DEAD_WINDOW)
+        # One host sync per step, but it saves a second top-k and decode on every step where nothing is dead.
+        return dead if bool(dead.any()) else None
+
+    def _forward(self, x: torch.Tensor):
+        if type(self).activation is not TopKSAE.activation or type(self).kind_losses is not TopKSAE.kind_losses:
+            return super()._forward(x)  # a subclass with its own maths takes the generic path
+        E, B, n, k = self.n_members, x.shape[-2], self.d_sae, self.k_max
+        W = self.encoder_weight()
+        xs = self.expand(x)
+        dead = self._dead_for_aux()
+        with torch.no_grad():
+            pre = torch.baddbmm(self.encoder_bias().unsqueeze(1), xs, W, out=self._pre_buffer(E, B))
+            picked, idx = self._top(pre, k, "k")
+            if dead is not None:
+                # pre is ours and no longer needed: mask it in place for AuxK's choice among the dead.
+                aux_picked, aux_idx = self._top(pre.masked_fill_(~dead.unsqueeze(1), float("-inf")),
+                                                self.aux_k_max, "aux_k")
+                picked, idx = torch.cat([picked, aux_picked], -1), torch.cat([idx, aux_idx], -1)
+            del pre
+        # Gradients reach W, b_enc and b_dec through the chosen entries only (main and AuxK together).
+        picked = SparseEncode.apply(xs, W, self.b_enc, self.b_dec if self.pre_bias else None, idx, picked)
+        values, main_idx = self._finish(picked[..., :k], k, "k"), idx[..., :k]
+        x_hat = self.sparse_decode(values, main_idx) + self.b_dec.unsqueeze(1)
+        if dead is None:
+            aux = x_hat.new_zeros(E)
+        else:
+            aux_values = self._finish(picked[..., k:], self.aux_k_max, "aux_k")
+            aux = self._aux_loss(x, x_hat, aux_values, idx[..., k:], dead)
+        with torch.no_grad():
+            v = values.detach()
+            fired = torch.zeros(E, n, device=self.device, dtype=self.dtype).scatter_add_(
+                1, main_idx.reshape(E, -1), v.reshape(E, -1)) > 0
+
+        def dense() -> torch.Tensor:  # built only if read: the training step never needs it
+            return torch.zeros(E, B, n, device=v.device, dtype=v.dtype).scatter_(-1, main_idx, v)
+
+        return x_hat, dense, fired, {"aux": aux}
+
+    def kind_losses(self, x, pre, codes, x_hat):
+        return {"aux": self._aux(x, pre, x_hat)}
+
+    def _aux(self, x: torch.Tensor, pre: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """AuxK: the aux_k largest dead latents reconstruct the main reconstruction's error."""
+        dead = self._dead_for_aux()
+        if dead is None:
+            return torch.zeros(self.n_members, device=self.device, dtype=self.dtype)
+        values, idx = self.select(pre, self.aux_k_max, "aux_k", mask=dead)
+        return self._aux_loss(x, x_hat, values, idx, dead)
+
+    def _aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor, idx: torch.Tensor,
+                  dead: torch.Tensor) -> torch.Tensor:
+        residual = (x - x_hat).detach()
+        # b_dec is already in x_hat; the dead latents model only what is left over.
+        aux_hat = self.sparse_decode(values, idx)
+        # Normalised by the residual's own variance so aux_coef (1/32) means the same at any activation scale.
+        baseline = (residual - residual.mean(-2, keepdim=True)).pow(2).sum(-1).mean(-1).clamp_min(1e-12)
+        aux = (aux_hat - residual).pow(2).sum(-1).mean(-1) / baseline
+        # A member with nothing dead has no aux loss (not the residual's full error, which it cannot reduce).
+        return self.member_param("aux_coef") * aux * dead.any(-1).to(aux.dtype)

@@ -1,0 +1,168 @@
+"""Saving and loading dictionaries in SAELens's on-disk layout.
+
+One SAE is a folder with `cfg.json` and `sae_weights.safetensors` (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in],
+b_dec, plus `threshold` for JumpReLU-style kinds), so `sae_lens.SAE.load_from_disk(folder)` reads ours; we keep our
+own settings under the `sparse_coding` key of cfg.json, which SAELens ignores. A sweep (one ensemble) is a folder
+of such members plus `sweep.json`.
+
+Activation normalisation is folded into the weights on save: a member trained on x*s behaves, on raw x, like
+W_enc*s, b_dec/s, W_dec/s (b_enc and any threshold act on codes, which do not change), so a loaded SAE takes raw
+activations, in SAELens and here alike.
+
+Folders are written under a temporary name and renamed into place, and an existing one is never replaced unless
+overwrite=True: a killed save leaves the old dictionary intact."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..files import atomic_dir, atomic_write_text, load_json, load_tensors, save_json, save_tensors
+from .base import SAE_KINDS, EnsembleSAE, fold_input_scale
+from .factory import make_sae
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SWEEP_FILE = "sweep.json"
+# The SAELens config format we write (the 6.x layout); older ones get renamed keys on load.
+SAELENS_FORMAT_VERSION = "6.0.0"
+# SAELens architectures we can read that SAELens itself saved, mapped to our kinds.
+_ARCH_TO_KIND = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+
+
+def _folded_state(sae: EnsembleSAE, i: int, input_scale: float) -> dict[str, torch.Tensor]:
+    return fold_input_scale(sae.member_state(i), input_scale)
+
+
+def _saelens_cfg(sae: EnsembleSAE, i: int, input_scale: float, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    h = sae.hparams[i]
+    cfg: dict[str, Any] = {
+        "architecture": sae.architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": str(sae.dtype).removeprefix("torch."),
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.pre_bias,
+        "normalize_activations": "none",  # already folded into the weights
+        "reshape_activations": "none",
+        "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None, **metadata},
+        "sparse_coding": {"kind": sae.kind, "tied": sae.tied, "pre_bias": sae.pre_bias,
+                          "hparams": h, "input_scale": float(input_scale)},
+    }
+    if "k" in h:
+        cfg["k"] = int(h["k"])
+        cfg["rescale_acts_by_decoder_norm"] = False
+    return cfg
+
+
+def _write_member(sae: EnsembleSAE, i: int, folder: Path, input_scale: float, metadata: Mapping[str, Any],
+                  metrics: Mapping[str, Any] | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / WEIGHTS_FILE, _folded_state(sae, i, input_scale))
+    save_json(folder / CFG_FILE, _saelens_cfg(sae, i, input_scale, metadata))
+    if metrics:
+        save_json(folder / "metrics.json", metrics)
+
+
+def save_sae(sae: EnsembleSAE, folder: str | os.PathLike, member: int = 0, *, input_scale: float = 1.0,
+             metadata: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
+             overwrite: bool = False) -> Path:
+    """Save one member as a SAELens-layout folder. metadata: model_name, hook_name, context_size, dataset_path..."""
+    with atomic_dir(folder, overwrite) as tmp:
+        _write_member(sae, member, tmp, input_scale, metadata or {}, metrics)
+    return Path(folder)
+
+
+def member_name(i: int) -> str:
+    return f"member-{i:03d}"
+
+
+def save_sweep(sae: EnsembleSAE, folder: str | os.PathLike, *, input_scale: float = 1.0,
+               metadata: Mapping[str, Any] | None = None, member_metrics: Sequence[Mapping[str, Any]] | None = None,
+               extra: Mapping[str, Any] | None = None, files: Mapping[str, str] | None = None,
+               overwrite: bool = False) -> Path:
+    """Save every member of an ensemble (one SAELens folder each) plus sweep.json describing the sweep.
+    files: extra text files (name -> content, e.g. the training log as CSV) written into the folder before it is
+    renamed into place, so the sweep appears whole or not at all."""
+    if member_metrics is not None and len(member_metrics) != sae.n_members:
+        raise ValueError(f"member_metrics has {len(member_metrics)} entries for {sae.n_members} members")
+    with atomic_dir(folder, overwrite) as tmp:
+        for i in range(sae.n_members):
+            _write_member(sae, i, tmp / member_name(i), input_scale, metadata or {},
+                          member_metrics[i] if member_metrics else None)
+        save_json(tmp / SWEEP_FILE, {"config": sae.config, "n_members": sae.n_members,
+                                     "input_scale": float(input_scale),
+                                     "members": [{"folder": member_name(i), "hparams": h}
+                                                 for i, h in enumerate(sae.hparams)],
+                                     "metadata": dict(metadata or {}), **(extra or {})})
+        for name, text in (files or {}).items():
+            atomic_write_text(tmp / name, text)
+    return Path(folder)
+
+
+def _read_member(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    cfg_path, weights_path = folder / CFG_FILE, folder / WEIGHTS_FILE
+    if not cfg_path.exists() or not weights_path.exists():
+        raise FileNotFoundError(f"{folder} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
+    return load_json(cfg_path), load_tensors(weights_path)
+
+
+def _kind_and_hparams(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any], bool, bool]:
+    ours = cfg.get("sparse_coding")
+    if ours:
+        h = {k: v for k, v in ours["hparams"].items()}
+        return ours["kind"], h, bool(ours.get("tied", False)), bool(ours.get("pre_bias", True))
+    arch = cfg.get("architecture", "standard")
+    if arch not in _ARCH_TO_KIND or _ARCH_TO_KIND[arch] not in SAE_KINDS:
+        readable = [a for a, k in _ARCH_TO_KIND.items() if k in SAE_KINDS]
+        raise ValueError(f"SAELens architecture {arch!r} is not supported here; readable ones: {', '.join(readable)}")
+    kind = _ARCH_TO_KIND[arch]
+    h: dict[str, Any] = {"seed": 0}
+    if kind == "topk":
+        h["k"] = int(cfg["k"])
+    if kind == "relu":
+        h["l1_coef"] = 0.0  # the training coefficient is not part of SAELens's inference config
+    return kind, h, False, bool(cfg.get("apply_b_dec_to_input", True))
+
+
+def _build(kind: str, d_in: int, d_sae: int, hparams: Sequence[dict[str, Any]], tied: bool, pre_bias: bool,
+           device: str | torch.device | None) -> EnsembleSAE:
+    per_member = {k: [h[k] for h in hparams] for k in hparams[0]}
+    return make_sae(kind, d_in, d_sae, tied=tied, pre_bias=pre_bias, device=device, **per_member)
+
+
+def load_sae(folder: str | os.PathLike, device: str | torch.device | None = None) -> EnsembleSAE:
+    """Load one SAE folder (ours or one saved by SAELens) as a 1-member ensemble that takes raw activations."""
+    cfg, state = _read_member(Path(folder))
+    kind, h, tied, pre_bias = _kind_and_hparams(cfg)
+    # Loaded untied even if trained tied: the file holds W_enc explicitly (= W_dec.T), and the folded weights of a
+    # normalised member are no longer transposes of each other.
+    sae = _build(kind, int(cfg["d_in"]), int(cfg["d_sae"]), [h], tied=False, pre_bias=pre_bias, device=device)
+    sae.load_member_state_(0, {k: v.to(sae.dtype) for k, v in state.items()})
+    return sae
+
+
+def load_sweep(folder: str | os.PathLike, device: str | torch.device | None = None) -> EnsembleSAE:
+    """Load a sweep folder (sweep.json + member folders) back into one ensemble, members in saved order."""
+    folder = Path(folder)
+    if not (folder / SWEEP_FILE).exists():
+        raise FileNotFoundError(f"{folder} has no {SWEEP_FILE}: not a sweep folder (use load_sae for one SAE)")
+    sweep = load_json(folder / SWEEP_FILE)
+    members = [_read_member(folder / m["folder"]) for m in sweep["members"]]
+    kinds = {(_kind_and_hparams(cfg)[0], cfg["d_in"], cfg["d_sae"]) for cfg, _ in members}
+    if len(kinds) != 1:
+        raise ValueError(f"sweep members differ in kind or size ({kinds}); load them one by one with load_sae")
+    kind, d_in, d_sae = kinds.pop()
+    _, _, _, pre_bias = _kind_and_hparams(members[0][0])
+    hparams = [_kind_and_hparams(cfg)[1] for cfg, _ in members]
+    sae = _build(kind, int(d_in), int(d_sae), hparams, tied=False, pre_bias=pre_bias, device=device)
+    for i, (_, state) in enumerate(members):
+        sae.load_member_state_(i, {k: v.to(sae.dtype) for k, v in state.items()})
+    return sae
+
+
+def sweep_info(folder: str | os.PathLike) -> dict[str, Any]:
+    return load_json(Path(folder) / SWEEP_FILE)

@@ -1,0 +1,112 @@
+"""Where training batches come from: one callable step -> [B, d_in] over every accepted source, with what a resume
+needs to continue the stream exactly, and the input scale that normalises it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from ...activations.store import ActivationStore, row_order
+from ...checks import check_int
+
+Batches = Iterable[torch.Tensor] | Callable[[int], torch.Tensor] | torch.Tensor | ActivationStore
+
+
+class BatchSource:
+    """`source(step)` -> the batch [B, d_in] of that step, for any of:
+
+    - a dataset tensor [rows, d_in]: rows sampled with the training seed and batch_size (a rerun sees the same);
+    - an ActivationStore: shuffled as `store.batches(batch_size, seed, drop_last=True)`, epoch after epoch
+      (`activations.row_order`), so any step's batch is computable directly and a resume needs only the step;
+    - a callable step -> batch (must be a pure function of the step for a resume to equal an uninterrupted run);
+    - an iterable of batches (replayed from its start on resume).
+    `state()` / `restore(state, step)` carry what a resume needs."""
+
+    def __init__(self, batches: Any, batch_size: int | None, seed: int):
+        self.kind = "iterable"
+        self.gen: torch.Generator | None = None
+        self.it: Iterator[torch.Tensor] | None = None
+        if isinstance(batches, torch.Tensor):
+            if batches.ndim != 2:
+                raise ValueError(f"batches as a tensor must be a dataset [rows, d_in], got shape "
+                                 f"{tuple(batches.shape)}")
+            if batch_size is None:
+                raise ValueError("batch_size is required when batches is a dataset tensor [rows, d_in]")
+            self.kind, self.data, self.batch_size = "tensor", batches, batch_size
+            self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        elif isinstance(batches, ActivationStore):
+            if batch_size is None:
+                raise ValueError("batch_size is required when batches is an ActivationStore")
+            if batch_size > batches.n_tokens:
+                raise ValueError(f"batch_size={batch_size} exceeds the store's {batches.n_tokens} rows; lower it")
+            self.kind, self.store, self.batch_size, self.seed = "store", batches, batch_size, seed
+            self.per_epoch = batches.n_tokens // batch_size
+            self._perm_epoch, self._perm = -1, None
+        elif callable(batches):
+            self.kind, self.fn = "callable", batches
+        else:
+            try:
+                self.it = iter(batches)
+            except TypeError:
+                raise ValueError(f"batches must be a dataset tensor, an ActivationStore, a callable step -> batch "
+                                 f"or an iterable of batches, got {type(batches).__name__}") from None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        if self.kind == "tensor":
+            return self.data[torch.randint(len(self.data), (self.batch_size,), generator=self.gen)]
+        if self.kind == "store":
+            epoch, i = divmod(step, self.per_epoch)
+            if epoch != self._perm_epoch:
+                self._perm, self._perm_epoch = row_order(self.store.n_tokens, self.seed, epoch), epoch
+            return self.store.rows(self._perm[i * self.batch_size:(i + 1) * self.batch_size])
+        if self.kind == "callable":
+            return self.fn(step)
+        try:
+            return next(self.it)
+        except StopIteration:
+            raise ValueError(f"batches ran out after {step} steps; give at least `steps` batches or a callable "
+                             "step -> batch") from None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"rng.data": self.gen.get_state()} if self.gen is not None else {}
+
+    def restore(self, tensors: dict[str, torch.Tensor], step: int) -> None:
+        if self.gen is not None:
+            self.gen.set_state(tensors["rng.data"])
+        elif self.kind == "iterable":
+            # An iterable cannot seek: replay it. Correct for any iterable that yields the same batches when
+            # created again (a list, store.batches(...) with the same seed, ToyData.batches(...)).
+            for s in range(step):
+                self(s)
+
+
+@torch.no_grad()
+def estimate_input_scale(batches: Batches, n_batches: int = 16, batch_size: int | None = None, seed: int = 0
+                         ) -> float:
+    """s with E‖s·x‖² = d_in, from `n_batches` batches of the source (a dataset tensor or an ActivationStore,
+    sampled with `seed` and `batch_size`, default 4096; a callable, called for steps 0..n-1; an iterable, its first
+    batches). Pass it to train_sae(input_scale=s) and to dictionaries.save_sweep(input_scale=s).
+    Raises ValueError when the inputs are all zero or not finite."""
+    check_int(n_batches, "n_batches", 1)
+    if isinstance(batches, (torch.Tensor, ActivationStore)) and batch_size is None:
+        batch_size = 4096
+    src = BatchSource(batches, batch_size, seed + 7919)  # not the training stream's generator
+    total, rows, d = 0.0, 0, None
+    for step in range(n_batches):
+        try:
+            x = src(step)
+        except ValueError:
+            if rows:
+                break  # a short iterable: what it had is the estimate
+            raise
+        if not isinstance(x, torch.Tensor) or x.ndim != 2:
+            raise ValueError(f"batch {step} must be a [batch, d_in] tensor")
+        total += float(x.double().pow(2).sum())
+        rows, d = rows + x.shape[0], x.shape[1]
+    mean_sq = total / max(rows, 1)
+    if not math.isfinite(mean_sq) or mean_sq <= 0:
+        raise ValueError(f"mean squared norm of the inputs is {mean_sq!r}: the activations are all zero or contain "
+                         "NaN/inf; clean them before estimating the scale")
+    return math.sqrt(d / mean_sq)

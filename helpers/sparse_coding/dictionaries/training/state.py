@@ -1,0 +1,212 @@
+"""What a training run leaves on disk: the full state to resume from, and weight snapshots to track features across
+training.
+
+A state folder holds
+
+    state.safetensors            the latest full training state (weights, firing counters, Adam moments and step,
+                                 RNG states); its JSON metadata carries the step, data position, settings and log
+    snapshots/step-00000064.safetensors   the ensemble's weights (W_enc, b_enc, W_dec, b_dec, tokens_since_fired)
+                                 after that many optimizer steps; step 0 is the initialisation
+    training.json                an index: which snapshots exist, the latest full-state step, the settings
+
+Why the split: resuming needs everything (Adam's moments are twice the weights), tracking needs only weights at
+log-spaced steps. So the full state is kept once (the latest, replaced in place) and every snapshot is kept, at a
+third of the size. Each file is one safetensors file written atomically, so weights and the JSON that describes them
+never disagree and a killed write leaves the previous file intact.
+
+Snapshot weights are in training units: when inputs were scaled by `input_scale` the snapshot is the SAE of the
+scaled inputs; `load_snapshot(..., fold=True)` gives the weights for raw inputs (as dictionaries.saelens_io saves)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+
+from ...files import canonical, load_tensors, save_json, save_tensors
+from ..base import EnsembleSAE, fold_input_scale
+
+STATE_FILE = "state.safetensors"
+SNAPSHOT_DIR = "snapshots"
+INDEX_FILE = "training.json"
+FORMAT_VERSION = 1
+_SNAP_RE = re.compile(r"^step-(\d+)\.safetensors$")
+
+
+class TrainingDiverged(FloatingPointError):
+    """A loss became NaN or inf during training (the message says where and which saved state is intact)."""
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+def snapshot_path(folder: str | os.PathLike, step: int) -> Path:
+    return Path(folder) / SNAPSHOT_DIR / f"step-{int(step):08d}.safetensors"
+
+
+def snapshot_steps(folder: str | os.PathLike) -> list[int]:
+    """Steps with a weight snapshot, ascending."""
+    d = Path(folder) / SNAPSHOT_DIR
+    if not d.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in d.iterdir() if (m := _SNAP_RE.match(p.name)))
+
+
+def _read(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    if header.get("format") != str(FORMAT_VERSION) or "meta" not in header:
+        raise ValueError(f"{path} is not a training file of format {FORMAT_VERSION}; delete it or pass resume=False")
+    return load_tensors(path, device=device), json.loads(header["meta"])
+
+
+def load_state(folder: str | os.PathLike, device: str | torch.device = "cpu"
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(tensors, meta) of the latest full state, or None when the folder has none."""
+    path = Path(folder) / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        return _read(path, device)
+    except ValueError as e:
+        raise ValueError(f"{path} could not be read ({e}); delete it to start over, or pass resume=False") from e
+
+
+def load_snapshot(folder: str | os.PathLike, step: int, fold: bool = False,
+                  device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The ensemble's weights at `step` ({W_enc, b_enc, W_dec, b_dec, tokens_since_fired}, member axis first).
+    fold=True folds the training input scale in (weights for raw activations, as saelens_io saves them)."""
+    path = snapshot_path(folder, step)
+    if not path.exists():
+        raise ValueError(f"no snapshot for step={step} in {folder}; available steps: {snapshot_steps(folder)}")
+    t, meta = _read(path, device)
+    return fold_input_scale(t, float(meta.get("input_scale", 1.0))) if fold else t
+
+
+def load_decoder_trajectory(folder: str | os.PathLike, member: int = 0) -> tuple[list[int], torch.Tensor]:
+    """(steps, W_dec [T, d_sae, d_in]) of one member across every snapshot: the input of analyses.track_training."""
+    steps = snapshot_steps(folder)
+    if not steps:
+        raise ValueError(f"{folder} holds no snapshots; train with state_dir=... and snapshot_steps='log'")
+    return steps, torch.stack([load_snapshot(folder, s)["W_dec"][member] for s in steps])
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer
+
+def adam(sae: EnsembleSAE, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """Adam, fused into one kernel per step where the device supports it (CPU and CUDA do): on small SAEs the
+    per-parameter-tensor launches of the default implementation are a visible share of a step. Still elementwise,
+    so ensemble members stay independent."""
+    try:
+        return torch.optim.Adam(sae.parameters(), lr=lr, betas=betas, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, sae: EnsembleSAE) -> tuple[dict[str, torch.Tensor], list]:
+    """(Adam's state as named tensors "adam.<param>.<moment>", its param groups as JSON-able dicts)."""
+    names = {id(p): n for n, p in sae.named_parameters()}
+    tensors = {f"adam.{names[id(p)]}.{key}": v for p, st in opt.state.items() for key, v in st.items()
+               if isinstance(v, torch.Tensor)}
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+              for g in opt.param_groups]
+    return tensors, groups
+
+
+def load_optimizer(opt: torch.optim.Optimizer, sae: EnsembleSAE, tensors: dict[str, torch.Tensor],
+                   groups: list) -> None:
+    """Inverse of `optimizer_tensors`."""
+    params = dict(sae.named_parameters())
+    index = {id(p): i for i, p in enumerate(q for g in opt.param_groups for q in g["params"])}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, v in tensors.items():
+        if name.startswith("adam."):
+            pname, key = name[len("adam."):].rsplit(".", 1)
+            state.setdefault(index[id(params[pname])], {})[key] = v
+    sd = opt.state_dict()
+    for g, saved in zip(sd["param_groups"], groups):
+        g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    # Give each moment its parameter's memory layout, as a fresh Adam does (zeros_like): safetensors hands back
+    # contiguous tensors, W_enc starts as a transposed view's clone, and an elementwise kernel over mismatched
+    # strides can take another code path (vectorised or not, FMA or not): last-bit differences, not a resume.
+    for p, st in opt.state.items():
+        for key, v in st.items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                st[key] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
+# ---------------------------------------------------------------------------------------------------- one run
+
+class TrainingState:
+    """The state folder of one run: resume from it, and save weights (at `snapshot_at`) and the full state (there,
+    every `state_every` steps and at the end). What is saved and restored: the SAE's weights and buffers, Adam's
+    state, the batch source's position and the resampling generators."""
+
+    def __init__(self, folder: str | os.PathLike, sae: EnsembleSAE, opt: torch.optim.Optimizer, source: Any,
+                 generators: Sequence[torch.Generator], settings: Mapping[str, Any], input_scale: float,
+                 snapshot_at: set[int], state_every: int | None, steps: int):
+        self.folder, self.sae, self.opt, self.source = Path(folder), sae, opt, source
+        self.generators, self.settings, self.input_scale = list(generators), dict(settings), float(input_scale)
+        self.snapshot_at, self.state_every, self.steps = snapshot_at, state_every, steps
+        self.last_good: int | None = None
+
+    def describe_last_good(self) -> str:
+        if self.last_good is None:
+            return "no training state was written"
+        return f"the last good training state ({self.folder / STATE_FILE}, step {self.last_good}) is intact"
+
+    def resume(self) -> dict[str, Any] | None:
+        """Restore the SAE, optimizer, data position and generators from the saved state and return its meta (step,
+        counters, log), or None when there is none. Raises ValueError when the state has other settings."""
+        loaded = load_state(self.folder, device=self.sae.device)
+        if loaded is None:
+            return None
+        tensors, meta = loaded
+        ours = canonical({"config": self.sae.config, "settings": self.settings})
+        diff = [f"{part}.{k}" for part in ours for k in sorted(set(ours[part]) | set(meta[part]))
+                if ours[part].get(k) != meta[part].get(k)]
+        if canonical(self.sae.hparams) != meta["hparams"]:
+            diff.append("hparams")
+        if diff:
+            raise ValueError(f"{self.folder} holds a run with other settings ({', '.join(diff)}); pass resume=False "
+                             f"to start over there, or use another state_dir")
+        with torch.no_grad():
+            for name, t in self.sae.state_dict().items():
+                t.copy_(tensors[f"sae.{name}"])
+        load_optimizer(self.opt, self.sae, tensors, meta["param_groups"])
+        self.source.restore({k: v.cpu() for k, v in tensors.items()}, int(meta["step"]))
+        for m, g in enumerate(self.generators):
+            g.set_state(tensors["rng.resample"][m].cpu().clone())
+        self.last_good = int(meta["step"])
+        return meta
+
+    def due(self, done: int) -> bool:
+        return done in self.snapshot_at or done == self.steps or bool(self.state_every and done % self.state_every == 0)
+
+    def save(self, done: int, progress: Mapping[str, Any]) -> None:
+        """Write the snapshot of step `done` (if one is due) and the full state with `progress` (JSON-able)."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.sae.parameters()):
+            raise TrainingDiverged(f"weights are NaN/inf after step {done}; nothing was written, {self.folder} keeps "
+                                   f"the state of step {self.last_good}")
+        weights = dict(self.sae.state_dict())
+        meta = {"input_scale": self.input_scale, "config": self.sae.config, "hparams": self.sae.hparams}
+        if done in self.snapshot_at:
+            save_tensors(snapshot_path(self.folder, done), weights,
+                         {"format": str(FORMAT_VERSION), "meta": json.dumps(canonical({"step": done, **meta}))})
+        tensors = {f"sae.{k}": v for k, v in weights.items()}
+        opt_tensors, groups = optimizer_tensors(self.opt, self.sae)
+        tensors.update(opt_tensors)
+        tensors.update(self.source.state())
+        if self.generators:
+            tensors["rng.resample"] = torch.stack([g.get_state() for g in self.generators])
+        full = canonical({**meta, "step": done, "settings": self.settings, "param_groups": groups, **progress})
+        save_tensors(self.folder / STATE_FILE, tensors, {"format": str(FORMAT_VERSION), "meta": json.dumps(full)})
+        save_json(self.folder / INDEX_FILE, {"format": FORMAT_VERSION, "latest_state_step": done,
+                                             "snapshots": snapshot_steps(self.folder), "settings": self.settings,
+                                             "input_scale": self.input_scale})
+        self.last_good = done

@@ -1,0 +1,146 @@
+"""Writing and reading files: every write lands under its real name whole or not at all.
+
+A file is written to a temporary name in the same folder and renamed into place (`atomic_path`); a folder is built
+under a temporary name and renamed (`atomic_dir`), so a killed run never leaves a half-written file or folder under
+a real name. Tensors go to safetensors, everything else to JSON: nothing here unpickles."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block ends without an error it is renamed to `path`, else
+    deleted. The one place this package turns a temporary file into a real one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `final`; when the block ends without an error it replaces `final`.
+
+    Raises FileExistsError (before anything is built) when `final` exists and overwrite is False."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it, or choose another folder")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def jsonable(obj: Any) -> Any:
+    """`obj` as plain JSON types: tuples become lists, tensors and numpy values lists or numbers, paths strings,
+    NaN/inf null (JSON has no NaN; null says "not measured" honestly)."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return jsonable(obj.tolist())
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def canonical(obj: Any) -> Any:
+    """What `obj` is after a JSON round trip (tuples -> lists, 2 -> 2, 2.0 -> 2.0): settings are compared in this
+    form, so a tuple argument equals the list saved for it."""
+    return json.loads(json.dumps(jsonable(obj)))
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """The JSON at `path`; a ValueError naming the file when it is not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it was damaged or written by something else") from e
+
+
+def update_json(path: str | os.PathLike, updates: Mapping[str, Any]) -> dict:
+    """Merge `updates` into the JSON object at `path` (created if missing). Used by benchmarks, which each add
+    their own keys to one shared results file."""
+    path = Path(path)
+    current = load_json(path) if path.exists() else {}
+    current.update(jsonable(updates))
+    save_json(path, current)
+    return current
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> Path:
+    """safetensors, written atomically. Tensors are made contiguous and moved to the CPU first."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata=dict(metadata) if metadata else None)
+    return Path(path)
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a ValueError naming the file when it is truncated or not safetensors."""
+    try:
+        return load_file(str(path), device=str(device))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{path} could not be read as safetensors ({e}); it is truncated or damaged") from e
+
+
+def write_metrics(figures_dir: str | os.PathLike, notebook_number: str, metrics: Mapping[str, Any]) -> Path:
+    """figures/NN_metrics.json: the key numbers of one notebook run; the write-up and checks read these keys."""
+    from .paths import resolve
+
+    return save_json(resolve(figures_dir) / f"{notebook_number}_metrics.json", metrics)

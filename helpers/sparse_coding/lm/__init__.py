@@ -1,0 +1,12 @@
+"""Stage 2, lm: train the offline default model, load any model as a TransformerLens bridge, name its hooks."""
+
+from .fast_forward import CPUWorkers, NeoXFastPath
+from .hooks import HookName, check_hooks, hook_layer, hook_name, hook_point, n_layers, parse_hook, valid_hooks
+from .load import (DEFAULT_OFFLINE_DIR, Loaded, is_hub_name, load_hf_model, load_model, loaded, model_contexts,
+                   model_source, offline_dir, resolve_revision, validation_contexts)
+from .train import LMConfig, lr_at, revision_steps, train_offline_model, validation_loss
+
+__all__ = ["CPUWorkers", "NeoXFastPath", "HookName", "check_hooks", "hook_layer", "hook_name", "hook_point",
+           "n_layers", "parse_hook", "valid_hooks", "DEFAULT_OFFLINE_DIR", "Loaded", "is_hub_name", "load_hf_model",
+           "load_model", "loaded", "model_contexts", "model_source", "offline_dir", "resolve_revision",
+           "validation_contexts", "LMConfig", "lr_at", "revision_steps", "train_offline_model", "validation_loss"]

@@ -1,0 +1,155 @@
+"""Load a model as a TransformerLens model: the offline default (a local folder of revisions) or a hub name.
+
+    load_model("data/lm/offline")                                   # the final revision
+    load_model("data/lm/offline", "step512")
+    load_model("EleutherAI/pythia-70m-deduped", "step3000", device="cuda")
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import corpus as _corpus
+from ..files import load_json, load_tensors
+from ..paths import resolve
+from .train import OFFLINE_SUBDIR
+
+DEFAULT_OFFLINE_DIR = "data/lm/offline"
+
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What `load_model` loaded: the source and revision (for manifests), and the transformers model's config,
+    parameters under their own names and rotary module, read before the bridge wraps the modules (the lean
+    harvesting forward, `lm.fast_forward`, runs on these very tensors)."""
+
+    source: str
+    revision: str
+    hf_config: Any
+    weights: dict[str, torch.nn.Parameter]
+    rotary: torch.nn.Module | None
+
+
+# Weak keys: a model dropped by the caller takes its entry with it.
+_LOADED: "weakref.WeakKeyDictionary[torch.nn.Module, Loaded]" = weakref.WeakKeyDictionary()
+
+
+def offline_dir(data_dir: str | os.PathLike = "data") -> Path:
+    """``<data_dir>/lm/offline``: where notebook 00 puts the default model."""
+    return resolve(data_dir) / OFFLINE_SUBDIR
+
+
+def model_source(model: str, data_dir: str | os.PathLike = "data") -> str:
+    """What `load_model` takes for a notebook's ``model`` parameter: the offline model's folder for "offline", else
+    the hub name as given."""
+    return str(offline_dir(data_dir)) if model == "offline" else model
+
+
+def is_hub_name(name: str) -> bool:
+    """``owner/name`` that is not an existing local folder."""
+    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", name)) and not Path(name).exists() and not resolve(name).exists()
+
+
+def resolve_revision(name_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
+    """The folder holding ``config.json`` for a local model folder + revision (None/"final"/"main" = the last step,
+    an int or "512" = "step512"). FileNotFoundError lists the revisions there are."""
+    root = Path(name_or_dir) if Path(name_or_dir).exists() else resolve(name_or_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model folder {root} does not exist; train it with lm.train_offline_model() "
+                                f"(notebook 00) or pass a hub name")
+    available = sorted((p.name for p in root.iterdir() if re.fullmatch(r"step\d+", p.name) and
+                        (p / "config.json").exists()), key=lambda s: int(s[4:]))
+    if revision in (None, "final", "main"):
+        for cand in (root / "final", root):
+            if (cand / "config.json").exists():
+                return cand
+        if available:
+            return root / available[-1]
+    else:
+        rev = f"step{revision}" if isinstance(revision, int) or str(revision).isdigit() else str(revision)
+        if (root / rev / "config.json").exists():
+            return root / rev
+    raise FileNotFoundError(f"no revision {revision!r} in {root}; available: {['final'] + available}")
+
+
+def load_hf_model(name_or_dir: str | os.PathLike, revision: str | None = None, device: str | torch.device = "cpu"):
+    """(transformers causal-LM model in eval mode, tokenizer) for a hub name + revision or a local folder + revision.
+
+    Attention is "eager", the implementation TransformerLens's bridge uses, so the two give the same logits.
+    Raises ConnectionError naming the offline default when a hub name cannot be reached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_dir)
+    if is_hub_name(name):
+        if not _corpus.hub_reachable():
+            raise ConnectionError(
+                f"{name!r} is a hub model but huggingface.co is not reachable from here (or HF_HUB_OFFLINE is set). "
+                f"Use the offline default instead: load_model({DEFAULT_OFFLINE_DIR!r}) after running notebook "
+                f"00_offline_model (lm.train_offline_model()).")
+        path, kw = name, {"revision": revision or "main"}
+    else:
+        path, kw = str(resolve_revision(name, revision)), {}
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32, **kw)
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    return model.to(device).eval(), tok
+
+
+def load_model(name_or_dir: str | os.PathLike = DEFAULT_OFFLINE_DIR, revision: str | None = None,
+               device: str | torch.device = "cpu"):
+    """A TransformerLens 3 ``TransformerBridge`` for a hub model + revision or a local model folder + revision.
+
+    The bridge runs the transformers model's own weights unchanged (no LayerNorm folding), so its logits equal the
+    plain ``transformers`` model's; hooks have TransformerLens names (``blocks.{L}.hook_resid_post``,
+    ``blocks.{L}.mlp.hook_post``, ...; see ``lm.valid_hooks``). `loaded(model)` gives what was loaded."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf, tok = load_hf_model(name_or_dir, revision, device)
+    inner = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
+    record = Loaded(str(name_or_dir), str(revision or "final"), hf.config, dict(hf.named_parameters()),
+                    getattr(inner, "rotary_emb", None))
+    bridge = TransformerBridge.boot_transformers(str(name_or_dir), hf_model=hf, tokenizer=tok, device=str(device))
+    bridge.eval()
+    _LOADED[bridge] = record
+    return bridge
+
+
+def loaded(model) -> Loaded | None:
+    """What `load_model` loaded into this model, or None for a model built otherwise."""
+    return _LOADED.get(model)
+
+
+def validation_contexts(model_dir: str | os.PathLike = DEFAULT_OFFLINE_DIR, ctx_len: int | None = None,
+                        split: str = "val", max_contexts: int | None = None) -> torch.Tensor:
+    """LongTensor [n_contexts, ctx_len] of the held-out (``split="val"``) or training token contexts of a locally
+    trained model, the same tokens its validation loss was measured on."""
+    root = resolve(model_dir)
+    path = root / f"tokens-{split}.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: train the model first (lm.train_offline_model / notebook 00); "
+                                f"for a hub model tokenize a corpus with corpus.tokenize(...) instead")
+    if ctx_len is None:
+        ctx_len = int(load_json(root / "corpus.json")["ctx_len"])
+    return _corpus.contexts(load_tensors(path)["tokens"], ctx_len, max_contexts)
+
+
+def model_contexts(tl, model: str, *, data_dir: str | os.PathLike = "data", ctx_len: int = 128,
+                   split: str = "train") -> torch.Tensor:
+    """Token contexts [n_contexts, ctx_len] to harvest (split="train") or to measure a loss on (split="val"): the
+    offline model's own tokenized splits, or the standard library tokenized with a hub model's tokenizer (cached
+    under ``<data_dir>/tokens/``)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if model == "offline":
+        return validation_contexts(offline_dir(data_dir), split=split)
+    c = _corpus.load_corpus("stdlib")
+    train, val = _corpus.cached_tokens(c, tl.tokenizer, resolve(data_dir) / "tokens" / re.sub(r"\W+", "_", model),
+                                       progress=True)
+    return _corpus.contexts(train if split == "train" else val, ctx_len)

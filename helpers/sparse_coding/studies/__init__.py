@@ -1,0 +1,2 @@
+"""Notebook glue: one module per notebook that needs more than a few calls (imported only by the notebooks; nothing
+in the package imports it)."""
