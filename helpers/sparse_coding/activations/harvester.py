@@ -22,52 +22,6 @@ from ..paths import resolve
 from .layout import FORMAT_VERSION, MANIFEST, hook_folder, write_chunk
 from .store import ActivationStore
 
-class _StopForward(Exception):
-    """Raised by the last needed hook: nothing after it is computed."""
-
-
-class _Harvester:
-    """One forward pass per batch for all hooks: forward hooks copy each activation as it is produced and the
-    last needed one stops the pass (``stop_at_layer`` semantics without the cache machinery)."""
-
-    def __init__(self, model, hooks: Sequence[str]):
-        self.model = model
-        self.hooks = lm.check_hooks(model, list(hooks))
-        self.points = {h: lm.hook_point(model, h) for h in self.hooks}
-        layers = [lm.hook_layer(h) for h in self.hooks]
-        # Hooks outside the blocks (embed, ln_final, unembed) need the full pass; otherwise stop after the last block.
-        self.stop_at = None if any(l is None for l in layers) else max(layers) + 1
-        if self.stop_at is not None and self.stop_at >= lm.n_layers(model):
-            self.stop_at = None
-        self.out: dict[str, torch.Tensor] = {}
-        self._remaining: set[str] = set()
-
-    def _make_hook(self, name: str):
-        def fn(module, args, output):
-            if name in self._remaining:
-                self.out[name] = output.detach()
-                self._remaining.discard(name)
-                if not self._remaining:
-                    raise _StopForward
-        return fn
-
-    @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.out, self._remaining = {}, set(self.hooks)
-        handles = [self.points[h].register_forward_hook(self._make_hook(h)) for h in self.hooks]
-        try:
-            kw = {"stop_at_layer": self.stop_at} if self.stop_at is not None else {}
-            self.model(tokens, **kw)
-        except _StopForward:
-            pass
-        finally:
-            for hd in handles:
-                hd.remove()
-        if self._remaining:
-            raise RuntimeError(f"hooks {sorted(self._remaining)} never fired during the forward pass")
-        return self.out
-
-
 class _ChunkWriter:
     """Writes finished chunks on a background thread (disk I/O overlaps the next forward passes) and appends each
     to its manifest only after its file is in place. At most `max_pending` chunks wait, bounding memory."""
@@ -151,11 +105,7 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
         raise ValueError(f"n_tokens={n_tokens} needs {need_ctx} contexts of {ctx_len} but only {n_ctx_total} were "
                          f"given ({n_ctx_total * ctx_len} tokens); lower n_tokens or pass more text")
     target = need_ctx * ctx_len
-    harvester = _Harvester(model, hooks)  # also validates the hook names against the model
-    if fast and lm.NeoXFastPath.applies(model, harvester.hooks):
-        run = lm.NeoXFastPath(model, harvester.hooks)
-    else:
-        run = harvester
+    run = lm.hook_reader(model, hooks, fast=fast)  # also validates the hook names against the model
     device = next(model.parameters()).device
 
     # Manifests: new, resumed, or already complete.
@@ -164,7 +114,7 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
     settings = {"model": str(model_name), "revision": revision or "final", "dtype": str(dtype).replace("torch.", ""),
                 "ctx_len": ctx_len, "corpus": corpus, "seed": seed, "target_tokens": target,
                 "chunk_contexts": ctx_per_chunk, "format": FORMAT_VERSION}
-    for h in harvester.hooks:
+    for h in run.hooks:
         folder = hook_folder(out_root, model_name, revision, h)
         folder.mkdir(parents=True, exist_ok=True)
         mpath = folder / MANIFEST
@@ -192,7 +142,7 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
     workers = lm.CPUWorkers(run) if isinstance(run, lm.NeoXFastPath) and device.type == "cpu" else None
     writer = _ChunkWriter()
     # Chunk numbers are counted here, not read back from the manifests the writer thread is still appending to.
-    next_index = {h: len(manifests[h]["chunks"]) for h in harvester.hooks}
+    next_index = {h: len(manifests[h]["chunks"]) for h in run.hooks}
     bar = tqdm(total=target, initial=start_ctx * ctx_len, desc="harvest", unit="tok", unit_scale=True,
                disable=not progress)
     try:
@@ -201,7 +151,7 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
             rows = (c1 - c0) * ctx_len
             chunk_tokens = tokens[c0:c1]
             # Hooks already past this chunk (a harvest killed between two hooks' manifests) skip it.
-            todo = [h for h in harvester.hooks if done_ctx[h] <= c0]
+            todo = [h for h in run.hooks if done_ctx[h] <= c0]
             buffers: dict[str, torch.Tensor] = {}
             step = workers.contexts_per_call(batch_size, ctx_len) if workers else batch_size
             starts = range(0, c1 - c0, step)
@@ -230,7 +180,7 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
         # Wall time spent harvesting, summed over resumed runs: tokens/s = n_tokens / seconds, even when a later
         # call finds the work done and returns at once.
         elapsed = time.perf_counter() - t_start
-        for h in harvester.hooks:
+        for h in run.hooks:
             if manifests[h]["chunks"]:
                 manifests[h]["seconds"] = manifests[h].get("seconds", 0.0) + elapsed
                 save_json(folders[h] / MANIFEST, manifests[h])

@@ -21,7 +21,7 @@ class _Stop(Exception):
     """Raised from a hook to end a forward pass once the activation we want has been seen (cheap mean pass)."""
 
 
-def _model_device(model: Any) -> torch.device:
+def model_device(model: Any) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -46,7 +46,7 @@ def _fast_start_layer(model: Any, hook_name: str) -> int | None:
     return layer + (1 if site == "hook_resid_post" else 0)
 
 
-class _Splicer:
+class Splicer:
     """One model + hook: a clean forward that also returns the activation at the hook, and a forward with that
     activation replaced."""
 
@@ -93,7 +93,7 @@ class _Splicer:
         return self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, put)], return_type="logits")
 
 
-def _next_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def next_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs [B, T-1, V], CE [B, T-1]) for predicting token t+1 at position t, in float32 whatever the model's
     dtype, so fp16/bf16 models do not round the losses we compare."""
     logp = logits[:, :-1].float().log_softmax(-1)
@@ -101,7 +101,7 @@ def _next_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[to
     return logp, ce
 
 
-def _check_tokens(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+def check_tokens(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
         got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"tokens must be an integer tensor [n_contexts, context_length], got {got}")
@@ -121,7 +121,7 @@ def _check_tokens(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     return tokens.long()
 
 
-def _width_error(splicer: _Splicer, sae: Any, width: int) -> ValueError:
+def _width_error(splicer: Splicer, sae: Any, width: int) -> ValueError:
     msg = (f"SAE expects activations of width d_in={sae.d_in} but hook {splicer.hook_name!r} has width {width}: "
            f"evaluate at the hook the SAE was trained on")
     meta = getattr(sae, "metadata", None) or getattr(sae, "config", None)
@@ -159,7 +159,7 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
     Efficiency: the clean forward runs once per batch and is reused by every member; for residual-stream hooks on a
     HookedTransformer, spliced runs restart from the hook's layer instead of re-running the layers below it.
     """
-    tokens = _check_tokens(model, tokens)
+    tokens = check_tokens(model, tokens)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int (contexts per forward pass), got {batch_size!r}")
     ablations = tuple(ablations)
@@ -173,11 +173,11 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
         member_ids = member_indices(sae, members)
     else:
         member_ids = []
-    splicer = _Splicer(model, hook_name, fast=fast)
+    splicer = Splicer(model, hook_name, fast=fast)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    device = _model_device(model)
+    device = model_device(model)
     N, T = tokens.shape
     first = 1 if keep_first_position else 0
     batches = [tokens[i: i + batch_size] for i in range(0, N, batch_size)]
@@ -208,7 +208,7 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
             tb = tb.to(device)
             logits, act = splicer.clean(tb)
             check_finite(act, f"the activation at {hook_name!r}")
-            logp_clean, ce = _next_token_logprobs(logits, tb)
+            logp_clean, ce = next_token_logprobs(logits, tb)
             del logits
             sums["clean"] += float(ce.double().sum())
             n_pred += ce.numel()
@@ -230,7 +230,7 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
 
             for name in ablations:
                 fill = torch.zeros(1, flat.shape[1]) if name == "zero" else mean_act.reshape(1, -1)
-                _, ce_abl = _next_token_logprobs(splice(fill), tb)
+                _, ce_abl = next_token_logprobs(splice(fill), tb)
                 sums[name] += float(ce_abl.double().sum())
 
             if member_ids:
@@ -238,7 +238,7 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
                                    for step in [rows_per_block(sae, flat.shape[0])]
                                    for s in range(0, flat.shape[0], step)], dim=1)
                 for j, m in enumerate(member_ids):
-                    logp, ce_s = _next_token_logprobs(splice(x_hat[m]), tb)
+                    logp, ce_s = next_token_logprobs(splice(x_hat[m]), tb)
                     ce_member[j] += float(ce_s.double().sum())
                     kl = F.kl_div(logp, logp_clean, log_target=True, reduction="none").sum(-1)
                     kl_member[j] += float(kl.double().sum())

@@ -174,3 +174,31 @@ def _load_hf(name: str, *, val_fraction: float, split: str, text_field: str, max
     is_val = [_hash_fraction(f"{name}:{i}") < val_fraction for i in range(n)]
     return Corpus(f"hf:{name}", [t for t, v in zip(texts, is_val) if not v], [t for t, v in zip(texts, is_val) if v],
                   [str(i) for i, v in enumerate(is_val) if not v], [str(i) for i, v in enumerate(is_val) if v])
+
+
+def held_out_stdlib(val_modules: list[str] | None = None, max_bytes: int | None = None) -> Corpus:
+    """Standard-library text a model trained with `load_corpus("stdlib")` never saw, as the `val` documents of a
+    Corpus (train empty): the held-out library modules named in `val_modules` (paths relative to the stdlib root,
+    as recorded in the offline model's corpus.json), then the test packages, evenly spaced until `max_bytes`
+    characters (None: all of them)."""
+    train_paths, test_paths = stdlib_files()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs, ids, total = [], [], 0
+    for rel in val_modules or []:
+        p = root / rel
+        if p.exists():
+            docs.append(_read(p))
+            ids.append(rel)
+            total += len(docs[-1])
+    sizes = sum(p.stat().st_size for p in test_paths)
+    stride = 1 if max_bytes is None else max(1, int(sizes / max(1, max_bytes - total)))
+    for p in test_paths[::stride]:
+        if max_bytes is not None and total >= max_bytes:
+            break
+        docs.append(_read(p))
+        ids.append(str(p.relative_to(root)))
+        total += len(docs[-1])
+    if not docs:
+        raise FileNotFoundError(f"no held-out standard-library text under {root}: this Python has no test packages "
+                                f"and no held-out modules were named")
+    return Corpus("stdlib-held-out", [], docs, [], ids)

@@ -110,7 +110,8 @@ def cached_tokens(corpus: Corpus, tokenizer, cache_dir: str | os.PathLike, progr
     if path.exists():
         t = load_tensors(path)
         return t["train"], t["val"]
-    train = tokenize(corpus.train, tokenizer, progress=progress)
-    val = tokenize(corpus.val, tokenizer, progress=progress)
+    empty = torch.zeros(0, dtype=torch.long)
+    train = tokenize(corpus.train, tokenizer, progress=progress) if corpus.train else empty
+    val = tokenize(corpus.val, tokenizer, progress=progress) if corpus.val else empty
     save_tensors(path, {"train": train, "val": val}, metadata={"corpus": corpus.name})
     return train, val

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from .. import corpus as _corpus
-from ..files import load_json, load_tensors
 from ..paths import resolve
 from .train import OFFLINE_SUBDIR
 
@@ -124,32 +123,3 @@ def load_model(name_or_dir: str | os.PathLike = DEFAULT_OFFLINE_DIR, revision: s
 def loaded(model) -> Loaded | None:
     """What `load_model` loaded into this model, or None for a model built otherwise."""
     return _LOADED.get(model)
-
-
-def validation_contexts(model_dir: str | os.PathLike = DEFAULT_OFFLINE_DIR, ctx_len: int | None = None,
-                        split: str = "val", max_contexts: int | None = None) -> torch.Tensor:
-    """LongTensor [n_contexts, ctx_len] of the held-out (``split="val"``) or training token contexts of a locally
-    trained model, the same tokens its validation loss was measured on."""
-    root = resolve(model_dir)
-    path = root / f"tokens-{split}.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: train the model first (lm.train_offline_model / notebook 00); "
-                                f"for a hub model tokenize a corpus with corpus.tokenize(...) instead")
-    if ctx_len is None:
-        ctx_len = int(load_json(root / "corpus.json")["ctx_len"])
-    return _corpus.contexts(load_tensors(path)["tokens"], ctx_len, max_contexts)
-
-
-def model_contexts(tl, model: str, *, data_dir: str | os.PathLike = "data", ctx_len: int = 128,
-                   split: str = "train") -> torch.Tensor:
-    """Token contexts [n_contexts, ctx_len] to harvest (split="train") or to measure a loss on (split="val"): the
-    offline model's own tokenized splits, or the standard library tokenized with a hub model's tokenizer (cached
-    under ``<data_dir>/tokens/``)."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if model == "offline":
-        return validation_contexts(offline_dir(data_dir), split=split)
-    c = _corpus.load_corpus("stdlib")
-    train, val = _corpus.cached_tokens(c, tl.tokenizer, resolve(data_dir) / "tokens" / re.sub(r"\W+", "_", model),
-                                       progress=True)
-    return _corpus.contexts(train if split == "train" else val, ctx_len)

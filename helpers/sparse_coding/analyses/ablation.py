@@ -1,0 +1,197 @@
+"""What a feature does to the model: remove it at the hook, or move or clamp it, and measure the next-token
+log-probabilities; which input tokens cause it; and the loss when only part of the dictionary is kept.
+
+All edits act on the activation x at the hook and leave the rest of it — the SAE's error term x − x̂ included —
+untouched (Cunningham et al. 2023, arXiv 2309.08600, Section 5):
+- "zero": x − cᵢ·dᵢ at every position where feature i fires (cᵢ its activation, dᵢ its decoder row);
+- "rank_one" (the paper's less-than-rank-one ablation): x − t·dᵢ/‖dᵢ‖ with the smallest t ≥ 0 that turns the
+  feature off (found by bisection), so the rest of the code moves as little as possible;
+- "clamp": x + (v − cᵢ)·dᵢ, setting the feature's activation to v (e.g. a multiple of its max: steering)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..checks import check_choice, check_int, check_number
+from .features import sae_encoder
+from .splicing import Splicer, check_tokens, model_device, next_token_logprobs
+
+
+@dataclass
+class AblationEffect:
+    """The effect of editing one feature over some contexts.
+
+    logprob_change [d_vocab]: mean over the edited positions of log p_edited(token) − log p_clean(token) for every
+    output token (nats); loss_clean / loss_edited: mean next-token cross-entropy over all predictions (nats)."""
+
+    feature: int
+    mode: str
+    logprob_change: torch.Tensor
+    loss_clean: float
+    loss_edited: float
+    n_positions: int
+
+    def top_drops(self, k: int = 10) -> list[tuple[int, float]]:
+        """The k output tokens whose log-probability falls most: [(token id, change)]."""
+        v, i = self.logprob_change.topk(k, largest=False)
+        return list(zip(i.tolist(), v.tolist()))
+
+    def top_gains(self, k: int = 10) -> list[tuple[int, float]]:
+        v, i = self.logprob_change.topk(k)
+        return list(zip(i.tolist(), v.tolist()))
+
+
+def _rank_one_shift(encode, x: torch.Tensor, u: torch.Tensor, feature: int, iters: int = 40) -> torch.Tensor:
+    """[P]: the smallest t >= 0 with encode(x − t·u)[feature] == 0, per row of x [P, d] (bisection after doubling;
+    rows already off get 0)."""
+    off = lambda t: encode(x - t[:, None] * u)[:, feature] <= 0  # noqa: E731
+    lo = torch.zeros(x.shape[0], dtype=x.dtype)
+    hi = torch.ones_like(lo)
+    done = off(lo)
+    for _ in range(60):
+        h = off(hi) | done
+        if bool(h.all()):
+            break
+        hi = torch.where(h, hi, 2 * hi)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        m = off(mid)
+        hi, lo = torch.where(m, mid, hi), torch.where(m, lo, mid)
+    return torch.where(done, torch.zeros_like(hi), hi)
+
+
+def edit_activation(sae: Any, x: torch.Tensor, feature: int, mode: str = "zero", value: float | None = None,
+                    member: int = 0, where: str = "firing") -> tuple[torch.Tensor, torch.Tensor]:
+    """(edited x [rows, d], bool [rows] of the rows edited) for one feature (see the module docstring); `where`:
+    "firing" rows only, or "all" rows (clamp only: steering everywhere)."""
+    check_choice(mode, "mode", ("zero", "rank_one", "clamp"))
+    check_choice(where, "where", ("firing", "all"))
+    encode = sae_encoder(sae, member)
+    c = encode(x)[:, feature].to(x.dtype)
+    d = sae.W_dec.detach()[member, feature].to(device=x.device, dtype=x.dtype)
+    rows = c > 0 if where == "firing" else torch.ones_like(c, dtype=torch.bool)
+    if mode == "zero":
+        return x - c[:, None] * d, rows
+    if mode == "clamp":
+        if value is None:
+            raise ValueError("mode='clamp' needs value= (the activation to set, e.g. 2 × the feature's max)")
+        v = check_number(value, "value")
+        return x + torch.where(rows, v - c, torch.zeros_like(c))[:, None] * d, rows
+    u = d / d.norm().clamp_min(1e-12)
+    t = torch.zeros_like(c)
+    if bool(rows.any()):
+        t[rows] = _rank_one_shift(lambda z: encode(z).to(x.dtype), x[rows], u, feature)
+    return x - t[:, None] * u, rows
+
+
+@torch.no_grad()
+def feature_ablation(model, sae: Any, hook: str, tokens: torch.Tensor, feature: int, *, mode: str = "zero",
+                     value: float | None = None, member: int = 0, where: str = "firing", batch_size: int = 8
+                     ) -> AblationEffect:
+    """Edit `feature` at `hook` in every context of tokens [n_contexts, T] and measure the change in next-token
+    log-probabilities at the edited positions and in the loss. A feature that never fires there changes nothing
+    (exactly: the edit is not applied anywhere)."""
+    check_int(feature, "feature", 0, int(sae.d_sae) - 1, f" (the dictionary has {sae.d_sae} features)")
+    tokens = check_tokens(model, tokens)
+    splicer = Splicer(model, hook, fast=False)
+    device = model_device(model)
+    total = None
+    n_pos, ce_clean, ce_edit, n_pred = 0, 0.0, 0.0, 0
+    for i in range(0, len(tokens), batch_size):
+        tb = tokens[i:i + batch_size].to(device)
+        logits, act = splicer.clean(tb)
+        B, T, d = act.shape
+        new, rows = edit_activation(sae, act.reshape(B * T, d), feature, mode, value, member, where)
+        rows = rows.reshape(B, T)
+        logp, ce = next_token_logprobs(logits, tb)
+        ce_clean += float(ce.double().sum())
+        n_pred += ce.numel()
+        if not bool(rows.any()):
+            ce_edit += float(ce.double().sum())  # nothing edited: the same predictions
+            continue
+        logp_e, ce_e = next_token_logprobs(splicer.patched(tb, new.reshape(B, T, d)), tb)
+        ce_edit += float(ce_e.double().sum())
+        at = rows[:, :-1]  # the prediction made at an edited position
+        diff = (logp_e - logp)[at].double().sum(0)
+        total = diff if total is None else total + diff
+        n_pos += int(at.sum())
+    vocab = int(logits.shape[-1])
+    change = (total / n_pos).float() if total is not None and n_pos else torch.zeros(vocab)
+    return AblationEffect(feature, mode, change.cpu(), ce_clean / n_pred, ce_edit / n_pred, n_pos)
+
+
+@torch.no_grad()
+def token_ablation(model, sae: Any, hook: str, context: torch.Tensor, position: int, feature: int, *,
+                   member: int = 0, mode: str = "replace", replacement: int | None = None) -> torch.Tensor:
+    """[position + 1]: how much the feature's activation at `position` of `context` [T] falls when each token
+    0..position is replaced (mode="replace", by `replacement`, default the tokenizer's EOS or 0) or dropped
+    (mode="drop": the tokens after it shift left). Positive = that token helps cause the feature."""
+    check_choice(mode, "mode", ("replace", "drop"))
+    context = check_tokens(model, context.reshape(1, -1))[0]
+    T = context.shape[0]
+    check_int(position, "position", 0, T - 1, f" (a position in the context of {T} tokens)")
+    check_int(feature, "feature", 0, int(sae.d_sae) - 1, f" (the dictionary has {sae.d_sae} features)")
+    if replacement is None:
+        tok = getattr(model, "tokenizer", None)
+        replacement = int(getattr(tok, "eos_token_id", None) or 0)
+    variants, targets = [context], [position]
+    for i in range(position + 1):
+        if mode == "replace":
+            v = context.clone()
+            v[i] = replacement
+            variants.append(v)
+            targets.append(position)
+        else:
+            v = torch.cat([context[:i], context[i + 1:], context.new_tensor([replacement])])
+            variants.append(v)
+            targets.append(position - 1 if i < position else position)
+    batch = torch.stack(variants).to(model_device(model))
+    act = Splicer(model, hook, fast=False).activation(batch)
+    rows = act[torch.arange(len(variants)), torch.tensor(targets)]
+    a = sae_encoder(sae, member)(rows)[:, feature].float().cpu()
+    drop = a[0] - a[1:]
+    if mode == "drop":
+        drop[position] = a[0]  # dropping the token itself removes the feature's position entirely
+    return drop
+
+
+@torch.no_grad()
+def loss_with_features(model, sae: Any, hook: str, tokens: torch.Tensor, keep: Mapping[str, Sequence[int]], *,
+                       member: int = 0, batch_size: int = 8) -> dict[str, float]:
+    """Mean next-token cross-entropy (nats) of the clean model ("clean"), with the whole reconstruction x̂ spliced in
+    ("all"), and for each named feature set S with x̂_S + (x − x̂) — the features in S plus the SAE's error term,
+    i.e. every feature outside S ablated ("<name>")."""
+    tokens = check_tokens(model, tokens)
+    splicer = Splicer(model, hook)
+    device = model_device(model)
+    encode = sae_encoder(sae, member)
+    masks = {}
+    for name, feats in keep.items():
+        m = torch.zeros(int(sae.d_sae), dtype=torch.bool)
+        idx = torch.as_tensor(list(feats), dtype=torch.long)
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= sae.d_sae):
+            raise ValueError(f"feature set {name!r} has indices outside [0, {sae.d_sae})")
+        m[idx] = True
+        masks[name] = m
+    sums = {"clean": 0.0, "all": 0.0, **{n: 0.0 for n in masks}}
+    n_pred = 0
+    W, b = sae.W_dec.detach()[member], sae.b_dec.detach()[member]
+    for i in range(0, len(tokens), batch_size):
+        tb = tokens[i:i + batch_size].to(device)
+        logits, act = splicer.clean(tb)
+        B, T, d = act.shape
+        x = act.reshape(B * T, d)
+        codes = encode(x)
+        x_hat = (codes @ W + b).to(x.dtype)
+        _, ce = next_token_logprobs(logits, tb)
+        sums["clean"] += float(ce.double().sum())
+        n_pred += ce.numel()
+        sums["all"] += float(next_token_logprobs(splicer.patched(tb, x_hat.reshape(B, T, d)), tb)[1].double().sum())
+        for name, m in masks.items():
+            removed = (codes * (~m).to(codes.dtype).to(codes.device)) @ W
+            new = (x - removed.to(x.dtype)).reshape(B, T, d)
+            sums[name] += float(next_token_logprobs(splicer.patched(tb, new), tb)[1].double().sum())
+    return {k: v / n_pred for k, v in sums.items()}

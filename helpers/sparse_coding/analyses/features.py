@@ -1,0 +1,147 @@
+"""A dictionary's features on held-out text: mine them once (`analyses.mining`) with the model and the hook the
+dictionary was trained on, save what was kept beside the dictionary (safetensors + JSON), reuse it on rerun, and
+rebuild the examples of any feature — also at token positions the mining pass only sampled.
+
+    mined = mine_dictionary(model, sae, hook, tokens, folder=sweep_folder / "member-000")
+    mined.top_examples(f), mined.moments()["kurtosis"][f], examples_at(model, sae, hook, mined, f, locations)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .. import lm
+from ..checks import check_int
+from ..files import atomic_dir, load_json, load_tensors, save_json, save_tensors
+from .mining import Example, Mined, mine
+
+MINED_FILE = "mined.safetensors"
+MINED_META = "mined.json"
+_FIELDS = ["count", "power_sums", "anchor", "hist", "top_value", "top_context", "top_position", "top_acts",
+           "random_value", "random_context", "random_position", "random_acts", "sample_value", "sample_context",
+           "sample_position"]
+
+
+def sae_encoder(sae: Any, member: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """activations [rows, d_in] -> codes [rows, d_sae] of one member, in eval mode (a loaded BatchTopK encodes
+    with its inference threshold), on the SAE's device and dtype."""
+    check_int(member, "member", 0, int(sae.n_members) - 1, " (an index into the ensemble)")
+    sae.eval()
+
+    @torch.no_grad()
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return sae.encode(x.to(device=sae.device, dtype=sae.dtype))[member]
+
+    return encode
+
+
+def check_width(model, sae: Any, hook: str, read: Callable | None = None) -> int:
+    """The hook's activation width, checked against the SAE's d_in (ValueError naming both and the fix)."""
+    read = read or lm.hook_reader(model, [hook])
+    dev = next(model.parameters()).device
+    width = int(read(torch.zeros(1, 2, dtype=torch.long, device=dev))[hook].shape[-1])
+    if width != int(sae.d_in):
+        raise ValueError(f"the dictionary has d_in={sae.d_in} but hook {hook!r} has width {width}: use the model "
+                         f"and hook the dictionary was trained on (its cfg.json metadata names them)")
+    return width
+
+
+def _key(settings: dict, tokens: torch.Tensor) -> str:
+    h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
+    h.update(tokens.to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def save_mined(mined: Mined, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+    """mined.safetensors (every tensor, tokens as int32) + mined.json (meta), written as one folder atomically."""
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        tensors = {name: getattr(mined, name) for name in _FIELDS}
+        tensors["tokens"] = mined.tokens.to(torch.int32)
+        save_tensors(Path(tmp) / MINED_FILE, tensors)
+        save_json(Path(tmp) / MINED_META, mined.meta)
+    return Path(folder)
+
+
+def load_mined(folder: str | os.PathLike) -> Mined:
+    """Inverse of `save_mined`; a ValueError naming the file when a tensor is missing."""
+    folder = Path(folder)
+    t = load_tensors(folder / MINED_FILE)
+    missing = [n for n in _FIELDS + ["tokens"] if n not in t]
+    if missing:
+        raise ValueError(f"{folder / MINED_FILE} lacks {', '.join(missing)}; delete the folder to mine again")
+    return Mined(t["tokens"].long(), *(t[n] for n in _FIELDS), meta=load_json(folder / MINED_META))
+
+
+def mine_dictionary(model, sae: Any, hook: str, tokens: torch.Tensor, *, member: int = 0,
+                    folder: str | os.PathLike | None = None, batch_size: int = 32, n_top: int = 20,
+                    n_random: int = 5, per_bin: int = 4, window: tuple[int, int] | None = (12, 4), seed: int = 0,
+                    progress: bool = True) -> Mined:
+    """Mine every feature of one member of `sae` on `tokens` [n_contexts, ctx_len] read at `hook` of `model`.
+
+    With `folder` (e.g. the member's dictionary folder), the result is saved in `folder/mining-<key>/` and reused
+    when the same settings and tokens come again. Raises ValueError when the hook is not the model's or its width
+    is not the dictionary's d_in, and for contexts longer than the model's n_ctx."""
+    lm.check_hooks(model, [hook])
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if n_ctx is not None and tokens.shape[1] > n_ctx:
+        raise ValueError(f"contexts of {tokens.shape[1]} tokens exceed the model's n_ctx={n_ctx}; cut them with "
+                         f"tokens[:, :{n_ctx}] or use lm.held_out_contexts")
+    read_all = lm.hook_reader(model, [hook])
+    check_width(model, sae, hook, read_all)
+    settings = {"hook": hook, "member": member, "batch_size": batch_size, "n_top": n_top, "n_random": n_random,
+                "per_bin": per_bin, "window": list(window) if window else None, "seed": seed,
+                "d_sae": int(sae.d_sae), "shape": list(tokens.shape)}
+    cache = Path(folder) / f"mining-{_key(settings, tokens)}" if folder is not None else None
+    if cache is not None and (cache / MINED_FILE).exists():
+        return load_mined(cache)
+    dev = next(model.parameters()).device
+    mined = mine(lambda tb: read_all(tb.to(dev)), {"sae": (hook, sae_encoder(sae, member))}, tokens, batch_size=batch_size, n_top=n_top,
+                 n_random=n_random, per_bin=per_bin, window=window, seed=seed, progress=progress)["sae"]
+    mined.meta.update(settings)
+    if cache is not None:
+        save_mined(mined, cache, overwrite=True)
+    return mined
+
+
+def check_feature(mined: Mined, feature: int, allow_dead: bool = False) -> int:
+    """`feature` as an index, refusing one out of range, or (unless allow_dead) one that never fired on the mined
+    text, naming the fix."""
+    check_int(feature, "feature", 0, mined.n_directions - 1, f" (the dictionary has {mined.n_directions} features)")
+    if not allow_dead and int(mined.count[feature]) == 0:
+        raise ValueError(f"feature {feature} never fired on the {mined.n_tokens} mined tokens (a dead feature): pick "
+                         f"a live one, e.g. one of {mined.count.nonzero().squeeze(1)[:5].tolist()}")
+    return int(feature)
+
+
+@torch.no_grad()
+def examples_at(model, sae: Any, hook: str, mined: Mined, feature: int,
+                locations: Sequence[tuple[int, int, float]], member: int = 0) -> list[Example]:
+    """Examples (windows as `mined` keeps them) of `feature` at (context, position, value) locations of the mined
+    text, recomputed with one forward pass over the contexts involved (e.g. `mined.quantile_locations`)."""
+    feature = check_feature(mined, feature, allow_dead=True)
+    if not locations:
+        return []
+    ctxs = sorted({c for c, _, _ in locations})
+    dev = next(model.parameters()).device
+    acts = lm.hook_reader(model, [hook])(mined.tokens[ctxs].to(dev))[hook]
+    T = acts.shape[1]
+    codes = sae_encoder(sae, member)(acts.reshape(len(ctxs) * T, -1))[:, feature].reshape(len(ctxs), T).float().cpu()
+    row = {c: i for i, c in enumerate(ctxs)}
+    window = mined.meta.get("window")
+    out = []
+    for c, p, v in locations:
+        toks, target = mined.window_tokens(c, p)
+        if window is None:
+            a = codes[row[c]].tolist()
+        else:
+            idx = torch.arange(p - window[0], p + window[1] + 1)
+            ok = (idx >= 0) & (idx < T)
+            a = torch.where(ok, codes[row[c], idx.clamp(0, T - 1)], torch.full(idx.shape, float("nan"))).tolist()
+        out.append(Example(c, p, float(codes[row[c], p]), toks, a, target))
+    return out

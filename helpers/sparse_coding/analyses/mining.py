@@ -1,0 +1,324 @@
+"""Feature mining: one streaming pass of a model over held-out text that keeps, for every direction of one or more
+encoders (an SAE's latents, neurons, PCA/ICA components, ...), what case studies and interpretability scores need —
+never the [tokens × directions] activation matrix.
+
+Per direction: the firing count, the power sums Σa, Σa², Σa³, Σa⁴ over all tokens (mean, variance, skew, kurtosis),
+a histogram on a geometric grid (`BINS_PER_OCTAVE` bins per factor 2, anchored at the direction's max in the first
+batch), the `n_top` contexts with the largest max activation and a window of per-token activations around that max,
+a seeded uniform sample of `n_random` contexts where the direction fires (same windows), and per histogram bin a
+seeded uniform sample of `per_bin` firing tokens (the quantile examples between 0 and the max are drawn from it).
+Memory: O(directions × (n_top + n_random) × window + directions × bins × per_bin).
+
+The samples are bottom-k sketches: every candidate gets a uniform random key and each group keeps its k smallest
+keys, which is a uniform sample without replacement of everything the group ever saw, whatever the batch order."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checks import check_int
+
+BINS_PER_OCTAVE = 4
+N_BINS = 128
+_OFFSET = 96  # bin of the anchor value: the grid spans anchor · 2^-24 .. anchor · 2^8
+
+
+@dataclass
+class Example:
+    """A window of a context around one token: `tokens` and the direction's per-token `acts` (NaN past the context's
+    edges, token -1 there), `target` the index in the window of the token the example is about."""
+
+    context: int
+    position: int
+    value: float
+    tokens: list[int]
+    acts: list[float]
+    target: int
+
+
+@dataclass
+class Mined:
+    """What `mine` kept for every direction of one encoder; tensors have the direction axis first ([n, ...]).
+    `tokens` [n_contexts, ctx_len] is the text mined (contexts are indexed into it)."""
+
+    tokens: torch.Tensor
+    count: torch.Tensor          # [n] long: tokens where the direction fires (> 0)
+    power_sums: torch.Tensor     # [n, 4] float64: Σa, Σa², Σa³, Σa⁴ over all tokens (zeros included)
+    anchor: torch.Tensor         # [n]: the value at bin _OFFSET of the histogram grid
+    hist: torch.Tensor           # [n, N_BINS] long: firing tokens per geometric bin
+    top_value: torch.Tensor      # [n, n_top] descending; <= 0 where fewer contexts fire
+    top_context: torch.Tensor    # [n, n_top] long, -1 where empty
+    top_position: torch.Tensor   # [n, n_top] long
+    top_acts: torch.Tensor       # [n, n_top, window]
+    random_value: torch.Tensor   # [n, n_random] the context's max; random_context -1 where empty
+    random_context: torch.Tensor
+    random_position: torch.Tensor
+    random_acts: torch.Tensor    # [n, n_random, window]
+    sample_value: torch.Tensor   # [n, N_BINS, per_bin] firing tokens; sample_context -1 where empty
+    sample_context: torch.Tensor
+    sample_position: torch.Tensor
+    meta: dict = field(default_factory=dict)  # window (before, after) or None = whole context, timings, ...
+
+    # ----- statistics -----
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+    @property
+    def n_directions(self) -> int:
+        return int(self.count.shape[0])
+
+    def frequency(self) -> torch.Tensor:
+        """[n] share of tokens where each direction fires."""
+        return self.count.double() / self.n_tokens
+
+    @property
+    def max(self) -> torch.Tensor:
+        """[n] the largest activation seen (0 for a direction that never fired)."""
+        return self.top_value[:, 0].clamp_min(0)
+
+    def moments(self) -> dict[str, torch.Tensor]:
+        """mean, var, skew (third standardised moment), kurtosis (fourth, excess: 0 for a normal) of each
+        direction's activation over all tokens, zeros included; NaN where the variance is 0. [n] each, float64."""
+        n = self.n_tokens
+        m1, m2, m3, m4 = (self.power_sums[:, i] / n for i in range(4))
+        var = (m2 - m1 ** 2).clamp_min(0)
+        c3 = m3 - 3 * m1 * m2 + 2 * m1 ** 3
+        c4 = m4 - 4 * m1 * m3 + 6 * m1 ** 2 * m2 - 3 * m1 ** 4
+        ok = var > 0
+        nan = torch.full_like(var, math.nan)
+        skew = torch.where(ok, c3 / var.clamp_min(1e-300) ** 1.5, nan)
+        kurt = torch.where(ok, c4 / var.clamp_min(1e-300) ** 2 - 3, nan)
+        return {"mean": m1, "var": var, "skew": skew, "kurtosis": kurt}
+
+    def bin_edges(self, direction: int) -> torch.Tensor:
+        """[N_BINS + 1] the histogram's edges for one direction (bin 0 also holds everything below, the last bin
+        everything above)."""
+        i = torch.arange(N_BINS + 1, dtype=torch.float64)
+        return float(self.anchor[direction]) * torch.pow(2.0, (i - _OFFSET) / BINS_PER_OCTAVE)
+
+    # ----- examples -----
+    def _check(self, direction: int) -> int:
+        check_int(direction, "feature", 0, self.n_directions - 1, f" (an index into the {self.n_directions} mined "
+                  f"directions)")
+        return int(direction)
+
+    def window_tokens(self, ctx: int, pos: int) -> tuple[list[int], int]:
+        T = self.tokens.shape[1]
+        if self.meta.get("window") is None:
+            return self.tokens[ctx].tolist(), pos
+        before, after = self.meta["window"]
+        idx = torch.arange(pos - before, pos + after + 1)
+        ok = (idx >= 0) & (idx < T)
+        toks = torch.where(ok, self.tokens[ctx, idx.clamp(0, T - 1)].long(), torch.full_like(idx, -1))
+        return toks.tolist(), before
+
+    def _examples(self, value, context, position, acts, direction) -> list[Example]:
+        out = []
+        for v, c, p, a in zip(value[direction].tolist(), context[direction].tolist(), position[direction].tolist(),
+                              acts[direction].tolist()):
+            if c < 0:
+                continue
+            toks, target = self.window_tokens(c, p)
+            out.append(Example(c, p, v, toks, a, target))
+        return out
+
+    def top_examples(self, direction: int) -> list[Example]:
+        """The contexts with the largest max activation, strongest first (fewer when fewer contexts fire)."""
+        d = self._check(direction)
+        return self._examples(self.top_value, self.top_context, self.top_position, self.top_acts, d)
+
+    def random_examples(self, direction: int) -> list[Example]:
+        """A seeded uniform sample of the contexts where the direction fires, each around its max."""
+        d = self._check(direction)
+        return self._examples(self.random_value, self.random_context, self.random_position, self.random_acts, d)
+
+    def quantile_locations(self, direction: int, n_bins: int = 10, per_bin: int = 5, seed: int = 0
+                           ) -> list[tuple[float, float, list[tuple[int, int, float]]]]:
+        """`n_bins` equal-width bins between 0 and the max, each with up to `per_bin` firing tokens (context,
+        position, value) whose value lies in the bin, drawn from the mining sample with each sampled token weighted
+        by the number of firing tokens it stands for (its histogram bin's count over the samples kept there)."""
+        d = self._check(direction)
+        top = float(self.max[d])
+        g = torch.Generator().manual_seed(seed)
+        vals, ctx, pos = self.sample_value[d], self.sample_context[d], self.sample_position[d]
+        kept = (ctx >= 0).sum(-1).clamp_min(1)
+        weight = (self.hist[d].double() / kept).unsqueeze(-1).expand_as(vals)
+        flat_v, flat_c, flat_p, flat_w = vals.flatten(), ctx.flatten(), pos.flatten(), weight.flatten()
+        out = []
+        for j in range(n_bins):
+            lo, hi = top * j / n_bins, top * (j + 1) / n_bins
+            inside = (flat_c >= 0) & (flat_v > lo) & ((flat_v <= hi) if j == n_bins - 1 else (flat_v < hi))
+            idx = inside.nonzero().squeeze(1)
+            if len(idx) > per_bin:
+                idx = idx[torch.multinomial(flat_w[idx], per_bin, replacement=False, generator=g)]
+            out.append((lo, hi, [(int(flat_c[i]), int(flat_p[i]), float(flat_v[i])) for i in idx.tolist()]))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+
+def _bottom_k(keys: torch.Tensor, payloads: list[torch.Tensor], groups: torch.Tensor, new_keys: torch.Tensor,
+              new_payloads: list[torch.Tensor]) -> None:
+    """Merge candidates into per-group tables keeping the k smallest keys (tables [G, k, ...], keys ascending per
+    group, +inf = empty), in place; only the groups that received candidates are touched."""
+    if not len(groups):
+        return
+    k = keys.shape[1]
+    touched, u_new = torch.unique(groups, return_inverse=True)
+    U = len(touched)
+    all_u = torch.cat([torch.arange(U).repeat_interleave(k), u_new])
+    all_k = torch.cat([keys[touched].flatten(), new_keys])
+    order = torch.argsort(all_k, stable=True)
+    order = order[torch.argsort(all_u[order], stable=True)]
+    su = all_u[order]
+    rank = torch.arange(len(su)) - torch.searchsorted(su, torch.arange(U))[su]
+    sel = order[rank < k]
+    r_u, r_rank = su[rank < k], rank[rank < k]
+    table = torch.full((U, k), math.inf, dtype=keys.dtype)
+    table[r_u, r_rank] = all_k[sel]
+    keys[touched] = table
+    for old, new in zip(payloads, new_payloads):
+        merged = torch.cat([old[touched].flatten(0, 1), new])
+        t = torch.full((U, k, *old.shape[2:]), -1, dtype=old.dtype) if not old.is_floating_point() else \
+            torch.full((U, k, *old.shape[2:]), math.nan, dtype=old.dtype)
+        t[r_u, r_rank] = merged[sel]
+        old[touched] = t
+
+
+class _Stream:
+    """The running state of one encoder's directions (see the module docstring)."""
+
+    def __init__(self, n: int, n_top: int, n_random: int, per_bin: int, window: tuple[int, int] | None, T: int):
+        self.n, self.n_top, self.window, self.T = n, n_top, window, T
+        self.offsets = torch.arange(T) if window is None else torch.arange(-window[0], window[1] + 1)
+        W = len(self.offsets)
+        self.count = torch.zeros(n, dtype=torch.long)
+        self.power = torch.zeros(4, n, dtype=torch.float64)
+        self.anchor: torch.Tensor | None = None
+        self.hist = torch.zeros(n * N_BINS, dtype=torch.long)
+        self.top_v = torch.full((n_top, n), -1.0)
+        self.top_c = torch.full((n_top, n), -1, dtype=torch.long)
+        self.top_p = torch.zeros((n_top, n), dtype=torch.long)
+        self.top_a = torch.full((n_top, n, W), math.nan)
+        self.rnd_key = torch.full((n, n_random), math.inf)
+        self.rnd = [torch.full((n, n_random), -1.0), torch.full((n, n_random), -1, dtype=torch.long),
+                    torch.zeros((n, n_random), dtype=torch.long), torch.full((n, n_random, W), math.nan)]
+        self.smp_key = torch.full((n * N_BINS, per_bin), math.inf)
+        self.smp = [torch.full((n * N_BINS, per_bin), -1.0), torch.full((n * N_BINS, per_bin), -1, dtype=torch.long),
+                    torch.zeros((n * N_BINS, per_bin), dtype=torch.long)]
+
+    def _windows(self, A: torch.Tensor, b: torch.Tensor, p: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """[m, W] activations of direction f[i] in context b[i] at the window around position p[i]."""
+        pos = self.offsets.expand(len(b), -1) if self.window is None else p[:, None] + self.offsets[None]
+        ok = (pos >= 0) & (pos < self.T)
+        w = A[b[:, None], pos.clamp(0, self.T - 1), f[:, None]]
+        return torch.where(ok, w, torch.full_like(w, math.nan))
+
+    def update(self, A: torch.Tensor, c0: int, gen: torch.Generator) -> None:
+        """A [B, T, n] non-negative activations of contexts c0 .. c0 + B - 1."""
+        B, T, n = A.shape
+        flat = A.reshape(-1, n)
+        rows, f = flat.nonzero(as_tuple=True)
+        v = flat[rows, f]
+        self.count += torch.bincount(f, minlength=n)
+        vd = v.double()
+        for i in range(4):
+            self.power[i] += torch.bincount(f, weights=vd ** (i + 1), minlength=n)
+        if self.anchor is None:
+            first = flat.amax(0)
+            fallback = float(first.max()) if float(first.max()) > 0 else 1.0
+            self.anchor = torch.where(first > 0, first, torch.full_like(first, fallback))
+        bins = ((v / self.anchor[f]).log2() * BINS_PER_OCTAVE).floor().long().add_(_OFFSET).clamp_(0, N_BINS - 1)
+        g = f * N_BINS + bins
+        self.hist += torch.bincount(g, minlength=n * N_BINS)
+        keys = torch.rand(len(v), generator=gen)
+        keep = keys < self.smp_key[g, -1]
+        r = rows[keep]
+        _bottom_k(self.smp_key, self.smp, g[keep], keys[keep], [v[keep], c0 + r // T, r % T])
+
+        cmax, carg = A.max(dim=1)  # [B, n]: each context's max and where it is
+        cand = torch.where(cmax > 0, cmax, torch.full_like(cmax, -1.0))
+        vals, sel = torch.cat([self.top_v, cand]).topk(self.n_top, dim=0)
+        new = sel >= self.n_top
+        old = sel.clamp(max=self.n_top - 1)
+        b_new = (sel - self.n_top).clamp(min=0)
+        self.top_c = torch.where(new, c0 + b_new, self.top_c.gather(0, old))
+        self.top_p = torch.where(new, carg.gather(0, b_new), self.top_p.gather(0, old))
+        acts = self.top_a.gather(0, old.unsqueeze(-1).expand(-1, -1, self.top_a.shape[-1]))
+        j, ff = new.nonzero(as_tuple=True)
+        if len(j):
+            bb = sel[j, ff] - self.n_top
+            acts[j, ff] = self._windows(A, bb, carg[bb, ff], ff)
+        self.top_v, self.top_a = vals, acts
+
+        ckeys = torch.rand(B, n, generator=gen)
+        ok = (cmax > 0) & (ckeys < self.rnd_key[:, -1].unsqueeze(0))
+        bb, ff = ok.nonzero(as_tuple=True)
+        if len(bb):
+            pp = carg[bb, ff]
+            _bottom_k(self.rnd_key, self.rnd, ff, ckeys[bb, ff],
+                      [cmax[bb, ff], c0 + bb, pp, self._windows(A, bb, pp, ff)])
+
+    def result(self, tokens: torch.Tensor, meta: dict) -> Mined:
+        n = self.n
+        top_c = torch.where(self.top_v > 0, self.top_c, torch.full_like(self.top_c, -1))
+        return Mined(tokens, self.count, self.power.T.contiguous(),
+                     self.anchor if self.anchor is not None else torch.ones(n), self.hist.view(n, N_BINS),
+                     self.top_v.T.contiguous(), top_c.T.contiguous(), self.top_p.T.contiguous(),
+                     self.top_a.transpose(0, 1).contiguous(), *(t.contiguous() for t in self.rnd),
+                     *(t.view(n, N_BINS, -1) for t in self.smp), meta=dict(meta))
+
+
+@torch.no_grad()
+def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
+         encoders: Mapping[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]], tokens: torch.Tensor, *,
+         batch_size: int = 32, n_top: int = 20, n_random: int = 5, per_bin: int = 4,
+         window: tuple[int, int] | None = (12, 4), seed: int = 0, progress: bool = True) -> dict[str, Mined]:
+    """Stream `tokens` [n_contexts, ctx_len] through `read` (tokens [B, T] -> {hook: activations [B, T, d]}, e.g.
+    `lm.hook_reader`, one forward pass for every hook) and every encoder {name: (hook, activations [rows, d] ->
+    non-negative direction activations [rows, n])} in batches of `batch_size` contexts; return {name: Mined}.
+
+    window: (tokens before, tokens after) kept around an example's max, or None for the whole context. Seeded: the
+    same inputs give the same samples. meta records the seconds spent reading, encoding and keeping statistics."""
+    check_int(batch_size, "batch_size", 1)
+    check_int(n_top, "n_top", 1)
+    check_int(n_random, "n_random", 1)
+    check_int(per_bin, "per_bin", 1)
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point:
+        raise ValueError(f"tokens must be integer token ids [n_contexts, ctx_len], got "
+                         f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+    if not encoders:
+        raise ValueError("encoders is empty: give at least one {name: activations -> direction activations}")
+    N, T = tokens.shape
+    gen = torch.Generator().manual_seed(seed)
+    streams: dict[str, _Stream] = {}
+    clock = {"read_seconds": 0.0, "encode_seconds": 0.0, "keep_seconds": 0.0}
+    for c0 in tqdm(range(0, N, batch_size), desc="mining", unit="batch", disable=not progress):
+        t0 = time.perf_counter()
+        xs = read(tokens[c0:c0 + batch_size])
+        t1 = time.perf_counter()
+        clock["read_seconds"] += t1 - t0
+        for name, (hook, encode) in encoders.items():
+            x = xs[hook]
+            B = x.shape[0]
+            t1 = time.perf_counter()
+            a = encode(x.reshape(B * T, -1)).float().reshape(B, T, -1).cpu()
+            t2 = time.perf_counter()
+            if name not in streams:
+                streams[name] = _Stream(a.shape[-1], n_top, n_random, per_bin, window, T)
+            if bool((a < 0).any()):
+                raise ValueError(f"encoder {name!r} gave negative activations; pass non-negative ones (split a "
+                                 f"signed direction into its positive and negative halves)")
+            streams[name].update(a, c0, gen)
+            clock["encode_seconds"] += t2 - t1
+            clock["keep_seconds"] += time.perf_counter() - t2
+    meta = {"window": list(window) if window is not None else None, "n_top": n_top, "n_random": n_random,
+            "per_bin": per_bin, "seed": seed, "batch_size": batch_size, **clock}
+    return {name: s.result(tokens, meta) for name, s in streams.items()}
