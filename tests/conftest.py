@@ -3,6 +3,12 @@ the tiny offline model trained once per session."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -55,3 +61,42 @@ def tiny_lm(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
     log = train_tiny(root)
     return root, log, lm.offline_dir(root / "data")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of a headless Chromium (Debian's package), installed with apt-get when missing and possible; the test
+    is skipped with the reason when it is not."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        pytest.skip("no chromium here, and apt-get as root is not available to install it")
+    try:
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=True, capture_output=True, timeout=600,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    except (subprocess.SubprocessError, OSError) as e:
+        pytest.skip(f"could not install chromium with apt-get ({e})")
+    found = shutil.which("chromium")
+    if not found:
+        pytest.skip("apt-get installed no chromium binary")
+    return found
+
+
+def screenshot(chromium: str, url: str, out: Path, size: str = "1200,900", budget_ms: int = 5000,
+               timeout: int = 90) -> Path:
+    """A headless screenshot of a file:// or loopback URL with every other host unreachable (no network)."""
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           f"--user-data-dir={profile}", "--no-first-run", "--disable-extensions", "--disable-background-networking",
+           "--disable-sync", "--disable-component-update",
+           "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1",
+           "--proxy-server=http://127.0.0.1:9", "--hide-scrollbars", "--force-device-scale-factor=1",
+           f"--window-size={size}", f"--virtual-time-budget={budget_ms}", f"--screenshot={out}", url]
+    try:
+        subprocess.run(cmd, capture_output=True, timeout=timeout)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    if not out.exists():
+        raise AssertionError(f"chromium wrote no screenshot of {url}")
+    return out

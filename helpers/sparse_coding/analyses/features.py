@@ -101,8 +101,9 @@ def mine_dictionary(model, sae: Any, hook: str, tokens: torch.Tensor, *, member:
     if cache is not None and (cache / MINED_FILE).exists():
         return load_mined(cache)
     dev = next(model.parameters()).device
-    mined = mine(lambda tb: read_all(tb.to(dev)), {"sae": (hook, sae_encoder(sae, member))}, tokens, batch_size=batch_size, n_top=n_top,
-                 n_random=n_random, per_bin=per_bin, window=window, seed=seed, progress=progress)["sae"]
+    mined = mine(lambda tb: read_all(tb.to(dev)), {"sae": (hook, sae_encoder(sae, member))}, tokens,
+                 batch_size=batch_size, n_top=n_top, n_random=n_random, per_bin=per_bin, window=window, seed=seed,
+                 progress=progress)["sae"]
     mined.meta.update(settings)
     if cache is not None:
         save_mined(mined, cache, overwrite=True)
@@ -131,7 +132,8 @@ def examples_at(model, sae: Any, hook: str, mined: Mined, feature: int,
     dev = next(model.parameters()).device
     acts = lm.hook_reader(model, [hook])(mined.tokens[ctxs].to(dev))[hook]
     T = acts.shape[1]
-    codes = sae_encoder(sae, member)(acts.reshape(len(ctxs) * T, -1))[:, feature].reshape(len(ctxs), T).float().cpu()
+    codes = sae_encoder(sae, member)(acts.reshape(len(ctxs) * T, -1))[:, feature]
+    codes = codes.reshape(len(ctxs), T).float().cpu()
     row = {c: i for i, c in enumerate(ctxs)}
     window = mined.meta.get("window")
     out = []

@@ -47,7 +47,8 @@ def plot_high_mcs_vs_size(table, threshold: float = 0.9) -> "plt.Figure":
             a1.plot(sub["n"], sub["share_above_1to1"], "-x", color=c, alpha=0.5, label="vs next-larger, 1:1 matched")
     null = table[table["comparison"] == "across_seeds"]
     null = null if len(null) else table
-    a0.plot(null.sort_values("n")["n"], null.sort_values("n")["null_mmcs"], "-", color="grey", label="random directions")
+    null = null.sort_values("n")
+    a0.plot(null["n"], null["null_mmcs"], "-", color="grey", label="random directions")
     for ax in (a0, a1):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("dictionary size (features)")
