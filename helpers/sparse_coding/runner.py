@@ -1,18 +1,28 @@
-"""Run the numbered notebooks in order with papermill.
+"""Run the numbered notebooks in order with papermill, showing which notebook and cell is running.
 
 `python -m sparse_coding.runner --out build/figures` runs every notebook with its defaults (what `make figures`
-does); `--smoke` overrides each notebook's parameters with its entry in notebooks/smoke.json and sends figures and
-data to the output folder, so a smoke run never touches the committed figures/ or the default data/."""
+does) and records each notebook's run time in figures/run_times.json; `--smoke` overrides each notebook's parameters
+with its entry in notebooks/smoke.json and sends figures and data to the output folder, so a smoke run never touches
+the committed figures/ or the default data/.
+
+Every cell's output (the notebooks' own progress bars included) goes to `<out>/run.log`; the console shows each cell
+as it starts with the elapsed time and, on a terminal, the latest output line. A failing notebook stops the run
+with the executed notebook's path and the failing cell."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import sys
 import time
 from pathlib import Path
 
+from .files import update_json
 from .paths import repo_root
+
+_CELL = re.compile(r"(Executing|Ending) Cell (\d+)")
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
@@ -32,13 +42,72 @@ def smoke_parameters(nb: Path, out: Path) -> dict:
     return params
 
 
-def main(argv: list[str] | None = None) -> int:
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+class _Console(logging.Handler):
+    """papermill's log (cell starts and every output line) -> one console line per cell start, plus the latest
+    output line: overwritten in place on a terminal, at most every 20 s otherwise."""
+
+    def __init__(self, name: str, n_cells: int, stream=sys.stdout):
+        super().__init__(logging.INFO)
+        self.name_, self.n, self.stream, self.t0 = name, n_cells, stream, time.time()
+        self.tty = stream.isatty()
+        self.last_print = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        m = _CELL.search(msg)
+        elapsed = _clock(time.time() - self.t0)
+        if m:
+            if m.group(1) == "Executing":
+                end = "\n" if not self.tty else ""
+                self.stream.write(f"\r\033[K[runner] {self.name_} cell {m.group(2)}/{self.n} ({elapsed})" + end
+                                  if self.tty else f"[runner] {self.name_} cell {m.group(2)}/{self.n} ({elapsed})\n")
+                self.stream.flush()
+            return
+        lines = [ln for ln in re.split(r"[\r\n]+", msg) if ln.strip()]
+        if not lines:
+            return
+        text = lines[-1].strip()[:110]
+        if self.tty:
+            self.stream.write(f"\r\033[K[runner] {self.name_} ({elapsed}) {text}")
+            self.stream.flush()
+        elif time.time() - self.last_print > 20:
+            self.stream.write(f"           {text}\n")
+            self.stream.flush()
+            self.last_print = time.time()
+
+
+def run_one(nb: Path, out: Path, params: dict, log: logging.Logger, console: bool = True) -> float:
+    """Execute one notebook into `out`; returns its seconds. Raises papermill's PapermillExecutionError."""
     import papermill as pm
 
+    n_cells = len(json.loads(nb.read_text())["cells"]) + (1 if params else 0)  # papermill injects a cell
+    handler = _Console(nb.name, n_cells) if console else None
+    if handler:
+        log.addHandler(handler)
+    t0 = time.time()
+    try:
+        pm.execute_notebook(str(nb), str(out / nb.name), parameters=params, cwd=str(nb.parent),
+                            kernel_name="python3", progress_bar=False, log_output=True)
+    finally:
+        if handler:
+            log.removeHandler(handler)
+            if handler.tty:
+                sys.stdout.write("\n")
+    return time.time() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from papermill.exceptions import PapermillExecutionError
+
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default="build/figures", help="where executed notebooks go")
+    ap.add_argument("--out", default="build/figures", help="where executed notebooks and run.log go")
     ap.add_argument("--smoke", action="store_true", help="small parameters from notebooks/smoke.json")
     ap.add_argument("--only", nargs="*", help="notebook numbers to run, e.g. 00 02")
+    ap.add_argument("--quiet", action="store_true", help="no per-cell console lines (the log still has them)")
     args = ap.parse_args(argv)
 
     out = (repo_root() / args.out).resolve()
@@ -47,14 +116,36 @@ def main(argv: list[str] | None = None) -> int:
     if not todo:
         print("no notebooks matched", file=sys.stderr)
         return 1
-    for nb in todo:
-        params = smoke_parameters(nb, out) if args.smoke else {}
-        t0 = time.time()
-        print(f"[runner] {nb.name} {'(smoke) ' if args.smoke else ''}{params if params else ''}", flush=True)
-        pm.execute_notebook(str(nb), str(out / nb.name), parameters=params, cwd=str(nb.parent),
-                            kernel_name="python3", progress_bar=False, log_output=False)
-        print(f"[runner] {nb.name} done in {time.time() - t0:.1f}s", flush=True)
-    return 0
+    log = logging.getLogger("papermill")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    file_handler = logging.FileHandler(out / "run.log", mode="w", encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(file_handler)
+    times: dict[str, float] = {}
+    status = 0
+    try:
+        for i, nb in enumerate(todo, 1):
+            params = smoke_parameters(nb, out) if args.smoke else {}
+            print(f"[runner] {i}/{len(todo)} {nb.name}{' (smoke)' if args.smoke else ''}", flush=True)
+            try:
+                times[nb.stem] = run_one(nb, out, params, log, console=not args.quiet)
+            except PapermillExecutionError as e:
+                print(f"[runner] FAILED {nb.name} at cell [{e.exec_count}] (index {e.cell_index}): {e.ename}: "
+                      f"{str(e.evalue)[:300]}\n[runner] executed notebook: {out / nb.name}\n[runner] log: "
+                      f"{out / 'run.log'}", flush=True)
+                status = 1
+                break
+            print(f"[runner] {nb.name} done in {_clock(times[nb.stem])}", flush=True)
+    finally:
+        log.removeHandler(file_handler)
+        file_handler.close()
+    if times:
+        print("[runner] run times: " + ", ".join(f"{k} {_clock(v)}" for k, v in times.items()) +
+              f"; total {_clock(sum(times.values()))}", flush=True)
+        if not args.smoke and status == 0:
+            update_json(repo_root() / "figures" / "run_times.json", {k: round(v) for k, v in times.items()})
+    return status
 
 
 if __name__ == "__main__":

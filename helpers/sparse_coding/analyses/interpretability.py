@@ -1,0 +1,199 @@
+"""Explain–simulate–score (Bills et al. 2023; the protocol of Cunningham et al. 2023, arXiv 2309.08600, Appendix A):
+how well a direction's activations can be predicted from a short explanation of its top examples.
+
+For each direction: rank the pool's fragments by the direction's max activation and keep the top 20; ranks 0, 4, 8,
+12, 16 go to the explainer, ranks 2, 6, 10, 14, 18 are the "top" test set, and 5 fragments where the direction fires,
+drawn at random among the others, are the "random" test set (explanation and test fragments never overlap). A
+simulator predicts every test token's activation from the explanation text alone; the score is the Pearson
+correlation of predictions and true activations pooled over tokens (top, random, and top-and-random, the paper's
+default). Directions firing on fewer than 20 fragments are skipped and counted.
+
+The offline explainer and simulator here need no model: the explainer writes which tokens (and which previous token
+before them) carry the activation and how strongly, on the 0-10 scale of the explanation records, choosing greedily
+the entries that best reproduce the records' activations; the simulator reads that text back — only the text — and
+predicts each token's activation as the strength of the entry it matches (0 for none). An LLM explainer and
+simulator with the same interface live in `analyses.llm`."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+EXPLAIN_RANKS = (0, 4, 8, 12, 16)
+TOP_RANKS = (2, 6, 10, 14, 18)
+N_RANDOM = 5
+MIN_FRAGMENTS = 20
+
+
+@dataclass
+class Record:
+    """One fragment as the explainer or simulator sees it: token texts and the direction's true activations."""
+
+    tokens: list[str]
+    acts: list[float]
+
+
+class Explainer(Protocol):
+    name: str
+
+    def explain(self, records: Sequence[Record]) -> str: ...
+
+
+class Simulator(Protocol):
+    name: str
+
+    def simulate(self, explanation: str, fragments: Sequence[Sequence[str]]) -> list[list[float]]: ...
+
+
+def scale_0_10(records: Sequence[Record]) -> list[list[int]]:
+    """Activations as integers 0-10 relative to the records' max (negatives clipped), as OpenAI's explainer sees them."""
+    top = max((max(r.acts) for r in records if r.acts), default=0.0)
+    if top <= 0:
+        return [[0] * len(r.acts) for r in records]
+    return [[int(round(10 * max(0.0, a) / top)) for a in r.acts] for r in records]
+
+
+def _quote(t: str) -> str:
+    return '"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+_ITEM = re.compile(r'(?:"((?:[^"\\]|\\.)*)"\s+then\s+)?"((?:[^"\\]|\\.)*)"\s*≈\s*(\d+(?:\.\d+)?)')
+
+
+def _unquote(t: str) -> str:
+    return re.sub(r"\\(.)", r"\1", t)
+
+
+class TokenTableExplainer:
+    """Explanations like `fires on "·(" ≈9; "·print" then "·(" ≈6` (see the module docstring). `max_items` entries at
+    most; an entry is a token, or a token after a given previous token."""
+
+    name = "token-table"
+
+    def __init__(self, max_items: int = 8):
+        self.max_items = max_items
+
+    def explain(self, records: Sequence[Record]) -> str:
+        scaled = scale_0_10(records)
+        toks = [t for r in records for t in r.tokens]
+        prev = [p for r in records for p in [None] + r.tokens[:-1]]
+        y = np.array([a for s in scaled for a in s], dtype=np.float64)
+        if not len(y) or y.max() <= 0:
+            return "fires on nothing in these examples"
+        cands = {}
+        for i in np.nonzero(y >= 2)[0]:
+            cands.setdefault((None, toks[i]), None)
+            if prev[i] is not None:
+                cands.setdefault((prev[i], toks[i]), None)
+        keys = list(cands)
+        masks = np.array([[t == k[1] and (k[0] is None or p == k[0]) for t, p in zip(toks, prev)] for k in keys])
+        strength = np.array([y[m].mean() for m in masks])
+        chosen, pred = [], np.zeros_like(y)
+        for _ in range(self.max_items):
+            trial = np.maximum(pred[None], masks * strength[:, None])
+            err = ((trial - y[None]) ** 2).sum(1)
+            best = int(err.argmin())
+            if err[best] >= ((pred - y) ** 2).sum() - 1e-9:
+                break
+            chosen.append(best)
+            pred = trial[best]
+        if not chosen:
+            return "fires on nothing in these examples"
+        items = []
+        for c in sorted(chosen, key=lambda c: -strength[c]):
+            p, t = keys[c]
+            level = max(1, int(round(strength[c])))
+            items.append((f"{_quote(p)} then " if p is not None else "") + f"{_quote(t)} ≈{level}")
+        return "fires on " + "; ".join(items)
+
+
+class TokenTableSimulator:
+    """Reads a `TokenTableExplainer` explanation — the text only — and predicts each token's activation: the
+    largest strength among the entries it matches, else 0."""
+
+    name = "token-table"
+
+    def simulate(self, explanation: str, fragments: Sequence[Sequence[str]]) -> list[list[float]]:
+        items = [(_unquote(p) if p else None, _unquote(t), float(v)) for p, t, v in _ITEM.findall(explanation)]
+        out = []
+        for frag in fragments:
+            pred = []
+            for i, t in enumerate(frag):
+                p = frag[i - 1] if i else None
+                pred.append(max((v for ip, it, v in items if it == t and (ip is None or ip == p)), default=0.0))
+            out.append(pred)
+        return out
+
+
+def pooled_correlation(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) -> float:
+    """Pearson correlation over all tokens of all fragments; 0 when either side is constant (a simulator that
+    predicts nothing explains nothing)."""
+    t = np.concatenate([np.asarray(a, dtype=np.float64) for a in true]) if len(true) else np.zeros(0)
+    p = np.concatenate([np.asarray(a, dtype=np.float64) for a in pred]) if len(pred) else np.zeros(0)
+    if t.shape != p.shape:
+        raise ValueError(f"predictions cover {p.size} tokens but the fragments have {t.size}")
+    if t.size < 2 or t.std() == 0 or p.std() == 0:
+        return 0.0
+    return float(np.corrcoef(t, p)[0, 1])
+
+
+@dataclass
+class Split:
+    """One direction's fragments (indices into the pool): explanation, top test and random test sets."""
+
+    explain: list[int]
+    top: list[int]
+    random: list[int]
+
+
+def split_fragments(ranked: Sequence[int], firing: Sequence[int]) -> Split | None:
+    """The protocol's split from the fragments ranked by max activation (descending, at least MIN_FRAGMENTS) and a
+    random order of the fragments where the direction fires; None (skip) when fewer than MIN_FRAGMENTS fire. The
+    random set avoids every explanation fragment (and the top test set, so the three never overlap)."""
+    if len(ranked) < MIN_FRAGMENTS:
+        return None
+    explain = [ranked[i] for i in EXPLAIN_RANKS]
+    top = [ranked[i] for i in TOP_RANKS]
+    used = set(explain) | set(top)
+    rnd = [f for f in firing if f not in used][:N_RANDOM]
+    return Split(explain, top, rnd)
+
+
+@dataclass
+class Score:
+    explanation: str
+    top: float
+    random: float
+    top_and_random: float
+
+
+def score_direction(records: dict[int, Record], split: Split, explainer: Explainer, simulator: Simulator,
+                    explanation: str | None = None) -> Score:
+    """Explain from the split's explanation records (or use `explanation`, e.g. another direction's for the
+    shuffled control), simulate the test records from the text alone, and correlate."""
+    text = explainer.explain([records[i] for i in split.explain]) if explanation is None else explanation
+    top = [records[i] for i in split.top]
+    rnd = [records[i] for i in split.random]
+    p_top = simulator.simulate(text, [r.tokens for r in top])
+    p_rnd = simulator.simulate(text, [r.tokens for r in rnd]) if rnd else []
+    true_top, true_rnd = [r.acts for r in top], [r.acts for r in rnd]
+    return Score(text, pooled_correlation(true_top, p_top), pooled_correlation(true_rnd, p_rnd) if rnd else math.nan,
+                 pooled_correlation(true_top + true_rnd, p_top + p_rnd))
+
+
+def bootstrap_ci(scores: Sequence[float], level: float = 0.95, n_boot: int = 2000, seed: int = 0
+                 ) -> tuple[float, float, float, float]:
+    """(mean, low, high, 1.96·SE) of the mean score: a percentile bootstrap over directions at `level`, and the
+    normal interval's half-width for comparison with the paper's 1.96·SE."""
+    s = np.asarray([v for v in scores if v == v], dtype=np.float64)
+    if s.size == 0:
+        return math.nan, math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = s[rng.integers(0, s.size, size=(n_boot, s.size))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    se = s.std(ddof=1) / math.sqrt(s.size) if s.size > 1 else math.nan
+    return float(s.mean()), float(lo), float(hi), 1.96 * se
