@@ -19,7 +19,7 @@ from .. import lm
 from ..corpus import contexts
 from ..files import load_json, save_json
 from ..paths import resolve
-from .layout import FORMAT_VERSION, MANIFEST, hook_folder, write_chunk
+from .layout import FORMAT_VERSION, MANIFEST, hook_folder, revision_name, write_chunk
 from .store import ActivationStore
 
 class _ChunkWriter:
@@ -111,7 +111,7 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
     # Manifests: new, resumed, or already complete.
     folders, manifests, done_ctx = {}, {}, {}
     d_of = {}
-    settings = {"model": str(model_name), "revision": revision or "final", "dtype": str(dtype).replace("torch.", ""),
+    settings = {"model": str(model_name), "revision": revision_name(model_name, revision), "dtype": str(dtype).replace("torch.", ""),
                 "ctx_len": ctx_len, "corpus": corpus, "seed": seed, "target_tokens": target,
                 "chunk_contexts": ctx_per_chunk, "format": FORMAT_VERSION}
     for h in run.hooks:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import lm
 from ..files import atomic_path
 from ..paths import resolve
 
@@ -44,8 +45,14 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^\w.\-]+", "__", str(name)).strip("_") or "model"
 
 
+def revision_name(model_name: str, revision: str | None) -> str:
+    """The revision as manifests record it: a hub model's "final"/None is its "main" ref; a local model's None is
+    "final"."""
+    return lm.hub_revision(revision) if lm.is_hub_name(str(model_name)) else (revision or "final")
+
+
 def hook_folder(out_root: str | os.PathLike, model_name: str, revision: str | None, hook: str) -> Path:
-    return resolve(out_root) / safe_name(model_name) / safe_name(revision or "final") / hook
+    return resolve(out_root) / safe_name(model_name) / safe_name(revision_name(model_name, revision)) / hook
 
 
 # ----------------------------------------------------------------------------------------------------- chunk files

@@ -46,7 +46,7 @@ class AblationEffect:
 
 def _rank_one_shift(encode, x: torch.Tensor, u: torch.Tensor, feature: int, iters: int = 40) -> torch.Tensor:
     """[P]: the smallest t >= 0 with encode(x − t·u)[feature] == 0, per row of x [P, d] (bisection after doubling;
-    rows already off get 0)."""
+    rows already off get 0). ValueError when no t up to 2^60 turns it off (the encoder does not read along u)."""
     off = lambda t: encode(x - t[:, None] * u)[:, feature] <= 0  # noqa: E731
     lo = torch.zeros(x.shape[0], dtype=x.dtype)
     hi = torch.ones_like(lo)
@@ -56,6 +56,9 @@ def _rank_one_shift(encode, x: torch.Tensor, u: torch.Tensor, feature: int, iter
         if bool(h.all()):
             break
         hi = torch.where(h, hi, 2 * hi)
+    if not bool((off(hi) | done).all()):
+        raise ValueError(f"feature {feature} does not turn off when x moves against its decoder direction (its "
+                         f"encoder does not read along it), so mode='rank_one' has no shift; use mode='zero'")
     for _ in range(iters):
         mid = (lo + hi) / 2
         m = off(mid)
@@ -89,13 +92,14 @@ def edit_activation(sae: Any, x: torch.Tensor, feature: int, mode: str = "zero",
 
 @torch.no_grad()
 def feature_ablation(model, sae: Any, hook: str, tokens: torch.Tensor, feature: int, *, mode: str = "zero",
-                     value: float | None = None, member: int = 0, where: str = "firing", batch_size: int = 8
-                     ) -> AblationEffect:
+                     value: float | None = None, member: int = 0, where: str = "firing",
+                     batch_size: int | None = None) -> AblationEffect:
     """Edit `feature` at `hook` in every context of tokens [n_contexts, T] and measure the change in next-token
     log-probabilities at the edited positions and in the loss. A feature that never fires there changes nothing
     (exactly: the edit is not applied anywhere)."""
     check_int(feature, "feature", 0, int(sae.d_sae) - 1, f" (the dictionary has {sae.d_sae} features)")
     tokens = check_tokens(model, tokens)
+    batch_size = batch_size or max(1, 1024 // tokens.shape[1])  # the bridge's eager attention is [B, H, T, T]
     splicer = Splicer(model, hook, fast=False)
     device = model_device(model)
     total = None
@@ -160,11 +164,12 @@ def token_ablation(model, sae: Any, hook: str, context: torch.Tensor, position: 
 
 @torch.no_grad()
 def loss_with_features(model, sae: Any, hook: str, tokens: torch.Tensor, keep: Mapping[str, Sequence[int]], *,
-                       member: int = 0, batch_size: int = 8) -> dict[str, float]:
+                       member: int = 0, batch_size: int | None = None) -> dict[str, float]:
     """Mean next-token cross-entropy (nats) of the clean model ("clean"), with the whole reconstruction x̂ spliced in
     ("all"), and for each named feature set S with x̂_S + (x − x̂) — the features in S plus the SAE's error term,
     i.e. every feature outside S ablated ("<name>")."""
     tokens = check_tokens(model, tokens)
+    batch_size = batch_size or max(1, 1024 // tokens.shape[1])
     splicer = Splicer(model, hook)
     device = model_device(model)
     encode = sae_encoder(sae, member)

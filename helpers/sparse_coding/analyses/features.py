@@ -52,6 +52,14 @@ def check_width(model, sae: Any, hook: str, read: Callable | None = None) -> int
     return width
 
 
+def _weights_digest(sae: Any, member: int) -> str:
+    h = hashlib.sha1()
+    for name, t in sorted(sae.member_state(member).items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _key(settings: dict, tokens: torch.Tensor) -> str:
     h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
     h.update(tokens.to(torch.int64).numpy().tobytes())
@@ -79,13 +87,14 @@ def load_mined(folder: str | os.PathLike) -> Mined:
 
 
 def mine_dictionary(model, sae: Any, hook: str, tokens: torch.Tensor, *, member: int = 0,
-                    folder: str | os.PathLike | None = None, batch_size: int = 32, n_top: int = 20,
+                    folder: str | os.PathLike | None = None, batch_size: int | None = None, n_top: int = 20,
                     n_random: int = 5, per_bin: int = 4, window: tuple[int, int] | None = (12, 4), seed: int = 0,
                     progress: bool = True) -> Mined:
     """Mine every feature of one member of `sae` on `tokens` [n_contexts, ctx_len] read at `hook` of `model`.
 
-    With `folder` (e.g. the member's dictionary folder), the result is saved in `folder/mining-<key>/` and reused
-    when the same settings and tokens come again. Raises ValueError when the hook is not the model's or its width
+    batch_size: contexts per forward pass (default: about 4096 tokens' worth). With `folder` (e.g. the member's
+    dictionary folder), the result is saved in `folder/mining-<key>/` and reused when the same dictionary weights,
+    model, settings and tokens come again. Raises ValueError when the hook is not the model's or its width
     is not the dictionary's d_in, and for contexts longer than the model's n_ctx."""
     lm.check_hooks(model, [hook])
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
@@ -94,7 +103,9 @@ def mine_dictionary(model, sae: Any, hook: str, tokens: torch.Tensor, *, member:
                          f"tokens[:, :{n_ctx}] or use lm.held_out_contexts")
     read_all = lm.hook_reader(model, [hook])
     check_width(model, sae, hook, read_all)
-    settings = {"hook": hook, "member": member, "batch_size": batch_size, "n_top": n_top, "n_random": n_random,
+    batch_size = batch_size or max(1, 4096 // tokens.shape[1])
+    rec = lm.loaded(model)
+    settings = {"weights": _weights_digest(sae, member), "model": [rec.source, rec.revision] if rec else None,"hook": hook, "member": member, "batch_size": batch_size, "n_top": n_top, "n_random": n_random,
                 "per_bin": per_bin, "window": list(window) if window else None, "seed": seed,
                 "d_sae": int(sae.d_sae), "shape": list(tokens.shape)}
     cache = Path(folder) / f"mining-{_key(settings, tokens)}" if folder is not None else None

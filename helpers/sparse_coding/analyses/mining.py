@@ -141,7 +141,7 @@ class Mined:
 
     def quantile_locations(self, direction: int, n_bins: int = 10, per_bin: int = 5, seed: int = 0
                            ) -> list[tuple[float, float, list[tuple[int, int, float]]]]:
-        """`n_bins` equal-width bins between 0 and the max, each with up to `per_bin` firing tokens (context,
+        """`n_bins` equal-width bins (lo, hi] between 0 and the max, each with up to `per_bin` firing tokens (context,
         position, value) whose value lies in the bin, drawn from the mining sample with each sampled token weighted
         by the number of firing tokens it stands for (its histogram bin's count over the samples kept there)."""
         d = self._check(direction)
@@ -154,7 +154,7 @@ class Mined:
         out = []
         for j in range(n_bins):
             lo, hi = top * j / n_bins, top * (j + 1) / n_bins
-            inside = (flat_c >= 0) & (flat_v > lo) & ((flat_v <= hi) if j == n_bins - 1 else (flat_v < hi))
+            inside = (flat_c >= 0) & (flat_v > lo) & (flat_v <= hi)  # (lo, hi]: the bins partition (0, max]
             idx = inside.nonzero().squeeze(1)
             if len(idx) > per_bin:
                 idx = idx[torch.multinomial(flat_w[idx], per_bin, replacement=False, generator=g)]

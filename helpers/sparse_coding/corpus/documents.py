@@ -159,14 +159,18 @@ def _load_hf(name: str, *, val_fraction: float, split: str, text_field: str, max
     if "/" not in name:
         raise FileNotFoundError(f"corpus source {name!r} is neither 'stdlib', an existing folder, nor a hub dataset "
                                 f"name like 'NeelNanda/pile-10k'")
-    if not hub_reachable():
-        raise ConnectionError(f"hub dataset {name!r} needs huggingface.co, which is not reachable from here. "
-                              f"Use the offline default: load_corpus('stdlib') (or a folder of text files).")
     try:
         import datasets
     except ImportError as e:
         raise ImportError(f"loading the hub dataset {name!r} needs `pip install datasets`") from e
-    ds = datasets.load_dataset(name, split=split)
+    try:
+        # Cached datasets load offline (HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1); others need the hub.
+        ds = datasets.load_dataset(name, split=split)
+    except (ConnectionError, OSError, ValueError) as e:
+        raise ConnectionError(
+            f"hub dataset {name!r} is not in the datasets cache ({datasets.config.HF_DATASETS_CACHE})"
+            f"{'' if hub_reachable() else ' and huggingface.co is not reachable'}: load it once where the hub is "
+            f"reachable, or use load_corpus('stdlib') or a folder of text files ({type(e).__name__}: {e})") from e
     if text_field not in ds.column_names:
         raise KeyError(f"dataset {name!r} has no column {text_field!r}; columns: {ds.column_names}")
     n = len(ds) if max_docs is None else min(max_docs, len(ds))

@@ -79,26 +79,40 @@ def resolve_revision(name_or_dir: str | os.PathLike, revision: str | None = None
     raise FileNotFoundError(f"no revision {revision!r} in {root}; available: {['final'] + available}")
 
 
+def hub_revision(revision: str | None) -> str:
+    """A notebook's revision as a hub ref: "final" (the offline model's name for the last step) and None are the
+    hub's "main"; "step512" and other refs stay as they are."""
+    return "main" if revision in (None, "final") else str(revision)
+
+
 def load_hf_model(name_or_dir: str | os.PathLike, revision: str | None = None, device: str | torch.device = "cpu"):
     """(transformers causal-LM model in eval mode, tokenizer) for a hub name + revision or a local folder + revision.
 
-    Attention is "eager", the implementation TransformerLens's bridge uses, so the two give the same logits.
-    Raises ConnectionError naming the offline default when a hub name cannot be reached."""
+    A hub name resolves through the Hugging Face cache as `transformers` does, so with the files cached it works
+    offline (HF_HUB_OFFLINE=1, the usual setup on GPU clusters); when huggingface.co cannot be reached only the
+    cache is searched. Raises ConnectionError naming the cache folder and the offline default when the revision is
+    neither cached nor downloadable. Attention is "eager", the implementation TransformerLens's bridge uses, so the
+    two give the same logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_dir)
     if is_hub_name(name):
-        if not _corpus.hub_reachable():
+        kw = {"revision": hub_revision(revision), "local_files_only": not _corpus.hub_reachable()}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="eager", dtype=torch.float32, **kw)
+            tok = AutoTokenizer.from_pretrained(name, **kw)
+        except (OSError, ValueError) as e:
+            from huggingface_hub import constants
+
             raise ConnectionError(
-                f"{name!r} is a hub model but huggingface.co is not reachable from here (or HF_HUB_OFFLINE is set). "
-                f"Use the offline default instead: load_model({DEFAULT_OFFLINE_DIR!r}) after running notebook "
-                f"00_offline_model (lm.train_offline_model()).")
-        path, kw = name, {"revision": revision or "main"}
-    else:
-        path, kw = str(resolve_revision(name, revision)), {}
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32, **kw)
-    tok = AutoTokenizer.from_pretrained(path, **kw)
-    return model.to(device).eval(), tok
+                f"{name!r} at revision {kw['revision']!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+                f"{' and huggingface.co is not reachable (or HF_HUB_OFFLINE is set)' if kw['local_files_only'] else ''}"
+                f": download it once where the hub is reachable, or use the offline default: "
+                f"load_model({DEFAULT_OFFLINE_DIR!r}) after notebook 00_offline_model ({e})") from e
+        return model.to(device).eval(), tok
+    path = str(resolve_revision(name, revision))
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def load_model(name_or_dir: str | os.PathLike = DEFAULT_OFFLINE_DIR, revision: str | None = None,

@@ -73,7 +73,8 @@ def held_out_contexts(tl, model: str, n_tokens: int, *, data_dir: str | os.PathL
     n_ctx = int(getattr(tl.cfg, "n_ctx", 0) or 0)
     ctx_len = check_int(ctx_len if ctx_len is not None else n_ctx, "ctx_len", 2, n_ctx or None,
                         " (tokens per context, at most the model's n_ctx)")
-    stream = held_out_tokens(tl, model, data_dir=data_dir)
+    # About 3 characters per token on code: 8 per token read leaves a wide margin without tokenizing everything.
+    stream = held_out_tokens(tl, model, data_dir=data_dir, max_bytes=max(200_000, 8 * n_tokens))
     return _corpus.contexts(stream, ctx_len, max_contexts=-(-n_tokens // ctx_len))
 
 

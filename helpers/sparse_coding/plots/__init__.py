@@ -4,6 +4,7 @@ folder; `writeup` builds figures/README.md from the metrics the notebooks wrote.
 from .features import (plot_ablation_effects, plot_feature_cards, plot_loss_by_feature_set,
                        plot_token_ablation)
 from .features_html import inline_view, save_features_page
+from .interpretability import plot_controls, plot_score_vs_mcs, plot_scores_by_layer, plot_top_vs_random
 from .frontier import plot_dead_features, plot_density_histogram, plot_density_panels, plot_frontier
 from .lm import pca_spectrum, plot_activation_norms, plot_lm_loss, plot_pca_spectra
 from .mcs import plot_high_mcs_vs_size, plot_mcs_panels, plot_mcs_vs_frequency
@@ -11,7 +12,8 @@ from .style import savefig
 from .toy import plot_method_bars, plot_mmcs_vs_larger, plot_sweep_heatmap
 from .tracking import plot_emergence, plot_feature_trajectories, plot_self_similarity
 
-__all__ = ["plot_ablation_effects", "plot_feature_cards", "plot_loss_by_feature_set", "plot_token_ablation",
+__all__ = ["plot_controls", "plot_score_vs_mcs", "plot_scores_by_layer", "plot_top_vs_random",
+           "plot_ablation_effects", "plot_feature_cards", "plot_loss_by_feature_set", "plot_token_ablation",
            "inline_view", "save_features_page", "plot_dead_features", "plot_density_histogram",
            "plot_density_panels", "plot_frontier", "pca_spectrum", "plot_activation_norms", "plot_lm_loss",
            "plot_pca_spectra", "plot_high_mcs_vs_size", "plot_mcs_panels", "plot_mcs_vs_frequency", "savefig",

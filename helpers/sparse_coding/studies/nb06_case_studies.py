@@ -13,6 +13,7 @@ import torch
 
 from .. import analyses, dictionaries, lm
 from ..activations import safe_name
+from ..activations.layout import revision_name
 from ..analyses.ablation import feature_ablation, loss_with_features, token_ablation
 from ..analyses.features import check_feature, examples_at
 from ..analyses.logit_lens import logit_lens, top_tokens
@@ -29,9 +30,9 @@ def best_dictionary(figures_dir: str | os.PathLike, data_dir: str | os.PathLike)
         raise FileNotFoundError(f"{path} not found: run notebook 03 first (it names the best dictionary), or pass a "
                                 f"dictionary folder (SAELens layout) as `dictionary`")
     m = load_json(path)
-    folder = (resolve(data_dir) / "dictionaries" / safe_name(m["model"]) / safe_name(m["revision"]) /
-              safe_name(m["hook"]) / m["spliced_perplexity_sweep"] / dictionaries.member_name(
-                  int(m["spliced_perplexity_member"])))
+    hook_dir = (resolve(data_dir) / "dictionaries" / safe_name(m["model"]) /
+                safe_name(revision_name(m["model"], m["revision"])) / safe_name(m["hook"]))
+    folder = hook_dir / m["spliced_perplexity_sweep"] / dictionaries.member_name(int(m["spliced_perplexity_member"]))
     return folder, dictionary_metadata(folder)
 
 
@@ -48,7 +49,8 @@ def reference_dictionary(data_dir: str | os.PathLike, model: str, revision: str,
     """Member 0 of a dictionary of the same size at the same hook trained from another seed than `seed` (notebook
     04's ladder first, then any sweep saved under data_dir), or None."""
     for root in (resolve(data_dir) / "04_mcs", resolve(data_dir)):
-        base = root / "dictionaries" / safe_name(model) / safe_name(revision) / safe_name(hook)
+        base = (root / "dictionaries" / safe_name(model) / safe_name(revision_name(model, revision)) /
+                safe_name(hook))
         for sweep in sorted(base.glob("*-r*-s*")) if base.is_dir() else []:
             member = sweep / dictionaries.member_name(0)
             if not (member / "cfg.json").exists() or sweep.name.rsplit("-s", 1)[-1] == str(seed):

@@ -1,0 +1,87 @@
+"""Logit lens (`analyses.logit_lens`): equal to a hand computation through the transformers model's own final-norm
+scale and unembedding, for a bridge and for HookedTransformers with and without a learned final scale; `top_tokens`
+leaves out rare tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_coding import lm
+from sparse_coding.analyses.logit_lens import logit_lens, top_tokens, unembedding
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_lm, one_thread):
+    return lm.load_model(tiny_lm[2])
+
+
+def test_bridge_logit_lens_equals_hf_weights(model):
+    """(d ⊙ final_layer_norm.weight) @ lm_head.weightᵀ with the transformers model's own parameters."""
+    w = lm.loaded(model).weights
+    gamma = w["gpt_neox.final_layer_norm.weight"].detach()
+    head = next(w[k] for k in ("embed_out.weight", "lm_head.weight") if k in w).detach()  # [d_vocab, d_model]
+    assert not torch.allclose(gamma, torch.ones_like(gamma))  # a trained scale, so leaving it out would show
+    g_ours, W_U = unembedding(model)
+    torch.testing.assert_close(g_ours, gamma)
+    torch.testing.assert_close(W_U, head.T)
+    directions = torch.randn(3, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    for d in directions:
+        got = logit_lens(model, d)
+        assert got.shape == (model.cfg.d_vocab,)
+        torch.testing.assert_close(got, (d * gamma) @ head.T, rtol=1e-5, atol=1e-6)
+    # One basis direction reads one row of the unembedding, scaled by that coordinate's gamma.
+    e = torch.zeros(model.cfg.d_model)
+    e[4] = 1
+    torch.testing.assert_close(logit_lens(model, e), gamma[4] * head[:, 4], rtol=1e-6, atol=0)
+
+
+def hooked(normalization_type):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_heads=2, d_mlp=16, d_vocab=20, n_ctx=8,
+                                  act_fn="gelu", normalization_type=normalization_type, device="cpu", seed=0)
+    return HookedTransformer(cfg)
+
+
+def test_hooked_transformer_scales():
+    """A HookedTransformer's ln_final.w scales the direction; without a learned scale (LNPre, none) γ = 1."""
+    m = hooked("LN")
+    with torch.no_grad():
+        m.ln_final.w.copy_(torch.linspace(0.5, 2.0, 8))
+    d = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logit_lens(m, d), (d * torch.linspace(0.5, 2.0, 8)) @ m.W_U.detach())
+    for nt in ("LNPre", None):
+        m = hooked(nt)
+        gamma, W_U = unembedding(m)
+        assert torch.equal(gamma, torch.ones(8))
+        torch.testing.assert_close(logit_lens(m, d), d @ m.W_U.detach())
+
+
+def test_top_tokens_leaves_out_rare_tokens():
+    """With token counts and min_count, tokens seen too rarely (or not counted at all) never appear."""
+    logits = torch.tensor([0.5, 3.0, -2.0, 1.0, -4.0, 2.0, 0.0, 5.0])
+    up, down = top_tokens(logits, k=3)
+    assert up == [(7, 5.0), (1, 3.0), (5, 2.0)] and down == [(4, -4.0), (2, -2.0), (6, 0.0)]
+    counts = torch.tensor([10, 1, 10, 10, 2, 10, 10])  # token 7 is past the counts: never seen
+    up, down = top_tokens(logits, k=3, token_counts=counts, min_count=5)
+    assert up == [(5, 2.0), (3, 1.0), (0, 0.5)] and down == [(2, -2.0), (6, 0.0), (0, 0.5)]
+    assert top_tokens(logits, k=3, token_counts=counts, min_count=0) == top_tokens(logits, k=3)
+    longer = torch.cat([counts, torch.tensor([9, 50, 50])])  # counted past the logits: token 7 seen 9 times
+    assert top_tokens(logits, k=1, token_counts=longer, min_count=5)[0] == [(7, 5.0)]
+    up, down = top_tokens(logits, k=10, token_counts=counts, min_count=10)  # k past what is left: all of it
+    assert [i for i, _ in up] == [5, 3, 0, 6, 2] and [i for i, _ in down] == [2, 6, 0, 3, 5]
+
+
+def test_logit_lens_bad_input(model):
+    """A direction of the wrong width or shape, or k < 1, is refused with the reason."""
+    with pytest.raises(ValueError, match="width 33 but the model's residual stream is 32 wide"):
+        logit_lens(model, torch.ones(33))
+    with pytest.raises(ValueError, match="direction"):
+        logit_lens(model, torch.ones(2, 32))
+    with pytest.raises(ValueError, match="direction"):
+        logit_lens(model, torch.full((32,), float("nan")))
+    with pytest.raises(ValueError, match="k must be an int"):
+        top_tokens(torch.zeros(5), k=0)
