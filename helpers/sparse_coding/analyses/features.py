@@ -19,13 +19,14 @@ import torch
 from .. import lm
 from ..checks import check_int
 from ..files import atomic_dir, load_json, load_tensors, save_json, save_tensors
+from ..paths import resolve
 from .mining import Example, Mined, mine
 
 MINED_FILE = "mined.safetensors"
 MINED_META = "mined.json"
 _FIELDS = ["count", "power_sums", "anchor", "hist", "top_value", "top_context", "top_position", "top_acts",
            "random_value", "random_context", "random_position", "random_acts", "sample_value", "sample_context",
-           "sample_position"]
+           "sample_position", "sample_acts"]
 
 
 def sae_encoder(sae: Any, member: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -73,12 +74,12 @@ def save_mined(mined: Mined, folder: str | os.PathLike, overwrite: bool = False)
         tensors["tokens"] = mined.tokens.to(torch.int32)
         save_tensors(Path(tmp) / MINED_FILE, tensors)
         save_json(Path(tmp) / MINED_META, mined.meta)
-    return Path(folder)
+    return resolve(folder)
 
 
 def load_mined(folder: str | os.PathLike) -> Mined:
     """Inverse of `save_mined`; a ValueError naming the file when a tensor is missing."""
-    folder = Path(folder)
+    folder = resolve(folder)
     t = load_tensors(folder / MINED_FILE)
     missing = [n for n in _FIELDS + ["tokens"] if n not in t]
     if missing:
@@ -108,7 +109,7 @@ def mine_dictionary(model, sae: Any, hook: str, tokens: torch.Tensor, *, member:
     settings = {"weights": _weights_digest(sae, member), "model": [rec.source, rec.revision] if rec else None,"hook": hook, "member": member, "batch_size": batch_size, "n_top": n_top, "n_random": n_random,
                 "per_bin": per_bin, "window": list(window) if window else None, "seed": seed,
                 "d_sae": int(sae.d_sae), "shape": list(tokens.shape)}
-    cache = Path(folder) / f"mining-{_key(settings, tokens)}" if folder is not None else None
+    cache = resolve(folder) / f"mining-{_key(settings, tokens)}" if folder is not None else None
     if cache is not None and (cache / MINED_FILE).exists():
         return load_mined(cache)
     dev = next(model.parameters()).device

@@ -6,8 +6,8 @@ Per direction: the firing count, the power sums Σa, Σa², Σa³, Σa⁴ over a
 a histogram on a geometric grid (`BINS_PER_OCTAVE` bins per factor 2, anchored at the direction's max in the first
 batch), the `n_top` contexts with the largest max activation and a window of per-token activations around that max,
 a seeded uniform sample of `n_random` contexts where the direction fires (same windows), and per histogram bin a
-seeded uniform sample of `per_bin` firing tokens (the quantile examples between 0 and the max are drawn from it).
-Memory: O(directions × (n_top + n_random) × window + directions × bins × per_bin).
+seeded uniform sample of `per_bin` firing tokens with their windows (the quantile examples between 0 and the max are
+drawn from it). Memory: O(directions × (n_top + n_random + bins × per_bin) × window).
 
 The samples are bottom-k sketches: every candidate gets a uniform random key and each group keeps its k smallest
 keys, which is a uniform sample without replacement of everything the group ever saw, whatever the batch order."""
@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from ..checks import check_int
 
 BINS_PER_OCTAVE = 4
-N_BINS = 128
-_OFFSET = 96  # bin of the anchor value: the grid spans anchor · 2^-24 .. anchor · 2^8
+N_BINS = 64
+_OFFSET = 48  # bin of the anchor value: the grid spans anchor · 2^-12 .. anchor · 2^4
 
 
 @dataclass
@@ -63,6 +63,7 @@ class Mined:
     sample_value: torch.Tensor   # [n, N_BINS, per_bin] firing tokens; sample_context -1 where empty
     sample_context: torch.Tensor
     sample_position: torch.Tensor
+    sample_acts: torch.Tensor    # [n, N_BINS, per_bin, window]
     meta: dict = field(default_factory=dict)  # window (before, after) or None = whole context, timings, ...
 
     # ----- statistics -----
@@ -139,26 +140,46 @@ class Mined:
         d = self._check(direction)
         return self._examples(self.random_value, self.random_context, self.random_position, self.random_acts, d)
 
-    def quantile_locations(self, direction: int, n_bins: int = 10, per_bin: int = 5, seed: int = 0
-                           ) -> list[tuple[float, float, list[tuple[int, int, float]]]]:
-        """`n_bins` equal-width bins (lo, hi] between 0 and the max, each with up to `per_bin` firing tokens (context,
-        position, value) whose value lies in the bin, drawn from the mining sample with each sampled token weighted
-        by the number of firing tokens it stands for (its histogram bin's count over the samples kept there)."""
-        d = self._check(direction)
+    def _quantile_picks(self, d: int, n_bins: int, per_bin: int, seed: int) -> list[tuple[float, float, list[int]]]:
+        """Per equal-width bin of (0, max]: (lo, hi, flat indices into the direction's sample slots)."""
         top = float(self.max[d])
         g = torch.Generator().manual_seed(seed)
-        vals, ctx, pos = self.sample_value[d], self.sample_context[d], self.sample_position[d]
+        vals, ctx = self.sample_value[d].flatten(), self.sample_context[d]
         kept = (ctx >= 0).sum(-1).clamp_min(1)
-        weight = (self.hist[d].double() / kept).unsqueeze(-1).expand_as(vals)
-        flat_v, flat_c, flat_p, flat_w = vals.flatten(), ctx.flatten(), pos.flatten(), weight.flatten()
+        weight = (self.hist[d].double() / kept).unsqueeze(-1).expand_as(ctx).flatten()
+        ctx = ctx.flatten()
         out = []
         for j in range(n_bins):
             lo, hi = top * j / n_bins, top * (j + 1) / n_bins
-            inside = (flat_c >= 0) & (flat_v > lo) & (flat_v <= hi)  # (lo, hi]: the bins partition (0, max]
-            idx = inside.nonzero().squeeze(1)
+            idx = ((ctx >= 0) & (vals > lo) & (vals <= hi)).nonzero().squeeze(1)  # (lo, hi]: bins partition (0, max]
             if len(idx) > per_bin:
-                idx = idx[torch.multinomial(flat_w[idx], per_bin, replacement=False, generator=g)]
-            out.append((lo, hi, [(int(flat_c[i]), int(flat_p[i]), float(flat_v[i])) for i in idx.tolist()]))
+                idx = idx[torch.multinomial(weight[idx], per_bin, replacement=False, generator=g)]
+            out.append((lo, hi, idx.tolist()))
+        return out
+
+    def quantile_locations(self, direction: int, n_bins: int = 10, per_bin: int = 5, seed: int = 0
+                           ) -> list[tuple[float, float, list[tuple[int, int, float]]]]:
+        """`n_bins` equal-width bins (lo, hi] between 0 and the max, each with up to `per_bin` firing tokens
+        (context, position, value) drawn from the mining sample, each sampled token weighted by the number of firing
+        tokens it stands for (its histogram bin's count over the samples kept there)."""
+        d = self._check(direction)
+        c, p, v = (t[d].flatten() for t in (self.sample_context, self.sample_position, self.sample_value))
+        return [(lo, hi, [(int(c[i]), int(p[i]), float(v[i])) for i in idx])
+                for lo, hi, idx in self._quantile_picks(d, n_bins, per_bin, seed)]
+
+    def quantile_examples(self, direction: int, n_bins: int = 10, per_bin: int = 5, seed: int = 0
+                          ) -> list[tuple[float, float, list[Example]]]:
+        """The same picks as `quantile_locations`, as Examples with the windows kept while mining."""
+        d = self._check(direction)
+        c, p, v = (t[d].flatten() for t in (self.sample_context, self.sample_position, self.sample_value))
+        acts = self.sample_acts[d].flatten(0, 1)
+        out = []
+        for lo, hi, idx in self._quantile_picks(d, n_bins, per_bin, seed):
+            exs = []
+            for i in idx:
+                toks, target = self.window_tokens(int(c[i]), int(p[i]))
+                exs.append(Example(int(c[i]), int(p[i]), float(v[i]), toks, acts[i].tolist(), target))
+            out.append((lo, hi, exs))
         return out
 
 
@@ -212,7 +233,8 @@ class _Stream:
                     torch.zeros((n, n_random), dtype=torch.long), torch.full((n, n_random, W), math.nan)]
         self.smp_key = torch.full((n * N_BINS, per_bin), math.inf)
         self.smp = [torch.full((n * N_BINS, per_bin), -1.0), torch.full((n * N_BINS, per_bin), -1, dtype=torch.long),
-                    torch.zeros((n * N_BINS, per_bin), dtype=torch.long)]
+                    torch.zeros((n * N_BINS, per_bin), dtype=torch.long),
+                    torch.full((n * N_BINS, per_bin, W), math.nan)]
 
     def _windows(self, A: torch.Tensor, b: torch.Tensor, p: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """[m, W] activations of direction f[i] in context b[i] at the window around position p[i]."""
@@ -240,8 +262,9 @@ class _Stream:
         self.hist += torch.bincount(g, minlength=n * N_BINS)
         keys = torch.rand(len(v), generator=gen)
         keep = keys < self.smp_key[g, -1]
-        r = rows[keep]
-        _bottom_k(self.smp_key, self.smp, g[keep], keys[keep], [v[keep], c0 + r // T, r % T])
+        r, fk = rows[keep], f[keep]
+        _bottom_k(self.smp_key, self.smp, g[keep], keys[keep],
+                  [v[keep], c0 + r // T, r % T, self._windows(A, r // T, r % T, fk)])
 
         cmax, carg = A.max(dim=1)  # [B, n]: each context's max and where it is
         cand = torch.where(cmax > 0, cmax, torch.full_like(cmax, -1.0))
@@ -273,7 +296,7 @@ class _Stream:
                      self.anchor if self.anchor is not None else torch.ones(n), self.hist.view(n, N_BINS),
                      self.top_v.T.contiguous(), top_c.T.contiguous(), self.top_p.T.contiguous(),
                      self.top_a.transpose(0, 1).contiguous(), *(t.contiguous() for t in self.rnd),
-                     *(t.view(n, N_BINS, -1) for t in self.smp), meta=dict(meta))
+                     *(t.view(n, N_BINS, *t.shape[1:]) for t in self.smp), meta=dict(meta))
 
 
 @torch.no_grad()

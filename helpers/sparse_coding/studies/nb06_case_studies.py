@@ -11,11 +11,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import analyses, dictionaries, lm
+from .. import analyses, dictionaries
 from ..activations import safe_name
 from ..activations.layout import revision_name
 from ..analyses.ablation import feature_ablation, loss_with_features, token_ablation
-from ..analyses.features import check_feature, examples_at
+from ..analyses.features import check_feature
 from ..analyses.logit_lens import logit_lens, top_tokens
 from ..analyses.mining import Mined
 from ..files import load_json
@@ -38,7 +38,7 @@ def best_dictionary(figures_dir: str | os.PathLike, data_dir: str | os.PathLike)
 
 def dictionary_metadata(folder: str | os.PathLike) -> dict:
     """The SAELens cfg.json `metadata` of a dictionary folder (model_name, revision, hook_name, ...)."""
-    cfg = Path(folder) / "cfg.json"
+    cfg = resolve(folder) / "cfg.json"
     if not cfg.exists():
         raise FileNotFoundError(f"{folder} is not a dictionary folder (no cfg.json); pass a SAELens-layout folder")
     return load_json(cfg).get("metadata", {})
@@ -62,7 +62,7 @@ def reference_dictionary(data_dir: str | os.PathLike, model: str, revision: str,
 
 def dictionary_seed(folder: str | os.PathLike) -> int | None:
     """The seed a dictionary folder of ours was trained from (None for one saved elsewhere)."""
-    ours = load_json(Path(folder) / "cfg.json").get("sparse_coding") or {}
+    ours = load_json(resolve(folder) / "cfg.json").get("sparse_coding") or {}
     seed = (ours.get("hparams") or {}).get("seed")
     return None if seed is None else int(seed)
 
@@ -87,13 +87,14 @@ def pick_features(mined: Mined, model, sae: Any, texts: Sequence[str], seed: int
     """Features picked by rule among those firing on at least `min_count` tokens:
     closing_paren: the most top examples end just before a token starting with ")" and the logit lens ranks such a
     token highest (the paper's closing-parenthesis case, natural on Python source); single_token: the largest share
-    of its top and random examples on one token id; dense: fires most often; random: a seeded live feature."""
+    of its top and random examples on one token id; dense: fires most often; random: a seeded live feature. Each
+    role gets a different feature (later roles skip features already chosen)."""
     live = (mined.count >= min_count).nonzero().squeeze(1).tolist()
     if not live:
         raise ValueError(f"no feature fires on {min_count} or more of the {mined.n_tokens} mined tokens; mine more "
                          f"text or pick features by hand")
     paren = {i for i, t in enumerate(texts) if t.startswith(")")}
-    W = sae.W_dec.detach()[0]
+    W = sae.member_state(0)["W_dec"]
     best_paren, best_score = None, -1.0
     for f in live:
         nxt = _next_tokens(mined, f)
@@ -109,9 +110,13 @@ def pick_features(mined: Mined, model, sae: Any, texts: Sequence[str], seed: int
     for f in live:
         toks = [e.tokens[e.target] for e in mined.top_examples(f) + mined.random_examples(f)]
         purity[f] = Counter(toks).most_common(1)[0][1] / len(toks) if toks else 0.0
-    chosen = {"closing_paren": best_paren,
-              "single_token": max(live, key=lambda f: (purity[f], int(mined.count[f]))),
-              "dense": max(live, key=lambda f: int(mined.count[f]))}
+    # Each role gets its own feature: a closing-paren feature can also be the densest, and a card shown twice
+    # teaches nothing.
+    chosen = {"closing_paren": best_paren}
+    pool = [f for f in live if f != best_paren] or live
+    chosen["single_token"] = max(pool, key=lambda f: (purity[f], int(mined.count[f])))
+    pool = [f for f in pool if f != chosen["single_token"]] or pool
+    chosen["dense"] = max(pool, key=lambda f: int(mined.count[f]))
     rest = [f for f in live if f not in chosen.values()]
     g = torch.Generator().manual_seed(seed)
     chosen["random"] = rest[int(torch.randint(len(rest), (1,), generator=g))] if rest else None
@@ -126,10 +131,9 @@ def case_study(model, sae: Any, hook: str, mined: Mined, feature: int, texts: Se
     token ablation of its strongest context."""
     f = check_feature(mined, feature)
     tops = mined.top_examples(f)
-    quant = [(lo, hi, examples_at(model, sae, hook, mined, f, locs))
-             for lo, hi, locs in mined.quantile_locations(f, n_quantile_bins, per_bin, seed)]
+    quant = mined.quantile_examples(f, n_quantile_bins, per_bin, seed)
     ctx = mined.tokens[[e.context for e in tops[:n_contexts]]]
-    W = sae.W_dec.detach()[0]
+    W = sae.member_state(0)["W_dec"]
     up, down = top_tokens(logit_lens(model, W[f]), 10, token_counts, min_count=5 if token_counts is not None else 0)
     effects = {mode: feature_ablation(model, sae, hook, ctx, f, mode=mode,
                                       value=steer * float(mined.max[f]) if mode == "clamp" else None)
