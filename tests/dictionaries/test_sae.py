@@ -258,12 +258,15 @@ def test_relu_hand_backward_matches_autograd(tied, pre_bias, shared):
     (False, False, False, ([4, 2], [5, 2])),
     (True, False, True, ([1, 6], [20, 3])),  # aux_k = d_sae: more aux picks than dead latents (-inf picks)
 ])
-def test_topk_sparse_path_matches_dense_autograd(with_dead, tied, pre_bias, shared, ks):
+@pytest.mark.parametrize("dense_below", [0, 1000])  # the kernels' sparse passes / their dense form, forced
+def test_topk_sparse_path_matches_dense_autograd(with_dead, tied, pre_bias, shared, ks, dense_below, monkeypatch):
     """TopK's step is sparse (the encoder forward runs without autograd, gradients flow through the chosen entries
     only, the decoder touches only the chosen rows); the dense generic autograd path is the reference, in float64:
-    outputs, every parameter gradient (members weighted differently) and the input gradient."""
-    from sparse_coding.dictionaries import TopKSAE
+    outputs, every parameter gradient (members weighted differently) and the input gradient. The kernels switch to
+    a dense form of the same maths when the picks are many (kernels.DENSE_BELOW): both forms are checked."""
+    from sparse_coding.dictionaries import TopKSAE, kernels
 
+    monkeypatch.setattr(kernels, "DENSE_BELOW", dense_below)
     k, aux_k = ks
     sae = make_sae("topk", d_in=6, d_sae=20, k=k, aux_k=aux_k, seed=[0, 1], dead_window=10, tied=tied,
                    pre_bias=pre_bias, dtype=torch.float64)

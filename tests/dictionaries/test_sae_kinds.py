@@ -204,7 +204,8 @@ def test_relu_bias_decay_adds_l2_and_its_gradient():
 
 def test_jumprelu_training_lowers_loss_and_l0_towards_planted():
     D, sample = planted(d=16, n_features=32, k=3)
-    sae = make_sae("jumprelu", d_in=16, d_sae=48, seed=0, l0_coef=0.05, bandwidth=0.05, init_threshold=0.05)
+    # l0_coef on inputs normalised to E‖x‖² = d_in (train_sae's default)
+    sae = make_sae("jumprelu", d_in=16, d_sae=48, seed=0, l0_coef=0.8, bandwidth=0.05, init_threshold=0.05)
     g = torch.Generator().manual_seed(1)
     hist = train_sae(sae, lambda s: sample(128, g), steps=400, lr=1e-2, log_every=50, progress=False)
     first, last = hist.iloc[0], hist.iloc[-1]

@@ -26,7 +26,8 @@ def planted(d=24, n_features=48, k=3, seed=0):
     return D, sample
 
 
-@pytest.mark.parametrize("kind,kw,lr", [("relu", {"l1_coef": 0.3}, 3e-3), ("topk", {"k": 3}, 3e-3)])
+# l1_coef on inputs normalised to E‖x‖² = d_in (train_sae's default): 1.5 there is 0.3 on these raw inputs.
+@pytest.mark.parametrize("kind,kw,lr", [("relu", {"l1_coef": 1.5}, 3e-3), ("topk", {"k": 3}, 3e-3)])
 def test_planted_dictionary_is_recovered(kind, kw, lr):
     D, sample = planted()
     sae = make_sae(kind, d_in=24, d_sae=96, seed=0, **kw)
@@ -103,9 +104,17 @@ def test_fvu_is_mse_over_variance():
     with torch.no_grad():
         sae.W_dec.zero_()  # x̂ = b_dec = 0, so mse = E‖x‖² and fvu = E‖x‖² / E‖x - x̄‖²
     x = torch.randn(1000, 8, generator=torch.Generator().manual_seed(0)) + 5.0
-    hist = train_sae(sae, lambda s: x, steps=1, lr=1e-9, progress=False)
     var = (x - x.mean(0)).pow(2).sum(1).mean()
+    hist = train_sae(sae, lambda s: x, steps=1, lr=1e-9, progress=False, input_scale=1.0)
     assert hist.mse.iloc[0] == pytest.approx(float(x.pow(2).sum(1).mean()), rel=1e-5)
+    assert hist["fvu"].iloc[0] == pytest.approx(float(x.pow(2).sum(1).mean() / var), rel=1e-5)
+    # By default the SAE sees inputs scaled to E‖s·x‖² = d_in: the mse (in those units) is d_in, the fvu unchanged.
+    sae = make_sae("relu", d_in=8, d_sae=16, l1_coef=0.0)
+    with torch.no_grad():
+        sae.W_dec.zero_()
+    hist = train_sae(sae, lambda s: x, steps=1, lr=1e-9, progress=False)
+    assert sae.input_scale == pytest.approx(float(8 / x.pow(2).sum(1).mean()) ** 0.5, rel=1e-5)
+    assert hist.mse.iloc[0] == pytest.approx(8.0, rel=1e-5)
     assert hist["fvu"].iloc[0] == pytest.approx(float(x.pow(2).sum(1).mean() / var), rel=1e-5)
 
 
@@ -120,7 +129,7 @@ def test_bad_batches_and_arguments_raise():
     with pytest.raises(ValueError, match="ran out after 1 steps"):
         train_sae(sae, [torch.randn(10, 4)], steps=2, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
-        train_sae(sae, torch.randn(100, 4), steps=2, progress=False)
+        train_sae(sae, torch.randn(100, 4), steps=2, progress=False, batch_size=0)
     for kwargs, name in [({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"), ({"log_every": 0}, "log_every"),
                          ({"dead_window": 0}, "dead_window")]:
         with pytest.raises(ValueError, match=name):

@@ -77,14 +77,19 @@ def test_input_scale_known_answer_and_folding(tmp_path):
         math.sqrt(16 / x[:300].pow(2).sum(1).mean().item()), rel=1e-6)  # a short iterable: what it had
     with pytest.raises(ValueError, match="all zero"):
         estimate_input_scale(torch.zeros(10, 4), batch_size=5)
-    # trained on s·x, saved with the scale folded: the loaded SAE reads raw x
+    # trained on s·x (the SAE keeps s and still takes raw x), saved with s folded: the loaded SAE reads raw x
     sae = make_sae("relu", d_in=16, d_sae=32, l1_coef=[1e-2, 1e-1], seed=[0, 1])
     train_sae(sae, x, batch_size=64, steps=30, lr=1e-2, progress=False, input_scale=s)
-    loaded = load_sweep(save_sweep(sae, tmp_path / "sweep", input_scale=s))
+    assert sae.input_scale == s
+    loaded = load_sweep(save_sweep(sae, tmp_path / "sweep"))
+    assert loaded.input_scale == 1.0
     with torch.no_grad():
-        torch.testing.assert_close(loaded.encode(x[:256]), sae.encode(x[:256] * s), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(loaded.decode(loaded.encode(x[:256])), sae.decode(sae.encode(x[:256] * s)) / s,
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(loaded.encode(x[:256]), sae.encode(x[:256]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(loaded.decode(loaded.encode(x[:256])), sae(x[:256]).x_hat, atol=1e-4, rtol=1e-4)
+        # the codes are those of an unscaled SAE fed s·x
+        plain = make_sae("relu", d_in=16, d_sae=32, l1_coef=[1e-2, 1e-1], seed=[0, 1])
+        plain.load_state_dict(sae.state_dict())
+        torch.testing.assert_close(plain.encode(x[:256] * s), sae.encode(x[:256]))
 
 
 # ----------------------------------------------------------------------------------------------- resampling

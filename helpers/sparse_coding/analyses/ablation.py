@@ -74,7 +74,7 @@ def edit_activation(sae: Any, x: torch.Tensor, feature: int, mode: str = "zero",
     check_choice(where, "where", ("firing", "all"))
     encode = sae_encoder(sae, member)
     c = encode(x)[:, feature].to(x.dtype)
-    d = sae.W_dec.detach()[member, feature].to(device=x.device, dtype=x.dtype)
+    d = sae.member_state(member)["W_dec"][feature].to(device=x.device, dtype=x.dtype)  # raw units
     rows = c > 0 if where == "firing" else torch.ones_like(c, dtype=torch.bool)
     if mode == "zero":
         return x - c[:, None] * d, rows
@@ -183,7 +183,8 @@ def loss_with_features(model, sae: Any, hook: str, tokens: torch.Tensor, keep: M
         masks[name] = m
     sums = {"clean": 0.0, "all": 0.0, **{n: 0.0 for n in masks}}
     n_pred = 0
-    W, b = sae.W_dec.detach()[member], sae.b_dec.detach()[member]
+    state = sae.member_state(member)  # raw units
+    W, b = state["W_dec"], state["b_dec"]
     for i in range(0, len(tokens), batch_size):
         tb = tokens[i:i + batch_size].to(device)
         logits, act = splicer.clean(tb)

@@ -14,9 +14,14 @@ is a plain slice:
 The pre-bias is applied as `− b_dec W_enc` instead of `(x − b_dec) W_enc`: the same maths, but x needs no gradient,
 so autograd skips a full [B, d_in] x [d_in, d_sae] matmul per member that would only feed the tiny b_dec gradient.
 
+An SAE can carry an input scale s (`input_scale`, set by `train_sae`, 1 by default): it sees s·x, so that its
+hyperparameters mean the same at any activation scale (E‖s·x‖² = d_in, see `training.estimate_input_scale`), yet
+`encode`, `decode` and `forward` take and return raw activations, and `member_state` folds s into the weights (what
+is saved takes raw activations with scale 1).
+
 A kind subclasses `EnsembleSAE`, registers with `@register_sae(name)` and defines `activation` (pre-activations ->
-codes) and, if it has any, `kind_losses`; a kind with a faster training step overrides `_forward` and returns the same
-four things. The forward pass always returns an `SAEOutput`: the base computes the MSE once, the kind adds its own
+codes) and, if it has any, `kind_losses`; a kind with a faster training step overrides `_forward` (which works on
+scaled inputs, with `_pre` and `_decode`) and returns the same four things. The forward pass always returns an `SAEOutput`: the base computes the MSE once, the kind adds its own
 loss terms (as SAELens's TrainStepOutput). This module knows no kind: `dictionaries.factory` imports them."""
 
 from __future__ import annotations
@@ -130,6 +135,7 @@ class EnsembleSAE(nn.Module):
         self.d_in, self.d_sae = d_in, d_sae
         self.tied, self.pre_bias = bool(tied), bool(pre_bias)
         self.dead_window: int | None = None  # tokens; see DEFAULT_DEAD_WINDOW
+        self.input_scale = 1.0  # the SAE sees input_scale · x (module docstring)
         self.hparams = [dict(h) for h in hparams]
         for h in self.hparams:
             self.validate_member(h)
@@ -163,7 +169,8 @@ class EnsembleSAE(nn.Module):
     def config(self) -> dict[str, Any]:
         """Settings shared by all members (per-member ones are in `hparams`)."""
         return {"kind": self.kind, "architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
-                "tied": self.tied, "pre_bias": self.pre_bias, "dtype": str(self.dtype).removeprefix("torch.")}
+                "tied": self.tied, "pre_bias": self.pre_bias, "dtype": str(self.dtype).removeprefix("torch."),
+                "input_scale": float(self.input_scale)}
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, n_members={self.n_members}, d_in={self.d_in}, d_sae={self.d_sae}, tied={self.tied}"
@@ -203,23 +210,35 @@ class EnsembleSAE(nn.Module):
         """x [B, d_in] or [E, B, d_in] -> [E, B, d_in] (a view when shared)."""
         return x.expand(self.n_members, *x.shape) if x.ndim == 2 else x
 
+    def scale_in(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the SAE's own units: input_scale · x."""
+        return x * self.input_scale if self.input_scale != 1.0 else x
+
+    def _pre(self, xs: torch.Tensor) -> torch.Tensor:
+        """Scaled inputs [B, d_in] or [E, B, d_in] -> pre-activations [E, B, d_sae]."""
+        return torch.baddbmm(self.encoder_bias().unsqueeze(1), self.expand(xs), self.encoder_weight())
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [E, B, d_sae] -> x̂ [E, B, d_in] in the SAE's own (scaled) units."""
+        if codes.ndim != 3 or codes.shape[0] != self.n_members or codes.shape[2] != self.d_sae:
+            raise ValueError(f"codes must be [{self.n_members}, batch, {self.d_sae}], got {tuple(codes.shape)}")
+        return torch.baddbmm(self.b_dec.unsqueeze(1), codes, self.W_dec)
+
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, d_in] or [E, B, d_in] -> [E, B, d_sae]."""
-        x = self.check_input(x)
-        return torch.baddbmm(self.encoder_bias().unsqueeze(1), self.expand(x), self.encoder_weight())
+        """Raw x [B, d_in] or [E, B, d_in] -> [E, B, d_sae]."""
+        return self._pre(self.scale_in(self.check_input(x)))
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, d_in] (every member sees it) or [E, B, d_in] -> codes [E, B, d_sae]."""
+        """Raw x [B, d_in] (every member sees it) or [E, B, d_in] -> codes [E, B, d_sae]."""
         return self.activation(self.pre_activations(x))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [E, B, d_sae] -> x̂ [E, B, d_in]."""
-        if codes.ndim != 3 or codes.shape[0] != self.n_members or codes.shape[2] != self.d_sae:
-            raise ValueError(f"codes must be [{self.n_members}, batch, {self.d_sae}], got {tuple(codes.shape)}")
-        return torch.baddbmm(self.b_dec.unsqueeze(1), codes, self.W_dec)
+        """codes [E, B, d_sae] -> x̂ [E, B, d_in] in raw units."""
+        x_hat = self._decode(codes)
+        return x_hat / self.input_scale if self.input_scale != 1.0 else x_hat
 
     def kind_losses(self, x: torch.Tensor, pre: torch.Tensor, codes: torch.Tensor, x_hat: torch.Tensor
                     ) -> dict[str, torch.Tensor]:
@@ -231,19 +250,23 @@ class EnsembleSAE(nn.Module):
         # amax beats (codes != 0).any() by skipping a bool temporary; valid where codes cannot be negative.
         return codes.detach().amax(dim=1) > 0 if self.nonnegative_codes else (codes.detach() != 0).any(dim=1)
 
-    def _forward(self, x: torch.Tensor):
-        """The kind's part of a forward pass: (x̂ [E, B, d_in], codes or a function making them, fired [E, d_sae],
-        losses {name: [E]}). This generic version is autograd through `activation` and `kind_losses`."""
-        pre = self.pre_activations(x)
+    def _forward(self, xs: torch.Tensor):
+        """The kind's part of a forward pass on scaled inputs xs: (x̂ [E, B, d_in] in scaled units, codes or a function
+        making them, fired [E, d_sae], losses {name: [E]}). This generic version is autograd through `activation` and
+        `kind_losses`."""
+        pre = self._pre(xs)
         codes = self.activation(pre)
-        x_hat = self.decode(codes)
-        return x_hat, codes, self.fired(codes), self.kind_losses(x, pre, codes, x_hat)
+        x_hat = self._decode(codes)
+        return x_hat, codes, self.fired(codes), self.kind_losses(xs, pre, codes, x_hat)
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
-        """x [B, d_in] or [E, B, d_in] -> SAEOutput (x̂, mse, the kind's losses, loss, fired, codes)."""
-        x = self.check_input(x)
-        x_hat, codes, fired, losses = self._forward(x)
-        mse = (x_hat - x).pow(2).sum(-1).mean(-1)
+        """Raw x [B, d_in] or [E, B, d_in] -> SAEOutput: x̂ in raw units, the mse and the kind's losses in the SAE's
+        own (scaled) units, so the loss coefficients mean the same at any activation scale."""
+        xs = self.scale_in(self.check_input(x))
+        x_hat, codes, fired, losses = self._forward(xs)
+        mse = (x_hat - xs).pow(2).sum(-1).mean(-1)
+        if self.input_scale != 1.0:
+            x_hat = x_hat / self.input_scale
         return SAEOutput(x_hat, mse, losses, fired, codes)
 
     # ----- decoder geometry -----
@@ -278,15 +301,19 @@ class EnsembleSAE(nn.Module):
 
     # ----- interop -----
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
-        """Member i's weights in SAELens's layout (detached copies)."""
+        """Member i's weights in SAELens's layout (detached copies) for raw activations: the input scale folded in."""
         if not -self.n_members <= i < self.n_members:
             raise ValueError(f"member index i={i} out of range for n_members={self.n_members}")
-        return {"W_enc": self.encoder_weight().detach()[i].clone(), "b_enc": self.b_enc.detach()[i].clone(),
-                "W_dec": self.W_dec.detach()[i].clone(), "b_dec": self.b_dec.detach()[i].clone()}
+        state = {"W_enc": self.encoder_weight().detach()[i].clone(), "b_enc": self.b_enc.detach()[i].clone(),
+                 "W_dec": self.W_dec.detach()[i].clone(), "b_dec": self.b_dec.detach()[i].clone()}
+        return fold_input_scale(state, self.input_scale)
 
     @torch.no_grad()
     def load_member_state_(self, i: int, state: dict[str, torch.Tensor]) -> None:
-        """Inverse of `member_state`: copy one member's SAELens-layout weights in (W_enc is ignored when tied)."""
+        """Inverse of `member_state`: copy one member's SAELens-layout weights (for raw activations) in; W_enc is
+        ignored when tied. Needs input_scale 1 (what member_state gives takes raw activations)."""
+        if self.input_scale != 1.0:
+            raise ValueError(f"load_member_state_ needs an SAE with input_scale 1, this one has {self.input_scale}")
         expected = {"W_enc": (self.d_in, self.d_sae), "b_enc": (self.d_sae,), "W_dec": (self.d_sae, self.d_in),
                     "b_dec": (self.d_in,)}
         for name, shape in expected.items():

@@ -96,11 +96,11 @@ class BatchTopKSAE(TopKSAE):
         return torch.zeros(E, B * n, device=pre.device, dtype=pre.dtype).scatter(-1, idx, values).view(E, B, n)
 
     def _forward(self, x: torch.Tensor):
-        pre = self.pre_activations(x)
+        pre = self._pre(x)
         E, B, n = pre.shape
         if not self.training:
             codes = self._jump(pre)
-            return self.decode(codes), codes, self.fired(codes), {"aux": pre.new_zeros(E)}
+            return self._decode(codes), codes, self.fired(codes), {"aux": pre.new_zeros(E)}
         values, idx = self.batch_select(pre)
         x_hat = self.batch_decode(values, idx, B) + self.b_dec.unsqueeze(1)
         aux = self._aux(x, pre, x_hat)

@@ -17,14 +17,15 @@ from ..kernels import ReLUStep
 
 @register_sae("relu")
 class ReLUSAE(EnsembleSAE):
-    """ReLU + L1. Per member: l1_coef (default 1e-3)."""
+    """ReLU + L1. Per member: l1_coef (default 1.0, for inputs normalised to E‖x‖² = d_in as train_sae does by
+    default: it recovers planted dictionaries at d_in from 32 to 256, tests/dictionaries/test_defaults.py)."""
 
     architecture = "standard"
     member_keys = ("l1_coef",)
 
     @classmethod
     def default_hparams(cls, d_in: int) -> dict[str, Any]:
-        return {"l1_coef": 1e-3}
+        return {"l1_coef": 1.0}
 
     def validate_member(self, h: dict[str, Any]) -> None:
         super().validate_member(h)
@@ -56,7 +57,7 @@ class ReLUBiasDecaySAE(ReLUSAE):
 
     @classmethod
     def default_hparams(cls, d_in: int) -> dict[str, Any]:
-        return {"l1_coef": 1e-3, "b_enc_decay": 1e-3}
+        return {"l1_coef": 1.0, "b_enc_decay": 1e-3}
 
     def validate_member(self, h: dict[str, Any]) -> None:
         super().validate_member(h)

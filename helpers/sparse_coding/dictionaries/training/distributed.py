@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
@@ -35,6 +34,7 @@ import torch.distributed as dist
 
 from ...activations.store import ActivationStore
 from ...files import load_json, load_tensors
+from ...paths import resolve
 from ..base import EnsembleSAE, broadcast
 from ..factory import make_sae
 from ..saelens_io import save_sweep
@@ -84,7 +84,8 @@ def _all_gather_text(text: str, device: torch.device, world: int) -> list[str]:
 
 
 def train_distributed(kind: str, d_in: int, batches: Any, hparams: Mapping[str, Any], *, d_sae: int | None = None,
-                      ratio: float | None = None, out: str | os.PathLike | None = None, input_scale: float = 1.0,
+                      ratio: float | None = None, out: str | os.PathLike | None = None,
+                      input_scale: float | str = "auto",
                       device: str | torch.device | None = None, tied: bool = False, pre_bias: bool = True,
                       dead_window: int | None = None, state_dir: str | os.PathLike | None = None,
                       metadata: Mapping[str, Any] | None = None, overwrite: bool = False,
@@ -117,7 +118,7 @@ def train_distributed(kind: str, d_in: int, batches: Any, hparams: Mapping[str, 
         keys = {k for h in mine for k in h}
         sub = make_sae(kind, d_in, d_sae, ratio=ratio, tied=tied, pre_bias=pre_bias, device=device,
                        dead_window=dead_window, **{k: [h[k] for h in mine] for k in keys})
-        ck = Path(state_dir) / f"members-{lo:03d}-{hi:03d}" if state_dir is not None else None
+        ck = resolve(state_dir) / f"members-{lo:03d}-{hi:03d}" if state_dir is not None else None
         hist = train_sae(sub, batches, input_scale=input_scale, state_dir=ck,
                          progress=train_kwargs.pop("progress", rank == 0), **train_kwargs)
         hist["member"] += lo
@@ -133,11 +134,11 @@ def train_distributed(kind: str, d_in: int, batches: Any, hparams: Mapping[str, 
         else:
             state = sub.state_dict()
         full.load_state_dict(state)
-        full.dead_window = sub.dead_window
+        full.dead_window, full.input_scale = sub.dead_window, sub.input_scale
         full.eval()
         hist = hist.sort_values(["step", "member"], kind="stable").reset_index(drop=True)
         if out is not None and rank == 0:
-            save_sweep(full, out, input_scale=input_scale, metadata=metadata, overwrite=overwrite,
+            save_sweep(full, out, metadata=metadata, overwrite=overwrite,
                        files={HISTORY_FILE: hist.to_csv(index=False)},
                        extra={"distributed": {"world_size": world, "backend": dist.get_backend() if world > 1
                                               else None}})

@@ -27,7 +27,7 @@ def member_generators(sae: EnsembleSAE, seed: int) -> list[torch.Generator]:
 @torch.no_grad()
 def resample_dead_(sae: EnsembleSAE, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor,
                    generators: Sequence[torch.Generator], encoder_scale: float = 0.2) -> list[int]:
-    """Re-initialise the latents marked in `dead` [E, d_sae] towards badly reconstructed rows of `x` [B, d_in]
+    """Re-initialise the latents marked in `dead` [E, d_sae] towards badly reconstructed rows of raw `x` [B, d_in]
     (Towards Monosemanticity): rows drawn ∝ loss², loss = ||x - x̂||² per member; decoder row = the row (as the
     encoder sees it, i.e. minus b_dec with pre_bias) normalised; encoder column = the same × encoder_scale × the
     mean norm of the member's alive encoder columns; b_enc = 0; their Adam moments and firing counters reset.
@@ -35,9 +35,10 @@ def resample_dead_(sae: EnsembleSAE, opt: torch.optim.Optimizer, x: torch.Tensor
     counts = dead.sum(-1).tolist()
     if not any(counts):
         return counts
+    x = sae.scale_in(x)  # the SAE's own units: b_dec and the new directions live there
     was_training = sae.training
     sae.eval()  # plain reconstruction: no auxiliary losses
-    x_hat = sae.decode(sae.encode(x))
+    x_hat = sae._decode(sae.activation(sae._pre(x)))
     sae.train(was_training)
     err = (x_hat - x).pow(2).sum(-1)  # [E, B]
     W_enc = sae.encoder_weight()

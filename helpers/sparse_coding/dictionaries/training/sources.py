@@ -3,6 +3,7 @@ needs to continue the stream exactly, and the input scale that normalises it."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, Iterable, Iterator
 
@@ -14,11 +15,16 @@ from ...checks import check_int
 Batches = Iterable[torch.Tensor] | Callable[[int], torch.Tensor] | torch.Tensor | ActivationStore
 
 
+# Rows per batch when a dataset tensor or a store is given without batch_size (SAELens's default, in tokens).
+DEFAULT_BATCH_SIZE = 4096
+
+
 class BatchSource:
     """`source(step)` -> the batch [B, d_in] of that step, for any of:
 
-    - a dataset tensor [rows, d_in]: rows sampled with the training seed and batch_size (a rerun sees the same);
-    - an ActivationStore: shuffled as `store.batches(batch_size, seed, drop_last=True)`, epoch after epoch
+    - a dataset tensor [rows, d_in]: rows sampled with the training seed and batch_size (default
+      min(DEFAULT_BATCH_SIZE, rows); a rerun sees the same);
+    - an ActivationStore (batch_size by default as for a tensor): shuffled as `store.batches(batch_size, seed, drop_last=True)`, epoch after epoch
       (`activations.row_order`), so any step's batch is computable directly and a resume needs only the step;
     - a callable step -> batch (must be a pure function of the step for a resume to equal an uninterrupted run);
     - an iterable of batches (replayed from its start on resume).
@@ -33,12 +39,12 @@ class BatchSource:
                 raise ValueError(f"batches as a tensor must be a dataset [rows, d_in], got shape "
                                  f"{tuple(batches.shape)}")
             if batch_size is None:
-                raise ValueError("batch_size is required when batches is a dataset tensor [rows, d_in]")
+                batch_size = min(DEFAULT_BATCH_SIZE, batches.shape[0])
             self.kind, self.data, self.batch_size = "tensor", batches, batch_size
             self.gen = torch.Generator(device="cpu").manual_seed(seed)
         elif isinstance(batches, ActivationStore):
             if batch_size is None:
-                raise ValueError("batch_size is required when batches is an ActivationStore")
+                batch_size = min(DEFAULT_BATCH_SIZE, batches.n_tokens)
             if batch_size > batches.n_tokens:
                 raise ValueError(f"batch_size={batch_size} exceeds the store's {batches.n_tokens} rows; lower it")
             self.kind, self.store, self.batch_size, self.seed = "store", batches, batch_size, seed
@@ -69,6 +75,19 @@ class BatchSource:
             raise ValueError(f"batches ran out after {step} steps; give at least `steps` batches or a callable "
                              "step -> batch") from None
 
+    def estimate_scale(self, batch_size: int | None) -> float:
+        """`estimate_input_scale` of this source without disturbing the stream: a dataset tensor, store or callable
+        is sampled apart; an iterable's first batch is read and put back."""
+        if self.kind != "iterable":
+            src = {"tensor": getattr(self, "data", None), "store": getattr(self, "store", None),
+                   "callable": getattr(self, "fn", None)}[self.kind]
+            return estimate_input_scale(src, n_batches=16, batch_size=batch_size or 4096)
+        first = next(self.it, None)
+        if first is None:
+            raise ValueError("batches is an empty iterable; give at least one batch")
+        self.it = itertools.chain([first], self.it)
+        return estimate_input_scale([first], n_batches=1)
+
     def state(self) -> dict[str, torch.Tensor]:
         return {"rng.data": self.gen.get_state()} if self.gen is not None else {}
 
@@ -87,11 +106,13 @@ def estimate_input_scale(batches: Batches, n_batches: int = 16, batch_size: int 
                          ) -> float:
     """s with E‖s·x‖² = d_in, from `n_batches` batches of the source (a dataset tensor or an ActivationStore,
     sampled with `seed` and `batch_size`, default 4096; a callable, called for steps 0..n-1; an iterable, its first
-    batches). Pass it to train_sae(input_scale=s) and to dictionaries.save_sweep(input_scale=s).
+    batches). `train_sae(input_scale="auto")` calls it (through `BatchSource.estimate_scale`).
     Raises ValueError when the inputs are all zero or not finite."""
     check_int(n_batches, "n_batches", 1)
-    if isinstance(batches, (torch.Tensor, ActivationStore)) and batch_size is None:
-        batch_size = 4096
+    if isinstance(batches, (torch.Tensor, ActivationStore)):
+        # an estimate needs no more rows than there are: a small store is read whole rather than refused
+        rows_there = batches.shape[0] if isinstance(batches, torch.Tensor) else batches.n_tokens
+        batch_size = min(batch_size or DEFAULT_BATCH_SIZE, rows_there)
     src = BatchSource(batches, batch_size, seed + 7919)  # not the training stream's generator
     total, rows, d = 0.0, 0, None
     for step in range(n_batches):
