@@ -4,8 +4,8 @@ features (toy data)."""
 from .harvester import ensure_activations, harvest
 from .layout import MANIFEST, ChunkError, chunk_checksum, hook_folder, open_chunk, safe_name, write_chunk
 from .store import ActivationStore, row_order, write_store
-from .synthetic import ToyConfig, ToyData, firing_probabilities
+from .synthetic import ToyConfig, ToyData, firing_probabilities, standard_basis_data
 
 __all__ = ["ensure_activations", "harvest", "MANIFEST", "ChunkError", "chunk_checksum", "hook_folder", "open_chunk",
            "safe_name", "write_chunk", "ActivationStore", "row_order", "write_store", "ToyConfig", "ToyData",
-           "firing_probabilities"]
+           "firing_probabilities", "standard_basis_data"]

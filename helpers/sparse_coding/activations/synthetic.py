@@ -152,3 +152,19 @@ class ToyData:
 
     def __repr__(self) -> str:
         return f"ToyData({self.cfg}, device={self.device})"
+
+
+def standard_basis_data(n_samples: int, d: int = 10, active: int = 3, seed: int = 0
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original team's small K-SVD setting: x [n_samples, d] with exactly `active` of the d standard-basis
+    features on in every sample (chosen uniformly), magnitudes uniform on [0, 1); and the truth, the identity [d, d]."""
+    if not isinstance(d, numbers.Integral) or d < 1:
+        raise ValueError(f"d must be an integer >= 1, got {d!r}")
+    if not isinstance(active, numbers.Integral) or not 1 <= active <= d:
+        raise ValueError(f"active must be an integer in [1, d={d}], got {active!r}")
+    if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    g = torch.Generator().manual_seed(seed)
+    on = torch.rand(n_samples, d, generator=g).argsort(dim=1)[:, :active]
+    x = torch.zeros(n_samples, d).scatter_(1, on, torch.rand(n_samples, active, generator=g))
+    return x, torch.eye(d)

@@ -9,7 +9,7 @@ from .frontier import plot_dead_features, plot_density_histogram, plot_density_p
 from .lm import pca_spectrum, plot_activation_norms, plot_lm_loss, plot_pca_spectra
 from .mcs import plot_high_mcs_vs_size, plot_mcs_panels, plot_mcs_vs_frequency
 from .style import savefig
-from .toy import plot_method_bars, plot_mmcs_vs_larger, plot_sweep_heatmap
+from .toy import plot_ksvd_wrong_k, plot_method_bars, plot_mmcs_vs_l0, plot_mmcs_vs_larger, plot_sweep_heatmap
 from .tracking import plot_emergence, plot_feature_trajectories, plot_self_similarity
 
 __all__ = ["plot_controls", "plot_score_vs_mcs", "plot_scores_by_layer", "plot_top_vs_random",
@@ -17,5 +17,6 @@ __all__ = ["plot_controls", "plot_score_vs_mcs", "plot_scores_by_layer", "plot_t
            "inline_view", "save_features_page", "plot_dead_features", "plot_density_histogram",
            "plot_density_panels", "plot_frontier", "pca_spectrum", "plot_activation_norms", "plot_lm_loss",
            "plot_pca_spectra", "plot_high_mcs_vs_size", "plot_mcs_panels", "plot_mcs_vs_frequency", "savefig",
-           "plot_method_bars", "plot_mmcs_vs_larger", "plot_sweep_heatmap", "plot_emergence",
+           "plot_method_bars", "plot_mmcs_vs_larger", "plot_sweep_heatmap", "plot_ksvd_wrong_k", "plot_mmcs_vs_l0",
+           "plot_emergence",
            "plot_feature_trajectories", "plot_self_similarity"]

@@ -1,7 +1,10 @@
-"""Notebook 01's experiment: train SAEs on toy data over an α × dictionary-size grid and score them against the
-known features, next to TopK and the classical baselines.
+"""Notebook 01's experiment: train SAEs of every kind on toy data over a small grid of their own (the kind's sparsity
+setting × dictionary size × learning rate) and score them against the known features, next to the classical
+baselines.
 
-One ensemble per dictionary size, one member per L1 coefficient α. Every ensemble is fed the same batches:
+One ensemble per (dictionary size, learning rate), one member per value of the kind's sparsity setting (`SPARSITY`:
+ReLU's L1 coefficient α, TopK's and BatchTopK's k, JumpReLU's L0 coefficient). Inputs are normalised to E‖x‖² = d
+(train_sae's default), so the coefficients mean what they mean on language-model activations. Every ensemble is fed the same batches:
 `ToyData.batches` is deterministic for a seed, so each ensemble re-draws the identical stream (drawing a batch is
 a small part of a training step, far cheaper than holding steps × batch × d floats in memory to share them).
 Sizes are given as `per_true`, dictionary features per true feature (1 = 512 features for 512 true ones), as in
@@ -20,30 +23,49 @@ import torch
 from ..activations.synthetic import ToyData
 from ..analyses.recovery import dead_features, mmcs_from_learned, mmcs_to_truth, mmcs_vs_larger, share_recovered
 from ..dictionaries import FVU, make_sae, train_sae
-from ..dictionaries.baselines import ica_dictionary, omp_dictionary, pca_dictionary
+from ..dictionaries.baselines import ica_dictionary, ksvd_dictionary, online_dictionary, pca_dictionary
 
 # Held-out data for dead-feature counts and FVU comes from this seed offset, never from a training stream.
 EVAL_SEED_OFFSET = 10_000
 
 
+# The member hyperparameter each kind's sweep varies.
+SPARSITY = {"relu": "l1_coef", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coef"}
+
+
 @dataclass
 class ToySweepResult:
-    l1_coefs: list[float]
+    kind: str
+    values: list[float]  # the swept sparsity setting (SPARSITY[kind]), ascending
     per_true_grid: list[float]
-    # one row per (per_true, l1_coef): mmcs, mmcs_reverse, share_recovered, dead_share, l0, fvu, mmcs_vs_larger
+    lrs: list[float]
+    # one row per (per_true, lr, value): kind, d_sae, <SPARSITY[kind]>, mmcs, mmcs_reverse, share_recovered,
+    # dead_share, l0, fvu (held-out samples), mmcs_vs_larger
     table: pd.DataFrame
-    dictionaries: dict[float, torch.Tensor] = field(repr=False)  # per_true -> [E, n, d] decoder directions
-    history: pd.DataFrame = field(repr=False)  # train_sae logs with a `per_true` column
+    dictionaries: dict[tuple[float, float], torch.Tensor] = field(repr=False)  # (per_true, lr) -> [E, n, d]
+    history: pd.DataFrame = field(repr=False)  # train_sae logs with `per_true` and `lr` columns
     seconds: float = 0.0
 
-    def grid(self, metric: str) -> pd.DataFrame:
-        """metric as a per_true × l1_coef matrix (rows: per_true_grid ascending, columns: α ascending)."""
-        return self.table.pivot(index="per_true", columns="l1_coef", values=metric).sort_index()
+    @property
+    def param(self) -> str:
+        return SPARSITY[self.kind]
+
+    def best_lr(self) -> float:
+        """The learning rate of the best cell."""
+        return float(self.best()["lr"])
+
+    def grid(self, metric: str, lr: float | None = None) -> pd.DataFrame:
+        """metric as a per_true × sparsity-setting matrix at one learning rate (default: the best cell's)."""
+        lr = self.best_lr() if lr is None else float(lr)
+        sub = self.table[self.table["lr"] == lr]
+        return sub.pivot(index="per_true", columns=self.param, values=metric).sort_index()
 
     def best(self) -> dict:
-        """The grid cell with the highest MMCS against the truth."""
+        """The grid cell with the highest MMCS against the truth: its mmcs, l0 (held-out), fvu, setting, per_true
+        and lr."""
         row = self.table.loc[self.table["mmcs"].idxmax()]
-        return {"mmcs": float(row["mmcs"]), "l1_coef": float(row["l1_coef"]), "per_true": float(row["per_true"])}
+        return {"kind": self.kind, "mmcs": float(row["mmcs"]), "l0": float(row["l0"]), "fvu": float(row["fvu"]),
+                self.param: float(row[self.param]), "per_true": float(row["per_true"]), "lr": float(row["lr"])}
 
 
 def _check_grid(values, name: str) -> list[float]:
@@ -64,13 +86,25 @@ def _check_positive_int(v, name: str) -> int:
     return int(v)
 
 
-def _train(sae, data: ToyData, steps: int, batch_size: int, lr: float, seed: int, progress: bool,
+def draw_stream(data: ToyData, batch_size: int, steps: int, seed: int = 0) -> torch.Tensor:
+    """The training stream [steps, batch_size, d], drawn once (steps·batch_size·d·4 bytes: 1 GiB at the notebook's
+    defaults) so that every ensemble of every kind trains on the same batches without re-drawing them (drawing costs
+    a quarter of a TopK step here)."""
+    steps = _check_positive_int(steps, "steps")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    out = torch.empty(steps, batch_size, data.cfg.d, device=data.device)
+    for i, b in enumerate(data.batches(batch_size, steps, seed)):
+        out[i] = b
+    return out
+
+
+def _train(sae, stream: torch.Tensor, steps: int, lr: float, seed: int, progress: bool,
            resample_every: int | None = None) -> pd.DataFrame:
     """Adam at `lr`, then linear decay over the last 40 % of the steps (train_sae's schedule): the high early rate
-    finds the features fast, the decay lets the learned features settle on the true ones precisely. resample_every:
-    re-initialise latents that have not fired since the last resample towards badly reconstructed samples (first
-    half of training), which is how the rarely firing true features get a latent of their own."""
-    return train_sae(sae, data.batches(batch_size, steps, seed), steps=steps, lr=lr, progress=progress,
+    finds the features fast, the decay lets the learned features settle on the true ones precisely. Inputs are
+    normalised (train_sae's input_scale="auto"). resample_every: re-initialise latents that have not fired since the
+    last resample towards badly reconstructed samples (first half of training)."""
+    return train_sae(sae, lambda step: stream[step], steps=steps, lr=lr, progress=progress,
                      log_every=max(1, steps // 20), seed=seed, decay="linear", decay_frac=0.4,
                      resample_every=resample_every)
 
@@ -96,63 +130,86 @@ def _score_ensemble(sae, truth: torch.Tensor, x_eval: torch.Tensor) -> dict[str,
     }
 
 
-def run_toy_sweep(data: ToyData, l1_coefs, per_true_grid, steps: int, batch_size: int = 256, lr: float = 1e-3,
-                  seed: int = 0, n_eval: int = 4096, tied: bool = False, progress: bool = False,
-                  resample_every: int | None = None) -> ToySweepResult:
-    """Train one ReLU-L1 ensemble per dictionary size (per_true_grid: features per true feature; members =
-    l1_coefs) on identical batches and score every member.
+def _check_values(kind: str, values) -> list:
+    if kind not in SPARSITY:
+        raise ValueError(f"kind must be one of {sorted(SPARSITY)}, got {kind!r}")
+    name = SPARSITY[kind] + ("s" if kind in ("relu", "jumprelu") else "")
+    if SPARSITY[kind] == "k":
+        try:
+            out = sorted(_check_positive_int(v, "k") for v in values)
+        except TypeError:
+            raise ValueError(f"ks must be a list of positive integers, got {values!r}") from None
+        if not out or len(set(out)) != len(out):
+            raise ValueError(f"ks must be a non-empty list of distinct positive integers, got {values!r}")
+        return out
+    return _check_grid(values, name)
 
-    Adam at `lr`, decayed linearly to zero over the last 40 % of the steps."""
-    l1_coefs = _check_grid(l1_coefs, "l1_coefs")
+
+def run_toy_sweep(data: ToyData, kind: str, values, per_true_grid, steps: int, lrs=(1e-3,), batch_size: int = 256,
+                  seed: int = 0, n_eval: int = 4096, tied: bool = False, progress: bool = False,
+                  resample_every: int | None = None, stream: torch.Tensor | None = None, **fixed) -> ToySweepResult:
+    """Train one `kind` ensemble per (dictionary size, learning rate) (per_true_grid: features per true feature;
+    members = `values` of the kind's sparsity setting, SPARSITY[kind]) on identical batches and score every member
+    on held-out samples. `fixed`: other member hyperparameters, the same for every member (e.g. aux_k). stream:
+    `draw_stream(data, batch_size, steps, seed)`, shared between sweeps (drawn here when None).
+
+    Adam at each lr of `lrs`, decayed linearly to zero over the last 40 % of the steps. Raises ValueError naming
+    the argument for an unknown kind, an empty or repeated grid, or a non-positive size, step count or lr."""
+    values = _check_values(kind, values)
     per_true_grid = _check_grid(per_true_grid, "per_true")
+    lrs = _check_grid(lrs if isinstance(lrs, (list, tuple)) else [lrs], "lrs")
     steps = _check_positive_int(steps, "steps")
     batch_size = _check_positive_int(batch_size, "batch_size")
     n_eval = _check_positive_int(n_eval, "n_eval")
     t0 = time.time()
     truth = data.features
     x_eval, _ = eval_batch(data, n_eval, seed)
+    param = SPARSITY[kind]
+    if stream is None:
+        stream = draw_stream(data, batch_size, steps, seed)
+    elif stream.ndim != 3 or stream.shape[0] < steps or stream.shape[2] != data.cfg.d:
+        raise ValueError(f"stream must be [>= steps={steps}, batch, d={data.cfg.d}] (draw_stream), got "
+                         f"{tuple(stream.shape)}")
     rows, dictionaries, histories = [], {}, []
-    for i, per_true in enumerate(per_true_grid):
-        n = max(1, round(per_true * data.cfg.n_features))
-        # A different init seed per size: with one seed the smaller dictionary's initial decoder would be a prefix
-        # of the larger one's, and "reappears in a larger dictionary" would partly measure a shared start.
-        sae = make_sae("relu", d_in=data.cfg.d, d_sae=n, l1_coef=l1_coefs, tied=tied, seed=seed + 1000 * i,
-                       device=data.device)
-        hist = _train(sae, data, steps, batch_size, lr, seed, progress, resample_every)
-        histories.append(hist.assign(per_true=per_true))
-        scores = _score_ensemble(sae, truth, x_eval)
-        dictionaries[per_true] = sae.decoder_directions().cpu()
-        for m, a in enumerate(l1_coefs):
-            rows.append({"per_true": per_true, "d_sae": n, "l1_coef": a,
-                         **{k: float(v[m]) for k, v in scores.items()}})
+    for lr in lrs:
+        for i, per_true in enumerate(per_true_grid):
+            n = max(1, round(per_true * data.cfg.n_features))
+            if param == "k" and values[-1] > n:
+                raise ValueError(f"k={values[-1]} exceeds the dictionary size {n} at per_true={per_true:g}")
+            # A different init seed per size: with one seed the smaller dictionary's initial decoder would be a
+            # prefix of the larger one's, and "reappears in a larger dictionary" would partly measure a shared start.
+            sae = make_sae(kind, d_in=data.cfg.d, d_sae=n, tied=tied, seed=seed + 1000 * i, device=data.device,
+                           **{param: values}, **fixed)
+            hist = _train(sae, stream, steps, lr, seed, progress, resample_every)
+            histories.append(hist.assign(per_true=per_true, lr=lr))
+            scores = _score_ensemble(sae, truth, x_eval)
+            dictionaries[(per_true, lr)] = sae.decoder_directions().cpu()
+            for m, v in enumerate(values):
+                rows.append({"kind": kind, "per_true": per_true, "lr": lr, "d_sae": n, param: v,
+                             **{k: float(s[m]) for k, s in scores.items()}})
     table = pd.DataFrame(rows)
     table["mmcs_vs_larger"] = np.nan
     if len(per_true_grid) > 1:
-        for per_true, vals in mmcs_vs_larger(dictionaries).items():
-            for m, a in enumerate(l1_coefs):
-                table.loc[(table.per_true == per_true) & (table.l1_coef == a), "mmcs_vs_larger"] = float(vals[m])
-    return ToySweepResult(l1_coefs, per_true_grid, table, dictionaries, pd.concat(histories, ignore_index=True),
-                          time.time() - t0)
+        for lr in lrs:
+            by_size = {p: dictionaries[(p, lr)] for p in per_true_grid}
+            for per_true, vals in mmcs_vs_larger(by_size).items():
+                for m, v in enumerate(values):
+                    at = (table.per_true == per_true) & (table.lr == lr) & (table[param] == v)
+                    table.loc[at, "mmcs_vs_larger"] = float(vals[m])
+    return ToySweepResult(kind, values, per_true_grid, lrs, table, dictionaries,
+                          pd.concat(histories, ignore_index=True), time.time() - t0)
 
 
-def train_topk(data: ToyData, k: int, per_true: float, steps: int, batch_size: int = 256, lr: float = 1e-3,
-               seed: int = 0, n_eval: int = 4096, progress: bool = False) -> dict:
-    """One TopK SAE (k active per row) on the same stream as the sweep; its scores as a dict."""
-    n = max(1, round(_check_grid([per_true], "per_true")[0] * data.cfg.n_features))
-    sae = make_sae("topk", d_in=data.cfg.d, d_sae=n, k=[_check_positive_int(k, "k")], seed=seed, device=data.device)
-    _train(sae, data, _check_positive_int(steps, "steps"), _check_positive_int(batch_size, "batch_size"), lr, seed,
-           progress)
-    x_eval, _ = eval_batch(data, _check_positive_int(n_eval, "n_eval"), seed)
-    scores = _score_ensemble(sae, data.features, x_eval)
-    return {"k": k, "per_true": per_true, **{key: float(v[0]) for key, v in scores.items()}}
-
-
-def run_baselines(data: ToyData, n_samples: int = 8192, omp_iter: int = 10, ica_samples: int = 4096,
-                  seed: int = 0, k_true: int | None = None, verbose: bool = False) -> pd.DataFrame:
-    """PCA, ICA and OMP/k-SVD (true k and 2k) fitted on one fresh sample; MMCS against the truth for each.
+def run_baselines(data: ToyData, n_samples: int = 8192, ksvd_iter: int = 10, ica_samples: int = 4096,
+                  seed: int = 0, k_true: int | None = None, online_alpha: float = 0.1, online_epochs: int = 3
+                  ) -> pd.DataFrame:
+    """PCA, ICA, exact K-SVD told the true k and 2k nonzeros, and online dictionary learning (lasso coding),
+    fitted on one fresh sample [n_samples, d] in raw units; MMCS against the truth for each (one row per method:
+    method, d_sae, mmcs, mmcs_reverse, share_recovered, seconds).
 
     PCA and ICA can return at most d directions (half the true features at the defaults): that limit is part of what
-    the comparison shows. OMP/k-SVD gets as many dictionary features as there are true features."""
+    the comparison shows. K-SVD and online dictionary learning get as many atoms as there are true features.
+    online_alpha is the lasso penalty on inputs scaled to E‖x‖² = 1 per sample (MiniBatchDictionaryLearning)."""
     n_samples = _check_positive_int(n_samples, "n_samples")
     ica_samples = _check_positive_int(ica_samples, "ica_samples")
     k_true = _check_positive_int(k_true if k_true is not None else max(1, round(data.cfg.k)), "k_true")
@@ -171,7 +228,10 @@ def run_baselines(data: ToyData, n_samples: int = 8192, omp_iter: int = 10, ica_
 
     add("PCA", lambda: pca_dictionary(X, seed=seed))
     add("ICA", lambda: ica_dictionary(X[:ica_samples], seed=seed))
-    add(f"OMP k={k_true} (true)", lambda: omp_dictionary(X, F, k_true, n_iter=omp_iter, seed=seed, verbose=verbose))
-    add(f"OMP k={2 * k_true} (2×)", lambda: omp_dictionary(X, F, 2 * k_true, n_iter=omp_iter, seed=seed,
-                                                          verbose=verbose))
+    add(f"K-SVD k={k_true} (true)", lambda: ksvd_dictionary(X, F, k_true, n_iter=ksvd_iter, seed=seed))
+    add(f"K-SVD k={2 * k_true} (2×)", lambda: ksvd_dictionary(X, F, 2 * k_true, n_iter=ksvd_iter, seed=seed))
+    # The lasso penalty depends on the scale of x: give it unit mean squared norm, as for the SAEs' coefficients.
+    unit = X / X.pow(2).sum(1).mean().sqrt()
+    add("Online DL (lasso)", lambda: online_dictionary(unit, F, alpha=online_alpha, n_epochs=online_epochs,
+                                                       seed=seed))
     return pd.DataFrame(rows)

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
+from ..paths import resolve
 from .. import analyses, dictionaries
 from ..activations import ActivationStore, row_order
 from ..dictionaries import LMSweep
@@ -70,7 +69,7 @@ def train_or_reuse(store: ActivationStore, kind: str, ratio: float, hparams: Map
                                         **kwargs)
         except FileExistsError:
             pass  # other settings there: not ours to reuse or replace
-    return dictionaries.train_lm_sweep(store, kind, ratio, hparams, data_dir=Path(data_dir) / OWN_SUBDIR, seed=seed,
+    return dictionaries.train_lm_sweep(store, kind, ratio, hparams, data_dir=resolve(data_dir) / OWN_SUBDIR, seed=seed,
                                 retrain=retrain, **kwargs)
 
 

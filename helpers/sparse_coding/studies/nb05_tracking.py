@@ -21,7 +21,6 @@ import copy
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -202,7 +201,7 @@ class TrainingTrajectory:
         return {"n_features": int(self.alive.shape[1]), "n_alive_final": n,
                 f"share_reached_{high:g}_then_below_{low:g}": share(tr.reached_then_fell_previous),
                 f"share_reached_{high:g}_then_below_{low:g}_to_final": share(tr.reached_then_fell_final),
-                f"share_settled_by_half": share((tr.settled >= 0) & (tr.settled <= (len(self.steps) - 1) // 2)),
+                "share_settled_by_half": share((tr.settled >= 0) & (tr.settled <= (len(self.steps) - 1) // 2)),
                 "n_births_after_start": int(bd.births[1:].sum()), "n_deaths": int(bd.deaths.sum()),
                 "n_never_alive": bd.n_never_alive, "n_died_for_good": bd.n_died_for_good,
                 "snapshot_steps": list(self.steps)}

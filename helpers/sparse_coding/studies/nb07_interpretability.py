@@ -10,7 +10,6 @@ simulated and scored (`analyses.interpretability`)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
