@@ -18,12 +18,15 @@ from typing import Any, Iterator, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from .paths import resolve
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends without an error it is renamed to `path`, else
-    deleted. The one place this package turns a temporary file into a real one."""
-    path = Path(path)
+    deleted. The one place this package turns a temporary file into a real one. A relative path is taken from the
+    repo root (paths.resolve), so a notebook run from notebooks/ writes where one run from the root does."""
+    path = resolve(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -40,7 +43,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     """Yield a fresh temporary folder beside `final`; when the block ends without an error it replaces `final`.
 
     Raises FileExistsError (before anything is built) when `final` exists and overwrite is False."""
-    final = Path(final)
+    final = resolve(final)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it, or choose another folder")
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +69,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    return Path(path)
+    return resolve(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -104,7 +107,7 @@ def save_json(path: str | os.PathLike, obj: Any) -> Path:
 def load_json(path: str | os.PathLike) -> Any:
     """The JSON at `path`; a ValueError naming the file when it is not valid JSON."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(resolve(path), encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); it was damaged or written by something else") from e
@@ -113,7 +116,7 @@ def load_json(path: str | os.PathLike) -> Any:
 def update_json(path: str | os.PathLike, updates: Mapping[str, Any]) -> dict:
     """Merge `updates` into the JSON object at `path` (created if missing). Used by benchmarks, which each add
     their own keys to one shared results file."""
-    path = Path(path)
+    path = resolve(path)
     current = load_json(path) if path.exists() else {}
     current.update(jsonable(updates))
     save_json(path, current)
@@ -126,13 +129,13 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata=dict(metadata) if metadata else None)
-    return Path(path)
+    return resolve(path)
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; a ValueError naming the file when it is truncated or not safetensors."""
     try:
-        return load_file(str(path), device=str(device))
+        return load_file(str(resolve(path)), device=str(device))
     except FileNotFoundError:
         raise
     except Exception as e:  # safetensors raises its own error types for damaged files
@@ -141,6 +144,35 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 def write_metrics(figures_dir: str | os.PathLike, notebook_number: str, metrics: Mapping[str, Any]) -> Path:
     """figures/NN_metrics.json: the key numbers of one notebook run; the write-up and checks read these keys."""
-    from .paths import resolve
-
     return save_json(resolve(figures_dir) / f"{notebook_number}_metrics.json", metrics)
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` (fcntl on `<folder>/.lock`, released when the block ends or the process
+    dies) so that two jobs never write one folder at once. Raises BlockingIOError naming the folder and the pid of
+    the job holding it."""
+    import fcntl
+
+    folder = resolve(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise BlockingIOError(f"{folder} is being written by another job ({holder}); wait for it to finish "
+                                  f"or write somewhere else (this job: {what})") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}: {what}")
+        f.flush()
+        yield folder
+    finally:
+        f.close()

@@ -10,6 +10,7 @@ import os
 import queue
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +18,7 @@ import torch
 
 from .. import lm
 from ..corpus import contexts
-from ..files import load_json, save_json
+from ..files import folder_lock, load_json, save_json
 from ..paths import resolve
 from .layout import FORMAT_VERSION, MANIFEST, hook_folder, revision_name, write_chunk
 from .store import ActivationStore
@@ -68,7 +69,7 @@ class _ChunkWriter:
 def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, out_root: str | os.PathLike,
             model_name: str, revision: str | None = None, *, chunk_rows: int = 131072, batch_size: int = 32,
             dtype: torch.dtype = torch.float32, ctx_len: int | None = None, corpus: str = "", seed: int = 0,
-            progress: bool = True, fast: bool = True) -> dict[str, Path]:
+            progress: bool = True, fast: bool = True, model_id: str | None = None) -> dict[str, Path]:
     """Run ``tokens`` through ``model`` and store the activations of every hook in ``hooks``.
 
     Args:
@@ -83,6 +84,8 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
             ``CPUWorkers.ROWS_PER_CALL`` rows, run side by side: see ``lm.CPUWorkers``).
         dtype: torch.float32 (default) or torch.float16 on disk; the reader always yields float32.
         corpus, seed: provenance for the manifest.
+        model_id: what the model's weights came from (`lm.model_id`: the offline model's training settings), recorded
+            in the manifest so that a store made from a model since retrained is refused as stale.
         fast: for GPT-NeoX and block-level hooks (resid_pre/post, attn_out, mlp_out, mlp.hook_pre/post) run a lean
             forward on the same weights (fused attention, nothing after the last needed layer); False, or any other
             model or hook, uses the bridge's own hook points with ``stop_at_layer``. Both give the same values.
@@ -99,6 +102,11 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [n_contexts, ctx_len], got shape {tuple(tokens.shape)}")
     n_ctx_total, ctx_len = tokens.shape
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if n_ctx is not None and ctx_len > n_ctx:
+        raise ValueError(f"contexts of {ctx_len} tokens exceed the model's n_ctx={n_ctx} (a learned-position model "
+                         f"fails, a rotary one runs past its trained length); cut the text into contexts of at "
+                         f"most {n_ctx} tokens")
     ctx_per_chunk = max(1, chunk_rows // ctx_len)
     need_ctx = -(-int(n_tokens) // ctx_len)
     if need_ctx > n_ctx_total:
@@ -108,97 +116,111 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
     run = lm.hook_reader(model, hooks, fast=fast)  # also validates the hook names against the model
     device = next(model.parameters()).device
 
-    # Manifests: new, resumed, or already complete.
-    folders, manifests, done_ctx = {}, {}, {}
-    d_of = {}
-    settings = {"model": str(model_name), "revision": revision_name(model_name, revision), "dtype": str(dtype).replace("torch.", ""),
-                "ctx_len": ctx_len, "corpus": corpus, "seed": seed, "target_tokens": target,
-                "chunk_contexts": ctx_per_chunk, "format": FORMAT_VERSION}
-    for h in run.hooks:
-        folder = hook_folder(out_root, model_name, revision, h)
-        folder.mkdir(parents=True, exist_ok=True)
-        mpath = folder / MANIFEST
-        if mpath.exists():
-            m = load_json(mpath)
-            diff = {k: (m.get(k), v) for k, v in settings.items() if m.get(k) != v}
-            if diff:
-                raise ValueError(f"{folder} holds a harvest with other settings {diff} (theirs, ours); delete the "
-                                 f"folder or choose another out_root")
-        else:
-            m = {**settings, "hook": h, "d": None, "n_tokens": 0, "complete": False, "chunks": [],
-                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            save_json(mpath, m)
-        folders[h], manifests[h] = folder, m
-        done_ctx[h] = m["n_tokens"] // ctx_len
-        for stray in folder.glob(".chunk-*.tmp"):  # leftovers of a killed write
-            stray.unlink(missing_ok=True)
-    start_ctx = min(done_ctx.values())
-    if start_ctx >= need_ctx:
-        return folders
-
-    from tqdm.auto import tqdm
-
-    t_start = time.perf_counter()
-    workers = lm.CPUWorkers(run) if isinstance(run, lm.NeoXFastPath) and device.type == "cpu" else None
-    writer = _ChunkWriter()
-    # Chunk numbers are counted here, not read back from the manifests the writer thread is still appending to.
-    next_index = {h: len(manifests[h]["chunks"]) for h in run.hooks}
-    bar = tqdm(total=target, initial=start_ctx * ctx_len, desc="harvest", unit="tok", unit_scale=True,
-               disable=not progress)
-    try:
-        for c0 in range(start_ctx, need_ctx, ctx_per_chunk):
-            c1 = min(c0 + ctx_per_chunk, need_ctx)
-            rows = (c1 - c0) * ctx_len
-            chunk_tokens = tokens[c0:c1]
-            # Hooks already past this chunk (a harvest killed between two hooks' manifests) skip it.
-            todo = [h for h in run.hooks if done_ctx[h] <= c0]
-            buffers: dict[str, torch.Tensor] = {}
-            step = workers.contexts_per_call(batch_size, ctx_len) if workers else batch_size
-            starts = range(0, c1 - c0, step)
-            inputs = (chunk_tokens[b0:b0 + step].to(device) for b0 in starts)
-            for b0, acts in zip(starts, workers.map(inputs) if workers else map(run, inputs)):
-                n_rows = min(step, c1 - c0 - b0) * ctx_len
-                for h in todo:
-                    a = acts[h].reshape(n_rows, -1)
-                    if h not in buffers:  # one preallocated buffer per chunk: each activation is copied once
-                        buffers[h] = torch.empty(rows, a.shape[1], dtype=dtype)
-                        d_of[h] = a.shape[1]
-                    buffers[h][b0 * ctx_len:b0 * ctx_len + n_rows].copy_(a)
-                bar.update(n_rows)
-            toks32 = chunk_tokens.reshape(-1).to(torch.int32)
-            for h in todo:
-                m = manifests[h]
-                if m["d"] is None:
-                    m["d"] = int(d_of[h])
-                writer.put((folders[h], next_index[h], buffers[h], toks32, m))
-                next_index[h] += 1
-    finally:
-        bar.close()
-        if workers:
-            workers.close()
-        writer.close()
-        # Wall time spent harvesting, summed over resumed runs: tokens/s = n_tokens / seconds, even when a later
-        # call finds the work done and returns at once.
-        elapsed = time.perf_counter() - t_start
+    with ExitStack() as locks:
+        # Manifests: new, resumed, or already complete.
+        folders, manifests, done_ctx = {}, {}, {}
+        d_of = {}
+        settings = {"model": str(model_name), "revision": revision_name(model_name, revision), "dtype": str(dtype).replace("torch.", ""),
+                    "ctx_len": ctx_len, "corpus": corpus, "seed": seed, "target_tokens": target,
+                    "chunk_contexts": ctx_per_chunk, "format": FORMAT_VERSION}
+        if model_id is not None:
+            settings["model_id"] = str(model_id)
         for h in run.hooks:
-            if manifests[h]["chunks"]:
-                manifests[h]["seconds"] = manifests[h].get("seconds", 0.0) + elapsed
-                save_json(folders[h] / MANIFEST, manifests[h])
-    return folders
+            folder = hook_folder(out_root, model_name, revision, h)
+            # Two harvests into one folder would interleave chunks: the second one fails naming the first's pid.
+            locks.enter_context(folder_lock(folder, f"harvest {model_name} {revision} {h}"))
+            mpath = folder / MANIFEST
+            if mpath.exists():
+                m = load_json(mpath)
+                # A manifest from before model ids were recorded matches any id.
+                diff = {k: (m.get(k), v) for k, v in settings.items()
+                        if m.get(k) != v and not (k == "model_id" and m.get(k) is None)}
+                if diff:
+                    raise ValueError(f"{folder} holds a harvest with other settings {diff} (theirs, ours); delete the "
+                                     f"folder or choose another out_root")
+            else:
+                m = {**settings, "hook": h, "d": None, "n_tokens": 0, "complete": False, "chunks": [],
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                save_json(mpath, m)
+            folders[h], manifests[h] = folder, m
+            done_ctx[h] = m["n_tokens"] // ctx_len
+            for stray in folder.glob(".chunk-*.tmp"):  # leftovers of a killed write
+                stray.unlink(missing_ok=True)
+        start_ctx = min(done_ctx.values())
+        if start_ctx >= need_ctx:
+            return folders
+
+        from tqdm.auto import tqdm
+
+        t_start = time.perf_counter()
+        workers = lm.CPUWorkers(run) if isinstance(run, lm.NeoXFastPath) and device.type == "cpu" else None
+        writer = _ChunkWriter()
+        # Chunk numbers are counted here, not read back from the manifests the writer thread is still appending to.
+        next_index = {h: len(manifests[h]["chunks"]) for h in run.hooks}
+        bar = tqdm(total=target, initial=start_ctx * ctx_len, desc="harvest", unit="tok", unit_scale=True,
+                   disable=not progress)
+        try:
+            for c0 in range(start_ctx, need_ctx, ctx_per_chunk):
+                c1 = min(c0 + ctx_per_chunk, need_ctx)
+                rows = (c1 - c0) * ctx_len
+                chunk_tokens = tokens[c0:c1]
+                # Hooks already past this chunk (a harvest killed between two hooks' manifests) skip it.
+                todo = [h for h in run.hooks if done_ctx[h] <= c0]
+                buffers: dict[str, torch.Tensor] = {}
+                step = workers.contexts_per_call(batch_size, ctx_len) if workers else batch_size
+                starts = range(0, c1 - c0, step)
+                inputs = (chunk_tokens[b0:b0 + step].to(device) for b0 in starts)
+                for b0, acts in zip(starts, workers.map(inputs) if workers else map(run, inputs)):
+                    n_rows = min(step, c1 - c0 - b0) * ctx_len
+                    for h in todo:
+                        a = acts[h].reshape(n_rows, -1)
+                        if h not in buffers:  # one preallocated buffer per chunk: each activation is copied once
+                            buffers[h] = torch.empty(rows, a.shape[1], dtype=dtype)
+                            d_of[h] = a.shape[1]
+                        buffers[h][b0 * ctx_len:b0 * ctx_len + n_rows].copy_(a)
+                    bar.update(n_rows)
+                toks32 = chunk_tokens.reshape(-1).to(torch.int32)
+                for h in todo:
+                    m = manifests[h]
+                    if m["d"] is None:
+                        m["d"] = int(d_of[h])
+                    writer.put((folders[h], next_index[h], buffers[h], toks32, m))
+                    next_index[h] += 1
+        finally:
+            bar.close()
+            if workers:
+                workers.close()
+            writer.close()
+            # Wall time spent harvesting, summed over resumed runs: tokens/s = n_tokens / seconds, even when a later
+            # call finds the work done and returns at once.
+            elapsed = time.perf_counter() - t_start
+            for h in run.hooks:
+                if manifests[h]["chunks"]:
+                    manifests[h]["seconds"] = manifests[h].get("seconds", 0.0) + elapsed
+                    save_json(folders[h] / MANIFEST, manifests[h])
+        return folders
 
 
 def ensure_activations(tl, model: str, revision: str, hook: str, n_tokens: int, *,
-                       data_dir: str | os.PathLike = "data", ctx_len: int = 128, batch_size: int = 32,
+                       data_dir: str | os.PathLike = "data", ctx_len: int | None = None, batch_size: int = 32,
                        chunk_rows: int = 131072, seed: int = 0, progress: bool = True) -> ActivationStore:
     """The activation store for (model, revision, hook), harvested now if it is missing or short; an existing
-    harvest of at least n_tokens is reused as is (also one made by notebook 02 with every layer)."""
+    harvest of at least n_tokens is reused as is (also one made by notebook 02 with every layer). ctx_len defaults
+    to the model's own context length (tl.cfg.n_ctx). Raises ValueError for a store made from a model that has
+    since been retrained (its manifest's model_id is not the model's)."""
     folder = hook_folder(resolve(data_dir) / "activations", model, revision, hook)
+    current = lm.model_id(model, data_dir)
     if (folder / MANIFEST).exists():
         store = ActivationStore(folder)
+        made_from = store.manifest.get("model_id")
+        if current is not None and made_from is not None and made_from != current:
+            raise ValueError(f"{folder} was harvested from an earlier {model} model (model_id {made_from}, now "
+                             f"{current}): it is stale; delete the folder to harvest it again")
         if store.manifest.get("complete") and store.n_tokens >= n_tokens:
             return store
+    ctx_len = ctx_len or int(tl.cfg.n_ctx)
     ctxs = lm.model_contexts(tl, model, data_dir=data_dir, ctx_len=ctx_len)
     harvest(tl, ctxs, [hook], n_tokens=n_tokens, out_root=resolve(data_dir) / "activations", model_name=model,
             revision=revision, chunk_rows=chunk_rows, batch_size=batch_size, corpus="stdlib", seed=seed,
-            progress=progress)
+            progress=progress, model_id=current)
     return ActivationStore(folder)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -33,7 +32,9 @@ class ActivationStore:
 
     Attributes: ``d``, ``n_tokens``, ``ctx_len``, ``manifest``, ``folder``. ``tokens`` is a LongTensor [n_tokens] of
     the token at every row. Only chunks listed in the manifest are read; each is checked against its listed size
-    and rows when opened (``verify()`` also checks the checksum)."""
+    and rows when the store opens, and against its checksum the first time the store reads from it (a chunk
+    damaged in place raises ChunkError naming it instead of handing back finite garbage); ``verify()`` checks all
+    of them at once."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = resolve(folder)
@@ -51,6 +52,7 @@ class ActivationStore:
         for c, mp in zip(chunks, self._maps):
             if mp["acts"].shape[1] != self.d:
                 raise ChunkError(f"chunk {self.folder / c['file']} has width {mp['acts'].shape[1]}, manifest d={self.d}")
+        self._checked = [False] * len(chunks)
         self._offsets = np.cumsum([0] + [c["rows"] for c in chunks])
         self.n_tokens = int(self._offsets[-1])
         self._tokens: torch.Tensor | None = None
@@ -67,10 +69,23 @@ class ActivationStore:
     def bytes_on_disk(self) -> int:
         return int(sum((self.folder / c["file"]).stat().st_size for c in self.manifest["chunks"]))
 
+    def _check(self, ci: int) -> None:
+        """Chunk ci against its manifest checksum, once per store (a crc32 pass over the file: about 1 s per GB)."""
+        if self._checked[ci]:
+            return
+        c = self.manifest["chunks"][ci]
+        kind = "crc32" if "crc32" in c else "sha256" if "sha256" in c else None
+        if kind is not None and chunk_checksum(self.folder / c["file"], kind) != c[kind]:
+            raise ChunkError(f"chunk {self.folder / c['file']} does not match its {kind} checksum in the manifest: "
+                             f"its bytes were damaged. Delete it (and its manifest entry) and re-run the harvest")
+        self._checked[ci] = True
+
     @property
     def tokens(self) -> torch.Tensor:
         """The token id at every row (LongTensor [n_tokens])."""
         if self._tokens is None:
+            for ci in range(len(self._maps)):
+                self._check(ci)
             self._tokens = torch.from_numpy(np.concatenate([np.asarray(mp["tokens"]) for mp in self._maps])).long()
         return self._tokens
 
@@ -89,6 +104,7 @@ class ActivationStore:
         out = np.empty((idx.size, self.d), dtype=np.float32)
         which = np.searchsorted(self._offsets, idx, side="right") - 1
         for ci in np.unique(which):
+            self._check(int(ci))
             sel = np.nonzero(which == ci)[0]
             local = idx[sel] - self._offsets[ci]
             order = np.argsort(local, kind="stable")  # ascending reads are kinder to the page cache
@@ -97,6 +113,8 @@ class ActivationStore:
 
     def all(self) -> torch.Tensor:
         """Every row in order as one float32 tensor (for PCA and the like; needs n_tokens x d x 4 bytes of RAM)."""
+        for ci in range(len(self._maps)):
+            self._check(ci)
         return torch.from_numpy(np.concatenate([np.asarray(mp["acts"], dtype=np.float32) for mp in self._maps]))
 
     def batches(self, batch_size: int, seed: int = 0, epochs: int = 1, device: str | torch.device = "cpu",
@@ -118,11 +136,9 @@ class ActivationStore:
     def verify(self) -> None:
         """Re-read every chunk against the manifest's checksum (crc32; sha256 in manifests written before it) -
         slow: reads everything. A ChunkError names the file."""
-        for c in self.manifest["chunks"]:
-            kind = "crc32" if "crc32" in c else "sha256" if "sha256" in c else None
-            if kind is not None and chunk_checksum(self.folder / c["file"], kind) != c[kind]:
-                raise ChunkError(f"chunk {self.folder / c['file']} does not match its {kind} checksum in the "
-                                 f"manifest: corrupted. Delete it (and its manifest entry) and re-run the harvest")
+        for ci in range(len(self._maps)):
+            self._checked[ci] = False
+            self._check(ci)
 
 
 def write_store(folder: str | os.PathLike, acts: torch.Tensor, tokens: torch.Tensor | None = None, *,

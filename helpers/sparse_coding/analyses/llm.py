@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..files import jsonable, load_json, save_json
+from ..paths import resolve
 from .interpretability import Explainer, Record, Simulator, scale_0_10
 
 ENV_BASE_URL, ENV_MODEL, ENV_KEY = "SC_LLM_BASE_URL", "SC_LLM_MODEL", "SC_LLM_API_KEY"
@@ -248,7 +249,7 @@ class _Cache:
     kind = ""
 
     def __init__(self, inner: Any, cache_dir: str | os.PathLike):
-        self.inner, self.cache_dir, self.name = inner, Path(cache_dir), inner.name
+        self.inner, self.cache_dir, self.name = inner, resolve(cache_dir), inner.name
         self.hits = self.misses = 0
 
     def _path(self, digest: str) -> Path:

@@ -26,9 +26,20 @@ class SweepEvaluation:
     table: pd.DataFrame
     feature_freq: torch.Tensor
 
-    def save(self, folder: str | Path, name: str = "eval") -> tuple[Path, Path]:
-        """`<name>.csv` and `<name>_feature_freq.safetensors` in folder, both written atomically."""
+    def save(self, folder: str | Path, name: str = "eval", overwrite: bool = False) -> tuple[Path, Path]:
+        """`<name>.csv` and `<name>_feature_freq.safetensors` in folder, both written atomically. An evaluation
+        already there is replaced only when it is this sweep's (the same `sweep` column), or with overwrite=True;
+        otherwise FileExistsError names the folder and both sweeps."""
         folder = resolve(folder)
+        if (folder / f"{name}.csv").exists() and not overwrite:
+            theirs = pd.read_csv(folder / f"{name}.csv")
+            mine = set(map(str, self.table["sweep"])) if "sweep" in self.table else None
+            held = set(map(str, theirs["sweep"])) if "sweep" in theirs else None
+            if mine is None or held is None or mine != held:
+                raise FileExistsError(f"{folder / (name + '.csv')} holds the evaluation of another sweep "
+                                      f"({sorted(held) if held else 'unnamed'}, this one: "
+                                      f"{sorted(mine) if mine else 'unnamed'}); pass overwrite=True to replace it, "
+                                      f"or save under another name or folder")
         csv = atomic_write_text(folder / f"{name}.csv", self.table.to_csv(index=False))
         freq = save_tensors(folder / f"{name}_feature_freq.safetensors", {"feature_freq": self.feature_freq})
         return csv, freq

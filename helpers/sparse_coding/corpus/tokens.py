@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
 from ..files import load_tensors, save_tensors
+from ..paths import resolve
 from .documents import Corpus
 
 EOS_TOKEN = "<|endoftext|>"
@@ -45,7 +45,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, out_dir: str |
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
                                    unk_token=EOS_TOKEN, pad_token=EOS_TOKEN)
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        resolve(out_dir).mkdir(parents=True, exist_ok=True)
         fast.save_pretrained(str(out_dir))
     return fast
 
@@ -106,7 +106,7 @@ def cached_tokens(corpus: Corpus, tokenizer, cache_dir: str | os.PathLike, progr
     for split in (corpus.train_ids, corpus.val_ids, [str(len(corpus.train)), str(len(corpus.val))]):
         h.update("\0".join(split).encode())
     h.update(str(sum(len(d) for d in corpus.train) + 7 * sum(len(d) for d in corpus.val)).encode())
-    path = Path(cache_dir) / f"tokens-{h.hexdigest()[:16]}.safetensors"
+    path = resolve(cache_dir) / f"tokens-{h.hexdigest()[:16]}.safetensors"
     if path.exists():
         t = load_tensors(path)
         return t["train"], t["val"]

@@ -12,6 +12,7 @@ the scale is folded into the saved weights, so a loaded sweep takes raw activati
 from __future__ import annotations
 
 import io
+import shutil
 import os
 import time
 from dataclasses import dataclass, field
@@ -118,12 +119,17 @@ def train_lm_sweep(store: ActivationStore, kind: str, ratio: float, hparams: Map
 
     s = input_scale(store, seed=seed)
     sae = make_sae(kind, store.d, ratio=ratio, seed=seed, device=device, **hparams)
-    if snapshots:
-        train_kwargs.setdefault("state_dir", state_dir(folder))
-        train_kwargs.setdefault("snapshot_steps", "log")
+    # A resumable state beside the sweep (every twentieth of the run), so a killed run continues where it stopped;
+    # snapshots=True also keeps log-spaced weight snapshots there.
+    steps = n_tokens // batch_size
+    if retrain:
+        shutil.rmtree(state_dir(folder), ignore_errors=True)  # another settings' unfinished state
+    train_kwargs.setdefault("state_dir", state_dir(folder))
+    train_kwargs.setdefault("snapshot_steps", "log" if snapshots else None)
+    train_kwargs.setdefault("state_every", max(1, steps // 20))
     t0 = time.time()
     # The store itself (not an iterator over it) lets train_sae jump to any step when it resumes.
-    history = train_sae(sae, store, steps=n_tokens // batch_size, lr=lr, batch_size=batch_size, input_scale=s,
+    history = train_sae(sae, store, steps=steps, lr=lr, batch_size=batch_size, input_scale=s,
                         progress=progress, log_every=log_every, seed=seed, **train_kwargs)
     seconds = time.time() - t0
     m = store.manifest
@@ -131,7 +137,9 @@ def train_lm_sweep(store: ActivationStore, kind: str, ratio: float, hparams: Map
                 "context_size": int(store.ctx_len), "dataset_path": str(m.get("corpus", ""))}
     buf = io.StringIO()
     history.to_csv(buf, index=False)
-    save_sweep(sae, folder, input_scale=s, metadata=metadata, files={HISTORY_FILE: buf.getvalue()},
+    save_sweep(sae, folder, metadata=metadata, files={HISTORY_FILE: buf.getvalue()},
                extra={"settings": settings, "seconds": seconds}, overwrite=retrain)
+    if not snapshots and train_kwargs["state_dir"] == state_dir(folder):
+        shutil.rmtree(state_dir(folder), ignore_errors=True)  # only there to resume an unfinished run
     return LMSweep(folder.name, kind, float(ratio), folder, load_sweep(folder, device=device), history, s, seconds,
                    False, settings)

@@ -6,9 +6,9 @@ from .reading import HookReader, hook_reader
 from .load import (DEFAULT_OFFLINE_DIR, Loaded, hub_revision, is_hub_name, load_hf_model, load_model, loaded, model_source,
                    offline_dir, resolve_revision)
 from .text import document_fragments, held_out_contexts, held_out_tokens, model_contexts, validation_contexts
-from .train import LMConfig, lr_at, revision_steps, train_offline_model, validation_loss
+from .train import LMConfig, lr_at, model_id, revision_steps, train_offline_model, validation_loss
 
 __all__ = ["CPUWorkers", "NeoXFastPath", "HookReader", "hook_reader", "HookName", "check_hooks", "hook_layer", "hook_name", "hook_point",
            "n_layers", "parse_hook", "valid_hooks", "DEFAULT_OFFLINE_DIR", "Loaded", "hub_revision", "is_hub_name", "load_hf_model",
            "load_model", "loaded", "model_contexts", "model_source", "offline_dir", "resolve_revision",
-           "validation_contexts", "document_fragments", "held_out_contexts", "held_out_tokens", "LMConfig", "lr_at", "revision_steps", "train_offline_model", "validation_loss"]
+           "validation_contexts", "document_fragments", "held_out_contexts", "held_out_tokens", "LMConfig", "lr_at", "model_id", "revision_steps", "train_offline_model", "validation_loss"]

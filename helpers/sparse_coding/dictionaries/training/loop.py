@@ -12,6 +12,7 @@ and every column of the log are restored."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...checks import check_choice, check_int, check_number, check_positive
+from ...files import folder_lock
 from ..base import DEFAULT_DEAD_WINDOW, EnsembleSAE, SAEOutput
 from ..metrics import FVU
 from .resample import member_generators, resample_dead_
@@ -54,14 +56,15 @@ def _settings(**kw: Any) -> dict[str, Any]:
     check_int(kw["steps"], "steps", 1)
     check_positive(kw["lr"], "lr")
     check_int(kw["log_every"], "log_every", 1, hint=" (steps between log rows)")
-    for name in ("dead_window", "resample_every", "state_every"):
+    for name in ("dead_window", "resample_every", "state_every", "batch_size"):
         if kw[name] is not None:
             check_int(kw[name], name, 1, hint=" or None")
     check_int(kw["warmup_steps"], "warmup_steps", 0)
     check_int(kw["coef_warmup_steps"], "coef_warmup_steps", 0)
     check_choice(kw["decay"], "decay", (None, "linear", "cosine"))
     check_number(kw["decay_frac"], "decay_frac", low=0, high=1, low_open=True, hint=" (share of the steps decaying)")
-    check_positive(kw["input_scale"], "input_scale", " (see estimate_input_scale)")
+    if kw["input_scale"] != "auto":
+        check_positive(kw["input_scale"], "input_scale", " (see estimate_input_scale) or 'auto'")
     check_number(kw["resample_until"], "resample_until", low=0, high=1, hint=" (share of the run resampling)")
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k != "state_every"}
 
@@ -80,7 +83,7 @@ def _snapshot_at(snapshot_steps: Any, steps: int) -> set[int]:
     return {int(s) for s in snapshot_steps}
 
 
-def _batch(source: BatchSource, step: int, sae: EnsembleSAE, input_scale: float) -> torch.Tensor:
+def _batch(source: BatchSource, step: int, sae: EnsembleSAE) -> torch.Tensor:
     x = source(step)
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != sae.d_in:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -89,7 +92,7 @@ def _batch(source: BatchSource, step: int, sae: EnsembleSAE, input_scale: float)
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"batch at step {step} contains NaN or inf; clean the activations (or drop those rows) "
                          "before training")
-    return x * input_scale if input_scale != 1.0 else x
+    return x
 
 
 @torch.no_grad()
@@ -109,7 +112,7 @@ def train_sae(sae: EnsembleSAE, batches: Batches, steps: int = 2000, lr: float =
               batch_size: int | None = None, betas: tuple[float, float] = (0.9, 0.999),
               callback: Callable[[int, EnsembleSAE], None] | None = None,
               optimizer: torch.optim.Optimizer | None = None, warmup_steps: int = 0, decay: str | None = None,
-              decay_frac: float = 0.2, coef_warmup_steps: int = 0, input_scale: float = 1.0,
+              decay_frac: float = 0.2, coef_warmup_steps: int = 0, input_scale: float | str = "auto",
               resample_every: int | None = None, resample_until: float = 0.5, state_dir: str | Path | None = None,
               snapshot_steps: str | Sequence[int] | None = "log", state_every: int | None = None,
               resume: bool = True) -> pd.DataFrame:
@@ -118,11 +121,14 @@ def train_sae(sae: EnsembleSAE, batches: Batches, steps: int = 2000, lr: float =
     batches: a dataset tensor [rows, d_in] (rows sampled with `seed` and `batch_size`), an ActivationStore
     (shuffled epoch after epoch; seekable, the best source for resumable runs), a callable step -> [B, d_in] or an
     iterable of [B, d_in] (see sources.BatchSource). dead_window: tokens without firing before a latent counts as
-    dead (the `dead_frac` column and TopK's AuxK); None keeps the SAE's own, else min(10M tokens, 1000 batches)
-    (Gao et al. / SAELens); until a run has seen a full window, `dead_frac` counts latents not fired yet.
+    dead (the `dead_frac` column and TopK's AuxK); None keeps the SAE's own, else a tenth of the run's tokens (at
+    least one batch, at most Gao et al.'s 10M), so AuxK and resampling engage in short runs too; until a run has
+    seen a full window, `dead_frac` counts latents not fired yet.
     callback(step, sae) runs after each logged step. optimizer: one to continue with (default a fresh Adam).
     warmup_steps, decay ("linear" | "cosine" | None), decay_frac, coef_warmup_steps: see `schedules`.
-    input_scale: every batch is multiplied by it (see `estimate_input_scale`). resample_every: resample dead
+    input_scale: the SAE sees input_scale · x (it is stored on the SAE, which still takes raw activations, and folded
+    into saved weights); "auto" (default) estimates E‖s·x‖² = d_in from the source (`estimate_input_scale`; an
+    iterable's first batch), so the default coefficients fit any activation scale. resample_every: resample dead
     latents every so many steps while step < resample_until · steps (see `resample`). state_dir: where snapshots
     (at snapshot_steps: "log" = 0, 1, 2, 4, ..., steps; a list; None) and the resumable state (also every
     state_every steps) go; resume: continue from state_dir's state (its settings must equal this call's).
@@ -130,73 +136,84 @@ def train_sae(sae: EnsembleSAE, batches: Batches, steps: int = 2000, lr: float =
     Returns a DataFrame, one row per (logged step, member): step, member, loss, mse, fvu, l0, dead_frac, the kind's
     loss terms (l1, aux, l0_loss, ...), `resampled` when resampling, and the member's hyperparameters. `step` is
     the step whose batch was measured, before its update; the last step is always logged. Raises
-    TrainingDiverged (a FloatingPointError) naming the step and member when a loss becomes NaN/inf."""
+    TrainingDiverged (a FloatingPointError) naming the step and member when a loss becomes NaN/inf, and ValueError
+    for a float16 SAE (Adam's second moments underflow in float16: train in float32 or bfloat16, then cast)."""
+    if sae.dtype == torch.float16:
+        raise ValueError("float16 SAEs are not trained here: Adam's second moments underflow in float16 and the run "
+                         "diverges whatever the lr; train in float32 (or bfloat16) and cast the result")
     settings = _settings(steps=steps, lr=lr, betas=betas, log_every=log_every, seed=seed, batch_size=batch_size,
                          dead_window=dead_window, warmup_steps=warmup_steps, decay=decay, decay_frac=decay_frac,
                          coef_warmup_steps=coef_warmup_steps, input_scale=input_scale, resample_every=resample_every,
                          resample_until=resample_until, state_every=state_every)
     source = BatchSource(batches, batch_size, seed)
     settings["source"] = source.kind
+    if input_scale == "auto":
+        input_scale = source.estimate_scale(batch_size)
+    settings["input_scale"] = float(input_scale)
+    sae.input_scale = float(input_scale)
     opt = optimizer or adam(sae, lr, betas)
     schedules = Schedules(sae, opt, lr, steps, warmup_steps, decay, decay_frac, coef_warmup_steps)
     generators = member_generators(sae, seed) if resample_every else []
-    saved = None if state_dir is None else TrainingState(
-        state_dir, sae, opt, source, generators, settings, input_scale, _snapshot_at(snapshot_steps, steps),
-        state_every, steps)
-    run: dict[str, Any] = {"tokens_seen": 0, "tokens_at_resample": 0, "dead_window": None, "log": [],
-                           "resampled": [0] * sae.n_members if resample_every else None}
-    meta = saved.resume() if saved is not None and resume else None
-    start = 0 if meta is None else int(meta["step"])
-    if meta is not None:
-        run = {k: meta[k] for k in run}
-        sae.dead_window = run["dead_window"]
-    guard = _Divergence(sae, saved.describe_last_good if saved is not None else lambda: "no training state was "
-                        "written")
-    if saved is not None and start == 0 and 0 in saved.snapshot_at:
-        saved.save(0, run)
+    with ExitStack() as locks:
+        if state_dir is not None:  # two trainings into one folder would interleave their states
+            locks.enter_context(folder_lock(state_dir, f"train_sae {sae.kind} x{sae.n_members}"))
+        saved = None if state_dir is None else TrainingState(
+            state_dir, sae, opt, source, generators, settings, sae.input_scale, _snapshot_at(snapshot_steps, steps),
+            state_every, steps)
+        run: dict[str, Any] = {"tokens_seen": 0, "tokens_at_resample": 0, "dead_window": None, "log": [],
+                               "resampled": [0] * sae.n_members if resample_every else None}
+        meta = saved.resume() if saved is not None and resume else None
+        start = 0 if meta is None else int(meta["step"])
+        if meta is not None:
+            run = {k: meta[k] for k in run}
+            sae.dead_window = run["dead_window"]
+        guard = _Divergence(sae, saved.describe_last_good if saved is not None else lambda: "no training state was "
+                            "written")
+        if saved is not None and start == 0 and 0 in saved.snapshot_at:
+            saved.save(0, run)
 
-    sae.train()
-    bar = tqdm(range(start, steps), disable=not progress, desc=f"train {sae.kind} x{sae.n_members}",
-               mininterval=0.5, initial=start, total=steps)
-    try:
-        for step in bar:
-            x = _batch(source, step, sae, input_scale)
-            if run["dead_window"] is None:  # fixed at the first step: it needs the batch size
-                run["dead_window"] = sae.dead_window = (dead_window or sae.dead_window
-                                                        or min(DEFAULT_DEAD_WINDOW, 1000 * x.shape[0]))
-            schedules.apply(step)
-            out = sae(x)
-            opt.zero_grad(set_to_none=True)
-            out.loss.sum().backward()
-            sae.project_decoder_grad_()
-            opt.step()
-            sae.normalize_decoder_()
-            sae.update_firing_(out.fired, x.shape[0])
-            run["tokens_seen"] += x.shape[0]
-            guard.note(out.loss, step)
-            done = step + 1
-            if resample_every and done % resample_every == 0 and done <= resample_until * steps:
-                guard.check(done)
-                dead = sae.dead_mask(run["tokens_seen"] - run["tokens_at_resample"])
-                counts = resample_dead_(sae, opt, x, dead, generators)
-                run["resampled"] = [a + b for a, b in zip(run["resampled"], counts)]
-                run["tokens_at_resample"] = run["tokens_seen"]
-            if step % log_every == 0 or step == steps - 1:
-                guard.check(done)
-                run["log"].append((step, _log_row(sae, x, out, run)))
-                if progress:
-                    row = run["log"][-1][1]
-                    bar.set_postfix(loss=f"{np.mean(row['loss']):.4g}", l0=f"{np.mean(row['l0']):.1f}",
-                                    dead=f"{np.mean(row['dead_frac']):.2f}", refresh=False)
-                if callback is not None:
-                    callback(step, sae)
-            if saved is not None and saved.due(done):
-                guard.check(done)
-                saved.save(done, run)
-        guard.check(steps)
-    finally:
-        bar.close()
-        schedules.close()
+        sae.train()
+        bar = tqdm(range(start, steps), disable=not progress, desc=f"train {sae.kind} x{sae.n_members}",
+                   mininterval=0.5, initial=start, total=steps)
+        try:
+            for step in bar:
+                x = _batch(source, step, sae)
+                if run["dead_window"] is None:  # fixed at the first step: it needs the batch size
+                    run["dead_window"] = sae.dead_window = (dead_window or sae.dead_window or min(
+                        DEFAULT_DEAD_WINDOW, max(x.shape[0], steps * x.shape[0] // 10)))
+                schedules.apply(step)
+                out = sae(x)
+                opt.zero_grad(set_to_none=True)
+                out.loss.sum().backward()
+                sae.project_decoder_grad_()
+                opt.step()
+                sae.normalize_decoder_()
+                sae.update_firing_(out.fired, x.shape[0])
+                run["tokens_seen"] += x.shape[0]
+                guard.note(out.loss, step)
+                done = step + 1
+                if resample_every and done % resample_every == 0 and done <= resample_until * steps:
+                    guard.check(done)
+                    dead = sae.dead_mask(run["tokens_seen"] - run["tokens_at_resample"])
+                    counts = resample_dead_(sae, opt, x, dead, generators)
+                    run["resampled"] = [a + b for a, b in zip(run["resampled"], counts)]
+                    run["tokens_at_resample"] = run["tokens_seen"]
+                if step % log_every == 0 or step == steps - 1:
+                    guard.check(done)
+                    run["log"].append((step, _log_row(sae, x, out, run)))
+                    if progress:
+                        row = run["log"][-1][1]
+                        bar.set_postfix(loss=f"{np.mean(row['loss']):.4g}", l0=f"{np.mean(row['l0']):.1f}",
+                                        dead=f"{np.mean(row['dead_frac']):.2f}", refresh=False)
+                    if callback is not None:
+                        callback(step, sae)
+                if saved is not None and saved.due(done):
+                    guard.check(done)
+                    saved.save(done, run)
+            guard.check(steps)
+        finally:
+            bar.close()
+            schedules.close()
     sae.eval()
     return pd.DataFrame.from_records([{"step": step, "member": m, **{k: float(v[m]) for k, v in row.items()}, **h}
                                       for step, row in run["log"] for m, h in enumerate(sae.hparams)])

@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 
 from ...files import canonical, load_tensors, save_json, save_tensors
+from ...paths import resolve
 from ..base import EnsembleSAE, fold_input_scale
 
 STATE_FILE = "state.safetensors"
@@ -45,12 +46,12 @@ class TrainingDiverged(FloatingPointError):
 # ---------------------------------------------------------------------------------------------------- files
 
 def snapshot_path(folder: str | os.PathLike, step: int) -> Path:
-    return Path(folder) / SNAPSHOT_DIR / f"step-{int(step):08d}.safetensors"
+    return resolve(folder) / SNAPSHOT_DIR / f"step-{int(step):08d}.safetensors"
 
 
 def snapshot_steps(folder: str | os.PathLike) -> list[int]:
     """Steps with a weight snapshot, ascending."""
-    d = Path(folder) / SNAPSHOT_DIR
+    d = resolve(folder) / SNAPSHOT_DIR
     if not d.is_dir():
         return []
     return sorted(int(m.group(1)) for p in d.iterdir() if (m := _SNAP_RE.match(p.name)))
@@ -67,7 +68,7 @@ def _read(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, tor
 def load_state(folder: str | os.PathLike, device: str | torch.device = "cpu"
                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """(tensors, meta) of the latest full state, or None when the folder has none."""
-    path = Path(folder) / STATE_FILE
+    path = resolve(folder) / STATE_FILE
     if not path.exists():
         return None
     try:
@@ -150,7 +151,7 @@ class TrainingState:
     def __init__(self, folder: str | os.PathLike, sae: EnsembleSAE, opt: torch.optim.Optimizer, source: Any,
                  generators: Sequence[torch.Generator], settings: Mapping[str, Any], input_scale: float,
                  snapshot_at: set[int], state_every: int | None, steps: int):
-        self.folder, self.sae, self.opt, self.source = Path(folder), sae, opt, source
+        self.folder, self.sae, self.opt, self.source = resolve(folder), sae, opt, source
         self.generators, self.settings, self.input_scale = list(generators), dict(settings), float(input_scale)
         self.snapshot_at, self.state_every, self.steps = snapshot_at, state_every, steps
         self.last_good: int | None = None
