@@ -42,11 +42,21 @@ figures: $(STAMP)
 	$(PY) -m sparse_coding.runner --out build/figures $(if $(NOTEBOOKS),--only $(NOTEBOOKS))
 	$(PY) -m sparse_coding.plots.writeup
 
+# SAEDashboard (the peer of benchmarks/bench_mining.py) is installed for the benchmarks only, without its dependencies:
+# its pins (transformer-lens<3, transformers<4.57) would replace the project's; its code runs with them, and the few
+# pure-python packages it needs are pinned here. Where it cannot be installed, bench_mining.py uses the plain loop.
+SAE_DASHBOARD_PIP = "sae-dashboard==0.8.0" "eindex-callum==0.1.2" "dataclasses-json==0.6.7" "marshmallow==3.26.2" \
+	"typing-inspect==0.9.0" "mypy-extensions==1.2.0"
+
 bench: $(STAMP)
+	$(PY) -m pip install --no-deps $(SAE_DASHBOARD_PIP) || echo "SAEDashboard not installed: bench_mining.py compares against the plain loop"
 	$(PY) benchmarks/run.py
 
+# JupyterLab with the project's kernel (this venv's python), its threads set to share a busy machine fairly
+# (sparse_coding.threads); `make lab LAB_ARGS="--no-browser --port 8889"` passes options through.
 lab: $(STAMP)
-	$(PY) -m pip install -e ".[lab]" && $(VENV)/bin/jupyter lab notebooks/
+	$(PY) -m pip install -q -e ".[lab]"
+	$(PY) -m sparse_coding.threads $(VENV)/bin/jupyter lab notebooks/ $(LAB_ARGS)
 
 clean-build:
 	rm -rf build

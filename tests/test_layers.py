@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "helpers" / "sparse_coding"
-STAGES = {"files": 0, "paths": 0, "checks": 0, "corpus": 1, "lm": 2, "activations": 3, "dictionaries": 4,
+STAGES = {"files": 0, "paths": 0, "checks": 0, "threads": 0, "corpus": 1, "lm": 2, "activations": 3, "dictionaries": 4,
           "analyses": 5, "plots": 6, "studies": 7, "runner": 7}
 MAX_LINES = 350
 
