@@ -74,6 +74,10 @@ def _env(setting: str) -> dict:
         from sparse_coding.threads import configure
 
         configure(env)
+    elif setting.startswith("spin:"):  # candidates: spin this many iterations, then sleep
+        env["GOMP_SPINCOUNT"] = setting.split(":", 1)[1]
+    elif setting != "default":
+        env.update(dict(kv.split("=", 1) for kv in setting.split(",")))
     return env
 
 
@@ -94,12 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", nargs="*", default=list(WORKLOADS))
+    ap.add_argument("--settings", nargs="*", default=["default", "project"],
+                    help="default, project, spin:N (GOMP_SPINCOUNT) or VAR=value[,VAR=value]; the first two "
+                         "are what results.json records")
     args = ap.parse_args(argv)
     load0 = os.getloadavg()[0]
     times: dict[tuple[str, str, str], list[float]] = {}
     for rep in range(args.reps):
         for workload in args.only:
-            for setting in ("default", "project"):
+            for setting in args.settings:
                 for loaded in (False, True):
                     busy = _busy() if loaded else None
                     try:
@@ -114,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"rep {rep} {workload:9s} {setting:8s} {'loaded' if loaded else 'quiet ':6s} {dt:7.2f} s",
                           flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
+    for w in args.only:
+        for st in args.settings:
+            print(f"{w:10s} {st:24s} quiet {med[(w, st, 'quiet')]:7.2f}  loaded {med[(w, st, 'loaded')]:7.2f}  "
+                  f"slowdown {med[(w, st, 'loaded')] / med[(w, st, 'quiet')]:5.2f}")
+    if args.settings[:2] != ["default", "project"]:
+        return 0  # an exploration: nothing recorded
     results = {"loaded_slowdown": {}, "loaded_slowdown_default_threads": {}, "threads_quiet_cost": {},
                "loaded_slowdown_spread": {}}
     print(f"\n{'workload':10s} {'quiet':>8s} {'loaded':>8s} {'slowdown':>9s} {'default slowdown':>17s} "
