@@ -4,6 +4,9 @@ under each OpenMP thread setting; interleaved repetitions, medians.
 
     .venv/bin/python benchmarks/bench_loaded.py [--reps 3]
 
+Workloads: LM training (notebook 00's model, batch 32x128), a one-hook harvest of 131k tokens, an SAE ensemble step
+at batch 4096 (notebook 03's scale), and a toy ensemble step at batch 256 (notebook 01's: many short parallel
+regions, where a sleeping OpenMP thread's wake-up costs most).
 Settings compared: the OpenMP defaults (threads spin waiting for a descheduled partner), and the project's
 (`sparse_coding.threads.configure`, what the runner, `make lab` and the package set before torch loads).
 Adds `loaded_slowdown` {lm_train, harvest, sae_train} (loaded time / quiet time under the project's settings, goal
@@ -61,6 +64,16 @@ sae = make_sae("relu", 128, 512, l1_coef=[0.5, 1, 2, 4])
 train_sae(sae, x, steps=3, batch_size=4096, progress=False)
 t = time.perf_counter()
 train_sae(sae, x, steps=40, batch_size=4096, progress=False, input_scale=1.0)
+print(time.perf_counter() - t)
+""",
+    "toy_train": """
+import time, torch
+from sparse_coding.dictionaries import make_sae, train_sae
+xs = torch.randn(8, 256, 256, generator=torch.Generator().manual_seed(0))
+sae = make_sae("relu", 256, 1024, l1_coef=[0.4, 1.2, 4.0])
+train_sae(sae, lambda s: xs[s % 8], steps=20, progress=False, input_scale=1.0)
+t = time.perf_counter()
+train_sae(sae, lambda s: xs[s % 8], steps=300, progress=False, input_scale=1.0)
 print(time.perf_counter() - t)
 """,
 }
@@ -146,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT / "helpers"))
         from sparse_coding.files import update_json
 
+        # A run of some workloads (--only) updates theirs and keeps the others' figures.
+        old = json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").exists() else {}
+        for key, value in results.items():
+            if isinstance(value, dict) and isinstance(old.get(key), dict):
+                results[key] = {**old[key], **value}
         update_json(HERE / "results.json", results)
     print(json.dumps(results, indent=1))
     return 0

@@ -16,8 +16,8 @@ Same inputs for both sides:
   - what is built, per feature: the top 20 examples, 10 equal-width activation intervals between 0 and the max with
     5 examples each, whole-context windows (ours `window=None`; SAEDashboard `buffer=None`, as its Neuronpedia runner
     uses), an activation histogram and summary statistics.
-    Ours: `mine_dictionary(...)` (one streaming pass), then `top_examples(f)` and `quantile_locations(f, 10, 5)` with
-    each location's token window, for every feature. SAEDashboard: `SaeVisRunner(cfg).run(...)`, every requested
+    Ours: `mine_dictionary(...)` (one streaming pass), then `top_examples(f)` and `quantile_examples(f, 10, 5)` (each
+    with its token window and per-token activations, kept during the same pass), for every feature. SAEDashboard: `SaeVisRunner(cfg).run(...)`, every requested
     feature in ONE feature batch (its fastest setting: a single sweep of forward passes; its memory then grows as
     tokens x features), 32 contexts per forward pass as ours.
 
@@ -27,10 +27,8 @@ lowest interval starts at 0 inclusive (mostly non-firing tokens), ours holds fir
 sample (4 per geometric histogram bin), so ours lists fewer examples per feature (printed). SAEDashboard also
 computes what a dashboard shows and we do not (logit tables and histograms, neuron and feature correlation tables, a
 fine quantile grid) — it cannot be switched off, so its time is split by component in the printout (forward, encode,
-example groups, statistics, the rest). Ours keeps per-token activations of the quantile examples' windows only for
-the bold token; SAEDashboard colours the whole window. Filling them in with `analyses.features.examples_at` (one
-forward over the examples' contexts per feature) is timed on a sample of features, extrapolated to all, and reported
-as a second ratio (`feature_mining_with_quantile_acts_vs_saedashboard`), not as the headline.
+example groups, statistics, the rest). Both sides colour whole windows: ours keeps the per-token activations of the
+sampled windows while it streams.
 
 Same number of features: ours always mines every one of the d_sae latents (mining has no feature subset: one pass
 serves all). SAEDashboard runs all d_sae too at BENCH_SCALE >= 1. Below that (or with --peer-features F), it runs
@@ -196,8 +194,8 @@ class Ours:
         built = 0
         for f in range(mined.n_directions):
             built += len(mined.top_examples(f))
-            for _, _, locs in mined.quantile_locations(f, N_QUANT, PER_QUANT, seed=0):
-                built += sum(len(mined.window_tokens(c, p)[0]) > 0 for c, p, _ in locs)
+            for _, _, exs in mined.quantile_examples(f, N_QUANT, PER_QUANT, seed=0):
+                built += sum(len(e.tokens) > 0 for e in exs)
         t2 = time.perf_counter()
         out = {"seconds": t2 - t0, "mine_seconds": t1 - t0, "examples_seconds": t2 - t1, "examples": built,
                "parts": {k: round(v, 3) for k, v in mined.meta.items() if k.endswith("_seconds")},
@@ -530,7 +528,6 @@ def main(argv=None) -> int:
         for r in range(args.reps):
             for name in (("ours", "peer") if r % 2 == 0 else ("peer", "ours")):
                 runs[name].append(ours_w.ask("run+ideal") if name == "ours" else peer_w.ask("run"))
-        qa = ours_w.ask("quantile_acts")
     finally:
         ours_w.close()
         peer_w.close()
@@ -565,7 +562,6 @@ def main(argv=None) -> int:
     t_peer = statistics.median(peer_all(b) for b in p)
     t_peer_measured = statistics.median(b["seconds"] for b in p)
     t_ideal = statistics.median(a["ideal_seconds"] for a in o)
-    ratio_qa = t_peer / (t_ours + qa["all_seconds"])
     # Agreement on the features both ran: the largest activation and the firing frequency of each.
     dmax = max(abs(x - y) for x, y in zip(o[0]["max"][:F], p[0]["max"]))
     rel = dmax / max(1e-12, max(o[0]["max"][:F]))
@@ -629,9 +625,6 @@ def main(argv=None) -> int:
               f"{dense_growth * 1024:.0f} MiB -> {'bounded' if bounded else 'NOT bounded'}")
     else:
         print("memory growth not tested: 64 contexts or fewer (under 3 batches)")
-    print(f"with per-token activations for every quantile example's window (examples_at, "
-          f"{qa['per_feature_seconds']:.3f} s per feature on {qa['sampled']} sampled, x {qa['n_live']} live features "
-          f"= +{qa['all_seconds']:.1f} s): {ratio_qa:.2f}x vs {peer}")
     if rel > 1e-3:
         print(f"the two sides disagree on the features' maxima (relative {rel:.1e} > 1e-3); not recording",
               file=sys.stderr)
@@ -645,7 +638,6 @@ def main(argv=None) -> int:
         key: round(ratio, 3), f"{key}_spread": spread(ratios),
         "feature_mining_fraction_of_ideal": round(fraction, 3),
         "feature_mining_fraction_of_ideal_spread": spread(fractions),
-        f"feature_mining_with_quantile_acts_vs_{PEERS[peer].key}": round(ratio_qa, 3),
         "feature_mining_ours_tokens_per_s": round(n_tok / t_ours),
         f"feature_mining_{PEERS[peer].key}_tokens_per_s": round(n_tok / t_peer),
         f"feature_mining_{PEERS[peer].key}_features_run": F,

@@ -286,7 +286,10 @@ def test_bad_arguments_name_the_parameter(tmp_path, small_store):
                          ({"state_every": 0}, "state_every")]:
         with pytest.raises(ValueError, match=name):
             train_sae(sae, x, batch_size=8, steps=2, progress=False, **kwargs)
+    store = small_store(d=4)
     with pytest.raises(ValueError, match="batch_size"):
-        train_sae(sae, small_store(d=4), steps=2, progress=False)
+        train_sae(sae, store, steps=2, batch_size=store.n_tokens + 1, progress=False)
+    # Without batch_size a store smaller than the default batch trains on whole-store batches.
+    assert len(train_sae(sae, store, steps=2, progress=False, log_every=1)) >= 1
     with pytest.raises(ValueError, match="n_batches"):
         estimate_input_scale(x, n_batches=0)
