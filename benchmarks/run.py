@@ -3,12 +3,34 @@ one run, prints its table and adds its ratios to benchmarks/results.json."""
 
 from __future__ import annotations
 
+import json
 import runpy
 import sys
 import time
 from pathlib import Path
 
 here = Path(__file__).resolve().parent
+
+# The goals the issues set: key -> the least its median may be (loaded_slowdown: the most).
+GOALS = {"topk_vs_dense": 5, "ensemble16_vs_sequential": 5, "l1_vs_matmul_ideal": 0.95, "l1_vs_saelens": 1.6,
+         "harvest_vs_saelens": 1.5, "feature_mining_vs_saedashboard": 3, "feature_mining_vs_plain_loop": 3}
+CEILINGS = {"loaded_slowdown": 2}
+
+
+def summary(results: dict) -> list[str]:
+    """One line per goal: key, median, spread, goal, met."""
+    lines = [f"{'ratio':34s} {'median':>8s} {'spread':>18s} {'goal':>8s}  met"]
+    for key, goal in GOALS.items():
+        if key in results:
+            met = results[key] >= goal
+            lines.append(f"{key:34s} {results[key]:8.3f} {str(results.get(key + '_spread', '-')):>18s} "
+                         f"{'>= ' + str(goal):>8s}  {'yes' if met else 'NO'}")
+    for key, ceiling in CEILINGS.items():
+        for part, value in results.get(key, {}).items():
+            spread = results.get(key + "_spread", {}).get(part, "-")
+            lines.append(f"{key + '.' + part:34s} {value:8.3f} {str(spread):>18s} {'<= ' + str(ceiling):>8s}  "
+                         f"{'yes' if value <= ceiling else 'NO'}")
+    return lines
 
 
 def main(argv: list[str]) -> int:
@@ -34,6 +56,8 @@ def main(argv: list[str]) -> int:
             sys.argv = saved_argv
         print(f"=== {script.name} took {time.time() - t0:.0f}s", flush=True)
     print(f"\nresults: {here / 'results.json'}")
+    if (here / "results.json").exists():
+        print("\n".join(summary(json.loads((here / "results.json").read_text()))))
     if failed:
         print("failed:", ", ".join(failed))
     return 1 if failed else 0
