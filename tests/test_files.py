@@ -57,3 +57,17 @@ def test_writeup_lists_only_measured_numbers(tmp_path):
     assert "`best_sae_mmcs` | 0.9991" in text
     assert "![01_mmcs_heatmap](01_mmcs_heatmap.png)" in text
     assert "## 02" not in text
+
+
+def test_written_files_and_folders_get_the_users_permissions(tmp_path):
+    """Temp-then-rename must not leave owner-only (0600/0700) files: a shared data/ or figures/ stays readable."""
+    import stat
+
+    from sparse_coding.files import atomic_dir, atomic_write_text
+
+    f = atomic_write_text(tmp_path / "a.json", "{}")
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "x").write_text("1")
+    assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~files._UMASK
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~files._UMASK
+    assert files._UMASK & 0o044 or stat.S_IMODE(f.stat().st_mode) & 0o044  # readable by others under umask 022

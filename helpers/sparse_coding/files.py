@@ -21,6 +21,17 @@ from safetensors.torch import load_file, save_file
 from .paths import resolve
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp make owner-only files and folders (0600/0700); what we write should get the permissions any
+# other file the user makes gets, so that a shared data/ or figures/ folder stays readable by the group.
+_UMASK = _umask()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends without an error it is renamed to `path`, else
@@ -29,6 +40,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = resolve(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -48,6 +60,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it, or choose another folder")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    tmp.chmod(0o777 & ~_UMASK)
     try:
         yield tmp
         if final.exists():
