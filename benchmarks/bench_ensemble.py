@@ -51,7 +51,8 @@ def run(d: int, n: int, batch: int, members: list[int], steps: int, data_seed: i
     sae = make_sae("relu", d_in=d, d_sae=n, l1_coef=[10 ** (-3 + 2 * i / E) for i in members], seed=members)
     if autograd:
         sae.__class__ = AutogradReLU
-    train_sae(sae, lambda s: data.sample(batch, g)[0], steps=steps, lr=1e-3, progress=False, log_every=50)
+    train_sae(sae, lambda s: data.sample(batch, g)[0], steps=steps, lr=1e-3, progress=False, log_every=50,
+              input_scale=1.0)  # "auto" would first draw 16 extra batches to estimate it
     return time.perf_counter() - t0
 
 

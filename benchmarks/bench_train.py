@@ -72,7 +72,9 @@ class Ours:
             return self.pool[self.step % len(self.pool)]
 
         # Two extra steps: the first (logged) is dropped, the last one's request closes the timing of the one before.
-        train_sae(self.sae, batch, steps=steps + 2, lr=LR, progress=False, log_every=50, optimizer=self.opt)
+        # input_scale given: "auto" would draw 16 batches first to estimate it, and time those draws as steps.
+        train_sae(self.sae, batch, steps=steps + 2, lr=LR, progress=False, log_every=50, optimizer=self.opt,
+                  input_scale=1.0)
         return [b - a for a, b in zip(stamps, stamps[1:])][1:]  # drop the block's first (logged) step
 
 

@@ -80,7 +80,7 @@ def build(figures_dir: Path, bench_file: Path | None = None) -> str:
         times = json.loads(times_path.read_text())
         lines += ["## Run times", "", "Each notebook's wall time in the run that wrote these figures (2 CPU cores).",
                   "", "| notebook | time (m:ss) |", "|---|---|"]
-        lines += [f"| {name} | {_clock(sec)} |" for name, sec in times.items()]
+        lines += [f"| {name} | {_clock(sec)} |" for name, sec in sorted(times.items())]
         lines += [f"| total | {_clock(sum(times.values()))} |", ""]
     if bench_file and bench_file.exists():
         results = json.loads(bench_file.read_text())
