@@ -354,3 +354,18 @@ def test_topk_rows_through_group_maxima_equals_torch_topk(k, sorted_):
     assert torch.equal(pre.gather(-1, idx), values)
     assert torch.equal(values.sort(-1, descending=True).values if not sorted_ else values, ref)
     assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # no latent twice
+
+
+@pytest.mark.parametrize("use_aten", [True, False])
+def test_relu_grad_is_the_relu_backward_on_both_paths(use_aten):
+    from sparse_coding.dictionaries.kernels import relu_grad_
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randn(3, 50, 40, generator=g).clamp_min_(0)
+    codes[0, :5] = 0.0  # exact zeros: no gradient through an inactive latent
+    grad = torch.randn(3, 50, 40, generator=g)
+    pre = codes.clone().requires_grad_(True)
+    torch.relu(pre).backward(grad)  # autograd's ReLU backward at pre = codes (codes >= 0)
+    out = relu_grad_(grad.clone(), codes, use_aten=use_aten)
+    assert torch.equal(out, pre.grad)
+    assert torch.equal(out, grad.masked_fill(codes <= 0, 0))

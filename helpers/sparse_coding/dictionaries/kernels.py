@@ -46,7 +46,7 @@ class ReLUStep(torch.autograd.Function):
         else:
             g_codes = torch.baddbmm(bias, g_xhat, W_dec.transpose(1, 2))
         # In place: g_codes is ours, and a fresh [E, B, d_sae] buffer costs page faults on every step.
-        g_pre = g_codes.masked_fill_(codes <= 0, 0)
+        g_pre = relu_grad_(g_codes, codes)
         need = ctx.needs_input_grad
         g_x = torch.bmm(g_pre, W_enc.transpose(1, 2)) if need[0] else None
         g_W_enc = torch.bmm(x.transpose(1, 2), g_pre) if need[1] else None
@@ -56,6 +56,26 @@ class ReLUStep(torch.autograd.Function):
             g_W_dec = torch.bmm(codes.transpose(1, 2), g_xhat) if need[3] else None
             g_b_dec = g_xhat.sum(1) if need[4] else None
         return g_x, g_W_enc, g_b_eff, g_W_dec, g_b_dec
+
+
+def _threshold_backward():
+    try:
+        return torch.ops.aten.threshold_backward.grad_input
+    except (AttributeError, RuntimeError):
+        return None
+
+
+# ATen's ReLU-backward operator (part of the documented Core ATen opset): one pass, no mask tensor. Written as
+# masked_fill_(codes <= 0, 0) it builds a bool mask and costs ~10x more (benchmarks/bench_ensemble.py); the
+# fallback, for a build without the operator, is the fastest public form measured.
+_THRESHOLD_BACKWARD = _threshold_backward()
+
+
+def relu_grad_(grad: torch.Tensor, codes: torch.Tensor, use_aten: bool = True) -> torch.Tensor:
+    """grad where codes > 0, else 0, in place (the ReLU backward). grad, codes: same shape, codes = ReLU output."""
+    if use_aten and _THRESHOLD_BACKWARD is not None:
+        return _THRESHOLD_BACKWARD(grad, codes, 0, grad_input=grad)
+    return grad.mul_(codes.sign())
 
 
 # Rows of the batch per chunk in the sparse backward passes: E·rows·K·d_in ≈ this many elements (a cache-sized
