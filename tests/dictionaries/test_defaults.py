@@ -45,9 +45,21 @@ def test_topk_default_dead_window_lets_auxk_revive_latents():
     # is a tenth of the run, and few latents are dead at the end.
     x, D = planted(32, 64, 3, 100_000, 1.0)
     sae = make_sae("topk", 32, ratio=4, k=3)
-    hist = train_sae(sae, x, progress=False)
-    assert sae.dead_window == 2000 * 4096 // 10
+    windows = []
+    hist = train_sae(sae, x, progress=False, callback=lambda step, s: windows.append(s.dead_window))
+    assert set(windows) == {2000 * 4096 // 10}
     assert hist["dead_frac"].iloc[-1] < 0.1
+    # The window belongs to the run: a short run's default does not carry over into the next run of the same SAE
+    # (it did: a 4-step warm-up left a one-batch window, and AuxK then searched nearly every latent each step).
+    assert sae.dead_window is None
+    train_sae(sae, x, steps=4, progress=False)
+    windows.clear()
+    train_sae(sae, x, steps=100, progress=False, callback=lambda step, s: windows.append(s.dead_window))
+    assert set(windows) == {100 * 4096 // 10}
+    # A window set by the user stays.
+    mine = make_sae("topk", 32, ratio=4, k=3, dead_window=12345)
+    train_sae(mine, x, steps=2, progress=False)
+    assert mine.dead_window == 12345
 
 
 @pytest.mark.slow

@@ -162,6 +162,9 @@ def train_sae(sae: EnsembleSAE, batches: Batches, steps: int = 2000, lr: float =
             state_every, steps)
         run: dict[str, Any] = {"tokens_seen": 0, "tokens_at_resample": 0, "dead_window": None, "log": [],
                                "resampled": [0] * sae.n_members if resample_every else None}
+        # The window is this run's: a default chosen for a short run must not stay on the SAE for the next run
+        # (AuxK would then treat nearly every latent as dead); a window the user set on the SAE is kept.
+        window_before = sae.dead_window
         meta = saved.resume() if saved is not None and resume else None
         start = 0 if meta is None else int(meta["step"])
         if meta is not None:
@@ -214,6 +217,7 @@ def train_sae(sae: EnsembleSAE, batches: Batches, steps: int = 2000, lr: float =
         finally:
             bar.close()
             schedules.close()
+            sae.dead_window = window_before
     sae.eval()
     return pd.DataFrame.from_records([{"step": step, "member": m, **{k: float(v[m]) for k, v in row.items()}, **h}
                                       for step, row in run["log"] for m, h in enumerate(sae.hparams)])
