@@ -14,8 +14,10 @@ PYTHIA = "EleutherAI/pythia-70m-deduped"
 # Pythia-70M-deduped's architecture; "ci" keeps every field but shrinks the sizes so a test runs in seconds.
 SIZES = {"full": dict(num_hidden_layers=6, hidden_size=512, num_attention_heads=8, intermediate_size=2048,
                       vocab_size=50304),
+         # 544 rows for a 512-token tokenizer: like Pythia's 50304 for 50277 tokens, the unembedding has rows no
+         # token text names (a logit lens or an ablation can still rank them).
          "ci": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, intermediate_size=256,
-                    vocab_size=512)}
+                    vocab_size=544)}
 
 
 def add_revision(cache: Path, repo_id: str, src: Path, refs: list[str], repo_type: str = "model") -> str:
