@@ -31,7 +31,9 @@ def rss():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
 base = rss()
-sae = make_sae(kind, 512, ratio=ratio, device=device, **hp)
+# A long run's dead window (10M tokens): a 3-step run's default (one batch) would make AuxK search nearly every
+# latent, which is not the step a real run at this width takes.
+sae = make_sae(kind, 512, ratio=ratio, device=device, dead_window=10_000_000, **hp)
 train_sae(sae, x, steps=1, batch_size=4096, progress=False)  # warm-up (allocations, kernels)
 t = time.perf_counter()
 train_sae(sae, x, steps=steps, batch_size=4096, progress=False, input_scale=1.0)

@@ -58,7 +58,10 @@ class Ours:
     """One SAE trained through `train_sae` in blocks; the optimizer is carried over so blocks continue one run."""
 
     def __init__(self, kind: str, d_sae: int, pool: list[torch.Tensor], **hp):
-        self.sae = make_sae(kind, d_in=D, d_sae=d_sae, seed=0, **hp)
+        # Each block is a short train_sae run; its default dead window (a tenth of the run, at least one batch) would
+        # count every latent silent in the last batch as dead and make AuxK search nearly all of them. The steady
+        # state of a long run is what is timed, with Gao et al.'s 10M-token window (the earlier default).
+        self.sae = make_sae(kind, d_in=D, d_sae=d_sae, seed=0, dead_window=10_000_000, **hp)
         self.opt = adam(self.sae, LR, (0.9, 0.999))
         self.pool = pool
         self.step = 0
