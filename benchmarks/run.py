@@ -12,7 +12,8 @@ from pathlib import Path
 here = Path(__file__).resolve().parent
 
 # The goals the issues set: key -> the least its median may be (loaded_slowdown: the most).
-GOALS = {"topk_vs_dense": 5, "ensemble16_vs_sequential": 5, "l1_vs_matmul_ideal": 0.95, "l1_vs_saelens": 1.6,
+# l1_vs_saelens has no goal of its own: it is ours/ideal over SAELens's/ideal, so SAELens's fraction bounds it.
+GOALS = {"topk_vs_dense": 5, "ensemble16_vs_sequential": 5, "l1_vs_matmul_ideal": 0.95,
          "harvest_vs_saelens": 1.5, "feature_mining_vs_saedashboard": 3, "feature_mining_vs_plain_loop": 3}
 CEILINGS = {"loaded_slowdown": 2}
 
