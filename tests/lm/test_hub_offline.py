@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from hub_cache import PYTHIA, add_cached_dataset, make_pythia_cache
+from hub_cache import PYTHIA, SIZES, add_cached_dataset, make_pythia_cache
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_hub_name_loads_each_revision_from_the_cache(hf_home, tmp_path):
             out["missing"] = str(e)
         print(json.dumps(out))
     """)
-    assert res["shape"] == [2, 64, 8, 512] and res["hooks_ok"]
+    assert res["shape"] == [2, 64, 8, SIZES["ci"]["vocab_size"]] and res["hooks_ok"]
     assert res["step0"] != res["step1000"] != res["main"]
     assert res["main"] == res["final"] == res["step143000"]
     assert "step999" in res["missing"] and str(hf_home / "hub") in res["missing"]
