@@ -34,6 +34,7 @@ import torch
 from sparse_coding import activations, lm
 from sparse_coding.files import update_json
 from sparse_coding.paths import repo_root
+from rounds import spread
 
 
 def get_model(device: str):
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     # Each round's ratio (the two ran back to back); its median is the figure, min and max its spread.
     ratios = [t / o for o, t in zip(ours, theirs)]
     ratio = statistics.median(ratios)
-    ratio_spread = [round(min(ratios), 3), round(max(ratios), 3)]
+    ratio_spread = spread(ratios)
 
     # Every layer's residual stream (notebook 02): one pass for all hooks vs one SAELens store per hook.
     all_hooks = [lm.hook_name("resid_post", L) for L in range(lm.n_layers(model))]

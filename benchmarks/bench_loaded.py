@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from rounds import spread
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         dq, dl = med[(w, "default", "quiet")], med[(w, "default", "loaded")]
         ratios = [a / b for a, b in zip(times[(w, "project", "loaded")], times[(w, "project", "quiet")])]
         results["loaded_slowdown"][w] = round(lo / q, 3)
-        results["loaded_slowdown_spread"][w] = [round(min(ratios), 3), round(max(ratios), 3)]
+        results["loaded_slowdown_spread"][w] = spread(ratios)
         results["loaded_slowdown_default_threads"][w] = round(dl / dq, 3)
         results["threads_quiet_cost"][w] = round(q / dq, 3)
         print(f"{w:10s} {q:8.2f} {lo:8.2f} {lo / q:9.2f} {dl / dq:17.2f} {q / dq:11.2f}")
@@ -159,11 +161,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT / "helpers"))
         from sparse_coding.files import update_json
 
-        # A run of some workloads (--only) updates theirs and keeps the others' figures.
-        old = json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").exists() else {}
-        for key, value in results.items():
-            if isinstance(value, dict) and isinstance(old.get(key), dict):
-                results[key] = {**old[key], **value}
         update_json(HERE / "results.json", results)
     print(json.dumps(results, indent=1))
     return 0

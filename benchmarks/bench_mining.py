@@ -73,6 +73,8 @@ import time
 import warnings
 from pathlib import Path
 
+from rounds import spread
+
 HOOK = "blocks.2.hook_resid_post"
 BATCH = 32        # contexts per forward pass, both sides
 N_TOP = 20        # top examples per feature
@@ -475,10 +477,6 @@ def peer_choice(wanted: str) -> tuple[str, str | None]:
         if wanted == "saedashboard":
             raise SystemExit(f"--peer saedashboard but sae_dashboard is not importable: {err}")
         return "plain", err
-
-
-def spread(values: list[float]) -> list[float]:
-    return [round(min(values), 3), round(max(values), 3)]
 
 
 def main(argv=None) -> int:

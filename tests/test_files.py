@@ -71,3 +71,10 @@ def test_written_files_and_folders_get_the_users_permissions(tmp_path):
     assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~files._UMASK
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~files._UMASK
     assert files._UMASK & 0o044 or stat.S_IMODE(f.stat().st_mode) & 0o044  # readable by others under umask 022
+
+
+def test_update_json_merges_objects_one_level_deep(tmp_path):
+    f = tmp_path / "r.json"
+    files.update_json(f, {"slowdown": {"lm": 1.5, "harvest": 1.2}, "n": 1})
+    got = files.update_json(f, {"slowdown": {"harvest": 1.4}, "n": {"x": 2}})
+    assert got == {"slowdown": {"lm": 1.5, "harvest": 1.4}, "n": {"x": 2}}

@@ -128,10 +128,13 @@ def load_json(path: str | os.PathLike) -> Any:
 
 def update_json(path: str | os.PathLike, updates: Mapping[str, Any]) -> dict:
     """Merge `updates` into the JSON object at `path` (created if missing). Used by benchmarks, which each add
-    their own keys to one shared results file."""
+    their own keys to one shared results file; a key whose old and new values are both objects is merged one level
+    deep, so a run of some workloads (e.g. `bench_loaded.py --only harvest`) keeps the others' figures."""
     path = resolve(path)
     current = load_json(path) if path.exists() else {}
-    current.update(jsonable(updates))
+    for key, value in jsonable(updates).items():
+        old = current.get(key)
+        current[key] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
     save_json(path, current)
     return current
 

@@ -66,8 +66,8 @@ def _threshold_backward():
 
 
 # ATen's ReLU-backward operator (part of the documented Core ATen opset): one pass, no mask tensor. Written as
-# masked_fill_(codes <= 0, 0) it builds a bool mask and costs ~10x more (benchmarks/bench_ensemble.py); the
-# fallback, for a build without the operator, is the fastest public form measured.
+# masked_fill_(codes <= 0, 0) it builds a bool mask and cost ~10x more at the toy ensemble's shape [16, 256, 256],
+# which slowed benchmarks/bench_ensemble.py; the fallback, for a build without the operator, is the fastest public form measured.
 _THRESHOLD_BACKWARD = _threshold_backward()
 
 
