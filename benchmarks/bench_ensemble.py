@@ -23,6 +23,7 @@ import os
 import statistics
 import time
 
+import sparse_coding  # noqa: F401  (before torch: its OpenMP settings apply, as in the notebooks)
 import torch
 
 from matmul_rate import mm_rate

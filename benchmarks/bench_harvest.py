@@ -29,6 +29,7 @@ import time
 import warnings
 from pathlib import Path
 
+import sparse_coding  # noqa: F401  (before torch: its OpenMP settings apply, as in the notebooks)
 import torch
 
 from sparse_coding import activations, lm

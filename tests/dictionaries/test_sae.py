@@ -104,6 +104,18 @@ def test_decoder_directions_unit_norm_and_detached():
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(2, 20))
 
 
+def test_decoder_gradient_projection_drops_the_component_along_each_row():
+    """project_decoder_grad_: g <- g - (g . w) w for every unit decoder row w, per member, in place."""
+    sae = make_sae("relu", d_in=8, d_sae=20, seed=[0, 1], dtype=torch.float64)
+    sae.normalize_decoder_()  # unit rows in float64 (the init is normalised in float32)
+    g = torch.randn(2, 20, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sae.W_dec.grad = g.clone()
+    sae.project_decoder_grad_()
+    W = sae.W_dec.detach()
+    torch.testing.assert_close(sae.W_dec.grad, g - (g * W).sum(-1, keepdim=True) * W)
+    torch.testing.assert_close((sae.W_dec.grad * W).sum(-1), torch.zeros(2, 20, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("kind,kw", [("relu", {"l1_coef": [1e-3, 1e-1]}), ("relu", {"tied": True}),
                                      ("topk", {"k": [2, 4]})])
 def test_decoder_rows_unit_norm_after_every_step(kind, kw):
@@ -258,15 +270,19 @@ def test_relu_hand_backward_matches_autograd(tied, pre_bias, shared):
     (False, False, False, ([4, 2], [5, 2])),
     (True, False, True, ([1, 6], [20, 3])),  # aux_k = d_sae: more aux picks than dead latents (-inf picks)
 ])
-@pytest.mark.parametrize("dense_below", [0, 1000])  # the kernels' sparse passes / their dense form, forced
-def test_topk_sparse_path_matches_dense_autograd(with_dead, tied, pre_bias, shared, ks, dense_below, monkeypatch):
+@pytest.mark.parametrize("dense_below,csr", [(0, True), (0, False), (1000, True)])
+def test_topk_sparse_path_matches_dense_autograd(with_dead, tied, pre_bias, shared, ks, dense_below, csr,
+                                                 monkeypatch):
     """TopK's step is sparse (the encoder forward runs without autograd, gradients flow through the chosen entries
     only, the decoder touches only the chosen rows); the dense generic autograd path is the reference, in float64:
     outputs, every parameter gradient (members weighted differently) and the input gradient. The kernels switch to
-    a dense form of the same maths when the picks are many (kernels.DENSE_BELOW): both forms are checked."""
+    a dense form of the same maths when the picks are many (kernels.DENSE_BELOW), and run the sparse passes as CSR
+    matmuls on the CPU, chunked elsewhere: every form is checked."""
     from sparse_coding.dictionaries import TopKSAE, kernels
 
     monkeypatch.setattr(kernels, "DENSE_BELOW", dense_below)
+    if not csr:
+        monkeypatch.setattr(kernels, "_csr_path", lambda t: False)
     k, aux_k = ks
     sae = make_sae("topk", d_in=6, d_sae=20, k=k, aux_k=aux_k, seed=[0, 1], dead_window=10, tied=tied,
                    pre_bias=pre_bias, dtype=torch.float64)
@@ -315,7 +331,7 @@ def test_topk_output_codes_are_lazy_but_complete():
 
 def test_topk_step_deterministic_and_ensemble_equals_solo():
     """Two identical runs give identical weights; each member of an ensemble trains as it would alone (the
-    sparse backward's index_add runs in a fixed order, and members never share a chunk's rows)."""
+    sparse backward adds in a fixed order, and members never share a row of its sparse matrices)."""
     # float64: in float32 the members' different summation orders (ragged k sorts the top-k) differ by rounding,
     # which Adam amplifies where a gradient is near zero.
     kw = dict(d_in=8, d_sae=40, aux_k=6, dead_window=32, dtype=torch.float64)  # dead: silent for one batch

@@ -287,7 +287,9 @@ class EnsembleSAE(nn.Module):
         the renormalisation after the step would undo anyway, and it would leak into Adam's moments."""
         g = self.W_dec.grad
         if self.unit_norm_decoder and g is not None:
-            g.sub_((g * self.W_dec).sum(-1, keepdim=True) * self.W_dec)
+            # Row dots by einsum (a batched matmul: linalg.vecdot and (g * W).sum build an [E, d_sae, d_in] temporary)
+            # and one fused in-place update.
+            g.addcmul_(torch.einsum("end,end->en", g, self.W_dec).unsqueeze(-1), self.W_dec, value=-1)
 
     # ----- dead latents -----
     @torch.no_grad()

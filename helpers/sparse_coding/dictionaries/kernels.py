@@ -2,12 +2,17 @@
 
 - `ReLUStep`: a ReLU SAE's forward and backward in a few batched matmuls (kinds.relu).
 - `SparseEncode`, `SparseDecode`: gradients that touch only the chosen latents of a TopK-style code, so only the
-  encoder forward stays dense (kinds.topk, kinds.batchtopk; Gao et al. 2024, arXiv 2406.04093).
+  encoder forward stays dense (kinds.topk, kinds.batchtopk; Gao et al. 2024, arXiv 2406.04093). On the CPU their
+  sparse passes are single calls on torch CSR matrices (`torch.addmm`, `torch.sparse.sampled_addmm`): one
+  multi-threaded operation each instead of a loop of small ones.
 - `topk_rows`: each row's k largest values through strided group maxima (exact values, cheaper than a full top-k
   when d_sae is large next to k).
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Callable
 
 import torch
 from torch import nn
@@ -78,9 +83,9 @@ def relu_grad_(grad: torch.Tensor, codes: torch.Tensor, use_aten: bool = True) -
     return grad.mul_(codes.sign())
 
 
-# Rows of the batch per chunk in the sparse backward passes: E·rows·K·d_in ≈ this many elements (a cache-sized
-# temporary; larger chunks spill out of the cache, smaller ones pay Python per chunk), but at least _MIN_ROWS rows
-# so that AuxK's wide picks (K = k + d_in/2) do not turn into thousands of tiny calls.
+# Off the CPU, or in half precision (which torch's CPU sparse matmuls lack), the sparse passes run as chunked
+# index_add_ / index_select: E·rows·K·d_in ≈ this many elements per chunk (a bounded temporary), at least _MIN_ROWS
+# rows so that AuxK's wide picks (K = k + d_in/2) do not turn into thousands of tiny calls.
 _SPARSE_CHUNK_ELEMS = 1 << 18
 _MIN_ROWS = 8
 
@@ -90,11 +95,41 @@ def _chunks(E: int, B: int, K: int, d: int):
     return [(s, min(B, s + step)) for s in range(0, B, step)]
 
 
-def _rows_add_(out: torch.Tensor, gidx: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """out [E·n, d] += Σ_(e,b,j) coef[e,b,j] · rows[e,b] at row gidx[e,b,j] (already offset by e·n): the transpose
-    of a sparse [B, n] matrix with K entries per row times a dense [B, d] one, in O(E·B·K·d) without sorting."""
+def _csr_path(t: torch.Tensor) -> bool:
+    """On the CPU in float32/64 the sparse passes are single CSR matmuls: one multi-threaded call each, where the
+    chunked loop is hundreds of small parallel operations that pay a thread wake-up each (about 5x slower with
+    OMP_WAIT_POLICY=PASSIVE, which `threads` sets)."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+
+
+def _csr(gidx: torch.Tensor, values: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """The sparse [E·B, n_cols] matrix whose row (e, b) holds values[e,b,j] at columns gidx[e,b,j] (K per row,
+    unsorted; a repeated column adds)."""
+    rows, K = gidx.shape[0] * gidx.shape[1], gidx.shape[-1]
+    crow = torch.arange(0, rows * K + 1, K, device=gidx.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the operations used here are tested
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, gidx.reshape(-1), values.reshape(-1), size=(rows, n_cols))
+
+
+def _rows_add(n_out: int, gidx: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[n_out, d] with Σ_(e,b,j) coef[e,b,j] · rows[e,b] at row gidx[e,b,j] (already offset by e·n): the transpose
+    of a sparse [E·B, n_out] matrix with K entries per row times the dense [E·B, d] rows, in O(E·B·K·d)."""
     E, B, K = gidx.shape
     d = rows.shape[-1]
+    if _csr_path(rows):
+        # The transpose built here (one stable sort by output row) and multiplied with beta=0 into an uninitialised
+        # result: `A.t() @ rows` converts the layout itself and zero-fills and copies its result, about 2x slower.
+        flat = gidx.reshape(-1)
+        order = flat.argsort(stable=True)
+        crow = torch.zeros(n_out + 1, dtype=torch.long, device=rows.device)
+        torch.cumsum(torch.bincount(flat, minlength=n_out), 0, out=crow[1:])
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the operations used here are tested
+            warnings.simplefilter("ignore", UserWarning)
+            At = torch.sparse_csr_tensor(crow, order // K, coef.reshape(-1)[order], size=(n_out, E * B))
+        out = rows.new_empty(n_out, d)
+        return torch.addmm(out, At, rows.reshape(E * B, d), beta=0, out=out)  # out= too: else addmm copies out
+    out = rows.new_zeros(n_out, d)
     for s, t in _chunks(E, B, K, d):
         src = (coef[:, s:t].unsqueeze(-1) * rows[:, s:t].unsqueeze(2)).reshape(-1, d)
         out.index_add_(0, gidx[:, s:t].reshape(-1), src)
@@ -102,9 +137,16 @@ def _rows_add_(out: torch.Tensor, gidx: torch.Tensor, coef: torch.Tensor, rows: 
 
 
 def _gather_dot(table: torch.Tensor, gidx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """[E, B, K]: table[gidx[e,b,j]] · rows[e,b] (table [E·n, d], gidx offset by e·n)."""
+    """[E, B, K]: table[gidx[e,b,j]] · rows[e,b] (table [E·n, d], gidx offset by e·n): the product rows @ tableᵀ
+    sampled at the chosen entries only."""
     E, B, K = gidx.shape
     d = rows.shape[-1]
+    if _csr_path(rows):
+        pattern = _csr(gidx, rows.new_zeros(E * B * K), table.shape[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse.sampled_addmm(pattern, rows.reshape(E * B, d), table.t(), beta=0.0
+                                              ).values().view(E, B, K)
     out = rows.new_empty(E, B, K)
     for s, t in _chunks(E, B, K, d):
         picked = table.index_select(0, gidx[:, s:t].reshape(-1)).view(E, t - s, K, d)
@@ -158,7 +200,7 @@ class SparseEncode(torch.autograd.Function):
         g_x = g_W = g_b_enc = g_b_dec = None
         g_b = g.new_zeros(E * n).index_add_(0, gidx.reshape(-1), g.reshape(-1)).view(E, n)
         if need[1]:
-            g_Wt = _rows_add_(g.new_zeros(E * n, d), gidx, g, x.expand(E, *x.shape[-2:])).view(E, n, d)
+            g_Wt = _rows_add(E * n, gidx, g, x.expand(E, *x.shape[-2:])).view(E, n, d)
             if ctx.pre_bias:
                 g_Wt.baddbmm_(g_b.unsqueeze(2), b_dec.unsqueeze(1), alpha=-1)
             g_W = g_Wt.transpose(1, 2)
@@ -227,20 +269,22 @@ class SparseDecode(torch.autograd.Function):
         g_out = g_out.contiguous()
         g_W = g_values = None
         if ctx.needs_input_grad[0]:
-            g_W = _rows_add_(g_out.new_zeros(E * n, d), gidx, values, g_out).view(E, n, d)
+            g_W = _rows_add(E * n, gidx, values, g_out).view(E, n, d)
         if ctx.needs_input_grad[1]:
             g_values = _gather_dot(W_dec.reshape(E * n, d), gidx, g_out)
         return g_W, g_values, None
 
 
-def topk_rows(pre: torch.Tensor, k: int, sorted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_rows(pre: torch.Tensor, k: int, sorted: bool,
+              workspace: Callable[..., torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`pre.topk(k, dim=-1, sorted=sorted)` for [E, B, n], through group maxima when n is large next to k.
 
     Split each row into s strided groups {g, g + m, g + 2m, ...} (m = n / s): every one of the row's k largest
     values lies in one of the k groups with the largest maxima (a group outside them has k groups whose maxima are
     at least its own), so the top k of those k·s candidates are the row's top k. One vectorised max over the row
     and two small top-k's replace a top-k over all n (CPU top-k costs several ns per element). The values are
-    exactly torch.topk's; among exactly tied values the latent picked may differ."""
+    exactly torch.topk's; among exactly tied values the latent picked may differ. workspace(*shape), if given,
+    returns a buffer of that shape for the group maxima (or None), kept by the caller from call to call."""
     n = pre.shape[-1]
     s = 1
     while s * 2 * 64 * k <= n and n % (s * 2) == 0:  # keep m >= 64k, where torch.topk takes its cheaper path
@@ -248,7 +292,9 @@ def topk_rows(pre: torch.Tensor, k: int, sorted: bool) -> tuple[torch.Tensor, to
     if s < 4:
         return pre.topk(k, dim=-1, sorted=sorted)
     m = n // s
-    group_max = pre.unflatten(-1, (s, m)).amax(-2)
+    buf = workspace(*pre.shape[:-1], m) if workspace is not None else None
+    groups_view = pre.unflatten(-1, (s, m))
+    group_max = groups_view.amax(-2) if buf is None else torch.amax(groups_view, -2, out=buf)
     _, groups = group_max.topk(k, dim=-1, sorted=False)
     cand = (groups.unsqueeze(-1) + torch.arange(0, n, m, device=pre.device)).flatten(-2)
     values, j = pre.gather(-1, cand).topk(k, dim=-1, sorted=sorted)

@@ -56,7 +56,8 @@ class TopKSAE(EnsembleSAE):
     def _top(self, pre: torch.Tensor, k: int, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's k largest pre-activations (before the ReLU) and their latents; sorted only if the members'
         `key` differ (they are then cut at their own k)."""
-        return topk_rows(pre, k, sorted=self._ragged(k, key))
+        return topk_rows(pre, k, sorted=self._ragged(k, key),
+                         workspace=lambda *shape: self._workspace("group_max", *shape))
 
     def _finish(self, values: torch.Tensor, k: int, key: str) -> torch.Tensor:
         """ReLU and the per-member cut of chosen pre-activations."""
@@ -83,20 +84,22 @@ class TopKSAE(EnsembleSAE):
         touched, forward and backward: k·d_in multiply-adds per row instead of d_sae·d_in."""
         return SparseDecode.apply(self.W_dec, values, idx)
 
-    def _pre_buffer(self, E: int, B: int) -> torch.Tensor | None:
-        """In training, one [E, B, d_sae] buffer for the pre-activations, kept from step to step: a fresh one costs
-        page faults on every step (large CPU allocations are mapped and unmapped each time). Dropped by eval()."""
+    def _workspace(self, name: str, *shape: int) -> torch.Tensor | None:
+        """In training, a buffer kept from step to step (the pre-activations [E, B, d_sae], the group maxima of
+        `topk_rows`): a fresh one costs page faults on every step (large CPU allocations are mapped and unmapped
+        each time). None in eval mode; eval() drops them."""
         if not self.training:
             return None
-        buf = getattr(self, "_pre_cache", None)
-        if buf is None or buf.shape != (E, B, self.d_sae) or buf.dtype != self.dtype or buf.device != self.device:
-            self._pre_cache = buf = None  # free the old one first
-            buf = self._pre_cache = torch.empty(E, B, self.d_sae, device=self.device, dtype=self.dtype)
+        cache = self.__dict__.setdefault("_workspaces", {})
+        buf = cache.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != self.dtype or buf.device != self.device:
+            cache.pop(name, None)  # free the old one first
+            buf = cache[name] = torch.empty(*shape, device=self.device, dtype=self.dtype)
         return buf
 
     def train(self, mode: bool = True) -> "TopKSAE":
         if not mode:
-            self._pre_cache = None
+            self.__dict__.pop("_workspaces", None)
         return super().train(mode)
 
     def _dead_for_aux(self) -> torch.Tensor | None:
@@ -115,7 +118,7 @@ class TopKSAE(EnsembleSAE):
         xs = self.expand(x)
         dead = self._dead_for_aux()
         with torch.no_grad():
-            pre = torch.baddbmm(self.encoder_bias().unsqueeze(1), xs, W, out=self._pre_buffer(E, B))
+            pre = torch.baddbmm(self.encoder_bias().unsqueeze(1), xs, W, out=self._workspace("pre", E, B, n))
             picked, idx = self._top(pre, k, "k")
             if dead is not None:
                 # pre is ours and no longer needed: mask it in place for AuxK's choice among the dead.
