@@ -11,6 +11,10 @@ from ...checks import check_coef, check_int
 from ..base import DEFAULT_DEAD_WINDOW, EnsembleSAE, register_sae
 from ..kernels import SparseDecode, SparseEncode, topk_rows
 
+# AuxK gathers and searches only the dead latents' columns when they are at most 1/AUX_GATHER_BELOW of d_sae; past
+# that a masked pass over all of them is as cheap (gathering costs more per entry than a sequential pass).
+AUX_GATHER_BELOW = 8
+
 
 @register_sae("topk")
 class TopKSAE(EnsembleSAE):
@@ -57,7 +61,7 @@ class TopKSAE(EnsembleSAE):
         """Each row's k largest pre-activations (before the ReLU) and their latents; sorted only if the members'
         `key` differ (they are then cut at their own k)."""
         return topk_rows(pre, k, sorted=self._ragged(k, key),
-                         workspace=lambda *shape: self._workspace("group_max", *shape))
+                         workspace=lambda *shape: self._workspace(f"group_max{shape}", *shape))
 
     def _finish(self, values: torch.Tensor, k: int, key: str) -> torch.Tensor:
         """ReLU and the per-member cut of chosen pre-activations."""
@@ -110,6 +114,24 @@ class TopKSAE(EnsembleSAE):
         # One host sync per step, but it saves a second top-k and decode on every step where nothing is dead.
         return dead if bool(dead.any()) else None
 
+    def _aux_top(self, pre: torch.Tensor, dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """AuxK's choice: each row's aux_k largest pre-activations [E, B, d_sae] among its member's dead latents
+        (dead [E, d_sae]); values and latents [E, B, K], -inf where fewer are dead. When few latents are dead only
+        their columns are gathered and searched, and K = min(aux_k, most dead in a member): picks beyond the dead
+        would be zeros that still cost sparse passes. Otherwise pre (ours, no longer needed) is masked in place and
+        K = aux_k."""
+        E, B, n = pre.shape
+        counts = dead.sum(-1)
+        m = int(counts.max())  # a host sync, beside the one that found anything dead
+        if m * AUX_GATHER_BELOW > n:
+            return self._top(pre.masked_fill_(~dead.unsqueeze(1), float("-inf")), self.aux_k_max, "aux_k")
+        # Each member's dead latents first (stable: in latent order), then live ones, masked below.
+        cols = torch.argsort((~dead).to(torch.uint8), dim=-1, stable=True)[:, :m].unsqueeze(1).expand(E, B, m)
+        sub = pre.gather(-1, cols)
+        sub.masked_fill_((torch.arange(m, device=pre.device) >= counts.unsqueeze(-1)).unsqueeze(1), float("-inf"))
+        values, j = self._top(sub, min(self.aux_k_max, m), "aux_k")
+        return values, cols.gather(-1, j)
+
     def _forward(self, x: torch.Tensor):
         if type(self).activation is not TopKSAE.activation or type(self).kind_losses is not TopKSAE.kind_losses:
             return super()._forward(x)  # a subclass with its own maths takes the generic path
@@ -121,9 +143,7 @@ class TopKSAE(EnsembleSAE):
             pre = torch.baddbmm(self.encoder_bias().unsqueeze(1), xs, W, out=self._workspace("pre", E, B, n))
             picked, idx = self._top(pre, k, "k")
             if dead is not None:
-                # pre is ours and no longer needed: mask it in place for AuxK's choice among the dead.
-                aux_picked, aux_idx = self._top(pre.masked_fill_(~dead.unsqueeze(1), float("-inf")),
-                                                self.aux_k_max, "aux_k")
+                aux_picked, aux_idx = self._aux_top(pre, dead)
                 picked, idx = torch.cat([picked, aux_picked], -1), torch.cat([idx, aux_idx], -1)
             del pre
         # Gradients reach W, b_enc and b_dec through the chosen entries only (main and AuxK together).
@@ -133,7 +153,7 @@ class TopKSAE(EnsembleSAE):
         if dead is None:
             aux = x_hat.new_zeros(E)
         else:
-            aux_values = self._finish(picked[..., k:], self.aux_k_max, "aux_k")
+            aux_values = self._finish(picked[..., k:], idx.shape[-1] - k, "aux_k")
             aux = self._aux_loss(x, x_hat, aux_values, idx[..., k:], dead)
         with torch.no_grad():
             v = values.detach()
