@@ -107,9 +107,13 @@ def _csr(gidx: torch.Tensor, values: torch.Tensor, n_cols: int) -> torch.Tensor:
     unsorted; a repeated column adds)."""
     rows, K = gidx.shape[0] * gidx.shape[1], gidx.shape[-1]
     crow = torch.arange(0, rows * K + 1, K, device=gidx.device)
+    return _csr_matrix(crow, gidx.reshape(-1), values.reshape(-1), (rows, n_cols))
+
+
+def _csr_matrix(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the operations used here are tested
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, gidx.reshape(-1), values.reshape(-1), size=(rows, n_cols))
+        return torch.sparse_csr_tensor(crow, col, values, size=size)
 
 
 def _rows_add(n_out: int, gidx: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -124,9 +128,7 @@ def _rows_add(n_out: int, gidx: torch.Tensor, coef: torch.Tensor, rows: torch.Te
         order = flat.argsort(stable=True)
         crow = torch.zeros(n_out + 1, dtype=torch.long, device=rows.device)
         torch.cumsum(torch.bincount(flat, minlength=n_out), 0, out=crow[1:])
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the operations used here are tested
-            warnings.simplefilter("ignore", UserWarning)
-            At = torch.sparse_csr_tensor(crow, order // K, coef.reshape(-1)[order], size=(n_out, E * B))
+        At = _csr_matrix(crow, order // K, coef.reshape(-1)[order], (n_out, E * B))
         out = rows.new_empty(n_out, d)
         return torch.addmm(out, At, rows.reshape(E * B, d), beta=0, out=out)  # out= too: else addmm copies out
     out = rows.new_zeros(n_out, d)
