@@ -11,8 +11,8 @@ from sparse_coding.dictionaries import make_sae
 from sparse_coding.dictionaries.saelens_io import load_sweep, save_sweep
 from sparse_coding.dictionaries.training import state as ckpt
 from sparse_coding.dictionaries.training import (TrainingDiverged, adam, coef_factor, estimate_input_scale,
-                                                 log_spaced_steps, lr_factor, member_generators, resample_dead_,
-                                                 sparsity_key, train_sae)
+                                                 log_spaced_steps, lr_factor, member_generators, param_state,
+                                                 resample_dead_, sparsity_key, train_sae)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,7 +116,7 @@ def test_resample_points_dead_latents_at_the_worst_reconstructed_input():
     torch.testing.assert_close(sae.W_enc.detach()[0][:, [2, 5]].T, dirs * 0.2 * alive_norm)
     assert (sae.b_enc.detach()[0, [2, 5]] == 0).all()
     for n in ("W_enc", "W_dec", "b_enc"):
-        st = opt.state[getattr(sae, n)]
+        st = param_state(opt, getattr(sae, n))
         rows = st["exp_avg"][0][:, [2, 5]] if n == "W_enc" else st["exp_avg"][0][[2, 5]]
         assert (rows == 0).all() and (st["exp_avg_sq"][0][:, [2, 5]] if n == "W_enc"
                                       else st["exp_avg_sq"][0][[2, 5]]).eq(0).all()

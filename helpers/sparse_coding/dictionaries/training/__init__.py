@@ -2,12 +2,14 @@
 multi-process runner."""
 
 from .loop import train_sae
+from .optim import SAEAdam, adam, param_state
 from .resample import member_generators, resample_dead_
 from .schedules import Schedules, coef_factor, log_spaced_steps, lr_factor, sparsity_key
 from .sources import BatchSource, estimate_input_scale
-from .state import (TrainingDiverged, TrainingState, adam, load_decoder_trajectory, load_snapshot, load_state,
+from .state import (TrainingDiverged, TrainingState, load_decoder_trajectory, load_snapshot, load_state,
                     snapshot_path, snapshot_steps)
 
 __all__ = ["train_sae", "member_generators", "resample_dead_", "Schedules", "coef_factor", "log_spaced_steps",
            "lr_factor", "sparsity_key", "BatchSource", "estimate_input_scale", "TrainingDiverged", "TrainingState",
-           "adam", "load_decoder_trajectory", "load_snapshot", "load_state", "snapshot_path", "snapshot_steps"]
+           "adam", "SAEAdam", "param_state", "load_decoder_trajectory", "load_snapshot", "load_state", "snapshot_path",
+           "snapshot_steps"]

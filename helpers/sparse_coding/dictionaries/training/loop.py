@@ -25,10 +25,11 @@ from ...checks import check_choice, check_int, check_number, check_positive
 from ...files import folder_lock
 from ..base import DEFAULT_DEAD_WINDOW, EnsembleSAE, SAEOutput
 from ..metrics import FVU
+from .optim import adam
 from .resample import member_generators, resample_dead_
 from .schedules import Schedules, log_spaced_steps
 from .sources import Batches, BatchSource
-from .state import TrainingDiverged, TrainingState, adam
+from .state import TrainingDiverged, TrainingState
 
 
 class _Divergence:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..base import EnsembleSAE
+from .optim import param_state
 
 
 def member_generators(sae: EnsembleSAE, seed: int) -> list[torch.Generator]:
@@ -65,7 +66,7 @@ def resample_dead_(sae: EnsembleSAE, opt: torch.optim.Optimizer, x: torch.Tensor
         sae.b_enc[m, j] = 0
         sae.tokens_since_fired[m, j] = 0
         for name, param in sae.named_parameters():
-            st = opt.state.get(param, {})
+            st = param_state(opt, param)
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 if key in st:
                     buf = st[key][m]

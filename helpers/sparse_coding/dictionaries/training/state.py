@@ -31,6 +31,7 @@ from safetensors import safe_open
 from ...files import canonical, load_tensors, save_json, save_tensors
 from ...paths import resolve
 from ..base import EnsembleSAE, fold_input_scale
+from .optim import load_optimizer, optimizer_tensors
 
 STATE_FILE = "state.safetensors"
 SNAPSHOT_DIR = "snapshots"
@@ -94,51 +95,6 @@ def load_decoder_trajectory(folder: str | os.PathLike, member: int = 0) -> tuple
     if not steps:
         raise ValueError(f"{folder} holds no snapshots; train with state_dir=... and snapshot_steps='log'")
     return steps, torch.stack([load_snapshot(folder, s)["W_dec"][member] for s in steps])
-
-
-# ---------------------------------------------------------------------------------------------------- optimizer
-
-def adam(sae: EnsembleSAE, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
-    """Adam, fused into one kernel per step where the device supports it (CPU and CUDA do): on small SAEs the
-    per-parameter-tensor launches of the default implementation are a visible share of a step. Still elementwise,
-    so ensemble members stay independent."""
-    try:
-        return torch.optim.Adam(sae.parameters(), lr=lr, betas=betas, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer, sae: EnsembleSAE) -> tuple[dict[str, torch.Tensor], list]:
-    """(Adam's state as named tensors "adam.<param>.<moment>", its param groups as JSON-able dicts)."""
-    names = {id(p): n for n, p in sae.named_parameters()}
-    tensors = {f"adam.{names[id(p)]}.{key}": v for p, st in opt.state.items() for key, v in st.items()
-               if isinstance(v, torch.Tensor)}
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
-              for g in opt.param_groups]
-    return tensors, groups
-
-
-def load_optimizer(opt: torch.optim.Optimizer, sae: EnsembleSAE, tensors: dict[str, torch.Tensor],
-                   groups: list) -> None:
-    """Inverse of `optimizer_tensors`."""
-    params = dict(sae.named_parameters())
-    index = {id(p): i for i, p in enumerate(q for g in opt.param_groups for q in g["params"])}
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, v in tensors.items():
-        if name.startswith("adam."):
-            pname, key = name[len("adam."):].rsplit(".", 1)
-            state.setdefault(index[id(params[pname])], {})[key] = v
-    sd = opt.state_dict()
-    for g, saved in zip(sd["param_groups"], groups):
-        g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
-    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
-    # Give each moment its parameter's memory layout, as a fresh Adam does (zeros_like): safetensors hands back
-    # contiguous tensors, W_enc starts as a transposed view's clone, and an elementwise kernel over mismatched
-    # strides can take another code path (vectorised or not, FMA or not): last-bit differences, not a resume.
-    for p, st in opt.state.items():
-        for key, v in st.items():
-            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
-                st[key] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 # ---------------------------------------------------------------------------------------------------- one run
