@@ -271,15 +271,15 @@ def test_relu_hand_backward_matches_autograd(tied, pre_bias, shared):
     (True, False, True, ([1, 6], [20, 3])),  # aux_k = d_sae: more aux picks than dead latents (-inf picks)
 ])
 @pytest.mark.parametrize("dense_below,csr", [(0, True), (0, False), (1000, True)])
-@pytest.mark.parametrize("aux_gather_below", [1, 1000])  # AuxK: gather the dead columns / mask all, forced
+@pytest.mark.parametrize("aux_gather_below", [1, 1000])  # AuxK: the dead sub-dictionary / masked, forced
 def test_topk_sparse_path_matches_dense_autograd(with_dead, tied, pre_bias, shared, ks, dense_below, csr,
                                                  aux_gather_below, monkeypatch):
     """TopK's step is sparse (the encoder forward runs without autograd, gradients flow through the chosen entries
     only, the decoder touches only the chosen rows); the dense generic autograd path is the reference, in float64:
     outputs, every parameter gradient (members weighted differently) and the input gradient. The kernels switch to
     a dense form of the same maths when the picks are many (kernels.DENSE_BELOW), and run the sparse passes as CSR
-    matmuls on the CPU, chunked elsewhere; AuxK searches only the dead columns when few are dead
-    (topk.AUX_GATHER_BELOW): every form is checked."""
+    matmuls on the CPU, chunked elsewhere; AuxK trains the sub-dictionary of the dead latents' columns when few are
+    dead (topk.AUX_GATHER_BELOW): every form is checked."""
     from sparse_coding.dictionaries import TopKSAE, kernels
 
     from sparse_coding.dictionaries.kinds import topk as topk_module

@@ -11,9 +11,9 @@ from ...checks import check_coef, check_int
 from ..base import DEFAULT_DEAD_WINDOW, EnsembleSAE, register_sae
 from ..kernels import SparseDecode, SparseEncode, topk_rows
 
-# AuxK gathers and searches only the dead latents' columns when they are at most 1/AUX_GATHER_BELOW of d_sae; past
-# that a masked pass over all of them is as cheap (gathering costs more per entry than a sequential pass).
-AUX_GATHER_BELOW = 8
+# AuxK trains the sub-dictionary of the dead latents (their columns gathered, dense matmuls over them) while at most
+# 1/AUX_GATHER_BELOW of d_sae is dead; past that, masked sparse passes over all latents cost about the same.
+AUX_GATHER_BELOW = 2
 
 
 @register_sae("topk")
@@ -114,23 +114,37 @@ class TopKSAE(EnsembleSAE):
         # One host sync per step, but it saves a second top-k and decode on every step where nothing is dead.
         return dead if bool(dead.any()) else None
 
-    def _aux_top(self, pre: torch.Tensor, dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _aux_top(self, pre: torch.Tensor, dead: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """AuxK's choice: each row's aux_k largest pre-activations [E, B, d_sae] among its member's dead latents
-        (dead [E, d_sae]); values and latents [E, B, K], -inf where fewer are dead. When few latents are dead only
-        their columns are gathered and searched, and K = min(aux_k, most dead in a member): picks beyond the dead
-        would be zeros that still cost sparse passes. Otherwise pre (ours, no longer needed) is masked in place and
-        K = aux_k."""
+        (dead [E, d_sae]): values [E, B, K], their positions [E, B, K] and the columns they index, -inf where fewer
+        are dead. When few latents are dead only their columns are gathered and searched: cols [E, m] (each
+        member's dead latents in order, padded with masked live ones), positions index cols, K = min(aux_k, m).
+        Otherwise pre (ours, no longer needed) is masked in place, positions are latents, K = aux_k, cols None."""
         E, B, n = pre.shape
         counts = dead.sum(-1)
         m = int(counts.max())  # a host sync, beside the one that found anything dead
         if m * AUX_GATHER_BELOW > n:
-            return self._top(pre.masked_fill_(~dead.unsqueeze(1), float("-inf")), self.aux_k_max, "aux_k")
+            values, idx = self._top(pre.masked_fill_(~dead.unsqueeze(1), float("-inf")), self.aux_k_max, "aux_k")
+            return values, idx, None
         # Each member's dead latents first (stable: in latent order), then live ones, masked below.
-        cols = torch.argsort((~dead).to(torch.uint8), dim=-1, stable=True)[:, :m].unsqueeze(1).expand(E, B, m)
-        sub = pre.gather(-1, cols)
+        cols = torch.argsort((~dead).to(torch.uint8), dim=-1, stable=True)[:, :m]
+        sub = pre.gather(-1, cols.unsqueeze(1).expand(E, B, m))
         sub.masked_fill_((torch.arange(m, device=pre.device) >= counts.unsqueeze(-1)).unsqueeze(1), float("-inf"))
         values, j = self._top(sub, min(self.aux_k_max, m), "aux_k")
-        return values, cols.gather(-1, j)
+        return values, j, cols
+
+    def _aux_dictionary(self, W: torch.Tensor, cols: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(encoder weight [E, d_in, m], b_enc [E, m], W_dec [E, m, d_in]) of the latents cols [E, m] (all latents
+        when None), differentiable. AuxK over few dead latents is this small SAE: its picks cover most of its m
+        columns, so the kernels take their dense form (kernels.DENSE_BELOW), a few [B, m] matmuls, instead of
+        sparse passes over aux_k picks per row of the whole dictionary."""
+        if cols is None:
+            return W, self.b_enc, self.W_dec
+        rows = cols.unsqueeze(-1).expand(*cols.shape, self.d_in)
+        # Through W's rows of Wᵀ: the gradient lands in W's own (column-major) layout.
+        return W.mT.gather(1, rows).mT, self.b_enc.gather(1, cols), self.W_dec.gather(1, rows)
 
     def _forward(self, x: torch.Tensor):
         if type(self).activation is not TopKSAE.activation or type(self).kind_losses is not TopKSAE.kind_losses:
@@ -139,22 +153,30 @@ class TopKSAE(EnsembleSAE):
         W = self.encoder_weight()
         xs = self.expand(x)
         dead = self._dead_for_aux()
+        cols = None
         with torch.no_grad():
             pre = torch.baddbmm(self.encoder_bias().unsqueeze(1), xs, W, out=self._workspace("pre", E, B, n))
             picked, idx = self._top(pre, k, "k")
             if dead is not None:
-                aux_picked, aux_idx = self._aux_top(pre, dead)
-                picked, idx = torch.cat([picked, aux_picked], -1), torch.cat([idx, aux_idx], -1)
+                aux_picked, aux_idx, cols = self._aux_top(pre, dead)
+                if cols is None:  # picks among all latents: one set of sparse passes with the main ones
+                    picked, idx = torch.cat([picked, aux_picked], -1), torch.cat([idx, aux_idx], -1)
             del pre
-        # Gradients reach W, b_enc and b_dec through the chosen entries only (main and AuxK together).
-        picked = SparseEncode.apply(xs, W, self.b_enc, self.b_dec if self.pre_bias else None, idx, picked)
+        # Gradients reach W, b_enc and b_dec through the chosen entries only.
+        b_dec = self.b_dec if self.pre_bias else None
+        picked = SparseEncode.apply(xs, W, self.b_enc, b_dec, idx, picked)
         values, main_idx = self._finish(picked[..., :k], k, "k"), idx[..., :k]
         x_hat = self.sparse_decode(values, main_idx) + self.b_dec.unsqueeze(1)
         if dead is None:
             aux = x_hat.new_zeros(E)
         else:
-            aux_values = self._finish(picked[..., k:], idx.shape[-1] - k, "aux_k")
-            aux = self._aux_loss(x, x_hat, aux_values, idx[..., k:], dead)
+            W_aux, b_aux, W_dec_aux = self._aux_dictionary(W, cols)
+            if cols is None:
+                aux_picked, aux_idx = picked[..., k:], idx[..., k:]
+            else:
+                aux_picked = SparseEncode.apply(xs, W_aux, b_aux, b_dec, aux_idx, aux_picked)
+            aux_values = self._finish(aux_picked, aux_idx.shape[-1], "aux_k")
+            aux = self._aux_loss(x, x_hat, aux_values, aux_idx, dead, W_dec_aux)
         with torch.no_grad():
             v = values.detach()
             fired = torch.zeros(E, n, device=self.device, dtype=self.dtype).scatter_add_(
@@ -177,10 +199,11 @@ class TopKSAE(EnsembleSAE):
         return self._aux_loss(x, x_hat, values, idx, dead)
 
     def _aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor, idx: torch.Tensor,
-                  dead: torch.Tensor) -> torch.Tensor:
+                  dead: torch.Tensor, W_dec: torch.Tensor | None = None) -> torch.Tensor:
+        """AuxK's loss [E] from its codes (values at idx, rows of W_dec [E, ·, d_in]: the decoder by default)."""
         residual = (x - x_hat).detach()
         # b_dec is already in x_hat; the dead latents model only what is left over.
-        aux_hat = self.sparse_decode(values, idx)
+        aux_hat = self.sparse_decode(values, idx) if W_dec is None else SparseDecode.apply(W_dec, values, idx)
         # Normalised by the residual's own variance so aux_coef (1/32) means the same at any activation scale.
         baseline = (residual - residual.mean(-2, keepdim=True)).pow(2).sum(-1).mean(-1).clamp_min(1e-12)
         aux = (aux_hat - residual).pow(2).sum(-1).mean(-1) / baseline
