@@ -89,3 +89,16 @@ def test_a_plain_torch_optimizer_still_works_with_the_state_helpers():
     _run(sae, opt, 1)
     assert param_state(opt, sae.W_enc)["exp_avg"].shape == sae.W_enc.shape
     assert isinstance(adam(sae, 1e-2, (0.9, 0.99)), SAEAdam)
+
+
+def test_param_groups_are_accepted_and_stepped_through_the_aliases():
+    ours, ref = _sae(), _sae()
+    groups = [{"params": [ours.W_enc, ours.W_dec], "lr": 1e-2}, {"params": [ours.b_enc, ours.b_dec], "lr": 1e-3}]
+    opt = SAEAdam(groups, betas=(0.9, 0.99), fused=True)
+    ref_opt = torch.optim.Adam([{"params": [ref.W_enc, ref.W_dec], "lr": 1e-2},
+                                {"params": [ref.b_enc, ref.b_dec], "lr": 1e-3}], betas=(0.9, 0.99), fused=True)
+    assert opt.stepped(ours.W_enc) is opt.param_groups[0]["params"][0]
+    _run(ours, opt, 3)
+    _run(ref, ref_opt, 3)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(p, q)

@@ -30,17 +30,20 @@ class SAEAdam(torch.optim.Adam):
     what torch.optim.Adam raises (e.g. ValueError for fused=True on a device without a fused kernel)."""
 
     def __init__(self, params, **kwargs: Any):
-        params = list(params)
         self.aliases: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(module param) -> (param, alias)
-        stepped = []
-        for p in params:
-            if _needs_alias(p):
-                alias = nn.Parameter(p.detach().mT, requires_grad=p.requires_grad)  # shares p's storage
-                self.aliases[id(p)] = (p, alias)
-                stepped.append(alias)
-            else:
-                stepped.append(p)
-        super().__init__(stepped, **kwargs)
+        params = list(params)
+        if params and isinstance(params[0], dict):  # param groups
+            params = [{**g, "params": [self._alias(p) for p in g["params"]]} for g in params]
+        else:
+            params = [self._alias(p) for p in params]
+        super().__init__(params, **kwargs)
+
+    def _alias(self, p: torch.Tensor) -> torch.Tensor:
+        if not _needs_alias(p):
+            return p
+        alias = nn.Parameter(p.detach().mT, requires_grad=p.requires_grad)  # shares p's storage
+        self.aliases[id(p)] = (p, alias)
+        return alias
 
     @torch.no_grad()
     def step(self, closure=None):
