@@ -12,11 +12,13 @@
     Reports `l1_vs_saelens` (their median step time / ours; at most ours/ideal over theirs/ideal) and
     `l1_vs_matmul_ideal` (ideal step time / our median step time, goal >= 0.95).
 (b) TopK (k=32) vs dense ReLU-L1, both d=512, 16384 latents, batch 4096, both through `train_sae`. TopK decodes
-    through only the k chosen decoder rows (forward and backward); its encoder forward and encoder weight gradient
-    stay dense matmuls. Reports `topk_vs_dense` (dense median step / TopK median step, goal >= 5), and beside it
+    through only the k chosen decoder rows (forward and backward) and its gradients reach the encoder through the k
+    chosen entries only: its encoder forward alone stays a dense matmul. Reports `topk_vs_dense` (dense median step / TopK median step, goal >= 5), and beside it
     the floor (`Floor`: the encoder matmul, Adam and the decoder constraint, which any step at this width does):
     `topk_vs_dense_bound` = dense / floor, the most `topk_vs_dense` can be, and `topk_floor_fraction` = floor / TopK
     step (goal >= 0.83: the TopK step within 20 % of its floor).
+(c) AuxK's cost (Gao et al.): the same TopK SAE stepped with 5 % of its latents held dead (AuxK runs on every step)
+    and with none dead. Reports `topk_auxk5_step_ratio` (their median step times; 1 would be free).
 
 Method (the machine is shared): blocks of steps alternate between the contenders, repeated; per-step times are
 taken inside the loops (ours: from the time the loop asks for each batch to the next request; SAELens: around each
@@ -37,7 +39,7 @@ import sparse_coding  # noqa: F401  (before torch: its OpenMP settings apply, as
 import torch
 
 from matmul_rate import mm_rate
-from rounds import spread
+from rounds import cpu_model, spread
 from sparse_coding.files import update_json
 from sparse_coding.paths import repo_root
 from sparse_coding.dictionaries import make_sae
@@ -121,6 +123,33 @@ class Floor:
         return times[1:]
 
 
+class HeldDead:
+    """A TopK SAE stepped by hand (forward, backward, decoder constraint, Adam, as train_sae does) with a share of
+    its latents held dead before every step, so that AuxK runs on each one: with `share` 0 it is the plain step."""
+
+    def __init__(self, pool: list[torch.Tensor], share: float):
+        self.sae = make_sae("topk", d_in=D, d_sae=N_TOPK, seed=0, k=K, dead_window=10_000_000)
+        self.opt = adam(self.sae, LR, (0.9, 0.999))
+        self.pool, self.dead, self.step = pool, int(share * N_TOPK), 0
+
+    def block(self, steps: int) -> list[float]:
+        sae, times = self.sae, []
+        for _ in range(steps + 1):
+            with torch.no_grad():
+                sae.tokens_since_fired[:, :self.dead] = 10**12
+                sae.tokens_since_fired[:, self.dead:] = 0
+            t0 = time.perf_counter()
+            out = sae(self.pool[self.step % len(self.pool)])
+            self.opt.zero_grad(set_to_none=True)
+            out.loss.sum().backward()
+            sae.project_decoder_grad_()
+            self.opt.step()
+            sae.normalize_decoder_()
+            times.append(time.perf_counter() - t0)
+            self.step += 1
+        return times[1:]
+
+
 class SAELens:
     """SAELens's StandardTrainingSAE under its own SAETrainer, stepped on our in-memory batches."""
 
@@ -200,6 +229,10 @@ def main() -> None:
     floor = Floor(topk)
     b = compare({"topk": topk.block, "dense": dense.block, "floor": floor.block}, rounds=rounds, steps=3)
     del topk, dense, floor
+    # (c) AuxK's cost: the TopK step with 5 % of its latents dead over the same step with none dead.
+    c = compare({"none": HeldDead(pool, 0.0).block, "dead5": HeldDead(pool, 0.05).block}, rounds=rounds, steps=3)
+    auxk5 = c["dead5"] / c["none"]
+    auxk5_spread = spread(round_ratios(c["rounds"]["dead5"], c["rounds"]["none"]))
     topk_vs_dense = b["dense"] / b["topk"]
     topk_bound = b["dense"] / b["floor"]
     topk_floor_fraction = b["floor"] / b["topk"]
@@ -232,6 +265,9 @@ def main() -> None:
          f"goal >= 5; bound dense/floor {topk_bound:.2f}x spread {topk_bound_spread}"),
         ("", "floor / TopK step", f"{topk_floor_fraction:.2f}  spread {topk_floor_fraction_spread}",
          "goal >= 0.83 (TopK within 20 % of its floor)"),
+        ("(c) TopK, AuxK", "", "", ""),
+        ("", f"5 % of latents dead / none dead, medians of {c['dead5_n']} steps",
+         f"{auxk5:.2f}  spread {auxk5_spread}", f"{c['dead5'] * 1e3:.0f} ms vs {c['none'] * 1e3:.0f} ms"),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
@@ -249,6 +285,8 @@ def main() -> None:
         "topk_floor_fraction": round(topk_floor_fraction, 3),
         "topk_floor_fraction_spread": topk_floor_fraction_spread,
         "train_bench_topk_floor_tokens_per_s": round(BATCH / b["floor"]),
+        "topk_auxk5_step_ratio": round(auxk5, 3),
+        "topk_auxk5_step_ratio_spread": auxk5_spread,
         "train_bench_rounds": rounds,
         "train_bench_ours_tokens_per_s": round(BATCH / a["ours"]),
         "train_bench_saelens_tokens_per_s": round(BATCH / a["saelens"]),
@@ -259,6 +297,7 @@ def main() -> None:
         "train_bench_load_average": round(load, 2),
         "train_bench_threads": threads,
         "train_bench_omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "train_bench_cpu": cpu_model(),
     })
 
 

@@ -6,3 +6,18 @@ from __future__ import annotations
 def spread(ratios: list[float]) -> list[float]:
     """[min, max] of the per-round ratios, rounded to 3 decimals (`<key>_spread` in results.json)."""
     return [round(min(ratios), 3), round(max(ratios), 3)]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo; the platform's processor string elsewhere): the ratios move with it,
+    since the matmul rate and the memory-bound rest of a step scale differently from one machine to the next."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
