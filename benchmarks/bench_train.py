@@ -13,17 +13,19 @@
     `l1_vs_matmul_ideal` (ideal step time / our median step time, goal >= 0.95).
 (b) TopK (k=32) vs dense ReLU-L1, both d=512, 16384 latents, batch 4096, both through `train_sae`. TopK decodes
     through only the k chosen decoder rows (forward and backward) and its gradients reach the encoder through the k
-    chosen entries only: its encoder forward alone stays a dense matmul. Reports `topk_vs_dense` (dense median step / TopK median step, goal >= 5), and beside it
-    the floor (`Floor`: the encoder matmul, Adam and the decoder constraint, which any step at this width does):
-    `topk_vs_dense_bound` = dense / floor, the most `topk_vs_dense` can be, and `topk_floor_fraction` = floor / TopK
-    step (goal >= 0.83: the TopK step within 20 % of its floor).
+    chosen entries only: its encoder forward alone stays a dense matmul. Reports `topk_vs_dense` (dense step / TopK
+    step, goal >= 5), and beside it the floor (`Floor`: the encoder matmul, Adam and the decoder constraint, which
+    any step at this width does): `topk_vs_dense_bound` = dense / floor, the most `topk_vs_dense` can be, and
+    `topk_floor_fraction` = floor / TopK step (goal >= 0.83: the TopK step within 20 % of its floor).
 (c) AuxK's cost (Gao et al.): the same TopK SAE stepped with 5 % of its latents held dead (AuxK runs on every step)
-    and with none dead. Reports `topk_auxk5_step_ratio` (their median step times; 1 would be free).
+    and with none dead. Reports `topk_auxk5_step_ratio` (the first step over the second; 1 would be free).
 
 Method (the machine is shared): blocks of steps alternate between the contenders, repeated; per-step times are
 taken inside the loops (ours: from the time the loop asks for each batch to the next request; SAELens: around each
-loop body); the first step of every block (warm-up, and our logging step) is dropped; medians on both sides; the
-mm rate is measured between blocks and the fastest measurement is used (the conservative choice for the ideal).
+loop body); the first step of every block (warm-up, and our logging step) is dropped; each round gives each
+contender's median step time and so each ratio once; a ratio is the median over the rounds, with their [min, max] as
+its spread (step times in tokens/s are medians over all rounds' steps); the mm rate is measured between blocks and
+the fastest measurement is used (the conservative choice for the ideal).
 `BENCH_SCALE` (float, default 1) scales the number of repeats.
 """
 
@@ -221,8 +223,9 @@ def main() -> None:
     del ours, theirs
     rate = max(rates)
     ideal_step = 12 * D * N * BATCH / rate
-    l1_vs_saelens = a["saelens"] / a["ours"]
-    l1_vs_ideal = ideal_step / a["ours"]
+    # Each ratio is the median of its per-round ratios (so it lies within its spread); step times are pooled medians.
+    l1_vs_saelens = statistics.median(round_ratios(a["rounds"]["saelens"], a["rounds"]["ours"]))
+    l1_vs_ideal = statistics.median(round_ratios([ideal_step] * rounds, a["rounds"]["ours"]))
 
     # (b) TopK k=32 vs dense L1 at d=512, n=16384.
     topk, dense = Ours("topk", N_TOPK, pool, k=K), Ours("relu", N_TOPK, pool, l1_coef=L1)
@@ -231,11 +234,11 @@ def main() -> None:
     del topk, dense, floor
     # (c) AuxK's cost: the TopK step with 5 % of its latents dead over the same step with none dead.
     c = compare({"none": HeldDead(pool, 0.0).block, "dead5": HeldDead(pool, 0.05).block}, rounds=rounds, steps=3)
-    auxk5 = c["dead5"] / c["none"]
+    auxk5 = statistics.median(round_ratios(c["rounds"]["dead5"], c["rounds"]["none"]))
     auxk5_spread = spread(round_ratios(c["rounds"]["dead5"], c["rounds"]["none"]))
-    topk_vs_dense = b["dense"] / b["topk"]
-    topk_bound = b["dense"] / b["floor"]
-    topk_floor_fraction = b["floor"] / b["topk"]
+    topk_vs_dense = statistics.median(round_ratios(b["rounds"]["dense"], b["rounds"]["topk"]))
+    topk_bound = statistics.median(round_ratios(b["rounds"]["dense"], b["rounds"]["floor"]))
+    topk_floor_fraction = statistics.median(round_ratios(b["rounds"]["floor"], b["rounds"]["topk"]))
     load = os.getloadavg()[0]
 
     l1_vs_saelens_spread = spread(round_ratios(a["rounds"]["saelens"], a["rounds"]["ours"]))
