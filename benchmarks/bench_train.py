@@ -41,7 +41,7 @@ import sparse_coding  # noqa: F401  (before torch: its OpenMP settings apply, as
 import torch
 
 from matmul_rate import mm_rate
-from rounds import cpu_model, spread
+from rounds import cpu_model, median_and_spread
 from sparse_coding.files import update_json
 from sparse_coding.paths import repo_root
 from sparse_coding.dictionaries import make_sae
@@ -203,11 +203,6 @@ def compare(contenders: dict[str, Callable[[int], list[float]]], rounds: int, st
         f"{name}_n": len(t) for name, t in times.items()} | {"rounds": per_round}
 
 
-def round_ratios(num: list[float], den: list[float]) -> list[float]:
-    """num[r] / den[r] for every round r."""
-    return [a / b for a, b in zip(num, den)]
-
-
 def main() -> None:
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
@@ -224,28 +219,22 @@ def main() -> None:
     rate = max(rates)
     ideal_step = 12 * D * N * BATCH / rate
     # Each ratio is the median of its per-round ratios (so it lies within its spread); step times are pooled medians.
-    l1_vs_saelens = statistics.median(round_ratios(a["rounds"]["saelens"], a["rounds"]["ours"]))
-    l1_vs_ideal = statistics.median(round_ratios([ideal_step] * rounds, a["rounds"]["ours"]))
+    l1_vs_saelens, l1_vs_saelens_spread = median_and_spread(a["rounds"]["saelens"], a["rounds"]["ours"])
+    l1_vs_ideal, l1_vs_ideal_spread = median_and_spread([ideal_step] * rounds, a["rounds"]["ours"])
 
     # (b) TopK k=32 vs dense L1 at d=512, n=16384.
     topk, dense = Ours("topk", N_TOPK, pool, k=K), Ours("relu", N_TOPK, pool, l1_coef=L1)
     floor = Floor(topk)
     b = compare({"topk": topk.block, "dense": dense.block, "floor": floor.block}, rounds=rounds, steps=3)
     del topk, dense, floor
+    topk_vs_dense, topk_vs_dense_spread = median_and_spread(b["rounds"]["dense"], b["rounds"]["topk"])
+    topk_bound, topk_bound_spread = median_and_spread(b["rounds"]["dense"], b["rounds"]["floor"])
+    topk_floor_fraction, topk_floor_fraction_spread = median_and_spread(b["rounds"]["floor"], b["rounds"]["topk"])
+
     # (c) AuxK's cost: the TopK step with 5 % of its latents dead over the same step with none dead.
     c = compare({"none": HeldDead(pool, 0.0).block, "dead5": HeldDead(pool, 0.05).block}, rounds=rounds, steps=3)
-    auxk5 = statistics.median(round_ratios(c["rounds"]["dead5"], c["rounds"]["none"]))
-    auxk5_spread = spread(round_ratios(c["rounds"]["dead5"], c["rounds"]["none"]))
-    topk_vs_dense = statistics.median(round_ratios(b["rounds"]["dense"], b["rounds"]["topk"]))
-    topk_bound = statistics.median(round_ratios(b["rounds"]["dense"], b["rounds"]["floor"]))
-    topk_floor_fraction = statistics.median(round_ratios(b["rounds"]["floor"], b["rounds"]["topk"]))
+    auxk5, auxk5_spread = median_and_spread(c["rounds"]["dead5"], c["rounds"]["none"])
     load = os.getloadavg()[0]
-
-    l1_vs_saelens_spread = spread(round_ratios(a["rounds"]["saelens"], a["rounds"]["ours"]))
-    l1_vs_ideal_spread = spread(round_ratios([ideal_step] * rounds, a["rounds"]["ours"]))
-    topk_vs_dense_spread = spread(round_ratios(b["rounds"]["dense"], b["rounds"]["topk"]))
-    topk_bound_spread = spread(round_ratios(b["rounds"]["dense"], b["rounds"]["floor"]))
-    topk_floor_fraction_spread = spread(round_ratios(b["rounds"]["floor"], b["rounds"]["topk"]))
 
     tok = lambda t: f"{BATCH / t:,.0f} tok/s"  # noqa: E731
     rows = [

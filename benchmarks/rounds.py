@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import statistics
+
 
 def spread(ratios: list[float]) -> list[float]:
     """[min, max] of the per-round ratios, rounded to 3 decimals (`<key>_spread` in results.json)."""
     return [round(min(ratios), 3), round(max(ratios), 3)]
+
+
+def median_and_spread(num: list[float], den: list[float]) -> tuple[float, list[float]]:
+    """The per-round ratios num[r] / den[r]: their median (the reported ratio) and `spread`."""
+    ratios = [a / b for a, b in zip(num, den)]
+    return statistics.median(ratios), spread(ratios)
 
 
 def cpu_model() -> str:

@@ -82,14 +82,19 @@ def adam(sae: EnsembleSAE, lr: float, betas: tuple[float, float]) -> SAEAdam:
         return SAEAdam(sae.parameters(), lr=lr, betas=betas)
 
 
+def _stepped(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
+    """The tensor `opt` steps for module parameter p (its alias under SAEAdam, else p)."""
+    return opt.stepped(p) if isinstance(opt, SAEAdam) else p
+
+
 def param_state(opt: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, Any]:
     """Optimizer state of module parameter p (any torch optimizer), with tensors of p's shape (views: writing to
     them writes the optimizer's state); {} before the first step."""
-    if not isinstance(opt, SAEAdam) or id(p) not in opt.aliases:
-        return opt.state.get(p, {})
-    alias = opt.stepped(p)
-    return {k: (v.mT if isinstance(v, torch.Tensor) and v.shape == alias.shape else v)
-            for k, v in opt.state.get(alias, {}).items()}
+    target = _stepped(opt, p)
+    state = opt.state.get(target, {})
+    if target is p:
+        return state
+    return {k: (v.mT if isinstance(v, torch.Tensor) and v.shape == target.shape else v) for k, v in state.items()}
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, sae: EnsembleSAE) -> tuple[dict[str, torch.Tensor], list]:
@@ -106,14 +111,13 @@ def load_optimizer(opt: torch.optim.Optimizer, sae: EnsembleSAE, tensors: dict[s
                    groups: list) -> None:
     """Inverse of `optimizer_tensors`."""
     params = dict(sae.named_parameters())
-    stepped = {id(p): (opt.stepped(p) if isinstance(opt, SAEAdam) else p) for p in params.values()}
     index = {id(p): i for i, p in enumerate(q for g in opt.param_groups for q in g["params"])}
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, v in tensors.items():
         if name.startswith("adam."):
             pname, key = name[len("adam."):].rsplit(".", 1)
             p = params[pname]
-            target = stepped[id(p)]
+            target = _stepped(opt, p)
             if target is not p and v.shape == p.shape:
                 v = v.mT
             state.setdefault(index[id(target)], {})[key] = v
