@@ -14,9 +14,12 @@
 (b) TopK (k=32) vs dense ReLU-L1, both d=512, 16384 latents, batch 4096, both through `train_sae`. TopK decodes
     through only the k chosen decoder rows (forward and backward) and its gradients reach the encoder through the k
     chosen entries only: its encoder forward alone stays a dense matmul. Reports `topk_vs_dense` (dense step / TopK
-    step, goal >= 5), and beside it the floor (`Floor`: the encoder matmul, Adam and the decoder constraint, which
-    any step at this width does): `topk_vs_dense_bound` = dense / floor, the most `topk_vs_dense` can be, and
-    `topk_floor_fraction` = floor / TopK step (goal >= 0.83: the TopK step within 20 % of its floor).
+    step, goal >= 5), and beside it the floor (`Floor`: the encoder's dense pass as the TopK step runs it, Adam
+    and the decoder constraint): `topk_vs_dense_bound` = dense / floor, the most `topk_vs_dense` can be, and
+    `topk_floor_fraction` = floor / TopK step (goal >= 0.83: the TopK step within 20 % of its floor). On a CPU
+    with AMX tiles that dense pass is the bfloat16 screen (dictionaries.screening; the picks stay float32's), so
+    the floor is lower there than the float32 encoder matmul that the dense step itself runs;
+    `train_bench_topk_screened` records which.
 (c) AuxK's cost (Gao et al.): the same TopK SAE stepped with 5 % of its latents held dead (AuxK runs on every step)
     and with none dead. Reports `topk_auxk5_step_ratio` (the first step over the second; 1 would be free).
 
@@ -45,6 +48,7 @@ from rounds import cpu_model, median_and_spread
 from sparse_coding.files import update_json
 from sparse_coding.paths import repo_root
 from sparse_coding.dictionaries import make_sae
+from sparse_coding.dictionaries.screening import bf16_screen, screens
 from sparse_coding.dictionaries.training import adam, train_sae
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1"))
@@ -92,11 +96,12 @@ class Ours:
 
 
 class Floor:
-    """What every training step of the TopK SAE must do whatever its sparse parts cost: the dense encoder matmul
-    (all d_sae pre-activations of every row, from which the top k are chosen), the Adam step on every parameter and
-    the decoder's unit-norm constraint (gradient projection, renormalisation). Timed on a copy of the TopK SAE (same
-    shapes and memory layouts) with fixed random gradients, so the contender's own training is left alone. The
-    dense step does all of this too, so dense step / floor step bounds `topk_vs_dense`."""
+    """What every training step of the TopK SAE must do whatever its sparse parts cost: the dense encoder pass
+    (all d_sae pre-activations of every row, from which the top k are chosen: a float32 matmul, or the bfloat16
+    screen where the TopK step screens), the Adam step on every parameter and the decoder's unit-norm constraint
+    (gradient projection, renormalisation). Timed on a copy of the TopK SAE (same shapes and memory layouts) with
+    fixed random gradients, so the contender's own training is left alone. The dense step does all of this too (its
+    float32 matmul costs at least the screen), so dense step / floor step bounds `topk_vs_dense`."""
 
     def __init__(self, ours: Ours):
         self.sae = copy.deepcopy(ours.sae)
@@ -105,7 +110,13 @@ class Floor:
             p.grad = torch.empty_like(p).normal_(std=1e-3, generator=g)  # empty_like keeps the parameter's layout
         self.opt = adam(self.sae, LR, (0.9, 0.999))
         self.pool = ours.pool
-        self.pre = None
+        self.screened = screens(self.pool[0], N_TOPK, K)
+        self.workspaces: dict = {}
+
+    def workspace(self, name: str, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if name not in self.workspaces:
+            self.workspaces[name] = torch.empty(*shape, dtype=dtype)
+        return self.workspaces[name]
 
     def block(self, steps: int) -> list[float]:
         sae, times = self.sae, []
@@ -114,10 +125,12 @@ class Floor:
             t0 = time.perf_counter()
             with torch.no_grad():
                 xs = sae.expand(x)
-                bias = sae.encoder_bias().unsqueeze(1)
-                if self.pre is None:
-                    self.pre = torch.empty(xs.shape[0], xs.shape[1], sae.d_sae)
-                torch.baddbmm(bias, xs, sae.encoder_weight(), out=self.pre)
+                bias = sae.encoder_bias()
+                if self.screened:
+                    bf16_screen(xs, sae.encoder_weight(), bias, self.workspace)
+                else:
+                    pre = self.workspace("pre", xs.shape[0], xs.shape[1], sae.d_sae)
+                    torch.baddbmm(bias.unsqueeze(1), xs, sae.encoder_weight(), out=pre)
             sae.project_decoder_grad_()
             self.opt.step()
             sae.normalize_decoder_()
@@ -225,6 +238,7 @@ def main() -> None:
     # (b) TopK k=32 vs dense L1 at d=512, n=16384.
     topk, dense = Ours("topk", N_TOPK, pool, k=K), Ours("relu", N_TOPK, pool, l1_coef=L1)
     floor = Floor(topk)
+    screened = floor.screened
     b = compare({"topk": topk.block, "dense": dense.block, "floor": floor.block}, rounds=rounds, steps=3)
     del topk, dense, floor
     topk_vs_dense, topk_vs_dense_spread = median_and_spread(b["rounds"]["dense"], b["rounds"]["topk"])
@@ -251,7 +265,8 @@ def main() -> None:
         ("(b) d=512 n=16384 B=4096", "", "", ""),
         ("", f"TopK k=32, median of {b['topk_n']} steps", f"{b['topk'] * 1e3:.0f} ms", tok(b["topk"])),
         ("", f"dense ReLU-L1, median of {b['dense_n']} steps", f"{b['dense'] * 1e3:.0f} ms", tok(b["dense"])),
-        ("", f"floor: encoder matmul + Adam + decoder constraint, median of {b['floor_n']}",
+        ("", f"floor: encoder {'bf16 screen' if screened else 'matmul'} + Adam + decoder constraint, "
+             f"median of {b['floor_n']}",
          f"{b['floor'] * 1e3:.0f} ms", tok(b["floor"])),
         ("", "TopK vs dense", f"{topk_vs_dense:.2f}x  spread {topk_vs_dense_spread}",
          f"goal >= 5; bound dense/floor {topk_bound:.2f}x spread {topk_bound_spread}"),
@@ -277,6 +292,7 @@ def main() -> None:
         "topk_floor_fraction": round(topk_floor_fraction, 3),
         "topk_floor_fraction_spread": topk_floor_fraction_spread,
         "train_bench_topk_floor_tokens_per_s": round(BATCH / b["floor"]),
+        "train_bench_topk_screened": screened,
         "topk_auxk5_step_ratio": round(auxk5, 3),
         "topk_auxk5_step_ratio_spread": auxk5_spread,
         "train_bench_rounds": rounds,

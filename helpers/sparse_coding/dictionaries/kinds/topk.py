@@ -3,13 +3,14 @@ latents model the residual error so they get gradient again. Saved as SAELens "t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ...checks import check_coef, check_int
 from ..base import DEFAULT_DEAD_WINDOW, EnsembleSAE, register_sae
 from ..kernels import SparseDecode, SparseEncode, topk_rows
+from ..screening import screened_topk, screens
 
 # AuxK trains the sub-dictionary of the dead latents (their columns gathered, dense matmuls over them) while at most
 # 1/AUX_GATHER_BELOW of d_sae is dead; past that, masked sparse passes over all latents cost about the same.
@@ -63,6 +64,11 @@ class TopKSAE(EnsembleSAE):
         return topk_rows(pre, k, sorted=self._ragged(k, key),
                          workspace=lambda *shape: self._workspace(f"group_max{shape}", *shape))
 
+    def _screened_top(self, xs: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, k: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_top` of the float32 pre-activations xs W + bias without computing them densely (see screening)."""
+        return screened_topk(xs, W, bias, k, sorted=self._ragged(k, "k"), workspace=self._workspace)
+
     def _finish(self, values: torch.Tensor, k: int, key: str) -> torch.Tensor:
         """ReLU and the per-member cut of chosen pre-activations."""
         values = torch.relu(values)
@@ -88,17 +94,18 @@ class TopKSAE(EnsembleSAE):
         touched, forward and backward: k·d_in multiply-adds per row instead of d_sae·d_in."""
         return SparseDecode.apply(self.W_dec, values, idx)
 
-    def _workspace(self, name: str, *shape: int) -> torch.Tensor | None:
+    def _workspace(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """In training, a buffer kept from step to step (the pre-activations [E, B, d_sae], the group maxima of
         `topk_rows`): a fresh one costs page faults on every step (large CPU allocations are mapped and unmapped
         each time). None in eval mode; eval() drops them."""
         if not self.training:
             return None
+        dtype = dtype or self.dtype
         cache = self.__dict__.setdefault("_workspaces", {})
         buf = cache.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != self.dtype or buf.device != self.device:
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != self.device:
             cache.pop(name, None)  # free the old one first
-            buf = cache[name] = torch.empty(*shape, device=self.device, dtype=self.dtype)
+            buf = cache[name] = torch.empty(*shape, device=self.device, dtype=dtype)
         return buf
 
     def train(self, mode: bool = True) -> "TopKSAE":
@@ -114,23 +121,27 @@ class TopKSAE(EnsembleSAE):
         # One host sync per step, but it saves a second top-k and decode on every step where nothing is dead.
         return dead if bool(dead.any()) else None
 
-    def _aux_top(self, pre: torch.Tensor, dead: torch.Tensor
+    def _aux_top(self, pre: torch.Tensor | None, dead: torch.Tensor, dense_pre: Callable[[], torch.Tensor],
+                 sub_pre: Callable[[torch.Tensor], torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """AuxK's choice: each row's aux_k largest pre-activations [E, B, d_sae] among its member's dead latents
         (dead [E, d_sae]): values [E, B, K], their positions [E, B, K] and the columns they index, -inf where fewer
         are dead. When few latents are dead only their columns are gathered and searched: cols [E, m] (each
         member's dead latents in order, padded with masked live ones), positions index cols, K = min(aux_k, m).
-        Otherwise pre (ours, no longer needed) is masked in place, positions are latents, K = aux_k, cols None."""
-        E, B, n = pre.shape
+        Otherwise pre (ours, no longer needed) is masked in place, positions are latents, K = aux_k, cols None.
+        pre is None when the main top k were screened: dense_pre() then computes all of it and sub_pre(cols) only
+        the dead columns [E, B, m]."""
+        E, n = dead.shape
         counts = dead.sum(-1)
         m = int(counts.max())  # a host sync, beside the one that found anything dead
         if m * AUX_GATHER_BELOW > n:
+            pre = dense_pre() if pre is None else pre
             values, idx = self._top(pre.masked_fill_(~dead.unsqueeze(1), float("-inf")), self.aux_k_max, "aux_k")
             return values, idx, None
         # Each member's dead latents first (stable: in latent order), then live ones, masked below.
         cols = torch.argsort((~dead).to(torch.uint8), dim=-1, stable=True)[:, :m]
-        sub = pre.gather(-1, cols.unsqueeze(1).expand(E, B, m))
-        sub.masked_fill_((torch.arange(m, device=pre.device) >= counts.unsqueeze(-1)).unsqueeze(1), float("-inf"))
+        sub = sub_pre(cols) if pre is None else pre.gather(-1, cols.unsqueeze(1).expand(E, pre.shape[1], m))
+        sub.masked_fill_((torch.arange(m, device=dead.device) >= counts.unsqueeze(-1)).unsqueeze(1), float("-inf"))
         values, j = self._top(sub, min(self.aux_k_max, m), "aux_k")
         return values, j, cols
 
@@ -155,10 +166,23 @@ class TopKSAE(EnsembleSAE):
         dead = self._dead_for_aux()
         cols = None
         with torch.no_grad():
-            pre = torch.baddbmm(self.encoder_bias().unsqueeze(1), xs, W, out=self._workspace("pre", E, B, n))
-            picked, idx = self._top(pre, k, "k")
+            bias = self.encoder_bias()
+
+            def dense_pre() -> torch.Tensor:
+                return torch.baddbmm(bias.unsqueeze(1), xs, W, out=self._workspace("pre", E, B, n))
+
+            def sub_pre(cols: torch.Tensor) -> torch.Tensor:  # the columns cols [E, m] of dense_pre()
+                W_cols = W.mT.gather(1, cols.unsqueeze(-1).expand(*cols.shape, self.d_in)).mT
+                return torch.baddbmm(bias.gather(1, cols).unsqueeze(1), xs, W_cols)
+
+            if screens(xs, n, k):
+                pre = None
+                picked, idx = self._screened_top(xs, W, bias, k)
+            else:
+                pre = dense_pre()
+                picked, idx = self._top(pre, k, "k")
             if dead is not None:
-                aux_picked, aux_idx, cols = self._aux_top(pre, dead)
+                aux_picked, aux_idx, cols = self._aux_top(pre, dead, dense_pre, sub_pre)
                 if cols is None:  # picks among all latents: one set of sparse passes with the main ones
                     picked, idx = torch.cat([picked, aux_picked], -1), torch.cat([idx, aux_idx], -1)
             del pre
