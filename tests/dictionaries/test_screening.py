@@ -80,10 +80,10 @@ def test_bad_inputs_are_named():
 def test_screens_only_where_it_pays(monkeypatch):
     x = torch.zeros(1, 4, 512)
     assert not screens(x.double(), 1 << 14, 32)  # float64 keeps its own precision
-    monkeypatch.setattr(screening, "_cpu_has_amx", lambda: True)
+    monkeypatch.setattr(screening, "_bf16_matmul_is_fast", lambda: True)
     assert screens(x, 1 << 14, 32) and not screens(x, 1 << 12, 32)  # few latents per pick: nothing to gain
     assert not screens(x[..., :128], 1 << 14, 32)  # a narrow matmul: little to gain
-    monkeypatch.setattr(screening, "_cpu_has_amx", lambda: False)
+    monkeypatch.setattr(screening, "_bf16_matmul_is_fast", lambda: False)
     assert not screens(x, 1 << 14, 32)
     monkeypatch.setattr(screening, "SCREEN", True)
     assert screens(x, 64, 32)

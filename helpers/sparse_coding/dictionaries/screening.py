@@ -1,18 +1,22 @@
 """Exact top-k of float32 pre-activations through a bfloat16 screen: the TopK encoder's one dense matmul at
-bfloat16 speed (several times float32's on CPUs with AMX tiles), with the same picks as float32.
+bfloat16 speed (several times float32's on CPUs with AMX tiles), with the same picks as float32 (TopK: Gao et al.
+2024, arXiv 2406.04093).
 
-The screen x̃·W̃ (inputs rounded to bfloat16, products summed in float32, the result rounded to bfloat16) is
-within a bound of the float32 pre-activations that follows from the rounding unit alone:
-    |screen - pre| <= c·‖[x, 1]‖·max_j ‖[W_j, b_j]‖ + u'·|screen|,    c = 2u + u² + 3γ,  u = 2⁻⁸,  u' = u/(1-u),
-with γ = (d_in + 2)·2⁻²⁴ for the float32 sums (Cauchy–Schwarz turns Σ|x_i||W_ij| into the norms). A latent whose
-screen, raised by the bound, stays below the k-th largest screened group maximum lowered by the bound cannot be in
-the row's float32 top k; the few that can (about 3k per row at d_in=512) are rescored in float32 (one sampled
-matmul) and the top k of those are the answer. No row can fail: the rule keeps at least k candidates.
+The screen x̃·W̃ (x̂ = [x, 1] and Ŵ_j = [W_j, b_j] rounded to bfloat16, products summed in float32, the result
+rounded to bfloat16) is within a bound of the float32 pre-activations that follows from the rounding alone:
+    |screen - pre| <= ‖δx‖·max_j‖Ŵ_j‖ + u·‖x̂‖·max_j‖Ŵ_j‖ + 2γ·‖x̂‖·max_j‖Ŵ_j‖ + u'·|screen|
+(δx what rounding took from x, u = 2⁻⁸ bfloat16's unit roundoff, u' = u/(1-u), γ = (width + 2)·2⁻²⁴ for the float32
+sums of the screen and of the rescoring; Cauchy–Schwarz turns the sums into norms). A latent whose screen, raised
+by the bound, stays below a lower bound on the row's k-th largest pre-activation (the k-th largest screened group
+maximum, lowered by the bound) cannot be in the row's float32 top k; the few that can, a few times k per row, are
+rescored in float32 (one sampled matmul) and the top k of those are the answer. No row can fail: the rule keeps at
+least k candidates; rows with NaN or inf take the float32 path.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 from typing import Callable
 
@@ -26,27 +30,40 @@ SCREEN: bool | None = None
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_has_amx() -> bool:
-    """Whether this CPU multiplies bfloat16 in AMX tiles (Linux: the amx_bf16 flag in /proc/cpuinfo)."""
+def _bf16_matmul_is_fast() -> bool:
+    """Whether bfloat16 matmuls run in AMX tiles here: the CPU has them (Linux: amx_bf16 in /proc/cpuinfo's flags)
+    and, timed once, a bfloat16 matmul takes under half the float32 one's time. Without the tiles (AVX-512 BF16
+    only, or the kernel refusing them) bfloat16 matmuls are slower than float32 ones, and screening would cost."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
     except OSError:
-        pass
-    return False
+        return False
+    if "amx_bf16" not in flags:
+        return False
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1024, 512, generator=g), torch.randn(512, 4096, generator=g)  # small ones time noise
+
+    def best(x: torch.Tensor, y: torch.Tensor) -> float:
+        times = []
+        for _ in range(6):  # the first few calls set the kernels up
+            t0 = time.perf_counter()
+            torch.mm(x, y)
+            times.append(time.perf_counter() - t0)
+        return min(times[3:])
+
+    return best(a.bfloat16(), b.bfloat16()) * 2 < best(a, b)
 
 
 def screens(x: torch.Tensor, n: int, k: int) -> bool:
-    """Whether the top k of [·, n] float32 pre-activations of x are found through the screen: float32 on a CPU with
-    AMX (or `SCREEN` forcing it), n large next to k (at least 256·k latents: few candidates per pick) and d_in at
-    least 256 (a smaller matmul saves less than the screen's own passes cost)."""
+    """Whether the top k of [·, n] float32 pre-activations of x are found through the screen: float32 on a CPU
+    whose bfloat16 matmuls are fast (or `SCREEN` forcing it), n large next to k (at least 256·k latents: few
+    candidates per pick) and d_in at least 256 (a smaller matmul saves less than the screen's own passes cost)."""
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return False
     if SCREEN is not None:
         return SCREEN
-    return n >= 256 * k and x.shape[-1] >= 256 and _cpu_has_amx()
+    return n >= 256 * k and x.shape[-1] >= 256 and _bf16_matmul_is_fast()
 
 
 def _augment(t: torch.Tensor, column: torch.Tensor, width: int, out: torch.Tensor | None) -> torch.Tensor:
