@@ -22,8 +22,9 @@ GOALS = {"topk_vs_dense": 5, "topk_floor_fraction": 0.83, "ensemble16_vs_sequent
          "harvest_vs_saelens": 1.5, "feature_mining_vs_saedashboard": 3, "feature_mining_vs_plain_loop": 3}
 # Measured bounds shown beside the goals (no goal of their own).
 BOUNDS = ("topk_vs_dense_bound",)
-# Measured and shown, with no goal: AuxK's step cost with 5 % of latents dead (bench_train (c)).
-SHOWN = ("topk_auxk5_step_ratio",)
+# Measured and shown, with no goal: AuxK's step cost with 5 % of latents dead (bench_train (c)), and where the TopK
+# step screens (AMX), its own floor over its step (bench_train (b)).
+SHOWN = ("topk_auxk5_step_ratio", "topk_screen_floor_fraction")
 CEILINGS = {"loaded_slowdown": 2}
 
 
@@ -37,7 +38,7 @@ def summary(results: dict) -> list[str]:
                          f"{'>= ' + str(goal):>8s}  {'yes' if met else 'NO'}")
     for keys, label in ((BOUNDS, "bound"), (SHOWN, "-")):
         for key in keys:
-            if key in results:
+            if results.get(key) is not None:  # null: not measured on this machine
                 lines.append(f"{key:34s} {results[key]:8.3f} {str(results.get(key + '_spread', '-')):>18s} "
                              f"{label:>8s}  -")
     for key, ceiling in CEILINGS.items():

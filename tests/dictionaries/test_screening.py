@@ -60,6 +60,34 @@ def test_exact_ties_keep_the_values():
     torch.testing.assert_close(values, ref_values, rtol=1e-5, atol=1e-5)
 
 
+def test_a_large_bias_does_not_widen_the_bound(monkeypatch):
+    """Biases far larger than x·W (an SAE early in training) leave the candidates few: the bias's rounding is
+    bounded on its own, not through ‖x‖·|b|."""
+    x, W, b = _case(4, 1, 128, 64, 4096)
+    b = 50 * torch.randn(1, 4096, generator=torch.Generator().manual_seed(5)).abs()
+    seen = []
+    rescore = screening._rescore_top
+    monkeypatch.setattr(screening, "_rescore_top", lambda *a: seen.append(a[3].numel()) or rescore(*a))
+    values, idx = screened_topk(x, W, b, 8, sorted=True)
+    ref = torch.baddbmm(b.unsqueeze(1), x, W).topk(8, dim=-1, sorted=True)
+    assert torch.equal(idx.sort(-1).values, ref.indices.sort(-1).values)
+    assert seen and seen[0] < 128 * 4096 / 16
+
+
+def test_indistinguishable_values_take_the_float32_pass(monkeypatch):
+    """Weights near zero under one shared bias: the screen cannot order the latents, so rather than rescore all of
+    them the float32 pass answers (the same top k)."""
+    x, W, b = _case(5, 1, 64, 32, 2048)
+    W = W * 1e-6
+    b = torch.full((1, 2048), 3.0)
+    dense = []
+    original = screening._dense_topk
+    monkeypatch.setattr(screening, "_dense_topk", lambda *a: dense.append(1) or original(*a))
+    values, idx = screened_topk(x, W, b, 8, sorted=True)
+    ref = torch.baddbmm(b.unsqueeze(1), x, W).topk(8, dim=-1, sorted=True)
+    assert dense and torch.equal(idx, ref.indices) and torch.equal(values, ref.values)
+
+
 def test_non_finite_inputs_answer_like_float32():
     x, W, b = _case(2, 1, 16, 32, 512)
     x[0, 3, 0] = float("nan")

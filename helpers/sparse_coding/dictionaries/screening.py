@@ -2,9 +2,10 @@
 bfloat16 speed (several times float32's on CPUs with AMX tiles), with the same picks as float32 (TopK: Gao et al.
 2024, arXiv 2406.04093).
 
-The screen x̃·W̃ (x̂ = [x, 1] and Ŵ_j = [W_j, b_j] rounded to bfloat16, products summed in float32, the result
-rounded to bfloat16) is within a bound of the float32 pre-activations that follows from the rounding alone:
-    |screen - pre| <= ‖δx‖·max_j‖Ŵ_j‖ + u·‖x̂‖·max_j‖Ŵ_j‖ + 2γ·‖x̂‖·max_j‖Ŵ_j‖ + u'·|screen|
+The screen x̃·W̃_j + b̃_j (x, W and b rounded to bfloat16, the bias as one more input of the matmul, products summed
+in float32, the result rounded to bfloat16) is within a bound of the float32 pre-activations that follows from the
+rounding alone:
+    |screen - pre| <= ‖δx‖·max_j‖W_j‖ + u·‖x‖·max_j‖W_j‖ + u·max_j|b_j| + 2γ·(‖x‖·max_j‖W_j‖ + max_j|b_j|) + u'·|screen|
 (δx what rounding took from x, u = 2⁻⁸ bfloat16's unit roundoff, u' = u/(1-u), γ = (width + 2)·2⁻²⁴ for the float32
 sums of the screen and of the rescoring; Cauchy–Schwarz turns the sums into norms). A latent whose screen, raised
 by the bound, stays below a lower bound on the row's k-th largest pre-activation (the k-th largest screened group
@@ -22,6 +23,8 @@ from typing import Callable
 
 import torch
 
+# Past 1/_DENSE_ABOVE of all latents as candidates, the float32 pass is cheaper than rescoring them one by one.
+_DENSE_ABOVE = 16
 _U = 2.0 ** -8  # bfloat16's unit roundoff (8 significant bits, round to nearest)
 _UP = _U / (1 - _U)
 
@@ -115,6 +118,10 @@ def screened_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, sor
     threshold = torch.where(y >= 0, y / (1 + _UP), y / (1 - _UP)) - 1e-6 * (kth.abs() + 2 * radius)
     threshold = (threshold - threshold.abs() * (1.01 * _U)).to(torch.bfloat16).view(E * B)
     rows, groups = (group_max.view(E * B, m) >= threshold.unsqueeze(-1)).nonzero(as_tuple=True)
+    if rows.numel() * s * _DENSE_ABOVE > E * B * n:
+        # Values too close together for the screen to tell apart (e.g. weights near zero at a large bias): rescoring
+        # that many costs more than the dense float32 pass.
+        return _dense_topk(x, W, b, k, sorted)
     members = screen.view(E * B, s, m)[rows, :, groups]  # [N, s]: each passing group's latents g, g + m, ...
     i, r = (members >= threshold[rows].unsqueeze(-1)).nonzero(as_tuple=True)
     return _rescore_top(x, W, b, rows[i], groups[i] + r * m, k, sorted)
@@ -144,16 +151,19 @@ def _kth_lower(group_max: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _radius(x: torch.Tensor, xa: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[E, B]: a bound on |screen - pre| apart from the screen's own rounding to bfloat16 (u'|screen|):
-    x̂·Ŵ_j - x̃·W̃_j = δx·Ŵ_j + x̃·δŴ_j (δ: what rounding to bfloat16 took; x̂ = [x, 1], Ŵ_j = [W_j, b_j]), so
-    ‖δx‖·max‖Ŵ‖ + ‖x̃‖·u·max‖Ŵ‖, plus 2γ‖x̂‖·max‖Ŵ‖ for the float32 sums of the screen and the rescoring."""
+    """[E, B]: a bound on |screen - pre| apart from the screen's own rounding to bfloat16 (u'|screen|). With δ what
+    rounding to bfloat16 took, x·W_j + b_j - (x̃·W̃_j + b̃_j) = δx·W_j + x̃·δW_j + δb_j, so
+    ‖δx‖·max‖W_j‖ + ‖x̃‖·u·max‖W_j‖ + u·max|b_j|, plus 2γ(‖x‖·max‖W_j‖ + max|b_j|) for the float32 sums of the
+    screen and of the rescoring. The bias is kept apart: folded into the norms it would widen the bound by ‖x‖·|b|."""
     d = x.shape[-1]
-    x_norm = torch.sqrt(torch.linalg.vector_norm(x, dim=-1).square() + 1)
+    x_norm = torch.linalg.vector_norm(x, dim=-1)
     dx_norm = torch.linalg.vector_norm(x - xa[..., :d].float(), dim=-1)
-    w_max = torch.sqrt(torch.linalg.vector_norm(W, dim=1).square() + b.square()).amax(-1, keepdim=True)  # [E, 1]
+    w_max = torch.linalg.vector_norm(W, dim=1).amax(-1, keepdim=True)  # [E, 1]
+    b_max = b.abs().amax(-1, keepdim=True)
     gamma = (xa.shape[-1] + 2) * 2.0 ** -24
+    sums = 2 * gamma * (1 + _U) ** 2 * (x_norm * w_max + b_max)
     # 1 % slack covers the float32 arithmetic of the bound itself.
-    return 1.01 * w_max * (dx_norm + (_U + 2 * gamma) * x_norm * (1 + _U)) + 1e-30
+    return 1.01 * ((dx_norm + _U * (1 + _U) * x_norm) * w_max + _U * b_max + sums) + 1e-30
 
 
 def _rescore_top(x, W, b, rows, cols, k, sorted):
