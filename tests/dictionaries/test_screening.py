@@ -88,6 +88,15 @@ def test_indistinguishable_values_take_the_float32_pass(monkeypatch):
     assert dense and torch.equal(idx, ref.indices) and torch.equal(values, ref.values)
 
 
+def test_subnormal_inputs_answer_like_float32():
+    """Inputs below float32's normal range (AMX tiles flush them to zero): still float32's answer."""
+    x, W, b = _case(6, 1, 32, 64, 1024)
+    x, W = x * 1e-39, W * 1e6
+    ref = torch.baddbmm(b.unsqueeze(1), x, W).topk(4, dim=-1, sorted=True)
+    values, idx = screened_topk(x, W, b, 4, sorted=True)
+    assert torch.equal(idx.sort(-1).values, ref.indices.sort(-1).values)
+
+
 def test_non_finite_inputs_answer_like_float32():
     x, W, b = _case(2, 1, 16, 32, 512)
     x[0, 3, 0] = float("nan")

@@ -162,8 +162,12 @@ def _radius(x: torch.Tensor, xa: torch.Tensor, W: torch.Tensor, b: torch.Tensor)
     b_max = b.abs().amax(-1, keepdim=True)
     gamma = (xa.shape[-1] + 2) * 2.0 ** -24
     sums = 2 * gamma * (1 + _U) ** 2 * (x_norm * w_max + b_max)
+    # The tiles flush subnormal inputs, products and sums to zero: at most 2⁻¹²⁶ per input times the other side's
+    # norm (Cauchy–Schwarz over width terms), and 2⁻¹²⁶ per product.
+    width = xa.shape[-1]
+    flush = 2.0 ** -126 * (width ** 0.5 * (x_norm + w_max + b_max + 1) * (1 + _U) + 2 * width)
     # 1 % slack covers the float32 arithmetic of the bound itself.
-    return 1.01 * ((dx_norm + _U * (1 + _U) * x_norm) * w_max + _U * b_max + sums) + 1e-30
+    return 1.01 * ((dx_norm + _U * (1 + _U) * x_norm) * w_max + _U * b_max + sums + flush)
 
 
 def _rescore_top(x, W, b, rows, cols, k, sorted):
