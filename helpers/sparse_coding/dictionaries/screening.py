@@ -91,9 +91,10 @@ def _no_workspace(name: str, *shape: int, dtype: torch.dtype = torch.float32) ->
 def screened_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, sorted: bool = False,
                   workspace: Workspace = _no_workspace) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's k largest float32 pre-activations x W + b: values [E, B, k] (float32, rescored) and latents
-    [E, B, k]. x [E, B, d_in] (an expanded view is fine), W [E, d_in, n], b [E, n]; float32. The picks are those of
-    torch.topk on float32 pre-activations (among exactly tied values the latent may differ); the values are float32
-    dot products (a different summation order than a dense matmul: equal to a few ulps). workspace(name, *shape,
+    [E, B, k]. x [E, B, d_in] (an expanded view is fine), W [E, d_in, n], b [E, n]; float32. The picks are the top k
+    of the float32 pre-activations, computed as dot products: a dense float32 matmul sums in another order, so its
+    values differ by a few ulps, and where two latents lie that close at the k-th place it may order them the other
+    way (as two BLAS builds may); otherwise the picks are torch.topk's on the dense float32 pre-activations. workspace(name, *shape,
     dtype=) returns a buffer kept from call to call, or None (large fresh buffers cost page faults on CPU).
 
     Raises ValueError if x, W or b is not float32 or the shapes do not fit."""
@@ -118,12 +119,12 @@ def screened_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, sor
     threshold = torch.where(y >= 0, y / (1 + _UP), y / (1 - _UP)) - 1e-6 * (kth.abs() + 2 * radius)
     threshold = (threshold - threshold.abs() * (1.01 * _U)).to(torch.bfloat16).view(E * B)
     rows, groups = (group_max.view(E * B, m) >= threshold.unsqueeze(-1)).nonzero(as_tuple=True)
-    if rows.numel() * s * _DENSE_ABOVE > E * B * n:
-        # Values too close together for the screen to tell apart (e.g. weights near zero at a large bias): rescoring
-        # that many costs more than the dense float32 pass.
-        return _dense_topk(x, W, b, k, sorted)
     members = screen.view(E * B, s, m)[rows, :, groups]  # [N, s]: each passing group's latents g, g + m, ...
     i, r = (members >= threshold[rows].unsqueeze(-1)).nonzero(as_tuple=True)
+    if i.numel() * _DENSE_ABOVE > E * B * n:
+        # Values too close together for the screen to tell apart (e.g. weights near zero under a large bias):
+        # rescoring that many one by one costs more than the dense float32 pass.
+        return _dense_topk(x, W, b, k, sorted)
     return _rescore_top(x, W, b, rows[i], groups[i] + r * m, k, sorted)
 
 
