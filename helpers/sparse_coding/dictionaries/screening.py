@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from .kernels import _csr_matrix
+
 # Past 1/_DENSE_ABOVE of all latents as candidates, the float32 pass is cheaper than rescoring them one by one.
 _DENSE_ABOVE = 16
 _U = 2.0 ** -8  # bfloat16's unit roundoff (8 significant bits, round to nearest)
@@ -94,8 +96,9 @@ def screened_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, sor
     [E, B, k]. x [E, B, d_in] (an expanded view is fine), W [E, d_in, n], b [E, n]; float32. The picks are the top k
     of the float32 pre-activations, computed as dot products: a dense float32 matmul sums in another order, so its
     values differ by a few ulps, and where two latents lie that close at the k-th place it may order them the other
-    way (as two BLAS builds may); otherwise the picks are torch.topk's on the dense float32 pre-activations. workspace(name, *shape,
-    dtype=) returns a buffer kept from call to call, or None (large fresh buffers cost page faults on CPU).
+    way (as two BLAS builds may); otherwise the picks are torch.topk's on the dense float32 pre-activations.
+    workspace(name, *shape, dtype=) returns a buffer kept from call to call, or None (large fresh buffers cost page
+    faults on the CPU).
 
     Raises ValueError if x, W or b is not float32 or the shapes do not fit."""
     if not (x.dtype == W.dtype == b.dtype == torch.float32):
@@ -182,9 +185,9 @@ def _rescore_top(x, W, b, rows, cols, k, sorted):
     member = rows // B
     table = W.mT.reshape(E * n, d)  # rows of Wᵀ: latent j of member e at e·n + j
     gcols = cols + member * n
+    pattern = _csr_matrix(crow, gcols, x.new_zeros(gcols.shape[0]), (E * B, E * n))
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the operations used here are tested
         warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, gcols, x.new_zeros(gcols.shape[0]), size=(E * B, E * n))
         dots = torch.sparse.sampled_addmm(pattern, x.reshape(E * B, d), table.t(), beta=0.0).values()
     pre = dots + b.reshape(-1)[gcols]
     width = int(counts.max())
