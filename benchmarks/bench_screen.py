@@ -11,6 +11,9 @@ Blocks of 3 calls alternate between the two, 3 rounds or more; a ratio is the me
 whether `screening.screens` picks the screen at that shape on this machine (the thresholds it uses are set from
 these ratios). Reports `screen_vs_float32` and `screen_vs_float32_spread` (objects keyed by shape),
 `screen_candidates_per_row` and `screen_chosen`, with `screen_bench_cpu`.
+Then the public `TopKSAE.encode` under torch.no_grad at d_in=512, d_sae=16384, k=32 (eval mode, dense codes out, as
+harvesting calls it), with the screen as `screens` decides vs held off (`screening.SCREEN = False`), interleaved
+the same way: `encode_screen_vs_float32` (+ `_spread`; 1 where the screen is not chosen here).
 """
 
 from __future__ import annotations
@@ -100,6 +103,23 @@ def one_shape(d: int, n: int, k: int, rounds: int) -> dict:
             "screen_ms": statistics.median(per_round["screen"]) * 1e3}
 
 
+def encode_ratio(rounds: int) -> tuple[float, list[float]]:
+    d, n, k = 512, 16384, 32
+    x = data_pool(d, BATCH, n_batches=1)[0]
+    sae = make_sae("topk", d_in=d, d_sae=n, k=k, seed=0).eval()
+    per_round = {False: [], None: []}
+    with torch.no_grad():
+        for r in range(rounds):
+            for setting in (False, None) if r % 2 == 0 else (None, False):
+                screening.SCREEN = setting
+                try:
+                    sae.encode(x)  # the first call after a switch: allocator, kernels
+                    per_round[setting].append(timed(lambda: sae.encode(x), 3))
+                finally:
+                    screening.SCREEN = None
+    return median_and_spread(per_round[False], per_round[None])
+
+
 def main() -> None:
     rounds = max(3, round(3 * SCALE))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}, "
@@ -111,7 +131,12 @@ def main() -> None:
         print(f"{key:20s} float32 {res['dense_ms']:7.1f} ms  screen {res['screen_ms']:7.1f} ms  "
               f"ratio {res['ratio']:.2f} spread {res['spread']}  candidates/row {res['candidates']}  "
               f"chosen by screens(): {res['chosen']}", flush=True)
+    encode, encode_spread = encode_ratio(rounds)
+    print(f"TopKSAE.encode d512 n16384 k32 under no_grad: float32 pass / as chosen = {encode:.2f} "
+          f"spread {encode_spread}")
     update_json(repo_root() / "benchmarks/results.json", {
+        "encode_screen_vs_float32": round(encode, 3),
+        "encode_screen_vs_float32_spread": encode_spread,
         "screen_vs_float32": {key: round(r["ratio"], 3) for key, r in results.items()},
         "screen_vs_float32_spread": {key: r["spread"] for key, r in results.items()},
         "screen_candidates_per_row": {key: r["candidates"] for key, r in results.items()},

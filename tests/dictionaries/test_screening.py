@@ -149,3 +149,25 @@ def test_topk_sae_trains_the_same_screened(monkeypatch, dead_share):
     assert (aux0 > 0).all() == (dead_share > 0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_encode_screens_only_without_autograd(monkeypatch):
+    """`encode` under no_grad screens (codes equal float32's to ulps, the same latents); with autograd it keeps the
+    float32 pass, so gradients with respect to the codes stay available."""
+    x = torch.randn(200, 48, generator=torch.Generator().manual_seed(7))
+    sae = make_sae("topk", d_in=48, d_sae=1024, k=[4, 8], seed=[0, 1]).eval()
+    with torch.no_grad():
+        reference = sae.encode(x)
+    monkeypatch.setattr(screening, "SCREEN", True)
+    calls = []
+    original = screening.screened_topk
+    monkeypatch.setattr("sparse_coding.dictionaries.kinds.topk.screened_topk",
+                        lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    with torch.no_grad():
+        screened = sae.encode(x)
+    assert calls and torch.equal(screened != 0, reference != 0)
+    torch.testing.assert_close(screened, reference, rtol=1e-5, atol=1e-6)
+    assert ((screened != 0).sum(-1) == torch.tensor([4, 8]).view(2, 1)).all()  # each member keeps its own k
+    calls.clear()
+    codes = sae.encode(x)
+    assert not calls and codes.requires_grad and torch.equal(codes.detach(), reference)

@@ -90,6 +90,18 @@ class TopKSAE(EnsembleSAE):
         values, idx = self.select(pre, self.k_max, "k")
         return torch.zeros_like(pre).scatter(-1, idx, values)
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw x [B, d_in] or [E, B, d_in] -> codes [E, B, d_sae]. Without autograd (under torch.no_grad, as when
+        harvesting), where the screen pays (`screening.screens`) the top k are found through it: the same codes as
+        the float32 pass up to a few ulps, without computing every pre-activation in float32."""
+        if type(self).activation is TopKSAE.activation and not torch.is_grad_enabled():
+            xs = self.expand(self.scale_in(self.check_input(x)))
+            if screens(xs, self.d_sae, self.k_max):
+                values, idx = self._screened_top(xs, self.encoder_weight(), self.encoder_bias(), self.k_max)
+                values = self._finish(values, self.k_max, "k")
+                return values.new_zeros(*xs.shape[:2], self.d_sae).scatter_(-1, idx, values)
+        return super().encode(x)
+
     def sparse_decode(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Σ_j values[e,b,j] · W_dec[e, idx[e,b,j]]  ([E, B, d_in], no b_dec). Only the k chosen decoder rows are
         touched, forward and backward: k·d_in multiply-adds per row instead of d_sae·d_in."""
