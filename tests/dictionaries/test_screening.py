@@ -156,6 +156,7 @@ def test_encode_screens_only_without_autograd(monkeypatch):
     float32 pass, so gradients with respect to the codes stay available."""
     x = torch.randn(200, 48, generator=torch.Generator().manual_seed(7))
     sae = make_sae("topk", d_in=48, d_sae=1024, k=[4, 8], seed=[0, 1]).eval()
+    monkeypatch.setattr(screening, "SCREEN", False)
     with torch.no_grad():
         reference = sae.encode(x)
     monkeypatch.setattr(screening, "SCREEN", True)
