@@ -25,7 +25,7 @@ import time
 import sparse_coding  # noqa: F401  (before torch: its OpenMP settings apply, as in the notebooks)
 import torch
 
-from bench_train import data_pool
+from bench_train import Buffers, data_pool
 from rounds import cpu_model, median_and_spread
 from sparse_coding.dictionaries import make_sae, screening
 from sparse_coding.dictionaries.kernels import topk_rows
@@ -36,19 +36,6 @@ from sparse_coding.paths import repo_root
 SCALE = float(os.environ.get("BENCH_SCALE", "1"))
 BATCH = 4096
 SHAPES = [(128, 4096, 16), (512, 4096, 32), (512, 16384, 32), (768, 24576, 32)]
-
-
-class Buffers:
-    """The kept buffers a training step would hold (fresh ones cost page faults on every call)."""
-
-    def __init__(self):
-        self.kept: dict = {}
-
-    def __call__(self, name: str, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        key = (name, shape, dtype)
-        if key not in self.kept:
-            self.kept[key] = torch.empty(*shape, dtype=dtype)
-        return self.kept[key]
 
 
 def timed(fn, calls: int) -> float:

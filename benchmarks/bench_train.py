@@ -96,6 +96,20 @@ class Ours:
         return [b - a for a, b in zip(stamps, stamps[1:])][1:]  # drop the block's first (logged) step
 
 
+class Buffers:
+    """Buffers kept from call to call, as a training step keeps them (fresh large ones cost page faults on every
+    call): the `workspace(name, *shape, dtype=)` that dictionaries.screening takes."""
+
+    def __init__(self):
+        self.kept: dict = {}
+
+    def __call__(self, name: str, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        key = (name, shape, dtype)
+        if key not in self.kept:
+            self.kept[key] = torch.empty(*shape, dtype=dtype)
+        return self.kept[key]
+
+
 class Floor:
     """What every training step of the TopK SAE must do whatever its sparse parts cost: the dense encoder pass
     (all d_sae pre-activations of every row, from which the top k are chosen: a float32 matmul, or with `screened`
@@ -112,12 +126,7 @@ class Floor:
         self.opt = adam(self.sae, LR, (0.9, 0.999))
         self.pool = ours.pool
         self.screened = screened
-        self.workspaces: dict = {}
-
-    def workspace(self, name: str, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if name not in self.workspaces:
-            self.workspaces[name] = torch.empty(*shape, dtype=dtype)
-        return self.workspaces[name]
+        self.workspace = Buffers()
 
     def block(self, steps: int) -> list[float]:
         sae, times = self.sae, []

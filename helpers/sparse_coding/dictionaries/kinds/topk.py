@@ -17,6 +17,12 @@ from ..screening import screened_topk, screens
 AUX_GATHER_BELOW = 2
 
 
+def _columns(W: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """W [E, d_in, n] at columns cols [E, m] -> [E, d_in, m], gathered as rows of Wᵀ: W is column-major, so the
+    gather reads whole rows and its gradient lands in W's own layout."""
+    return W.mT.gather(1, cols.unsqueeze(-1).expand(*cols.shape, W.shape[1])).mT
+
+
 @register_sae("topk")
 class TopKSAE(EnsembleSAE):
     """TopK (Gao et al. 2024): keep each row's k largest ReLU'd pre-activations; AuxK makes dead latents model the
@@ -167,8 +173,7 @@ class TopKSAE(EnsembleSAE):
         if cols is None:
             return W, self.b_enc, self.W_dec
         rows = cols.unsqueeze(-1).expand(*cols.shape, self.d_in)
-        # Through W's rows of Wᵀ: the gradient lands in W's own (column-major) layout.
-        return W.mT.gather(1, rows).mT, self.b_enc.gather(1, cols), self.W_dec.gather(1, rows)
+        return _columns(W, cols), self.b_enc.gather(1, cols), self.W_dec.gather(1, rows)
 
     def _forward(self, x: torch.Tensor):
         if type(self).activation is not TopKSAE.activation or type(self).kind_losses is not TopKSAE.kind_losses:
@@ -185,8 +190,7 @@ class TopKSAE(EnsembleSAE):
                 return torch.baddbmm(bias.unsqueeze(1), xs, W, out=self._workspace("pre", E, B, n))
 
             def sub_pre(cols: torch.Tensor) -> torch.Tensor:  # the columns cols [E, m] of dense_pre()
-                W_cols = W.mT.gather(1, cols.unsqueeze(-1).expand(*cols.shape, self.d_in)).mT
-                return torch.baddbmm(bias.gather(1, cols).unsqueeze(1), xs, W_cols)
+                return torch.baddbmm(bias.gather(1, cols).unsqueeze(1), xs, _columns(W, cols))
 
             if screens(xs, n, k):
                 pre = None
