@@ -20,6 +20,7 @@ from .. import lm
 from ..corpus import contexts
 from ..files import folder_lock, load_json, save_json
 from ..paths import resolve
+from .exclusion import resolve_exclusion
 from .layout import FORMAT_VERSION, MANIFEST, hook_folder, revision_name, write_chunk
 from .store import ActivationStore
 
@@ -69,7 +70,7 @@ class _ChunkWriter:
 def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, out_root: str | os.PathLike,
             model_name: str, revision: str | None = None, *, chunk_rows: int = 131072, batch_size: int = 32,
             dtype: torch.dtype = torch.float32, ctx_len: int | None = None, corpus: str = "", seed: int = 0,
-            progress: bool = True, fast: bool = True, model_id: str | None = None) -> dict[str, Path]:
+            progress: bool = True, fast: bool = True, model_id: str | None = None, exclude="auto") -> dict[str, Path]:
     """Run ``tokens`` through ``model`` and store the activations of every hook in ``hooks``.
 
     Args:
@@ -86,6 +87,11 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
         corpus, seed: provenance for the manifest.
         model_id: what the model's weights came from (`lm.model_id`: the offline model's training settings), recorded
             in the manifest so that a store made from a model since retrained is refused as stale.
+        exclude: positions left out of the dictionaries' inputs (`activations.exclusion`): "auto" (default) leaves
+            out position 0 and the tokenizer's special tokens when the first position's activations are massive
+            (median norm over `exclusion.MASSIVE_RATIO` times the others' at any hook), None nothing, True always,
+            or {"positions": [...], "token_ids": [...]}. They are stored (the model saw them) and recorded in the
+            manifest as ``exclude``; every reader of the store leaves them out.
         fast: for GPT-NeoX and block-level hooks (resid_pre/post, attn_out, mlp_out, mlp.hook_pre/post) run a lean
             forward on the same weights (fused attention, nothing after the last needed layer); False, or any other
             model or hook, uses the bridge's own hook points with ``stop_at_layer``. Both give the same values.
@@ -115,6 +121,7 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
     target = need_ctx * ctx_len
     run = lm.hook_reader(model, hooks, fast=fast)  # also validates the hook names against the model
     device = next(model.parameters()).device
+    exclusion = resolve_exclusion(exclude, run, tokens[:8].to(device), getattr(model, "tokenizer", None))
 
     with ExitStack() as locks:
         # Manifests: new, resumed, or already complete.
@@ -125,6 +132,8 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
                     "chunk_contexts": ctx_per_chunk, "format": FORMAT_VERSION}
         if model_id is not None:
             settings["model_id"] = str(model_id)
+        if exclusion:  # absent when nothing is left out, so earlier harvests keep matching
+            settings["exclude"] = exclusion.to_json()
         for h in run.hooks:
             folder = hook_folder(out_root, model_name, revision, h)
             # Two harvests into one folder would interleave chunks: the second one fails naming the first's pid.
@@ -135,6 +144,8 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
                 # A manifest from before model ids were recorded matches any id.
                 diff = {k: (m.get(k), v) for k, v in settings.items()
                         if m.get(k) != v and not (k == "model_id" and m.get(k) is None)}
+                if m.get("exclude") != settings.get("exclude"):
+                    diff["exclude"] = (m.get("exclude"), settings.get("exclude"))
                 if diff:
                     raise ValueError(f"{folder} holds a harvest with other settings {diff} (theirs, ours); delete the "
                                      f"folder or choose another out_root")
@@ -201,12 +212,22 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
         return folders
 
 
+def default_dtype(tl) -> torch.dtype:
+    """How a model's activations are stored by default: float16 (half the disk) for models of 100M parameters or
+    more, whose harvests run to gigabytes per layer, float32 below. float16 keeps 11 significant bits, far finer
+    than an SAE's reconstruction error; its range (65504) holds even massive first-position activations."""
+    n = sum(p.numel() for p in tl.parameters())
+    return torch.float16 if n >= 100_000_000 else torch.float32
+
+
 def ensure_activations(tl, model: str, revision: str, hook: str, n_tokens: int, *,
                        data_dir: str | os.PathLike = "data", ctx_len: int | None = None, batch_size: int = 32,
-                       chunk_rows: int = 131072, seed: int = 0, progress: bool = True) -> ActivationStore:
+                       chunk_rows: int = 131072, seed: int = 0, progress: bool = True, dtype: torch.dtype | None = None,
+                       exclude="auto") -> ActivationStore:
     """The activation store for (model, revision, hook), harvested now if it is missing or short; an existing
     harvest of at least n_tokens is reused as is (also one made by notebook 02 with every layer). ctx_len defaults
-    to the model's own context length (tl.cfg.n_ctx). Raises ValueError for a store made from a model that has
+    to `lm.default_ctx_len` (the model's own, at most 256 tokens), dtype to `default_dtype`; `exclude` as in
+    `harvest`. Raises ValueError for a store made from a model that has
     since been retrained (its manifest's model_id is not the model's)."""
     folder = hook_folder(resolve(data_dir) / "activations", model, revision, hook)
     current = lm.model_id(model, data_dir)
@@ -216,11 +237,11 @@ def ensure_activations(tl, model: str, revision: str, hook: str, n_tokens: int, 
         if current is not None and made_from is not None and made_from != current:
             raise ValueError(f"{folder} was harvested from an earlier {model} model (model_id {made_from}, now "
                              f"{current}): it is stale; delete the folder to harvest it again")
-        if store.manifest.get("complete") and store.n_tokens >= n_tokens:
+        if store.manifest.get("complete") and store.n_rows >= n_tokens:
             return store
-    ctx_len = ctx_len or int(tl.cfg.n_ctx)
+    ctx_len = ctx_len or lm.default_ctx_len(tl)
     ctxs = lm.model_contexts(tl, model, data_dir=data_dir, ctx_len=ctx_len)
     harvest(tl, ctxs, [hook], n_tokens=n_tokens, out_root=resolve(data_dir) / "activations", model_name=model,
             revision=revision, chunk_rows=chunk_rows, batch_size=batch_size, corpus="stdlib", seed=seed,
-            progress=progress, model_id=current)
+            progress=progress, model_id=current, dtype=dtype or default_dtype(tl), exclude=exclude)
     return ActivationStore(folder)

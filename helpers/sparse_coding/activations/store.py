@@ -18,6 +18,7 @@ import torch
 
 from ..files import load_json, save_json
 from ..paths import resolve
+from .exclusion import Exclusion, exclusion_of, kept_rows
 from .layout import FORMAT_VERSION, MANIFEST, ChunkError, chunk_checksum, open_chunk, write_chunk
 
 
@@ -30,8 +31,11 @@ def row_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
 class ActivationStore:
     """Read a harvested folder by memory-mapping its chunks.
 
-    Attributes: ``d``, ``n_tokens``, ``ctx_len``, ``manifest``, ``folder``. ``tokens`` is a LongTensor [n_tokens] of
-    the token at every row. Only chunks listed in the manifest are read; each is checked against its listed size
+    Attributes: ``d``, ``n_tokens``, ``ctx_len``, ``manifest``, ``folder``, ``exclusion``. ``tokens`` is a LongTensor
+    [n_tokens] of the token at every row. A harvest that left positions out of the dictionaries' inputs (the
+    manifest's ``exclude``, e.g. position 0 of a model with massive first-position activations) keeps them on disk
+    but the store hides them: ``n_tokens``, ``rows``, ``tokens``, ``all``, ``batches`` and ``context_of`` number
+    the kept rows only (``n_rows`` counts every row on disk). Only chunks listed in the manifest are read; each is checked against its listed size
     and rows when the store opens, and against its checksum the first time the store reads from it (a chunk
     damaged in place raises ChunkError naming it instead of handing back finite garbage); ``verify()`` checks all
     of them at once."""
@@ -54,8 +58,15 @@ class ActivationStore:
                 raise ChunkError(f"chunk {self.folder / c['file']} has width {mp['acts'].shape[1]}, manifest d={self.d}")
         self._checked = [False] * len(chunks)
         self._offsets = np.cumsum([0] + [c["rows"] for c in chunks])
-        self.n_tokens = int(self._offsets[-1])
+        self.n_rows = int(self._offsets[-1])
+        self.exclusion: Exclusion = exclusion_of(self.manifest)
         self._tokens: torch.Tensor | None = None
+        self._kept: np.ndarray | None = None
+        if self.exclusion:
+            if self.n_rows % self.ctx_len:
+                raise ChunkError(f"{self.folder}: {self.n_rows} rows are not whole contexts of {self.ctx_len}")
+            self._kept = kept_rows(self._all_tokens(), self.ctx_len, self.exclusion).numpy()
+        self.n_tokens = self.n_rows if self._kept is None else int(self._kept.size)
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -80,27 +91,35 @@ class ActivationStore:
                              f"its bytes were damaged. Delete it (and its manifest entry) and re-run the harvest")
         self._checked[ci] = True
 
-    @property
-    def tokens(self) -> torch.Tensor:
-        """The token id at every row (LongTensor [n_tokens])."""
+    def _all_tokens(self) -> torch.Tensor:
+        """The token id at every row on disk, excluded ones too (LongTensor [n_rows])."""
         if self._tokens is None:
             for ci in range(len(self._maps)):
                 self._check(ci)
             self._tokens = torch.from_numpy(np.concatenate([np.asarray(mp["tokens"]) for mp in self._maps])).long()
         return self._tokens
 
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The token id at every kept row (LongTensor [n_tokens])."""
+        toks = self._all_tokens()
+        return toks if self._kept is None else toks[torch.from_numpy(self._kept)]
+
     def context_of(self, row: int) -> tuple[torch.Tensor, int]:
-        """(tokens of the context holding ``row``, the row's position in it)."""
+        """(tokens of the whole context holding kept ``row``, excluded positions included, the row's position)."""
         if not 0 <= row < self.n_tokens:
             raise IndexError(f"row {row} out of range [0, {self.n_tokens})")
+        row = row if self._kept is None else int(self._kept[row])
         c = row // self.ctx_len
-        return self.tokens[c * self.ctx_len:(c + 1) * self.ctx_len], row % self.ctx_len
+        return self._all_tokens()[c * self.ctx_len:(c + 1) * self.ctx_len], row % self.ctx_len
 
     def rows(self, idx: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
-        """Activations (float32 [len(idx), d]) at the given global row numbers, in that order."""
+        """Activations (float32 [len(idx), d]) at the given kept row numbers, in that order."""
         idx = np.asarray(idx, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_tokens):
             raise IndexError(f"row indices must be in [0, {self.n_tokens})")
+        if self._kept is not None:
+            idx = self._kept[idx]
         out = np.empty((idx.size, self.d), dtype=np.float32)
         which = np.searchsorted(self._offsets, idx, side="right") - 1
         for ci in np.unique(which):
@@ -112,7 +131,9 @@ class ActivationStore:
         return torch.from_numpy(out)
 
     def all(self) -> torch.Tensor:
-        """Every row in order as one float32 tensor (for PCA and the like; needs n_tokens x d x 4 bytes of RAM)."""
+        """Every kept row in order as one float32 tensor (for PCA and the like; needs n_tokens x d x 4 bytes)."""
+        if self._kept is not None:
+            return self.rows(np.arange(self.n_tokens))
         for ci in range(len(self._maps)):
             self._check(ci)
         return torch.from_numpy(np.concatenate([np.asarray(mp["acts"], dtype=np.float32) for mp in self._maps]))
@@ -143,10 +164,12 @@ class ActivationStore:
 
 def write_store(folder: str | os.PathLike, acts: torch.Tensor, tokens: torch.Tensor | None = None, *,
                 model: str = "tensors", revision: str = "final", hook: str = "activations", ctx_len: int | None = None,
-                chunk_rows: int | None = None, corpus: str = "", seed: int = 0) -> ActivationStore:
+                chunk_rows: int | None = None, corpus: str = "", seed: int = 0,
+                exclude: Exclusion | None = None) -> ActivationStore:
     """Write activations already in memory (acts [rows, d], tokens [rows] or None) as a store folder that every
     reader of this package accepts, and open it. ctx_len (rows per context, default: all rows are one context)
-    must divide the rows; chunk_rows (default: one chunk) is rounded down to whole contexts.
+    must divide the rows; chunk_rows (default: one chunk) is rounded down to whole contexts; exclude: positions and
+    token ids the readers leave out (`activations.exclusion`).
     Raises FileExistsError when the folder already holds a manifest."""
     folder = resolve(folder)
     if (folder / MANIFEST).exists():
@@ -174,5 +197,6 @@ def write_store(folder: str | os.PathLike, acts: torch.Tensor, tokens: torch.Ten
     save_json(folder / MANIFEST, {"model": model, "revision": revision, "hook": hook, "d": d, "dtype": dtype,
                                   "n_tokens": n, "target_tokens": n, "ctx_len": ctx_len, "corpus": corpus, "seed": seed,
                                   "chunk_contexts": step // ctx_len, "format": FORMAT_VERSION, "complete": True,
-                                  "chunks": chunks, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                  "chunks": chunks, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                  **({"exclude": exclude.to_json()} if exclude else {})})
     return ActivationStore(folder)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import lm
+from ..activations import Exclusion
 from .reconstruction import check_finite, check_sae, encode_decode, member_indices, rows_per_block
 
 
@@ -140,7 +141,7 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
                  members: Sequence[int] | None = None, batch_size: int = 8,
                  ablations: Sequence[str] = ("zero", "mean"), mean_act: torch.Tensor | None = None,
                  keep_first_position: bool = False, input_scale: float = 1.0, fast: bool = True,
-                 progress: bool = True) -> pd.DataFrame:
+                 exclude: Exclusion | None = None, progress: bool = True) -> pd.DataFrame:
     """Next-token loss of the model with the activation at `hook_name` replaced, per ensemble member.
 
     tokens [N, T] integer ids; the loss is the cross-entropy of token t+1 at position t for t = 0..T-2 (the last
@@ -149,6 +150,10 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
     magnitude larger than elsewhere, and SAEs reconstruct it badly. keep_first_position=True leaves position 0's
     activation clean in every spliced and ablated run (only positions 1.. are replaced); the loss is still over all
     predictions. Default False replaces every position, as in the original paper.
+    exclude: positions and token ids left out of the SAE's inputs (`activations.Exclusion`, as the harvest's
+    manifest or the dictionary's cfg.json records it, e.g. position 0 of a model with massive first-position
+    activations): they keep their clean activation in every spliced and ablated run, the mean ablation's mean
+    leaves them out, and the predictions made at them are left out of every loss (as SAELens's evaluation does).
     ablations: any of "zero" (activation set to 0) and "mean" (set to `mean_act` [d], or, if None, to the mean of
     the activation over these tokens, measured in a first pass that stops at the hook).
     Returns one row per member (or a single row with member = -1 and no spliced columns when sae is None):
@@ -179,7 +184,17 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
         model.eval()
     device = model_device(model)
     N, T = tokens.shape
-    first = 1 if keep_first_position else 0
+    scored_only = exclude or Exclusion()  # left out of the SAE's inputs and of the losses
+    exclude = scored_only  # kept clean in every spliced run: that, plus position 0 under keep_first_position
+    if keep_first_position:
+        exclude = Exclusion(tuple(sorted({0, *exclude.positions})), exclude.token_ids)
+
+    def kept(tb: torch.Tensor) -> torch.Tensor:
+        return exclude.keep(tb)
+
+    if not bool(scored_only.keep(tokens)[:, :-1].any()):
+        raise ValueError(f"exclude={scored_only} leaves no prediction to score in these {tuple(tokens.shape)} "
+                         f"contexts; exclude fewer positions or pass longer contexts")
     batches = [tokens[i: i + batch_size] for i in range(0, N, batch_size)]
 
     if "mean" in ablations:
@@ -188,12 +203,13 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
             for tb in tqdm(batches, desc="mean activation", disable=not progress, leave=False):
                 act = splicer.activation(tb.to(device))
                 check_finite(act, f"the activation at {hook_name!r}")
-                act = act[:, first:].reshape(act.shape[0], act.shape[1] - first, -1)
+                act = act.reshape(act.shape[0], act.shape[1], -1)
                 if sae is not None and act.shape[-1] != int(sae.d_in):  # fail before the long pass, not after
                     raise _width_error(splicer, sae, act.shape[-1])
-                s = act.double().sum(dim=(0, 1))
+                act = act[kept(tb.to(act.device))]
+                s = act.double().sum(dim=0)
                 total = s if total is None else total + s
-                count += act.shape[0] * act.shape[1]
+                count += act.shape[0]
             mean_act = total / count
         mean_act = torch.as_tensor(mean_act)
         if not torch.isfinite(mean_act).all():
@@ -210,8 +226,10 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
             check_finite(act, f"the activation at {hook_name!r}")
             logp_clean, ce = next_token_logprobs(logits, tb)
             del logits
-            sums["clean"] += float(ce.double().sum())
-            n_pred += ce.numel()
+            keep = kept(tb)
+            scored = scored_only.keep(tb)[:, :-1]
+            sums["clean"] += float(ce[scored].double().sum())
+            n_pred += int(scored.sum())
             B = tb.shape[0]
             flat = act.reshape(B * T, -1)
             if sae is not None and flat.shape[1] != int(sae.d_in):
@@ -221,17 +239,16 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
                                  f"width {flat.shape[1]}; pass the per-dimension mean of that hook's activations")
 
             def splice(new: torch.Tensor) -> torch.Tensor:
-                """new [B*T, w] or broadcastable -> patched logits, keeping position 0 clean if asked."""
+                """new [B*T, w] or broadcastable -> patched logits, excluded positions kept clean."""
                 new = new.to(dtype=act.dtype, device=act.device).expand(B * T, flat.shape[1]).reshape(act.shape)
-                if first:
-                    new = new.clone()
-                    new[:, :first] = act[:, :first]
+                if exclude:
+                    new = torch.where(keep.reshape(B, T, *[1] * (act.ndim - 2)), new, act)
                 return splicer.patched(tb, new)
 
             for name in ablations:
                 fill = torch.zeros(1, flat.shape[1]) if name == "zero" else mean_act.reshape(1, -1)
                 _, ce_abl = next_token_logprobs(splice(fill), tb)
-                sums[name] += float(ce_abl.double().sum())
+                sums[name] += float(ce_abl[scored].double().sum())
 
             if member_ids:
                 x_hat = torch.cat([encode_decode(sae, flat[s: s + step], float(input_scale))[1]
@@ -239,9 +256,9 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
                                    for s in range(0, flat.shape[0], step)], dim=1)
                 for j, m in enumerate(member_ids):
                     logp, ce_s = next_token_logprobs(splice(x_hat[m]), tb)
-                    ce_member[j] += float(ce_s.double().sum())
+                    ce_member[j] += float(ce_s[scored].double().sum())
                     kl = F.kl_div(logp, logp_clean, log_target=True, reduction="none").sum(-1)
-                    kl_member[j] += float(kl.double().sum())
+                    kl_member[j] += float(kl[scored].double().sum())
     finally:
         if was_training and hasattr(model, "train"):
             model.train()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,17 +39,12 @@ class Corpus:
                 f"{len(self.val)} val docs / {mb(self.val):.1f} MB chars)")
 
 
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """True when huggingface.co answers a TCP connect and offline mode is not forced. Used to fail fast (seconds,
-    not minutes of retries) with a message naming the offline default."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or \
-            os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+def hub_offline() -> bool:
+    """huggingface_hub's own reading of HF_HUB_OFFLINE (and its aliases): whether it will refuse to download. Read
+    from its constants, never re-parsed here, so every spelling means what it means to the hub client."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _read(path: Path) -> str:
@@ -169,7 +163,7 @@ def _load_hf(name: str, *, val_fraction: float, split: str, text_field: str, max
     except (ConnectionError, OSError, ValueError) as e:
         raise ConnectionError(
             f"hub dataset {name!r} is not in the datasets cache ({datasets.config.HF_DATASETS_CACHE})"
-            f"{'' if hub_reachable() else ' and huggingface.co is not reachable'}: load it once where the hub is "
+            f"{' and HF_HUB_OFFLINE is set' if hub_offline() else ''}: load it once where the hub is "
             f"reachable, or use load_corpus('stdlib') or a folder of text files ({type(e).__name__}: {e})") from e
     if text_field not in ds.column_names:
         raise KeyError(f"dataset {name!r} has no column {text_field!r}; columns: {ds.column_names}")

@@ -101,3 +101,27 @@ def hook_point(model, name: str) -> torch.nn.Module:
     if name not in points:
         raise ValueError(f"hook {name!r} fires but has no hook point in model.hook_dict; use run_with_hooks")
     return points[name]
+
+
+# Relative depths of the default layers of a deep model: after 1/6, 2/6, 3/6 and 4/6 of its blocks, i.e. where
+# Pythia-70M's (6 blocks) layers 0-3 stand; the original work found the most interpretable features early.
+DEFAULT_DEPTHS = (1 / 6, 2 / 6, 3 / 6, 4 / 6)
+MAX_ALL_LAYERS = 8
+
+
+def depth_layer(model_or_n: "torch.nn.Module | int", depth: float) -> int:
+    """The block whose output stands at relative `depth` in (0, 1] of a model's blocks (or of n blocks):
+    ``round(depth * n) - 1``, at least 0. Pythia-70M's layer 2 (of 6) is depth 0.5: layer 14 of a 30-block model."""
+    n = model_or_n if isinstance(model_or_n, int) else n_layers(model_or_n)
+    if not 0 < depth <= 1:
+        raise ValueError(f"depth must be in (0, 1], got {depth}")
+    return max(0, round(depth * n) - 1)
+
+
+def default_layers(model_or_n: "torch.nn.Module | int") -> list[int]:
+    """Every layer of a model of at most 8 blocks; else the blocks at relative depths `DEFAULT_DEPTHS` (four
+    layers: a deep model's every layer would not fit a CPU's time or disk)."""
+    n = model_or_n if isinstance(model_or_n, int) else n_layers(model_or_n)
+    if n <= MAX_ALL_LAYERS:
+        return list(range(n))
+    return sorted({depth_layer(n, f) for f in DEFAULT_DEPTHS})

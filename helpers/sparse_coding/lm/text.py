@@ -19,6 +19,17 @@ from ..paths import resolve
 from .load import DEFAULT_OFFLINE_DIR, offline_dir
 
 
+# The original work harvested 256-token contexts; a long-context model (SmolLM2: 8192) at its own length would need
+# eager attention scores of batch x heads x n_ctx^2 floats (77 GB at batch 32).
+MAX_DEFAULT_CTX = 256
+
+
+def default_ctx_len(tl) -> int:
+    """Tokens per context when none is given: the model's own context length, at most `MAX_DEFAULT_CTX` (256)."""
+    n_ctx = int(getattr(tl.cfg, "n_ctx", 0) or 0)
+    return min(n_ctx, MAX_DEFAULT_CTX) if n_ctx else MAX_DEFAULT_CTX
+
+
 def validation_contexts(model_dir: str | os.PathLike = DEFAULT_OFFLINE_DIR, ctx_len: int | None = None,
                         split: str = "val", max_contexts: int | None = None) -> torch.Tensor:
     """LongTensor [n_contexts, ctx_len] of the held-out (``split="val"``) or training token contexts of a locally
@@ -67,11 +78,11 @@ def held_out_tokens(tl, model: str, *, data_dir: str | os.PathLike = "data", max
 def held_out_contexts(tl, model: str, n_tokens: int, *, data_dir: str | os.PathLike = "data",
                       ctx_len: int | None = None) -> torch.Tensor:
     """Contexts [n_contexts, ctx_len] of held-out text covering at least n_tokens tokens (fewer if the text runs
-    out), ctx_len defaulting to the model's own context length (cfg.n_ctx). Raises ValueError for a ctx_len past
-    the model's n_ctx."""
+    out), ctx_len defaulting to `default_ctx_len` (the model's own, at most 256). Raises ValueError for a ctx_len
+    past the model's n_ctx."""
     check_int(n_tokens, "n_tokens", 1)
     n_ctx = int(getattr(tl.cfg, "n_ctx", 0) or 0)
-    ctx_len = check_int(ctx_len if ctx_len is not None else n_ctx, "ctx_len", 2, n_ctx or None,
+    ctx_len = check_int(ctx_len if ctx_len is not None else default_ctx_len(tl), "ctx_len", 2, n_ctx or None,
                         " (tokens per context, at most the model's n_ctx)")
     # About 3 characters per token on code: 8 per token read leaves a wide margin without tokenizing everything.
     stream = held_out_tokens(tl, model, data_dir=data_dir, max_bytes=max(200_000, 8 * n_tokens))

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .. import corpus as _corpus
 from ..files import atomic_dir, canonical, folder_lock, load_json, load_tensors, save_json, save_tensors
 from ..paths import resolve
+from .gguf import gguf_model_id, is_gguf
 from .checkpoint import STATE_DIR, load_state, save_state
 
 OFFLINE_SUBDIR = Path("lm") / "offline"
@@ -249,7 +250,10 @@ RUN_FILE = "run.json"
 
 def model_id(model: str, data_dir: str | os.PathLike = "data") -> str | None:
     """What a model's weights came from, for the manifests made from it: the offline model's training settings
-    digest (None before it is trained); None for a hub name (its revision already names its weights)."""
+    digest (None before it is trained); a GGUF model's file, quantisation and sha256 (`lm.gguf.gguf_model_id`); None
+    for a hub name (its revision already names its weights)."""
+    if is_gguf(model):
+        return gguf_model_id(model)
     if model != "offline":
         return None
     run = resolve(data_dir) / OFFLINE_SUBDIR / RUN_FILE

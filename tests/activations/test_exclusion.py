@@ -1,0 +1,123 @@
+"""Positions left out of a dictionary's inputs (massive first-position activations, arXiv 2402.17762): detected,
+recorded in the manifest, hidden by the store from every reader, and out of the spliced loss's metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_coding import activations as A
+from sparse_coding import analyses, dictionaries, lm
+from sparse_coding.activations.exclusion import Exclusion, resolve_exclusion
+from tiny_gguf import write_tiny_llama_gguf
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+T, D = 8, 16
+
+
+def test_keep_mask_known_answer():
+    toks = torch.tensor([[5, 0, 7, 2], [1, 9, 9, 0]])
+    keep = Exclusion((0,), (0, 2)).keep(toks)
+    assert keep.tolist() == [[False, False, True, False], [False, True, True, False]]
+    assert Exclusion().keep(toks).all() and not Exclusion()
+    assert Exclusion.from_json(Exclusion((0,), (1,)).to_json()) == Exclusion((0,), (1,))
+    with pytest.raises(ValueError, match="exclude"):
+        Exclusion.from_json({"positions": [0], "tokens": [1]})
+    with pytest.raises(ValueError, match="exclude"):
+        resolve_exclusion("sometimes", None, toks, None)
+
+
+class _Tok:
+    all_special_ids = [2, 0, 1]
+
+
+def _reader(massive: bool):
+    def read(tokens):
+        x = torch.randn(*tokens.shape, D, generator=torch.Generator().manual_seed(0))
+        if massive:
+            x[:, 0] *= 100.0
+        return {"blocks.0.hook_resid_post": x}
+    return read
+
+
+def test_detection_of_massive_first_position_activations():
+    toks = torch.zeros(8, T, dtype=torch.long)
+    assert A.detect_exclusion(_reader(True), toks, _Tok()) == Exclusion((0,), (0, 1, 2))
+    assert A.detect_exclusion(_reader(False), toks, _Tok()) == Exclusion()
+    assert resolve_exclusion("auto", _reader(True), toks, _Tok()) == Exclusion((0,), (0, 1, 2))
+    assert resolve_exclusion(True, _reader(False), toks, _Tok()) == Exclusion((0,), (0, 1, 2))
+    assert resolve_exclusion(None, _reader(True), toks, _Tok()) == Exclusion()
+
+
+def _planted(tmp_path, exclude):
+    """A store of 64 contexts of T tokens whose position 0 and token id 1 rows are 1000x the others."""
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(64 * T, D, generator=g)
+    toks = torch.randint(3, 50, (64 * T,), generator=g)
+    toks[5::T] = 1
+    huge = (torch.arange(64 * T) % T == 0) | (toks == 1)
+    acts[huge] *= 1000.0
+    return A.write_store(tmp_path / str(bool(exclude)), acts, toks, ctx_len=T, exclude=exclude), acts, huge
+
+
+def test_planted_huge_first_position_never_reaches_the_sae(tmp_path):
+    store, acts, huge = _planted(tmp_path, Exclusion((0,), (1,)))
+    assert store.n_rows == 64 * T and store.n_tokens == int((~huge).sum())
+    assert store.manifest["exclude"] == {"positions": [0], "token_ids": [1]}
+    torch.testing.assert_close(store.all(), acts[~huge])
+    seen = torch.cat(list(store.batches(100, seed=3)))
+    assert seen.norm(dim=1).max() < 50 and seen.shape[0] == store.n_tokens
+    assert (store.tokens != 1).all()
+    ctx, pos = store.context_of(0)  # the first kept row: position 1 of context 0, its context whole
+    assert pos == 1 and ctx.shape == (T,)
+    # The input scale is the kept rows' (a planted row would shrink it ~1000x).
+    plain = A.write_store(tmp_path / "plain", acts[~huge].contiguous(), ctx_len=int((~huge).sum()))
+    s_excl, s_plain = dictionaries.input_scale(store), dictionaries.input_scale(plain)
+    assert s_excl == pytest.approx(s_plain, rel=0.05)
+    unexcluded, _, _ = _planted(tmp_path, None)
+    assert dictionaries.input_scale(unexcluded) < s_excl / 10
+    # Training reads the same kept rows: its batches never hold a planted row.
+    sae = dictionaries.make_sae("topk", D, 32, k=4, seed=0)
+    hist = dictionaries.train_sae(sae, store, steps=5, batch_size=64, progress=False, input_scale=s_excl)
+    assert torch.isfinite(torch.tensor(hist["loss"].to_numpy())).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("excl")
+    path = write_tiny_llama_gguf(root / "tiny.gguf", seed=0)
+    return lm.load_model(lm.model_source(str(path), root / "data")), root
+
+
+def test_harvest_records_the_exclusion_and_the_store_honours_it(tiny_llama, tmp_path):
+    tl, _ = tiny_llama
+    ctx = torch.randint(3, 500, (8, T), generator=torch.Generator().manual_seed(1))
+    ctx[:, 3] = 2  # an EOS inside every context
+    hook = "blocks.0.hook_resid_post"
+    folder = A.harvest(tl, ctx, [hook], 8 * T, tmp_path, "tiny", progress=False, exclude=True)[hook]
+    store = A.ActivationStore(folder)
+    assert store.exclusion == Exclusion((0,), tuple(sorted(set(tl.tokenizer.all_special_ids))))
+    assert store.n_rows == 8 * T and store.n_tokens == 8 * (T - 2)
+    assert not torch.isin(store.tokens, torch.tensor([0, 1, 2])).any()
+    # A harvest with another exclusion into the same folder is refused, naming the setting.
+    with pytest.raises(ValueError, match="exclude"):
+        A.harvest(tl, ctx, [hook], 8 * T, tmp_path, "tiny", progress=False, exclude=None)
+
+
+def test_spliced_loss_keeps_excluded_positions_clean_and_out_of_the_metrics(tiny_llama):
+    tl, _ = tiny_llama
+    toks = torch.randint(3, 500, (4, T), generator=torch.Generator().manual_seed(2))
+    hook = "blocks.0.hook_resid_post"
+    sae = dictionaries.make_sae("relu", tl.cfg.d_model, 2 * tl.cfg.d_model, seed=0)
+    ex = Exclusion((0,), ())
+    row = analyses.spliced_loss(tl, toks, hook, sae, exclude=ex, progress=False).iloc[0]
+    assert row["n_predictions"] == 4 * (T - 2)  # T-1 predictions per context, the one made at position 0 left out
+    full = analyses.spliced_loss(tl, toks, hook, sae, progress=False).iloc[0]
+    assert full["n_predictions"] == 4 * (T - 1)
+    # An exclusion of every position leaves nothing to score: refused, not a division by zero...
+    everything = Exclusion(tuple(range(T)), ())
+    with pytest.raises(ValueError, match="no prediction"):
+        analyses.spliced_loss(tl, toks, hook, sae, exclude=everything, progress=False)
+    # ...and excluding position 0 only keeps its clean activation: the prediction there matches the clean one.
+    keep0 = analyses.spliced_loss(tl, toks[:, :2], hook, sae, keep_first_position=True, progress=False).iloc[0]
+    assert keep0["ce_spliced"] == pytest.approx(keep0["ce_clean"], abs=1e-6)
