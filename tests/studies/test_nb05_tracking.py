@@ -30,7 +30,8 @@ def test_tracking_schedule_is_log_plus_even():
 
 def test_check_revisions_and_steps():
     assert FT.check_revisions(["step0", "step64", "final"]) == ["step0", "step64", "final"]
-    for bad, msg in ((["final"], "at least 2"), (["step64", "step0", "final"], "oldest first"),
+    assert FT.check_revisions(["final"]) == ["final"]  # one revision (a GGUF model): part (a) only
+    for bad, msg in (([], "empty"), (["step64", "step0", "final"], "oldest first"),
                      (["step0", "final", "step64"], "oldest first"), (["step0", "step0"], "duplicates"),
                      (["step0", "latest"], "stepN")):
         with pytest.raises(ValueError, match=msg):

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..activations import Exclusion
 from ..checks import check_choice, check_int, check_number
 from .features import sae_encoder
 from .splicing import Splicer, check_tokens, model_device, next_token_logprobs
@@ -164,10 +165,13 @@ def token_ablation(model, sae: Any, hook: str, context: torch.Tensor, position: 
 
 @torch.no_grad()
 def loss_with_features(model, sae: Any, hook: str, tokens: torch.Tensor, keep: Mapping[str, Sequence[int]], *,
-                       member: int = 0, batch_size: int | None = None) -> dict[str, float]:
+                       member: int = 0, batch_size: int | None = None,
+                       exclude: Exclusion | None = None) -> dict[str, float]:
     """Mean next-token cross-entropy (nats) of the clean model ("clean"), with the whole reconstruction x̂ spliced in
     ("all"), and for each named feature set S with x̂_S + (x − x̂) — the features in S plus the SAE's error term,
-    i.e. every feature outside S ablated ("<name>")."""
+    i.e. every feature outside S ablated ("<name>"). exclude: positions left out of the SAE's inputs (its
+    cfg.json's), kept clean and left out of the means, as in `splicing.spliced_loss`."""
+    exclude = exclude or Exclusion()
     tokens = check_tokens(model, tokens)
     batch_size = batch_size or max(1, 1024 // tokens.shape[1])
     splicer = Splicer(model, hook)
@@ -192,12 +196,18 @@ def loss_with_features(model, sae: Any, hook: str, tokens: torch.Tensor, keep: M
         x = act.reshape(B * T, d)
         codes = encode(x)
         x_hat = (codes @ W + b).to(x.dtype)
+        keep = exclude.keep(tb).reshape(B * T, 1)
+        scored = exclude.keep(tb)[:, :-1]
+
+        def loss(new: torch.Tensor) -> float:
+            new = torch.where(keep, new, x).reshape(B, T, d)
+            return float(next_token_logprobs(splicer.patched(tb, new), tb)[1][scored].double().sum())
+
         _, ce = next_token_logprobs(logits, tb)
-        sums["clean"] += float(ce.double().sum())
-        n_pred += ce.numel()
-        sums["all"] += float(next_token_logprobs(splicer.patched(tb, x_hat.reshape(B, T, d)), tb)[1].double().sum())
+        sums["clean"] += float(ce[scored].double().sum())
+        n_pred += int(scored.sum())
+        sums["all"] += loss(x_hat)
         for name, m in masks.items():
             removed = (codes * (~m).to(codes.dtype).to(codes.device)) @ W
-            new = (x - removed.to(x.dtype)).reshape(B, T, d)
-            sums[name] += float(next_token_logprobs(splicer.patched(tb, new), tb)[1].double().sum())
+            sums[name] += loss(x - removed.to(x.dtype))
     return {k: v / n_pred for k, v in sums.items()}

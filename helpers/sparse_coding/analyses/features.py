@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import lm
+from ..activations import Exclusion
 from ..checks import check_int
 from ..files import atomic_dir, load_json, load_tensors, save_json, save_tensors
 from ..paths import resolve
@@ -90,12 +91,13 @@ def load_mined(folder: str | os.PathLike) -> Mined:
 def mine_dictionary(model, sae: Any, hook: str, tokens: torch.Tensor, *, member: int = 0,
                     folder: str | os.PathLike | None = None, batch_size: int | None = None, n_top: int = 20,
                     n_random: int = 5, per_bin: int = 4, window: tuple[int, int] | None = (12, 4), seed: int = 0,
-                    progress: bool = True) -> Mined:
+                    exclude: Exclusion | None = None, progress: bool = True) -> Mined:
     """Mine every feature of one member of `sae` on `tokens` [n_contexts, ctx_len] read at `hook` of `model`.
 
     batch_size: contexts per forward pass (default: about 4096 tokens' worth). With `folder` (e.g. the member's
     dictionary folder), the result is saved in `folder/mining-<key>/` and reused when the same dictionary weights,
-    model, settings and tokens come again. Raises ValueError when the hook is not the model's or its width
+    model, settings and tokens come again. exclude: positions left out of the dictionary's inputs, as its cfg.json
+    records them (`activations.exclusion_of(cfg)`); see `mining.mine`. Raises ValueError when the hook is not the model's or its width
     is not the dictionary's d_in, and for contexts longer than the model's n_ctx."""
     lm.check_hooks(model, [hook])
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
@@ -108,14 +110,15 @@ def mine_dictionary(model, sae: Any, hook: str, tokens: torch.Tensor, *, member:
     rec = lm.loaded(model)
     settings = {"weights": _weights_digest(sae, member), "model": [rec.source, rec.revision] if rec else None,"hook": hook, "member": member, "batch_size": batch_size, "n_top": n_top, "n_random": n_random,
                 "per_bin": per_bin, "window": list(window) if window else None, "seed": seed,
-                "d_sae": int(sae.d_sae), "shape": list(tokens.shape)}
+                "d_sae": int(sae.d_sae), "shape": list(tokens.shape),
+                **({"exclude": exclude.to_json()} if exclude else {})}
     cache = resolve(folder) / f"mining-{_key(settings, tokens)}" if folder is not None else None
     if cache is not None and (cache / MINED_FILE).exists():
         return load_mined(cache)
     dev = next(model.parameters()).device
     mined = mine(lambda tb: read_all(tb.to(dev)), {"sae": (hook, sae_encoder(sae, member))}, tokens,
                  batch_size=batch_size, n_top=n_top, n_random=n_random, per_bin=per_bin, window=window, seed=seed,
-                 progress=progress)["sae"]
+                 exclude=exclude, progress=progress)["sae"]
     mined.meta.update(settings)
     if cache is not None:
         save_mined(mined, cache, overwrite=True)

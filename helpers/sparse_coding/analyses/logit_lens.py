@@ -1,5 +1,6 @@
-"""The logit lens of a direction: what it writes to the logits when read straight through the final layer norm's
-scale and the unembedding, (d ⊙ γ) W_U. Raw logit lens is dominated by tokens the model rarely saw (their
+"""The logit lens of a direction: what it writes to the logits when read straight through the final norm and the
+unembedding: (d ⊙ γ) W_U under RMSNorm (scale only), ((d − mean(d)) ⊙ γ) W_U under LayerNorm (its centring
+removes any component along the all-ones vector, as the model's own final LayerNorm does). Raw logit lens is dominated by tokens the model rarely saw (their
 unembedding rows barely trained), so `top_tokens` can leave out tokens rarer than a count in the corpus."""
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ def logit_lens(model, direction: torch.Tensor) -> torch.Tensor:
     if direction.shape[0] != W_U.shape[0]:
         raise ValueError(f"direction has width {direction.shape[0]} but the model's residual stream is "
                          f"{W_U.shape[0]} wide: the logit lens reads residual-stream directions only")
-    return (direction.to(W_U) * gamma.to(W_U)) @ W_U
+    d = direction.to(W_U)
+    if centred_norm(model):
+        d = d - d.mean()
+    return (d * gamma.to(W_U)) @ W_U
+
+
+def centred_norm(model) -> bool:
+    """True when the model's final norm is a LayerNorm (centres its input), False for RMSNorm or none, from
+    TransformerLens's ``cfg.normalization_type`` ("LN"/"LNPre" vs "RMS"/"RMSPre"/None)."""
+    return str(getattr(getattr(model, "cfg", None), "normalization_type", None) or "").startswith("LN")
 
 
 def top_tokens(logits: torch.Tensor, k: int = 10, token_counts: torch.Tensor | None = None, min_count: int = 0

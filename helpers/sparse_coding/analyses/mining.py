@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from ..activations import Exclusion
 from ..checks import check_int
 
 BINS_PER_OCTAVE = 4
@@ -303,11 +304,15 @@ class _Stream:
 def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
          encoders: Mapping[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]], tokens: torch.Tensor, *,
          batch_size: int = 32, n_top: int = 20, n_random: int = 5, per_bin: int = 4,
-         window: tuple[int, int] | None = (12, 4), seed: int = 0, progress: bool = True) -> dict[str, Mined]:
+         window: tuple[int, int] | None = (12, 4), seed: int = 0, exclude: Exclusion | None = None,
+         progress: bool = True) -> dict[str, Mined]:
     """Stream `tokens` [n_contexts, ctx_len] through `read` (tokens [B, T] -> {hook: activations [B, T, d]}, e.g.
     `lm.hook_reader`, one forward pass for every hook) and every encoder {name: (hook, activations [rows, d] ->
     non-negative direction activations [rows, n])} in batches of `batch_size` contexts; return {name: Mined}.
 
+    exclude: positions and token ids left out of the dictionaries' inputs (`activations.Exclusion`, e.g. position 0
+    of a model with massive first-position activations): their direction activations count as 0 (they never
+    become examples; frequencies still divide by every token mined).
     window: (tokens before, tokens after) kept around an example's max, or None for the whole context. Seeded: the
     same inputs give the same samples. meta records the seconds spent reading, encoding and keeping statistics."""
     check_int(batch_size, "batch_size", 1)
@@ -325,7 +330,9 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
     clock = {"read_seconds": 0.0, "encode_seconds": 0.0, "keep_seconds": 0.0}
     for c0 in tqdm(range(0, N, batch_size), desc="mining", unit="batch", disable=not progress):
         t0 = time.perf_counter()
-        xs = read(tokens[c0:c0 + batch_size])
+        tb = tokens[c0:c0 + batch_size]
+        xs = read(tb)
+        dropped = ~exclude.keep(tb) if exclude else None
         t1 = time.perf_counter()
         clock["read_seconds"] += t1 - t0
         for name, (hook, encode) in encoders.items():
@@ -333,6 +340,8 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
             B = x.shape[0]
             t1 = time.perf_counter()
             a = encode(x.reshape(B * T, -1)).float().reshape(B, T, -1).cpu()
+            if dropped is not None:
+                a[dropped] = 0.0
             t2 = time.perf_counter()
             if name not in streams:
                 streams[name] = _Stream(a.shape[-1], n_top, n_random, per_bin, window, T)
@@ -343,5 +352,6 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
             clock["encode_seconds"] += t2 - t1
             clock["keep_seconds"] += time.perf_counter() - t2
     meta = {"window": list(window) if window is not None else None, "n_top": n_top, "n_random": n_random,
+            "exclude": exclude.to_json() if exclude else None,
             "per_bin": per_bin, "seed": seed, "batch_size": batch_size, **clock}
     return {name: s.result(tokens, meta) for name, s in streams.items()}

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..activations import Exclusion
 from ..activations.store import ActivationStore
 from ..files import atomic_write_text, load_tensors, save_tensors
 from ..paths import resolve
@@ -72,10 +73,12 @@ def evaluate_sweep(model: Any, sae: Any, batches: Iterable[torch.Tensor], tokens
                    hook_name: str, *, max_tokens: int | None = None, batch_size: int = 8,
                    ablations: Sequence[str] = ("zero", "mean"), mean_act: torch.Tensor | None = None,
                    keep_first_position: bool = False, dense_threshold: float = DENSE_THRESHOLD,
-                   input_scale: float = 1.0, progress: bool = True) -> SweepEvaluation:
+                   input_scale: float = 1.0, exclude: Exclusion | None = None,
+                   progress: bool = True) -> SweepEvaluation:
     """The whole evaluation of one sweep: hyperparameters + `sparsity_stats` on `batches` + `spliced_loss` on
     `tokens`, joined into one tidy table (one row per member, CSV-ready). tokens=None (or model=None) skips the
-    language-model part. See those functions for each column's meaning."""
+    language-model part; exclude: positions left out of the SAE's inputs (the store's `exclusion`), kept clean and
+    unscored in the spliced loss. See those functions for each column's meaning."""
     check_sae(sae)
     stats, freq = sparsity_stats(sae, batches, max_tokens, dense_threshold=dense_threshold,
                                  input_scale=input_scale, progress=progress)
@@ -83,7 +86,7 @@ def evaluate_sweep(model: Any, sae: Any, batches: Iterable[torch.Tensor], tokens
     if tokens is not None and model is not None:
         loss = spliced_loss(model, tokens, hook_name, sae, batch_size=batch_size, ablations=ablations,
                             mean_act=mean_act, keep_first_position=keep_first_position, input_scale=input_scale,
-                            progress=progress)
+                            exclude=exclude, progress=progress)
         table = table.merge(loss, on="member", how="left")
     table.insert(1, "hook_name", hook_name)
     table.attrs["dense_threshold"] = dense_threshold
@@ -100,7 +103,7 @@ def evaluate_lm_sweep(model: Any, run: Any, store: ActivationStore, tokens: torc
         return SweepEvaluation.load(run.folder)
     batches = store.batches(4096, seed=seed + 1000, device=run.sae.device)
     ev = evaluate_sweep(model, run.sae, batches, tokens, str(store.manifest["hook"]), max_tokens=n_eval_tokens,
-                        batch_size=batch_size, progress=progress)
+                        batch_size=batch_size, exclude=store.exclusion, progress=progress)
     ev.table.insert(1, "sweep", run.name)
     ev.table.insert(2, "ratio", run.ratio)
     ev.table["train_seconds"] = run.seconds

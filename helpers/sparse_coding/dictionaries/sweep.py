@@ -55,6 +55,19 @@ def input_scale(store: ActivationStore, seed: int = 0) -> float:
     return estimate_input_scale(store, n_batches=16, batch_size=4096, seed=seed)
 
 
+def store_metadata(store: ActivationStore) -> dict:
+    """The SAELens cfg.json ``metadata`` of a dictionary trained on `store`: model_name, revision, hook_name,
+    context_size, dataset_path, plus what identifies the model's weights (``model_id``: a GGUF file's quantisation
+    and sha256) and the positions left out of its inputs (``exclude``), where the harvest recorded them."""
+    m = store.manifest
+    meta = {"model_name": str(m["model"]), "revision": str(m["revision"]), "hook_name": str(m["hook"]),
+            "context_size": int(store.ctx_len), "dataset_path": str(m.get("corpus", ""))}
+    for key in ("model_id", "exclude"):
+        if m.get(key) is not None:
+            meta[key] = m[key]
+    return meta
+
+
 @dataclass
 class LMSweep:
     """A trained (or reloaded) sweep. `sae` takes raw activations (the scale is folded in)."""
@@ -132,9 +145,7 @@ def train_lm_sweep(store: ActivationStore, kind: str, ratio: float, hparams: Map
     history = train_sae(sae, store, steps=steps, lr=lr, batch_size=batch_size, input_scale=s,
                         progress=progress, log_every=log_every, seed=seed, **train_kwargs)
     seconds = time.time() - t0
-    m = store.manifest
-    metadata = {"model_name": str(m["model"]), "revision": str(m["revision"]), "hook_name": str(m["hook"]),
-                "context_size": int(store.ctx_len), "dataset_path": str(m.get("corpus", ""))}
+    metadata = store_metadata(store)
     buf = io.StringIO()
     history.to_csv(buf, index=False)
     save_sweep(sae, folder, metadata=metadata, files={HISTORY_FILE: buf.getvalue()},

@@ -38,6 +38,9 @@ def frontier_metrics(table: pd.DataFrame, best: pd.DataFrame, l0_budget: float |
             out[f"{kind}_log2_fvu_vs_relu_at_same_l0"] = fvu_vs_reference(table, kind)
     out["max_dead_fraction"] = float(table["dead_frac"].max())
     out["clean_perplexity"] = float(table["ppl_clean"].iloc[0]) if "ppl_clean" in table else float("nan")
+    out["clean_loss"] = float(table["ce_clean"].iloc[0]) if "ce_clean" in table else float("nan")  # nats/token
+    if "n_predictions" in table:
+        out["n_loss_predictions"] = int(table["n_predictions"].iloc[0])
     within = best[best["l0"] <= l0_budget] if l0_budget is not None else best
     within = within if len(within) else best
     ref = within.loc[within["fvu"].idxmin()] if "fvu" in within and within["fvu"].notna().any() else best.iloc[0]

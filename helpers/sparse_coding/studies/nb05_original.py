@@ -81,8 +81,7 @@ def train_mini_runs(store: ActivationStore, *, ratio: float, l1_coef: float, n_r
     seconds = time.time() - t0
     buf = io.StringIO()
     hist.to_csv(buf, index=False)
-    meta = {"model_name": str(m["model"]), "revision": str(m["revision"]), "hook_name": str(m["hook"]),
-            "context_size": int(store.ctx_len)}
+    meta = dictionaries.store_metadata(store)
     dictionaries.save_sweep(sae, folder, metadata=meta, files={"history.csv": buf.getvalue()},
                             extra={"settings": settings, "seconds": seconds}, overwrite=True)
     return dictionaries.LMSweep(folder.name, "relu", float(ratio), folder, dictionaries.load_sweep(folder, device=device),

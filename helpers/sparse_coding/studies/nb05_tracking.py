@@ -67,9 +67,9 @@ def revision_labels(model: str, revisions: Sequence[str], data_dir: str | os.Pat
 
 def check_revisions(revisions: Sequence[str]) -> list[str]:
     revisions = [str(r) for r in revisions]
-    if len(revisions) < 2:
-        raise ValueError(f"revisions needs at least 2 model revisions (oldest first, the final model last), got "
-                         f"{revisions}")
+    if not revisions:
+        raise ValueError("revisions is empty: give the model's revisions oldest first, the final model last (one, "
+                         "['final'], for a model without training revisions: part (a) only)")
     if len(set(revisions)) != len(revisions):
         raise ValueError(f"revisions has duplicates: {revisions}")
     bad = [r for r in revisions if not re.fullmatch(r"step\d+|final|main", r)]
@@ -105,7 +105,7 @@ def revision_store(model: str, revision: str, hook: str, n_tokens: int, *, data_
     folder = activations.hook_folder(resolve(data_dir) / "activations", model, revision, hook)
     if (folder / activations.MANIFEST).exists():
         store = ActivationStore(folder)
-        if store.manifest.get("complete") and store.n_tokens >= n_tokens:
+        if store.manifest.get("complete") and store.n_rows >= n_tokens:
             return store
     tl = lm.load_model(lm.model_source(model, data_dir), revision, device=device)
     lm.check_hooks(tl, [hook])
@@ -303,14 +303,18 @@ def pick_tracked(em: Emergence, n: int = 4, threshold: float = 0.9) -> list[int]
     return out
 
 
-def tracking_metrics(traj: TrainingTrajectory, em: Emergence, labels: Sequence[str] | None = None,
+def tracking_metrics(traj: TrainingTrajectory, em: Emergence | None, labels: Sequence[str] | None = None,
                      high: float = 0.9, low: float = 0.6, threshold: float = 0.9) -> dict[str, Any]:
     """The 05_metrics.json keys: part (a)'s shares and births/deaths, part (b)'s share and count of final-model
-    features present (match >= threshold) at each revision, and the consecutive matches."""
+    features present (match >= threshold) at each revision, and the consecutive matches. em=None (a model with
+    one revision, e.g. a GGUF file): part (a) only, with ``revisions`` saying so."""
     def r4(values):
         return [round(float(v), 4) for v in values]
 
     out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in traj.summary(high, low).items()}
+    if em is None:
+        out["revisions"] = "none: the model has one revision, so part (b) (across model revisions) is not run"
+        return out
     out["final_features_present_by_step"] = dict(zip(em.revisions, r4(em.present_by_revision(threshold).values())))
     out["final_features_present_count_by_step"] = em.count_by_revision(threshold)
     out["n_final_features_alive"] = int(em.alive[-1].sum())

@@ -170,7 +170,8 @@ def study_metrics(study: dict[str, Any], role: str) -> dict[str, Any]:
 
 
 def loss_by_feature_set(model, sae: Any, hook: str, tokens: torch.Tensor, reference: Any | None,
-                        mined: Mined, threshold: float = 0.9, seed: int = 0) -> dict[str, Any]:
+                        mined: Mined, threshold: float = 0.9, seed: int = 0,
+                        exclude: Any = None) -> dict[str, Any]:
     """Spliced loss with the whole reconstruction, with only the live features whose MCS against the reference
     dictionary (another seed's) is >= threshold plus the error term, and with as many random live features plus the
     error term (`ablation.loss_with_features`)."""
@@ -183,7 +184,8 @@ def loss_by_feature_set(model, sae: Any, hook: str, tokens: torch.Tensor, refere
     g = torch.Generator().manual_seed(seed)
     pool = live.nonzero().squeeze(1)
     rnd = pool[torch.randperm(len(pool), generator=g)[:len(high)]]
-    loss = loss_with_features(model, sae, hook, tokens, {"high_mcs": high.tolist(), "random": rnd.tolist()})
+    loss = loss_with_features(model, sae, hook, tokens, {"high_mcs": high.tolist(), "random": rnd.tolist()},
+                              exclude=exclude)
     return {"loss_clean": loss["clean"], "loss_spliced_all": loss["all"], "loss_spliced_high_mcs_only":
             loss["high_mcs"], "loss_spliced_random_same_count": loss["random"], "n_high_mcs": int(len(high)),
             "n_live": int(live.sum()), "mcs_threshold": threshold}

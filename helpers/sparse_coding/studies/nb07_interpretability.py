@@ -79,14 +79,15 @@ def layer_encoders(sae_best: Any, sae_paper: Any, sample: torch.Tensor, top_k: i
 
 
 def mine_methods(model, encoders: Mapping[str, tuple[str, Any]], fragments: torch.Tensor, *, n_random: int = 15,
-                 batch_size: int = 64, seed: int = 0, progress: bool = True) -> dict[str, Mined]:
+                 batch_size: int = 64, seed: int = 0, exclude: Any = None, progress: bool = True) -> dict[str, Mined]:
     """One pass of `model` over the fragments for every {name: (hook, encoder)}: whole fragments as windows, the
-    top 20 fragments and `n_random` random firing fragments per direction."""
+    top 20 fragments and `n_random` random firing fragments per direction. exclude: positions left out of the
+    dictionaries' inputs (the stores' `exclusion`; each fragment's first token is the model's position 0)."""
     hooks = sorted({h for h, _ in encoders.values()})
     read = lm.hook_reader(model, hooks)
     dev = next(model.parameters()).device
     return mine(lambda tb: read(tb.to(dev)), encoders, fragments, batch_size=batch_size, n_top=20,
-                n_random=n_random, per_bin=1, window=None, seed=seed, progress=progress)
+                n_random=n_random, per_bin=1, window=None, seed=seed, exclude=exclude, progress=progress)
 
 
 def direction_records(mined: Mined, direction: int, texts: Sequence[str]) -> tuple[dict[int, Record], list, list]:
