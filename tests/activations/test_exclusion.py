@@ -121,3 +121,33 @@ def test_spliced_loss_keeps_excluded_positions_clean_and_out_of_the_metrics(tiny
     # ...and excluding position 0 only keeps its clean activation: the prediction there matches the clean one.
     keep0 = analyses.spliced_loss(tl, toks[:, :2], hook, sae, keep_first_position=True, progress=False).iloc[0]
     assert keep0["ce_spliced"] == pytest.approx(keep0["ce_clean"], abs=1e-6)
+
+
+def test_upper_layers_splice_equals_the_full_hooked_pass(tiny_llama):
+    """On a bridge over a Llama, spliced runs start above the hook (`analyses.upper`): same numbers as the full pass,
+    with and without an exclusion, and the layers below the hook run once per batch."""
+    from sparse_coding.analyses.splicing import Splicer
+
+    tl, _ = tiny_llama
+    hook = "blocks.0.hook_resid_post"
+    toks = torch.randint(3, 500, (6, T), generator=torch.Generator().manual_seed(4))
+    sae = dictionaries.make_sae("topk", tl.cfg.d_model, 2 * tl.cfg.d_model, k=4, seed=0)
+    for ex in (None, Exclusion((0,), (2,))):
+        fast = analyses.spliced_loss(tl, toks, hook, sae, exclude=ex, batch_size=4, progress=False)
+        slow = analyses.spliced_loss(tl, toks, hook, sae, exclude=ex, batch_size=4, fast=False, progress=False)
+        for col in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl_to_clean"):
+            assert fast[col].iloc[0] == pytest.approx(slow[col].iloc[0], rel=1e-5, abs=1e-6), col
+    splicer = Splicer(tl, hook)
+    assert splicer.upper is not None
+    calls = {"n": 0}
+    handle = tl.original_model.model.layers[0].register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        logits, act = splicer.clean(toks)
+        assert calls["n"] == 1  # the hook sees the bridge's own passes
+        calls["n"] = 0
+        patched = splicer.patched(toks, act)
+    finally:
+        handle.remove()
+    assert splicer.upper.ok and calls["n"] == 0  # block 0 (below the hook) did not run again
+    torch.testing.assert_close(patched, logits, rtol=1e-4, atol=1e-4)
+    assert Splicer(tl, hook, fast=False).upper is None

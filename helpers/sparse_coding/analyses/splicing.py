@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .. import lm
 from ..activations import Exclusion
+from .upper import UpperLayers
 from .reconstruction import check_finite, check_sae, encode_decode, member_indices, rows_per_block
 
 
@@ -55,6 +56,8 @@ class Splicer:
         lm.check_hooks(model, [hook_name])
         self.model, self.hook_name = model, hook_name
         self.start_layer = _fast_start_layer(model, hook_name) if fast else None
+        # A bridge over a Llama-family decoder: the layers above the hook alone (`analyses.upper`).
+        self.upper = UpperLayers.for_hook(model, hook_name) if fast and self.start_layer is None else None
 
     def clean(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seen: dict[str, torch.Tensor] = {}
@@ -62,10 +65,16 @@ class Splicer:
         def grab(act, hook):
             seen["act"] = act.detach().clone()  # clone: later hooks or in-place ops must not change our copy
 
-        logits = self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, grab)], return_type="logits")
+        if self.upper is None:
+            logits = self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, grab)], return_type="logits")
+        else:
+            with self.upper.recording(tokens):
+                logits = self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook_name, grab)], return_type="logits")
         if "act" not in seen:
             raise ValueError(f"hook {self.hook_name!r} never fired during the forward pass; pick a hook on the path "
                              f"from tokens to logits")
+        if self.upper is not None:
+            self.upper.check(seen["act"], logits)
         return logits, seen["act"]
 
     def activation(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -87,6 +96,8 @@ class Splicer:
     def patched(self, tokens: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         if self.start_layer is not None:
             return self.model(act, start_at_layer=self.start_layer, return_type="logits")
+        if self.upper is not None and self.upper.ready(tokens):
+            return self.upper(act)
 
         def put(orig, hook):
             return act.to(dtype=orig.dtype, device=orig.device)
@@ -162,7 +173,8 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
       kl_to_clean = mean over predictions of KL(clean ‖ spliced) in nats, ppl_clean = exp(ce_clean), ppl_spliced,
       n_predictions.
     Efficiency: the clean forward runs once per batch and is reused by every member; for residual-stream hooks on a
-    HookedTransformer, spliced runs restart from the hook's layer instead of re-running the layers below it.
+    HookedTransformer (`start_at_layer`) or a bridge over a Llama-family decoder (`analyses.upper`), spliced runs
+    restart from the hook's layer instead of re-running the layers below it.
     """
     tokens = check_tokens(model, tokens)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
