@@ -44,18 +44,18 @@ def validation_contexts(model_dir: str | os.PathLike = DEFAULT_OFFLINE_DIR, ctx_
     return _corpus.contexts(load_tensors(path)["tokens"], ctx_len, max_contexts)
 
 
-def model_contexts(tl, model: str, *, data_dir: str | os.PathLike = "data", ctx_len: int = 128,
+def model_contexts(tl, model: str, *, data_dir: str | os.PathLike = "data", ctx_len: int | None = None,
                    split: str = "train") -> torch.Tensor:
     """Token contexts [n_contexts, ctx_len] to harvest (split="train") or to measure a loss on (split="val"): the
-    offline model's own tokenized splits, or the standard library tokenized with a hub model's tokenizer (cached
-    under ``<data_dir>/tokens/``)."""
+    offline model's own tokenized splits, or the standard library tokenized with another model's tokenizer (cached
+    under ``<data_dir>/tokens/``), ctx_len defaulting to `default_ctx_len` (the model's own, at most 256)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if model == "offline":
         return validation_contexts(offline_dir(data_dir), split=split)
     c = _corpus.load_corpus("stdlib")
     train, val = _corpus.cached_tokens(c, tl.tokenizer, _token_cache(model, data_dir), progress=True)
-    return _corpus.contexts(train if split == "train" else val, ctx_len)
+    return _corpus.contexts(train if split == "train" else val, ctx_len or default_ctx_len(tl))
 
 
 def _token_cache(model: str, data_dir: str | os.PathLike) -> "os.PathLike":
