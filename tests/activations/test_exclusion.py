@@ -151,3 +151,21 @@ def test_upper_layers_splice_equals_the_full_hooked_pass(tiny_llama):
     assert splicer.upper.ok and calls["n"] == 0  # block 0 (below the hook) did not run again
     torch.testing.assert_close(patched, logits, rtol=1e-4, atol=1e-4)
     assert Splicer(tl, hook, fast=False).upper is None
+
+
+def test_mining_never_takes_an_excluded_position_as_an_example():
+    from sparse_coding.analyses.mining import mine
+
+    toks = torch.randint(3, 50, (6, T), generator=torch.Generator().manual_seed(5))
+    toks[:, 4] = 1
+    read = _reader(True)  # position 0 is 100x the rest
+    enc = {"relu": ("blocks.0.hook_resid_post", torch.relu)}
+    mined = mine(read, enc, toks, batch_size=4, n_top=3, n_random=2, window=None, progress=False,
+                 exclude=Exclusion((0,), (1,)))["relu"]
+    plain = mine(read, enc, toks, batch_size=4, n_top=3, n_random=2, window=None, progress=False)["relu"]
+    x = torch.relu(torch.cat([read(toks[i:i + 4])["blocks.0.hook_resid_post"] for i in (0, 4)]))  # as mined
+    x[:, 0], x[:, 4] = 0, 0
+    torch.testing.assert_close(mined.max, x.amax(dim=(0, 1)))
+    assert (plain.max > mined.max).all()  # without the exclusion position 0 holds every maximum
+    for d in range(D):
+        assert all(e.position not in (0, 4) for e in mined.top_examples(d) + mined.random_examples(d))

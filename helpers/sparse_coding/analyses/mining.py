@@ -310,9 +310,7 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
     `lm.hook_reader`, one forward pass for every hook) and every encoder {name: (hook, activations [rows, d] ->
     non-negative direction activations [rows, n])} in batches of `batch_size` contexts; return {name: Mined}.
 
-    exclude: positions and token ids left out of the dictionaries' inputs (`activations.Exclusion`, e.g. position 0
-    of a model with massive first-position activations): their direction activations count as 0 (they never
-    become examples; frequencies still divide by every token mined).
+    exclude: positions left out of the dictionaries' inputs (`activations.Exclusion`): their activations count as 0.
     window: (tokens before, tokens after) kept around an example's max, or None for the whole context. Seeded: the
     same inputs give the same samples. meta records the seconds spent reading, encoding and keeping statistics."""
     check_int(batch_size, "batch_size", 1)
@@ -330,18 +328,14 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
     clock = {"read_seconds": 0.0, "encode_seconds": 0.0, "keep_seconds": 0.0}
     for c0 in tqdm(range(0, N, batch_size), desc="mining", unit="batch", disable=not progress):
         t0 = time.perf_counter()
-        tb = tokens[c0:c0 + batch_size]
-        xs = read(tb)
-        dropped = ~exclude.keep(tb) if exclude else None
+        xs = read(tokens[c0:c0 + batch_size])
+        kept = exclude.keep(tokens[c0:c0 + batch_size])[..., None].float() if exclude else 1.0
         t1 = time.perf_counter()
         clock["read_seconds"] += t1 - t0
         for name, (hook, encode) in encoders.items():
             x = xs[hook]
-            B = x.shape[0]
             t1 = time.perf_counter()
-            a = encode(x.reshape(B * T, -1)).float().reshape(B, T, -1).cpu()
-            if dropped is not None:
-                a[dropped] = 0.0
+            a = encode(x.reshape(x.shape[0] * T, -1)).float().reshape(x.shape[0], T, -1).cpu() * kept
             t2 = time.perf_counter()
             if name not in streams:
                 streams[name] = _Stream(a.shape[-1], n_top, n_random, per_bin, window, T)
@@ -352,6 +346,5 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
             clock["encode_seconds"] += t2 - t1
             clock["keep_seconds"] += time.perf_counter() - t2
     meta = {"window": list(window) if window is not None else None, "n_top": n_top, "n_random": n_random,
-            "exclude": exclude.to_json() if exclude else None,
             "per_bin": per_bin, "seed": seed, "batch_size": batch_size, **clock}
     return {name: s.result(tokens, meta) for name, s in streams.items()}
