@@ -89,7 +89,8 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
             in the manifest so that a store made from a model since retrained is refused as stale.
         exclude: positions left out of the dictionaries' inputs (`activations.exclusion`): "auto" (default) leaves
             out position 0 and the tokenizer's special tokens when the first position's activations are massive
-            (median norm over `exclusion.MASSIVE_RATIO` times the others' at any hook), None nothing, True always,
+            (median norm over `exclusion.MASSIVE_RATIO` times the others' in the residual stream at any of the
+            model's `lm.default_layers`, whatever the hooks harvested), None nothing, True always,
             or {"positions": [...], "token_ids": [...]}. They are stored (the model saw them) and recorded in the
             manifest as ``exclude``; every reader of the store leaves them out.
         fast: for GPT-NeoX and block-level hooks (resid_pre/post, attn_out, mlp_out, mlp.hook_pre/post) run a lean
@@ -121,7 +122,10 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
     target = need_ctx * ctx_len
     run = lm.hook_reader(model, hooks, fast=fast)  # also validates the hook names against the model
     device = next(model.parameters()).device
-    exclusion = resolve_exclusion(exclude, run, tokens[:8].to(device), getattr(model, "tokenizer", None))
+    # Massive activations are a property of the model, not of the hooks asked for (SmolLM2-135M: 9x at layer 4,
+    # 1.3x at layer 9, 155x at layer 14), so "auto" probes the residual stream at the model's default layers.
+    probe = lm.hook_reader(model, [lm.hook_name("resid_post", L) for L in lm.default_layers(model)], fast=fast)
+    exclusion = resolve_exclusion(exclude, probe, tokens[:8].to(device), getattr(model, "tokenizer", None))
 
     with ExitStack() as locks:
         # Manifests: new, resumed, or already complete.
