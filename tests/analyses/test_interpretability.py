@@ -110,3 +110,16 @@ def test_baseline_directions():
     assert ica.shape == (2000, 12) and (ica >= 0).all()
     with pytest.raises(ValueError, match="more rows"):
         D.pca_encoder(x[:3])
+
+
+def test_plain_and_topk_baselines_share_one_fit():
+    """ICA/PCA and their top-K variants come from one fit of the same sample (a 576-dim ICA takes minutes)."""
+    from sparse_coding.analyses import directions as D
+
+    x = torch.randn(300, 6, generator=torch.Generator().manual_seed(0)) @ torch.randn(6, 6)
+    plain, topk = D.ica_encoder(x, seed=0), D.ica_encoder(x, top_k=2, seed=0)
+    assert len(D._FITS[id(x)]) == 1
+    h, k = plain(x[:5]), topk(x[:5])
+    assert ((k > 0).sum(1) <= 2).all() and torch.equal(k[k > 0], h[k > 0])  # the top 2 of the same activations
+    D.pca_encoder(x, seed=0), D.pca_encoder(x, top_k=2, seed=0)
+    assert len(D._FITS[id(x)]) == 2
