@@ -122,8 +122,8 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
     target = need_ctx * ctx_len
     run = lm.hook_reader(model, hooks, fast=fast)  # also validates the hook names against the model
     device = next(model.parameters()).device
-    # Massive activations are a property of the model, not of the hooks asked for (SmolLM2-135M: 9x at layer 4,
-    # 1.3x at layer 9, 155x at layer 14), so "auto" probes the residual stream at the model's default layers.
+    # Massive activations are a property of the model, not of the hooks asked for (they can be absent at one layer
+    # and huge at the next: 02_metrics.json's first_position_norm_ratio), so "auto" probes the default layers.
     probe = lm.hook_reader(model, [lm.hook_name("resid_post", L) for L in lm.default_layers(model)], fast=fast)
     exclusion = resolve_exclusion(exclude, probe, tokens[:8].to(device), getattr(model, "tokenizer", None))
 
@@ -219,7 +219,8 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
 def default_dtype(tl) -> torch.dtype:
     """How a model's activations are stored by default: float16 (half the disk) for models of 100M parameters or
     more, whose harvests run to gigabytes per layer, float32 below. float16 keeps 11 significant bits, far finer
-    than an SAE's reconstruction error; its range (65504) holds even massive first-position activations."""
+    than an SAE's reconstruction error; a value past its range (±65504) would be stored as inf, which the
+    trainer refuses (massive first-position activations sit in the excluded positions)."""
     n = sum(p.numel() for p in tl.parameters())
     return torch.float16 if n >= 100_000_000 else torch.float32
 
