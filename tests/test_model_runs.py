@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sparse_coding import files, runner
 from sparse_coding.paths import repo_root
 from sparse_coding.plots import writeup
@@ -14,7 +16,9 @@ def test_runner_model_parameters():
     nb = repo_root() / "notebooks" / "03_train.ipynb"
     params = runner.model_parameters(nb, "smollm2-135m")
     real = json.loads((repo_root() / "notebooks" / "real.json").read_text())
-    assert params["model"] == "smollm2-135m" and params["layer"] == real["03_train"]["layer"]
+    assert params["model"] == "smollm2-135m" and params["layer"] == real["smollm2-135m"]["03_train"]["layer"]
+    with pytest.raises(SystemExit, match="no sizes for model"):  # SmolLM2's layer 14 would not fit another model
+        runner.model_parameters(nb, "EleutherAI/pythia-70m-deduped")
     assert params["figures_dir"].endswith("figures/smollm2-135m")
     assert runner.model_figures_name("/x/y/tiny.gguf") == "tiny"
     smoke = runner.smoke_parameters(repo_root() / "notebooks" / "05_tracking.ipynb", repo_root() / "build" / "s",
@@ -46,4 +50,5 @@ def test_side_by_side_table_reads_each_run(tmp_path):
     assert "[smollm2-135m](smollm2-135m/README.md)" in text
     writeup.main(["--figures", str(tmp_path)])
     sub_text = (sub / "README.md").read_text()
-    assert "SmolLM2-135M-Instruct" in sub_text and "The original work vs this run" not in sub_text
+    assert "30 blocks" in sub_text and "The original work vs this run" not in sub_text
+    assert "'positions': [0]" in sub_text  # the exclusion, read from 02_metrics.json

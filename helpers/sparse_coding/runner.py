@@ -55,9 +55,14 @@ def smoke_parameters(nb: Path, out: Path, model: str | None = None) -> dict:
 
 
 def model_parameters(nb: Path, model: str) -> dict:
-    """A full run on another model (`make figures-real`): notebooks/real.json's "_all" and the notebook's entry (the
-    sizes that fit the model on 2 cores), the model, and figures into figures/<model>/."""
+    """A full run on another model (`make figures-real`): the model's entry in notebooks/real.json ("_all" and the
+    notebook's own: the sizes that fit that model on 2 cores), the model, and figures into figures/<model>/. Raises
+    SystemExit naming the file for a model it has no entry for (another model's layer and sizes would not fit)."""
     table = json.loads((repo_root() / "notebooks" / "real.json").read_text())
+    if model not in table:
+        raise SystemExit(f"notebooks/real.json has no sizes for model {model!r} (it has {sorted(k for k in table if not k.startswith('_'))}); "
+                         f"add an entry with its layer and token counts, or run papermill with -p model {model}")
+    table = table[model]
     params = dict(table.get("_all", {}))
     params.update(table.get(nb.stem, {}))
     params["model"] = model
@@ -147,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     todo = notebooks(args.only)
     if args.model:
         todo = [nb for nb in todo if nb.name[:2] in MODEL_NOTEBOOKS]
+        if not todo:  # e.g. `make test NOTEBOOKS=01`: nothing of 02-07 to run on the model
+            print("[runner] no model notebook (02-07) among those asked for: nothing to run on --model")
+            return 0
     if not todo:
         print("no notebooks matched", file=sys.stderr)
         return 1

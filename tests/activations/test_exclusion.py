@@ -169,3 +169,21 @@ def test_mining_never_takes_an_excluded_position_as_an_example():
     assert (plain.max > mined.max).all()  # without the exclusion position 0 holds every maximum
     for d in range(D):
         assert all(e.position not in (0, 4) for e in mined.top_examples(d) + mined.random_examples(d))
+
+
+def test_feature_ablation_never_edits_an_excluded_position(tiny_llama):
+    from sparse_coding.analyses.ablation import feature_ablation
+
+    tl, _ = tiny_llama
+    hook = "blocks.0.hook_resid_post"
+    toks = torch.randint(3, 500, (3, T), generator=torch.Generator().manual_seed(6))
+    sae = dictionaries.make_sae("relu", tl.cfg.d_model, 2 * tl.cfg.d_model, seed=0)
+    f = int(sae.encode(torch.randn(64, tl.cfg.d_model))[0].gt(0).sum(0).argmax())  # a feature that fires
+    plain = feature_ablation(tl, sae, hook, toks, f, mode="clamp", value=5.0, where="all")
+    ex = feature_ablation(tl, sae, hook, toks, f, mode="clamp", value=5.0, where="all", exclude=Exclusion((0,), ()))
+    assert plain.n_positions == 3 * (T - 1) and ex.n_positions == 3 * (T - 2)
+    first = feature_ablation(tl, sae, hook, toks, f, mode="clamp", value=5.0, where="all",
+                             exclude=Exclusion(tuple(range(1, T)), ()))  # only position 0 kept, edited, scored
+    assert first.n_positions == 3
+    with pytest.raises(ValueError, match="no prediction"):
+        feature_ablation(tl, sae, hook, toks, f, mode="zero", exclude=Exclusion(tuple(range(T - 1)), ()))

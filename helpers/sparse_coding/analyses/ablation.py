@@ -94,10 +94,12 @@ def edit_activation(sae: Any, x: torch.Tensor, feature: int, mode: str = "zero",
 @torch.no_grad()
 def feature_ablation(model, sae: Any, hook: str, tokens: torch.Tensor, feature: int, *, mode: str = "zero",
                      value: float | None = None, member: int = 0, where: str = "firing",
-                     batch_size: int | None = None) -> AblationEffect:
+                     batch_size: int | None = None, exclude: Exclusion | None = None) -> AblationEffect:
     """Edit `feature` at `hook` in every context of tokens [n_contexts, T] and measure the change in next-token
     log-probabilities at the edited positions and in the loss. A feature that never fires there changes nothing
-    (exactly: the edit is not applied anywhere)."""
+    (exactly: the edit is not applied anywhere). exclude: positions left out of the SAE's inputs (its cfg.json's):
+    never edited, and the predictions made there are left out of the loss."""
+    exclude = exclude or Exclusion()
     check_int(feature, "feature", 0, int(sae.d_sae) - 1, f" (the dictionary has {sae.d_sae} features)")
     tokens = check_tokens(model, tokens)
     batch_size = batch_size or max(1, 1024 // tokens.shape[1])  # the bridge's eager attention is [B, H, T, T]
@@ -110,19 +112,24 @@ def feature_ablation(model, sae: Any, hook: str, tokens: torch.Tensor, feature: 
         logits, act = splicer.clean(tb)
         B, T, d = act.shape
         new, rows = edit_activation(sae, act.reshape(B * T, d), feature, mode, value, member, where)
-        rows = rows.reshape(B, T)
+        keep = exclude.keep(tb)
+        new = torch.where(keep.reshape(B * T, 1), new, act.reshape(B * T, d))
+        rows = rows.reshape(B, T) & keep
         logp, ce = next_token_logprobs(logits, tb)
-        ce_clean += float(ce.double().sum())
-        n_pred += ce.numel()
+        scored = keep[:, :-1]
+        ce_clean += float(ce[scored].double().sum())
+        n_pred += int(scored.sum())
         if not bool(rows.any()):
-            ce_edit += float(ce.double().sum())  # nothing edited: the same predictions
+            ce_edit += float(ce[scored].double().sum())  # nothing edited: the same predictions
             continue
         logp_e, ce_e = next_token_logprobs(splicer.patched(tb, new.reshape(B, T, d)), tb)
-        ce_edit += float(ce_e.double().sum())
+        ce_edit += float(ce_e[scored].double().sum())
         at = rows[:, :-1]  # the prediction made at an edited position
         diff = (logp_e - logp)[at].double().sum(0)
         total = diff if total is None else total + diff
         n_pos += int(at.sum())
+    if n_pred == 0:
+        raise ValueError(f"exclude={exclude} leaves no prediction to score in contexts of {tokens.shape[1]} tokens")
     vocab = int(logits.shape[-1])
     change = (total / n_pos).float() if total is not None and n_pos else torch.zeros(vocab)
     return AblationEffect(feature, mode, change.cpu(), ce_clean / n_pred, ce_edit / n_pred, n_pos)

@@ -98,13 +98,14 @@ def _original(original: Mapping[str, Any], key: str | None) -> str:
     if not key or key not in original:
         return "—"
     value = original[key].get("value")
-    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return f"{text} ({original[key].get('setting', '')})"
 
 
 def side_by_side(offline: Metrics, runs: Mapping[str, Metrics], original: Mapping[str, Any]) -> list[str]:
     """Markdown lines: one row per shared quantity; columns the offline model, each model run, the original work."""
     names = list(runs)
-    lines = ["| quantity | offline model | " + " | ".join(names) + " | original work (Pythia-70M) |",
+    lines = ["| quantity | offline model | " + " | ".join(names) + " | original work (its setting) |",
              "|---" * (3 + len(names)) + "|"]
     for row, get, key in ROWS:
         cells = [get(offline)] + [get(runs[n]) for n in names]

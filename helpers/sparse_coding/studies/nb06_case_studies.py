@@ -128,10 +128,10 @@ def pick_features(mined: Mined, model, sae: Any, texts: Sequence[str], seed: int
 
 def case_study(model, sae: Any, hook: str, mined: Mined, feature: int, texts: Sequence[str], *,
                token_counts: torch.Tensor | None = None, n_contexts: int = 20, n_quantile_bins: int = 10,
-               per_bin: int = 3, steer: float = 2.0, seed: int = 0) -> dict[str, Any]:
+               per_bin: int = 3, steer: float = 2.0, seed: int = 0, exclude: Any = None) -> dict[str, Any]:
     """Everything shown for one feature: moments, histogram, top and quantile examples, logit lens (rare tokens
     left out), the zero / less-than-rank-one / clamp(steer × max) ablation effects over its top contexts, and the
-    token ablation of its strongest context."""
+    token ablation of its strongest context. exclude: positions left out of the SAE's inputs (never edited)."""
     f = check_feature(mined, feature)
     tops = mined.top_examples(f)
     quant = mined.quantile_examples(f, n_quantile_bins, per_bin, seed)
@@ -139,7 +139,8 @@ def case_study(model, sae: Any, hook: str, mined: Mined, feature: int, texts: Se
     W = sae.member_state(0)["W_dec"]
     up, down = top_tokens(logit_lens(model, W[f]), 10, token_counts, min_count=5 if token_counts is not None else 0)
     effects = {mode: feature_ablation(model, sae, hook, ctx, f, mode=mode,
-                                      value=steer * float(mined.max[f]) if mode == "clamp" else None)
+                                      value=steer * float(mined.max[f]) if mode == "clamp" else None,
+                                      exclude=exclude)
                for mode in ("zero", "rank_one", "clamp")}
     first = tops[0]
     drops = token_ablation(model, sae, hook, mined.tokens[first.context], first.position, f)
