@@ -99,9 +99,11 @@ def tracking_schedule(steps: int, n_even: int = 16) -> list[int]:
 
 
 def revision_store(model: str, revision: str, hook: str, n_tokens: int, *, data_dir: str | os.PathLike = "data",
-                   device: str = "cpu", seed: int = 0, progress: bool = True) -> ActivationStore:
+                   device: str = "cpu", seed: int = 0, progress: bool = True, exclude: Any = "auto") -> ActivationStore:
     """The activation store of (model, revision, hook) with at least n_tokens rows; the model is loaded (and the
-    hook harvested) only when it is missing, so a rerun touches no model at all."""
+    hook harvested) only when it is missing, so a rerun touches no model at all. exclude: as in `harvest`; pass the
+    final revision's store's `exclusion` for the others, so that every revision leaves out the same positions
+    (a random-init revision has no massive activations to detect)."""
     folder = activations.hook_folder(resolve(data_dir) / "activations", model, revision, hook)
     if (folder / activations.MANIFEST).exists():
         store = ActivationStore(folder)
@@ -110,7 +112,7 @@ def revision_store(model: str, revision: str, hook: str, n_tokens: int, *, data_
     tl = lm.load_model(lm.model_source(model, data_dir), revision, device=device)
     lm.check_hooks(tl, [hook])
     return activations.ensure_activations(tl, model, revision, hook, n_tokens, data_dir=data_dir, seed=seed,
-                                          progress=progress)
+                                          progress=progress, exclude=exclude)
 
 
 def _check_single(hparams: Mapping[str, Any]) -> None:
