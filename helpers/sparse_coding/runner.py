@@ -180,16 +180,16 @@ def main(argv: list[str] | None = None) -> int:
                 status = 1
                 break
             print(f"[runner] {nb.name} done in {_clock(times[nb.stem])}", flush=True)
+            if not args.smoke:  # each as it finishes: a run stopped later keeps the times of what it finished
+                where = repo_root() / "figures" / (model_figures_name(args.model) if args.model else "")
+                where.mkdir(parents=True, exist_ok=True)
+                update_json(where / "run_times.json", {nb.stem: round(times[nb.stem])})
     finally:
         log.removeHandler(file_handler)
         file_handler.close()
     if times:
         print("[runner] run times: " + ", ".join(f"{k} {_clock(v)}" for k, v in times.items()) +
               f"; total {_clock(sum(times.values()))}", flush=True)
-        if not args.smoke and status == 0:
-            where = repo_root() / "figures" / (model_figures_name(args.model) if args.model else "")
-            where.mkdir(parents=True, exist_ok=True)
-            update_json(where / "run_times.json", {k: round(v) for k, v in times.items()})
     return status
 
 

@@ -187,3 +187,16 @@ def test_feature_ablation_never_edits_an_excluded_position(tiny_llama):
     assert first.n_positions == 3
     with pytest.raises(ValueError, match="no prediction"):
         feature_ablation(tl, sae, hook, toks, f, mode="zero", exclude=Exclusion(tuple(range(T - 1)), ()))
+
+
+def test_norm_outliers_finds_massive_rows_the_exclusion_missed(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    acts = torch.randn(16 * T, D, generator=g)
+    acts[2::T * 4] *= 100.0  # position 2 of every fourth context: past position 0, not a special token
+    store = A.write_store(tmp_path / "s", acts, torch.randint(3, 50, (16 * T,), generator=g), ctx_len=T,
+                          exclude=Exclusion((0,), ()))
+    out = A.norm_outliers(store, ratio=10.0, rows_per_read=7)
+    assert out["n_rows"] == 4 and out["positions"] == {2: 4}
+    kept = acts[torch.arange(16 * T) % T != 0]
+    sq = kept.double().pow(2).sum(1)
+    assert out["share_of_sum_squares"] == pytest.approx(float(sq[sq > 100 * sq.median()].sum() / sq.sum()), rel=1e-5)

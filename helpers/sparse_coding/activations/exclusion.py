@@ -117,3 +117,21 @@ def kept_rows(tokens: torch.Tensor, ctx_len: int, exclusion: Exclusion) -> torch
         return None
     return exclusion.keep(tokens.reshape(-1, ctx_len)).reshape(-1).nonzero().squeeze(1)
 
+
+
+def norm_outliers(store: Any, ratio: float = 10.0, rows_per_read: int = 65536) -> dict:
+    """The kept rows of a store whose norm exceeds `ratio` x the median kept norm: massive activations that the
+    exclusion did not catch (they can sit past position 0, e.g. after a run of repeated tokens at a context's
+    start). {"median_norm", "max_norm", "n_rows", "share_of_sum_squares" (their share of Σ‖x‖², what an SAE's
+    MSE and input scale are made of), "positions" ({position in context: count})}. Reads every kept row once."""
+    norms = torch.cat([store.rows(range(i, min(i + rows_per_read, store.n_tokens))).norm(dim=1)
+                       for i in range(0, store.n_tokens, rows_per_read)])
+    median = float(norms.median())
+    big = (norms > ratio * median).nonzero().squeeze(1)
+    positions: dict[int, int] = {}
+    for r in big.tolist():
+        pos = store.context_of(r)[1]
+        positions[pos] = positions.get(pos, 0) + 1
+    sq = norms.double().pow(2)
+    return {"median_norm": median, "max_norm": float(norms.max()), "n_rows": int(big.numel()),
+            "share_of_sum_squares": float(sq[big].sum() / sq.sum()), "positions": dict(sorted(positions.items()))}

@@ -73,7 +73,7 @@ def model_intro(name: str, metrics: dict) -> str:
     for nn, key in (("05", "revisions"), ("07", "step0_control")):
         note = metrics.get(nn, {}).get(key)
         if isinstance(note, str) and note.startswith("none"):
-            parts.append(f"Notebook {nn}: {note}.")
+            parts.append(f"Notebook {nn}: {note.removeprefix('none: ')}.")
     return " ".join(parts)
 
 

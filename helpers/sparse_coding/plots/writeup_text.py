@@ -67,8 +67,17 @@ def _answer_01(m: Metrics) -> str:
 
 
 def _answer_02(m: Metrics) -> str:
-    return (f"{_f(_get(m, '02', 'n_tokens'))} tokens per layer harvested at "
+    text = (f"{_f(_get(m, '02', 'n_tokens'))} tokens per layer harvested at "
             f"{_f(_get(m, '02', 'harvest_tokens_per_s'), 3)} tokens/s, d_model {_f(_get(m, '02', 'd_model'))}.")
+    massive = {h.split(".")[1]: o for h, o in (_get(m, "02", "massive_rows_kept") or {}).items() if o.get("n_rows")}
+    if massive:
+        text += (" Rows kept for the SAEs with a norm over 10x the median (massive activations the exclusion of "
+                 "position 0 and special tokens did not catch), by layer: " +
+                 "; ".join(f"layer {L}: {o['n_rows']} rows (most at positions "
+                           f"{', '.join(f'{p} ({n})' for p, n in sorted(o['positions'].items(), key=lambda kv: -kv[1])[:4])}), "
+                           f"{_f(o['share_of_sum_squares'])} of Σ‖x‖²" for L, o in massive.items()) +
+                 ". They weigh on every SAE's MSE, FVU and input scale at those layers.")
+    return text
 
 
 def _answer_03(m: Metrics) -> str:
