@@ -25,3 +25,13 @@ def resolve(path: str | os.PathLike) -> Path:
     """An absolute path as given, or a relative one taken from the repo root (not the notebook's cwd)."""
     p = Path(path)
     return p if p.is_absolute() else repo_root() / p
+
+
+def repo_relative(path: str | os.PathLike) -> str:
+    """A path under the repo root as a relative string (for files we commit: no machine's absolute paths), any
+    other path as given."""
+    p = resolve(path).resolve()
+    try:
+        return str(p.relative_to(repo_root()))
+    except ValueError:
+        return str(path)
