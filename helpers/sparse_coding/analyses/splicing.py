@@ -196,16 +196,11 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
         model.eval()
     device = model_device(model)
     N, T = tokens.shape
-    scored_only = exclude or Exclusion()  # left out of the SAE's inputs and of the losses
-    exclude = scored_only  # kept clean in every spliced run: that, plus position 0 under keep_first_position
-    if keep_first_position:
-        exclude = Exclusion(tuple(sorted({0, *exclude.positions})), exclude.token_ids)
-
-    def kept(tb: torch.Tensor) -> torch.Tensor:
-        return exclude.keep(tb)
-
-    if not bool(scored_only.keep(tokens)[:, :-1].any()):
-        raise ValueError(f"exclude={scored_only} leaves no prediction to score in these {tuple(tokens.shape)} "
+    unscored = exclude or Exclusion()  # left out of the SAE's inputs and of the losses
+    # Kept clean in every spliced run: the excluded positions, plus position 0 under keep_first_position.
+    clean = Exclusion(tuple(sorted({0, *unscored.positions})), unscored.token_ids) if keep_first_position else unscored
+    if not bool(unscored.keep(tokens)[:, :-1].any()):
+        raise ValueError(f"exclude={unscored} leaves no prediction to score in these {tuple(tokens.shape)} "
                          f"contexts; exclude fewer positions or pass longer contexts")
     batches = [tokens[i: i + batch_size] for i in range(0, N, batch_size)]
 
@@ -218,7 +213,7 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
                 act = act.reshape(act.shape[0], act.shape[1], -1)
                 if sae is not None and act.shape[-1] != int(sae.d_in):  # fail before the long pass, not after
                     raise _width_error(splicer, sae, act.shape[-1])
-                act = act[kept(tb.to(act.device))]
+                act = act[clean.keep(tb.to(act.device))]
                 s = act.double().sum(dim=0)
                 total = s if total is None else total + s
                 count += act.shape[0]
@@ -238,8 +233,8 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
             check_finite(act, f"the activation at {hook_name!r}")
             logp_clean, ce = next_token_logprobs(logits, tb)
             del logits
-            keep = kept(tb)
-            scored = scored_only.keep(tb)[:, :-1]
+            keep = clean.keep(tb)
+            scored = unscored.keep(tb)[:, :-1]
             sums["clean"] += float(ce[scored].double().sum())
             n_pred += int(scored.sum())
             B = tb.shape[0]
@@ -253,7 +248,7 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
             def splice(new: torch.Tensor) -> torch.Tensor:
                 """new [B*T, w] or broadcastable -> patched logits, excluded positions kept clean."""
                 new = new.to(dtype=act.dtype, device=act.device).expand(B * T, flat.shape[1]).reshape(act.shape)
-                if exclude:
+                if clean:
                     new = torch.where(keep.reshape(B, T, *[1] * (act.ndim - 2)), new, act)
                 return splicer.patched(tb, new)
 
