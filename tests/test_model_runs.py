@@ -38,7 +38,9 @@ def test_side_by_side_table_reads_each_run(tmp_path):
     files.write_metrics(sub, "03", {"model": "smollm2-135m", "hook": "blocks.14.hook_resid_post", "clean_loss": 2.25,
                                     "clean_perplexity": 9.49})
     files.write_metrics(sub, "02", {"n_layers": 30, "n_tokens": 1000, "harvest_tokens_per_s": 900.0,
-                                    "exclude": {"positions": [0], "token_ids": [0, 1, 2]}})
+                                    "exclude": {"positions": [0], "token_ids": [0, 1, 2], "norm_ratio": 10.0},
+                                    "massive_rows_excluded": {"blocks.14.hook_resid_post": 17},
+                                    "norm_limits": {"blocks.14.hook_resid_post": 512.5}})
     text = writeup.build(tmp_path)
     table = text[text.index("side by side"):]
     row = next(line for line in table.splitlines() if line.startswith("| clean loss"))
@@ -51,4 +53,5 @@ def test_side_by_side_table_reads_each_run(tmp_path):
     writeup.main(["--figures", str(tmp_path)])
     sub_text = (sub / "README.md").read_text()
     assert "30 blocks" in sub_text and "The original work vs this run" not in sub_text
-    assert "'positions': [0]" in sub_text  # the exclusion, read from 02_metrics.json
+    assert "position(s) [0], token ids [0, 1, 2]" in sub_text and "over 10.0x the median" in sub_text  # 02's
+    assert "layer 14: 17 (limit 512.5)" in sub_text

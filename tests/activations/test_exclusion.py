@@ -42,10 +42,11 @@ def _reader(massive: bool):
 
 def test_detection_of_massive_first_position_activations():
     toks = torch.zeros(8, T, dtype=torch.long)
-    assert A.detect_exclusion(_reader(True), toks, _Tok()) == Exclusion((0,), (0, 1, 2))
+    full = Exclusion((0,), (0, 1, 2), A.NORM_RATIO)
+    assert A.detect_exclusion(_reader(True), toks, _Tok()) == full
     assert A.detect_exclusion(_reader(False), toks, _Tok()) == Exclusion()
-    assert resolve_exclusion("auto", _reader(True), toks, _Tok()) == Exclusion((0,), (0, 1, 2))
-    assert resolve_exclusion(True, _reader(False), toks, _Tok()) == Exclusion((0,), (0, 1, 2))
+    assert resolve_exclusion("auto", _reader(True), toks, _Tok()) == full
+    assert resolve_exclusion(True, _reader(False), toks, _Tok()) == full
     assert resolve_exclusion(None, _reader(True), toks, _Tok()) == Exclusion()
 
 
@@ -96,8 +97,21 @@ def test_harvest_records_the_exclusion_and_the_store_honours_it(tiny_llama, tmp_
     hook = "blocks.0.hook_resid_post"
     folder = A.harvest(tl, ctx, [hook], 8 * T, tmp_path, "tiny", progress=False, exclude=True)[hook]
     store = A.ActivationStore(folder)
-    assert store.exclusion == Exclusion((0,), tuple(sorted(set(tl.tokenizer.all_special_ids))))
-    assert store.n_rows == 8 * T and store.n_tokens == 8 * (T - 2)
+    specials = tuple(sorted(set(tl.tokenizer.all_special_ids)))
+    # The norm limit at the hook is measured on the harvest's first 8 contexts: 10x the kept positions' median.
+    norms = lm.hook_reader(tl, [hook])(ctx)[hook].float().norm(dim=-1)
+    by_token = Exclusion((0,), specials).keep(ctx)
+    limit = A.NORM_RATIO * float(norms[by_token].median())
+    assert store.exclusion.positions == (0,) and store.exclusion.token_ids == specials
+    assert store.exclusion.norm_ratio == A.NORM_RATIO
+    assert store.exclusion.limit(hook) == pytest.approx(limit, rel=1e-4)
+    assert store.manifest["exclude"]["max_norm"] == {hook: pytest.approx(limit, rel=1e-4)}
+    assert store.n_rows == 8 * T and store.n_tokens == 8 * (T - 2) and store.n_norm_excluded == 0
+    # The same harvest again is accepted (the limit measured again matches), even with another revision's limit
+    # passed in: a harvest measures its own.
+    again = A.harvest(tl, ctx, [hook], 8 * T, tmp_path, "tiny", progress=False,
+                      exclude=store.exclusion.with_limits({hook: 1e9}))[hook]
+    assert A.ActivationStore(again).n_tokens == store.n_tokens
     assert not torch.isin(store.tokens, torch.tensor([0, 1, 2])).any()
     # A harvest with another exclusion into the same folder is refused, naming the setting.
     with pytest.raises(ValueError, match="exclude"):
@@ -200,3 +214,70 @@ def test_norm_outliers_finds_massive_rows_the_exclusion_missed(tmp_path):
     kept = acts[torch.arange(16 * T) % T != 0]
     sq = kept.double().pow(2).sum(1)
     assert out["share_of_sum_squares"] == pytest.approx(float(sq[sq > 100 * sq.median()].sum() / sq.sum()), rel=1e-5)
+
+
+def _massive_past_zero(tmp_path, name="s"):
+    """16 contexts of T whose position 2 in every fourth context is 100x the rest (not position 0, not special)."""
+    g = torch.Generator().manual_seed(7)
+    acts = torch.randn(16 * T, D, generator=g)
+    acts[2::T * 4] *= 100.0
+    toks = torch.randint(3, 50, (16 * T,), generator=g)
+    return acts, toks
+
+
+def test_norm_rule_leaves_out_massive_rows_past_position_zero(tmp_path):
+    acts, toks = _massive_past_zero(tmp_path)
+    store = A.write_store(tmp_path / "s", acts, toks, ctx_len=T, exclude=Exclusion((0,), (), A.NORM_RATIO))
+    by_pos = torch.arange(16 * T) % T != 0
+    limit = A.NORM_RATIO * float(acts.norm(dim=1)[by_pos].median())
+    assert store.exclusion.limit("activations") == pytest.approx(limit, rel=1e-5)
+    assert store.n_norm_excluded == 4 and store.n_tokens == int(by_pos.sum()) - 4
+    massive = torch.zeros(16 * T, dtype=torch.bool)
+    massive[2::T * 4] = True
+    torch.testing.assert_close(store.all(), acts[by_pos & ~massive])
+    assert A.norm_outliers(store)["n_rows"] == 0
+    assert all(store.context_of(r)[1] != 0 for r in range(store.n_tokens))
+    # The same rule, applied to activations by a model-in-the-loop reader, gives the store's mask.
+    keep = store.exclusion.keep(toks.reshape(16, T), acts.reshape(16, T, D), "activations")
+    assert keep.reshape(-1).tolist() == (by_pos & ~massive).tolist()
+    with pytest.raises(ValueError, match="acts"):
+        store.exclusion.keep(toks.reshape(16, T), hook="activations")
+
+
+def test_exclusion_json_round_trip_merge_and_tolerance():
+    ex = Exclusion((0,), (1, 2), 10.0, (("a", 3.5),))
+    assert Exclusion.from_json(ex.to_json()) == ex
+    assert ex.for_hook("b") == Exclusion((0,), (1, 2), 10.0) and ex.for_hook("a") == ex
+    both = Exclusion.merged([ex, Exclusion((0,), (1, 2), 10.0, (("b", 7.0),))])
+    assert both.limit("a") == 3.5 and both.limit("b") == 7.0
+    with pytest.raises(ValueError, match="different rows"):
+        Exclusion.merged([ex, Exclusion((0,), (), 10.0)])
+    assert ex.same_as(ex.with_limits({"a": 3.5 * (1 + 1e-5)})) and not ex.same_as(ex.with_limits({"a": 4.0}))
+    for bad in ({"positions": [0], "norm_ratio": 0.5}, {"positions": [0], "max_norm": {"a": -1}},
+                {"positions": [0], "max_norm": [1.0]}):
+        with pytest.raises(ValueError, match="exclude"):
+            Exclusion.from_json(bad)
+
+
+def test_model_in_the_loop_readers_apply_the_norm_limit(tiny_llama):
+    """The spliced loss, feature ablation and mining leave out the rows over the limit at the SAE's hook, exactly
+    those the activations there put over it (here a limit at the median, so about half)."""
+    from sparse_coding.analyses.ablation import feature_ablation
+    from sparse_coding.analyses.mining import mine
+
+    tl, _ = tiny_llama
+    hook = "blocks.0.hook_resid_post"
+    toks = torch.randint(3, 500, (4, T), generator=torch.Generator().manual_seed(8))
+    x = lm.hook_reader(tl, [hook])(toks)[hook]
+    norms = x.float().norm(dim=-1)
+    ex = Exclusion((0,), (), None, ((hook, float(norms[:, 1:].median())),))
+    keep = (norms <= ex.limit(hook)) & (torch.arange(T) != 0)
+    assert 0 < int(keep.sum()) < 4 * (T - 1)
+    sae = dictionaries.make_sae("relu", tl.cfg.d_model, 2 * tl.cfg.d_model, seed=0)
+    row = analyses.spliced_loss(tl, toks, hook, sae, exclude=ex, progress=False).iloc[0]
+    assert row["n_predictions"] == int(keep[:, :-1].sum())
+    eff = feature_ablation(tl, sae, hook, toks, 0, mode="clamp", value=5.0, where="all", exclude=ex)
+    assert eff.n_positions == int(keep[:, :-1].sum())
+    mined = mine(lm.hook_reader(tl, [hook]), {"relu": (hook, torch.relu)}, toks, batch_size=4, n_top=3,
+                 n_random=2, window=None, progress=False, exclude=ex)["relu"]
+    torch.testing.assert_close(mined.max, (torch.relu(x.float()) * keep[..., None]).amax(dim=(0, 1)))

@@ -20,7 +20,7 @@ from .. import lm
 from ..corpus import contexts
 from ..files import folder_lock, load_json, save_json
 from ..paths import resolve
-from .exclusion import resolve_exclusion
+from .exclusion import Exclusion, norm_limits, resolve_exclusion
 from .layout import FORMAT_VERSION, MANIFEST, hook_folder, revision_name, write_chunk
 from .store import ActivationStore
 
@@ -88,11 +88,13 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
         model_id: what the model's weights came from (`lm.model_id`: the offline model's training settings), recorded
             in the manifest so that a store made from a model since retrained is refused as stale.
         exclude: positions left out of the dictionaries' inputs (`activations.exclusion`): "auto" (default) leaves
-            out position 0 and the tokenizer's special tokens when the first position's activations are massive
-            (median norm over `exclusion.MASSIVE_RATIO` times the others' in the residual stream at any of the
-            model's `lm.default_layers`, whatever the hooks harvested), None nothing, True always,
-            or {"positions": [...], "token_ids": [...]}. They are stored (the model saw them) and recorded in the
-            manifest as ``exclude``; every reader of the store leaves them out.
+            out position 0, the tokenizer's special tokens and every row over `exclusion.NORM_RATIO` x the median
+            norm at its hook when the first position's activations are massive (median norm over
+            `exclusion.MASSIVE_RATIO` times the others' in the residual stream at any of the model's
+            `lm.default_layers`, whatever the hooks harvested), None nothing, True always, or {"positions": [...],
+            "token_ids": [...], "norm_ratio": r}. They are stored (the model saw them) and recorded in the
+            manifest as ``exclude`` (with the norm limit measured at that hook on the first 8 contexts,
+            ``max_norm``); every reader of the store leaves them out.
         fast: for GPT-NeoX and block-level hooks (resid_pre/post, attn_out, mlp_out, mlp.hook_pre/post) run a lean
             forward on the same weights (fused attention, nothing after the last needed layer); False, or any other
             model or hook, uses the bridge's own hook points with ``stop_at_layer``. Both give the same values.
@@ -126,6 +128,8 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
     # and huge at the next: 02_metrics.json's first_position_norm_ratio), so "auto" probes the default layers.
     probe = lm.hook_reader(model, [lm.hook_name("resid_post", L) for L in lm.default_layers(model)], fast=fast)
     exclusion = resolve_exclusion(exclude, probe, tokens[:8].to(device), getattr(model, "tokenizer", None))
+    # Each hook's norm limit is measured on this model (a limit passed in, e.g. another revision's, is replaced).
+    exclusion = exclusion.with_limits(norm_limits(run, tokens[:8].to(device), exclusion))
 
     with ExitStack() as locks:
         # Manifests: new, resumed, or already complete.
@@ -136,9 +140,9 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
                     "chunk_contexts": ctx_per_chunk, "format": FORMAT_VERSION}
         if model_id is not None:
             settings["model_id"] = str(model_id)
-        if exclusion:  # absent when nothing is left out, so earlier harvests keep matching
-            settings["exclude"] = exclusion.to_json()
         for h in run.hooks:
+            if exclusion:  # absent when nothing is left out, so earlier harvests keep matching
+                settings["exclude"] = exclusion.for_hook(h).to_json()
             folder = hook_folder(out_root, model_name, revision, h)
             # Two harvests into one folder would interleave chunks: the second one fails naming the first's pid.
             locks.enter_context(folder_lock(folder, f"harvest {model_name} {revision} {h}"))
@@ -147,8 +151,8 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
                 m = load_json(mpath)
                 # A manifest from before model ids were recorded matches any id.
                 diff = {k: (m.get(k), v) for k, v in settings.items()
-                        if m.get(k) != v and not (k == "model_id" and m.get(k) is None)}
-                if m.get("exclude") != settings.get("exclude"):
+                        if m.get(k) != v and not (k == "model_id" and m.get(k) is None) and k != "exclude"}
+                if not Exclusion.from_json(m.get("exclude")).same_as(exclusion.for_hook(h)):
                     diff["exclude"] = (m.get("exclude"), settings.get("exclude"))
                 if diff:
                     raise ValueError(f"{folder} holds a harvest with other settings {diff} (theirs, ours); delete the "

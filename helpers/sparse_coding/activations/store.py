@@ -31,7 +31,8 @@ def row_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
 class ActivationStore:
     """Read a harvested folder by memory-mapping its chunks.
 
-    Attributes: ``d``, ``n_tokens``, ``ctx_len``, ``manifest``, ``folder``, ``exclusion``. ``tokens`` is a LongTensor
+    Attributes: ``d``, ``n_tokens``, ``ctx_len``, ``manifest``, ``folder``, ``exclusion``, ``n_norm_excluded`` (rows
+    left out for their norm alone: over the manifest's ``exclude.max_norm`` limit at this hook). ``tokens`` is a LongTensor
     [n_tokens] of the token at every row. A harvest that left positions out of the dictionaries' inputs (the
     manifest's ``exclude``, e.g. position 0 of a model with massive first-position activations) keeps them on disk
     but the store hides them: ``n_tokens``, ``rows``, ``tokens``, ``all``, ``batches`` and ``context_of`` number
@@ -62,11 +63,16 @@ class ActivationStore:
         self.exclusion: Exclusion = exclusion_of(self.manifest)
         self._tokens: torch.Tensor | None = None
         self._kept: np.ndarray | None = None
+        norms = None
         if self.exclusion:
             if self.n_rows % self.ctx_len:
                 raise ChunkError(f"{self.folder}: {self.n_rows} rows are not whole contexts of {self.ctx_len}")
-            self._kept = kept_rows(self._all_tokens(), self.ctx_len, self.exclusion).numpy()
+            norms = self._norms() if self.exclusion.limit(self.hook) is not None else None
+            self._kept = kept_rows(self._all_tokens(), self.ctx_len, self.exclusion, self.hook, norms).numpy()
         self.n_tokens = self.n_rows if self._kept is None else int(self._kept.size)
+        # Rows left out for their norm alone (massive activations past the excluded positions).
+        self.n_norm_excluded = 0 if norms is None else int(
+            (kept_rows(self._all_tokens(), self.ctx_len, self.exclusion.for_hook("")).numel()) - self.n_tokens)
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -90,6 +96,16 @@ class ActivationStore:
             raise ChunkError(f"chunk {self.folder / c['file']} does not match its {kind} checksum in the manifest: "
                              f"its bytes were damaged. Delete it (and its manifest entry) and re-run the harvest")
         self._checked[ci] = True
+
+    def _norms(self, rows_per_read: int = 131072) -> torch.Tensor:
+        """The norm of every row on disk (float32 [n_rows]), read chunk by chunk."""
+        out = []
+        for ci, mp in enumerate(self._maps):
+            self._check(ci)
+            acts = mp["acts"]
+            for i in range(0, acts.shape[0], rows_per_read):
+                out.append(torch.from_numpy(np.array(acts[i:i + rows_per_read], dtype=np.float32)).norm(dim=1))
+        return torch.cat(out)
 
     def _all_tokens(self) -> torch.Tensor:
         """The token id at every row on disk, excluded ones too (LongTensor [n_rows])."""
@@ -169,7 +185,8 @@ def write_store(folder: str | os.PathLike, acts: torch.Tensor, tokens: torch.Ten
     """Write activations already in memory (acts [rows, d], tokens [rows] or None) as a store folder that every
     reader of this package accepts, and open it. ctx_len (rows per context, default: all rows are one context)
     must divide the rows; chunk_rows (default: one chunk) is rounded down to whole contexts; exclude: positions and
-    token ids the readers leave out (`activations.exclusion`).
+    token ids the readers leave out (`activations.exclusion`), and with a norm_ratio the rows over it x the median
+    norm (the limit measured here from acts, as a harvest does).
     Raises FileExistsError when the folder already holds a manifest."""
     folder = resolve(folder)
     if (folder / MANIFEST).exists():
@@ -188,6 +205,14 @@ def write_store(folder: str | os.PathLike, acts: torch.Tensor, tokens: torch.Ten
     dtype = {torch.float32: "float32", torch.float16: "float16"}.get(acts.dtype)
     if dtype is None:
         raise ValueError(f"acts must be float32 or float16, got {acts.dtype}")
+    if exclude and exclude.norm_ratio and exclude.limit(hook) is None:
+        # As a harvest does: the limit is norm_ratio x the median norm of the rows kept by position and token.
+        by_token = exclude.keep(tokens.reshape(-1, ctx_len)).reshape(-1)
+        med = float(acts.float().norm(dim=1)[by_token].median()) if bool(by_token.any()) else 0.0
+        if med > 0:
+            exclude = exclude.with_limits({hook: float(f"{exclude.norm_ratio * med:.6g}")})
+    if exclude:
+        exclude = exclude.for_hook(hook)
     folder.mkdir(parents=True, exist_ok=True)
     chunks = []
     for i, start in enumerate(range(0, n, step)):

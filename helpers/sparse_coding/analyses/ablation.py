@@ -112,7 +112,7 @@ def feature_ablation(model, sae: Any, hook: str, tokens: torch.Tensor, feature: 
         logits, act = splicer.clean(tb)
         B, T, d = act.shape
         new, rows = edit_activation(sae, act.reshape(B * T, d), feature, mode, value, member, where)
-        keep = exclude.keep(tb)
+        keep = exclude.keep(tb, act, hook)
         new = torch.where(keep.reshape(B * T, 1), new, act.reshape(B * T, d))
         rows = rows.reshape(B, T) & keep
         logp, ce = next_token_logprobs(logits, tb)
@@ -203,8 +203,9 @@ def loss_with_features(model, sae: Any, hook: str, tokens: torch.Tensor, keep: M
         x = act.reshape(B * T, d)
         codes = encode(x)
         x_hat = (codes @ W + b).to(x.dtype)
-        keep = exclude.keep(tb).reshape(B * T, 1)
-        scored = exclude.keep(tb)[:, :-1]
+        kept = exclude.keep(tb, act, hook)
+        keep = kept.reshape(B * T, 1)
+        scored = kept[:, :-1]
 
         def loss(new: torch.Tensor) -> float:
             new = torch.where(keep, new, x).reshape(B, T, d)

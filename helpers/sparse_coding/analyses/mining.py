@@ -329,12 +329,12 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
     for c0 in tqdm(range(0, N, batch_size), desc="mining", unit="batch", disable=not progress):
         t0 = time.perf_counter()
         xs = read(tokens[c0:c0 + batch_size])
-        kept = exclude.keep(tokens[c0:c0 + batch_size])[..., None].float() if exclude else 1.0
         t1 = time.perf_counter()
         clock["read_seconds"] += t1 - t0
         for name, (hook, encode) in encoders.items():
             x = xs[hook]
             t1 = time.perf_counter()
+            kept = exclude.keep(tokens[c0:c0 + batch_size], x, hook)[..., None].float().cpu() if exclude else 1.0
             a = encode(x.reshape(x.shape[0] * T, -1)).float().reshape(x.shape[0], T, -1).cpu() * kept
             t2 = time.perf_counter()
             if name not in streams:

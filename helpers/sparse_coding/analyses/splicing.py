@@ -5,6 +5,8 @@ about 25 to 40. The model is a TransformerLens model (HookedTransformer or Trans
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 from typing import Any, Sequence
 
@@ -198,7 +200,7 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
     N, T = tokens.shape
     unscored = exclude or Exclusion()  # left out of the SAE's inputs and of the losses
     # Kept clean in every spliced run: the excluded positions, plus position 0 under keep_first_position.
-    clean = Exclusion(tuple(sorted({0, *unscored.positions})), unscored.token_ids) if keep_first_position else unscored
+    clean = replace(unscored, positions=tuple(sorted({0, *unscored.positions}))) if keep_first_position else unscored
     if not bool(unscored.keep(tokens)[:, :-1].any()):
         raise ValueError(f"exclude={unscored} leaves no prediction to score in these {tuple(tokens.shape)} "
                          f"contexts; exclude fewer positions or pass longer contexts")
@@ -213,7 +215,7 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
                 act = act.reshape(act.shape[0], act.shape[1], -1)
                 if sae is not None and act.shape[-1] != int(sae.d_in):  # fail before the long pass, not after
                     raise _width_error(splicer, sae, act.shape[-1])
-                act = act[clean.keep(tb.to(act.device))]
+                act = act[clean.keep(tb.to(act.device), act, hook_name)]
                 s = act.double().sum(dim=0)
                 total = s if total is None else total + s
                 count += act.shape[0]
@@ -233,8 +235,8 @@ def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = No
             check_finite(act, f"the activation at {hook_name!r}")
             logp_clean, ce = next_token_logprobs(logits, tb)
             del logits
-            keep = clean.keep(tb)
-            scored = unscored.keep(tb)[:, :-1]
+            keep = clean.keep(tb, act, hook_name)
+            scored = unscored.keep(tb, act, hook_name)[:, :-1]
             sums["clean"] += float(ce[scored].double().sum())
             n_pred += int(scored.sum())
             B = tb.shape[0]

@@ -68,8 +68,10 @@ def model_intro(name: str, metrics: dict) -> str:
              f"standard library's source, in contexts of {m02.get('ctx_len', '?')} tokens."]
     if m02.get("exclude"):
         parts.append(f"Left out of every SAE's inputs and metrics (kept in the model's forward pass): "
-                     f"{m02['exclude']} (massive first-position activations; 02's `first_position_norm_ratio` where "
-                     f"recorded).")
+                     f"position(s) {m02['exclude'].get('positions')}, token ids {m02['exclude'].get('token_ids')} "
+                     f"and, at each layer, rows whose norm is over {m02['exclude'].get('norm_ratio', '?')}x the "
+                     f"median (massive activations; 02's `first_position_norm_ratio`, `norm_limits` and "
+                     f"`massive_rows_excluded`).")
     for nn, key in (("05", "revisions"), ("07", "step0_control")):
         note = metrics.get(nn, {}).get(key)
         if isinstance(note, str) and note.startswith("none"):

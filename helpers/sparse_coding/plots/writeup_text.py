@@ -77,6 +77,13 @@ def _answer_02(m: Metrics) -> str:
                            f"{', '.join(f'{p} ({n})' for p, n in sorted(o['positions'].items(), key=lambda kv: -kv[1])[:4])}), "
                            f"{_f(o['share_of_sum_squares'])} of Σ‖x‖²" for L, o in massive.items()) +
                  ". They weigh on every SAE's MSE, FVU and input scale at those layers.")
+    dropped = {h.split(".")[1]: n for h, n in (_get(m, "02", "massive_rows_excluded") or {}).items()}
+    if any(dropped.values()):
+        limits = _get(m, "02", "norm_limits") or {}
+        text += (" Rows left out for their norm alone (over 10x the median at the layer, measured on the first "
+                 "8 contexts: massive activations past position 0), by layer: " +
+                 "; ".join(f"layer {L}: {n} (limit {_f(limits.get(f'blocks.{L}.hook_resid_post'), 3)})"
+                           for L, n in dropped.items()) + ".")
     return text
 
 
