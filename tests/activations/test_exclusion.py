@@ -181,6 +181,9 @@ def test_mining_never_takes_an_excluded_position_as_an_example():
     x[:, 0], x[:, 4] = 0, 0
     torch.testing.assert_close(mined.max, x.amax(dim=(0, 1)))
     assert (plain.max > mined.max).all()  # without the exclusion position 0 holds every maximum
+    # Frequencies are over the kept tokens: 6 contexts of T less positions 0 and 4.
+    assert mined.n_tokens == 6 * (T - 2) and plain.n_tokens == 6 * T
+    torch.testing.assert_close(mined.frequency(), (x > 0).sum(dim=(0, 1)).double() / (6 * (T - 2)))
     for d in range(D):
         assert all(e.position not in (0, 4) for e in mined.top_examples(d) + mined.random_examples(d))
 

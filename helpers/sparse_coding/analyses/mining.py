@@ -70,7 +70,8 @@ class Mined:
     # ----- statistics -----
     @property
     def n_tokens(self) -> int:
-        return int(self.tokens.numel())
+        """Tokens the statistics are over: those mined, less the excluded ones (meta's n_kept, where recorded)."""
+        return int(self.meta.get("n_kept", self.tokens.numel()))
 
     @property
     def n_directions(self) -> int:
@@ -326,6 +327,7 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
     gen = torch.Generator().manual_seed(seed)
     streams: dict[str, _Stream] = {}
     clock = {"read_seconds": 0.0, "encode_seconds": 0.0, "keep_seconds": 0.0}
+    n_kept = dict.fromkeys(encoders, 0)  # frequencies and moments are over the kept tokens only
     for c0 in tqdm(range(0, N, batch_size), desc="mining", unit="batch", disable=not progress):
         t0 = time.perf_counter()
         xs = read(tokens[c0:c0 + batch_size])
@@ -335,6 +337,7 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
             x = xs[hook]
             t1 = time.perf_counter()
             kept = exclude.keep(tokens[c0:c0 + batch_size], x, hook)[..., None].float().cpu() if exclude else 1.0
+            n_kept[name] += int(kept.sum()) if exclude else x.shape[0] * T
             a = encode(x.reshape(x.shape[0] * T, -1)).float().reshape(x.shape[0], T, -1).cpu() * kept
             t2 = time.perf_counter()
             if name not in streams:
@@ -347,4 +350,4 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
             clock["keep_seconds"] += time.perf_counter() - t2
     meta = {"window": list(window) if window is not None else None, "n_top": n_top, "n_random": n_random,
             "per_bin": per_bin, "seed": seed, "batch_size": batch_size, **clock}
-    return {name: s.result(tokens, meta) for name, s in streams.items()}
+    return {name: s.result(tokens, {**meta, "n_kept": n_kept[name]}) for name, s in streams.items()}
