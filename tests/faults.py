@@ -1,7 +1,7 @@
 """Kill anywhere, resume exactly; a full disk leaves nothing half-written.
 
 Runs each long job - offline LM training (notebook 00), harvesting (02), SAE sweep training (03) - in a subprocess,
-sends SIGKILL at seeded random moments, restarts it until it completes, and compares every file it wrote, byte for
+kills it (SIGKILL, from inside) at the N-th write or rename, N drawn from a seed, restarts it until it completes, and compares every file it wrote, byte for
 byte, with an uninterrupted run (fields that record wall time or a lock holder's pid are left out). Then injects an
 OSError(ENOSPC) at the N-th file write of each job and checks that the job fails with that error, leaves no
 temporary file behind and lists nothing in a manifest that is not complete on disk.
@@ -19,7 +19,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,24 +45,45 @@ sys.path.insert(0, {tests!r})
 from sparse_coding import activations, dictionaries, lm
 cfg = json.loads({cfg!r})
 work = cfg["work"]
-if cfg.get("enospc_at"):
-    import errno, builtins
+if cfg.get("enospc_at") or cfg.get("kill_at") or cfg.get("count"):
+    # Faults at points defined by progress, not wall time: the N-th file write (ENOSPC), the N-th event - a write
+    # or a rename, the only things that change the disk - (SIGKILL), so a seed kills at the same places on any
+    # machine, however fast or busy. An odd kill_at dies before its event, an even one just after opening the file
+    # (created or truncated, nothing written yet).
+    import atexit, errno, builtins, os, signal
     import sparse_coding.files as files
-    from sparse_coding.activations import layout
-    count = {{"n": 0}}
-    def tick():
-        count["n"] += 1
-        if count["n"] == cfg["enospc_at"]:
-            raise OSError(errno.ENOSPC, "No space left on device (injected)")
-    real_open, real_save = builtins.open, files.save_file
+    count = {{"writes": 0, "events": 0}}
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+    def tick(kind):
+        count["events"] += 1
+        if kind == "write":
+            count["writes"] += 1
+            if count["writes"] == cfg.get("enospc_at"):
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return count["events"] == cfg.get("kill_at")
+    real_open, real_save, real_replace, real_rename = builtins.open, files.save_file, os.replace, os.rename
     def fake_open(file, mode="r", *a, **k):
-        if any(c in mode for c in "wax+"):
-            tick()
+        if any(c in mode for c in "wax+") and tick("write"):
+            if cfg["kill_at"] % 2:
+                die()
+            real_open(file, mode, *a, **k)
+            die()
         return real_open(file, mode, *a, **k)
     def fake_save(*a, **k):
-        tick()
+        if tick("write"):
+            die()
         return real_save(*a, **k)
-    builtins.open, files.save_file = fake_open, fake_save
+    def fake_replace(*a, **k):
+        if tick("rename"):
+            die()
+        return real_replace(*a, **k)
+    def fake_rename(*a, **k):
+        if tick("rename"):
+            die()
+        return real_rename(*a, **k)
+    builtins.open, files.save_file, os.replace, os.rename = fake_open, fake_save, fake_replace, fake_rename
+    atexit.register(lambda: sys.stderr.write(f"\nEVENTS {{count['events']}}\n"))
 if cfg["job"] == "lm":
     from conftest import DOCS
     import pathlib
@@ -89,18 +109,20 @@ else:
 '''
 
 
-def _run(cfg: dict, kill_after: float | None = None) -> tuple[int, str]:
+def _run(cfg: dict) -> tuple[int, str]:
+    """Run one job in a subprocess (its faults, if any, come from inside it: see JOB); (return code, stderr)."""
     code = JOB.format(tests=str(ROOT / "tests"), cfg=json.dumps(cfg))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "helpers") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            text=True)
-    try:
-        _, err = proc.communicate(timeout=kill_after)
-        return proc.returncode, err
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        return -9, ""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, text=True)
+    return proc.returncode, proc.stderr
+
+
+def _events(err: str) -> int:
+    """The number of writes and renames a run made (its last `EVENTS n` line on stderr)."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("EVENTS ")]
+    if not lines:
+        raise RuntimeError(f"the job did not report its events:\n{err[-2000:]}")
+    return int(lines[-1].split()[1])
 
 
 def _normalise_json(path: Path):
@@ -149,20 +171,22 @@ def run_job(name: str, cfg: dict, work: Path, kills: int, rng: random.Random, lo
     """The job uninterrupted, then killed `kills` times at random moments and resumed; compare the outputs."""
     whole = work / f"{name}-whole"
     t0 = time.time()
-    rc, err = _run({**cfg, "work": str(whole)})
+    rc, err = _run({**cfg, "work": str(whole), "count": True})
     duration = time.time() - t0
     if rc != 0:
         raise RuntimeError(f"{name} failed uninterrupted:\n{err[-3000:]}")
+    events = _events(err)
     cut = work / f"{name}-killed"
-    survived, attempts = 0, 0
+    survived = 0
     while True:
-        attempts += 1
-        # Python and torch start in ~3 s; kill anywhere from then to the end of an uninterrupted run.
-        when = rng.uniform(0.3, 1.0) * duration if survived < kills else None
-        rc, err = _run({**cfg, "work": str(cut)}, kill_after=when)
+        # Each kill comes within the first 1/(kills+1) of a whole run's writes and renames, counted from the
+        # (re)start: the resumed runs move on from where the last one died, so the kills spread over the job, and
+        # every one of them lands before the job could finish.
+        at = rng.randint(1, max(1, events // (kills + 1))) if survived < kills else None
+        rc, err = _run({**cfg, "work": str(cut), "count": True, **({"kill_at": at} if at else {})})
         if rc == -9:
             survived += 1
-            log(f"  {name}: killed after {when:.1f} s (kill {survived})")
+            log(f"  {name}: killed at event {at} of {events} (kill {survived})")
             continue
         if rc != 0:
             raise RuntimeError(f"{name} failed after {survived} kills:\n{err[-3000:]}")

@@ -80,3 +80,32 @@ def check_tensor(x: Any, name: str, ndim: int | tuple[int, ...], *, floating: bo
         raise ValueError(f"{name} contains {int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} inf "
                          f"values; clean it (or drop those rows) first")
     return x
+
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_dtype(value: Any, name: str, allowed: tuple = FLOAT_DTYPES) -> torch.dtype:
+    """A torch.dtype among `allowed` (a string such as "float32" is refused: pass torch.float32)."""
+    if not isinstance(value, torch.dtype) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """A bool (0/1, strings and None are refused: "False" would read as true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_device(value: Any, name: str = "device") -> torch.device | None:
+    """None or a device torch knows ("cpu", "cuda", "cuda:1", a torch.device)."""
+    if value is None or isinstance(value, torch.device):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a device name such as 'cpu' or 'cuda', got {type(value).__name__}")
+    try:
+        return torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"{name} must be a device name such as 'cpu', 'cuda' or 'cuda:0', got {value!r}") from None

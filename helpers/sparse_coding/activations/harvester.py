@@ -18,6 +18,7 @@ import torch
 
 from .. import lm
 from ..corpus import contexts
+from ..checks import check_bool, check_dtype, check_int, check_seed
 from ..files import folder_lock, load_json, save_json
 from ..paths import resolve
 from .exclusion import Exclusion, norm_limits, resolve_exclusion
@@ -102,8 +103,19 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
     Returns {hook: folder}. A folder whose manifest is complete with the same settings is left as is; a partial
     one resumes after its last complete chunk; one with different settings is an error (delete it or change
     out_root)."""
-    if dtype not in (torch.float32, torch.float16):
-        raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+    check_dtype(dtype, "dtype", (torch.float32, torch.float16))
+    check_int(n_tokens, "n_tokens", 1, hint=" (rows to store per hook)")
+    check_int(chunk_rows, "chunk_rows", 1)
+    check_int(batch_size, "batch_size", 1, hint=" (contexts per forward pass)")
+    check_seed(seed)
+    check_bool(progress, "progress")
+    check_bool(fast, "fast")
+    if isinstance(hooks, str) or not hooks or not all(isinstance(h, str) for h in hooks):
+        raise ValueError(f"hooks must be a non-empty list of hook names, e.g. ['blocks.0.hook_resid_post'], got "
+                         f"{hooks!r}")
+    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex():
+        raise ValueError(f"tokens must be an integer tensor of token ids [n_contexts, ctx_len] (or a 1-D stream), "
+                         f"got {type(tokens).__name__ if not isinstance(tokens, torch.Tensor) else tokens.dtype}")
     if tokens.ndim == 1:
         if ctx_len is None:
             raise ValueError("tokens is a 1-D stream: pass ctx_len to cut it into contexts")
@@ -238,6 +250,7 @@ def ensure_activations(tl, model: str, revision: str, hook: str, n_tokens: int, 
     to `lm.default_ctx_len` (the model's own, at most 256 tokens), dtype to `default_dtype`; `exclude` as in
     `harvest`. Raises ValueError for a store made from a model that has
     since been retrained (its manifest's model_id is not the model's)."""
+    check_int(n_tokens, "n_tokens", 1, hint=" (rows to store)")
     folder = hook_folder(resolve(data_dir) / "activations", model, revision, hook)
     current = lm.model_id(model, data_dir)
     if (folder / MANIFEST).exists():

@@ -32,6 +32,8 @@ class Corpus:
     val: list[str]
     train_ids: list[str] = field(default_factory=list)  # file paths or row numbers, for provenance
     val_ids: list[str] = field(default_factory=list)
+    # Files that were not valid UTF-8: {path: characters replaced with U+FFFD} (load_corpus's errors="replace").
+    replaced: dict[str, int] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         mb = lambda docs: sum(len(d) for d in docs) / 1e6  # noqa: E731
@@ -47,9 +49,22 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _read(path: Path) -> str:
-    # A few stdlib test files are deliberately mis-encoded; "replace" keeps them deterministic instead of fatal.
-    return path.read_text(encoding="utf-8", errors="replace")
+def _read_file(path: Path, errors: str = "replace", replaced: dict[str, int] | None = None) -> str:
+    """The file decoded as UTF-8. Bytes that are not UTF-8 (a few stdlib test files are mis-encoded on purpose) are
+    replaced with U+FFFD and counted in `replaced` under errors="replace"; errors="strict" raises ValueError naming
+    the file and the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if errors == "strict":
+            raise ValueError(f"{path} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); convert it "
+                             f"to UTF-8 (e.g. iconv -f latin1 -t utf-8) or pass errors='replace' to load it with "
+                             f"the bad bytes replaced and counted") from None
+        text = data.decode("utf-8", errors="replace")
+        if replaced is not None:
+            replaced[str(path)] = text.count("\ufffd")
+        return text
 
 
 def stdlib_files(stdlib_dir: str | os.PathLike | None = None) -> tuple[list[Path], list[Path]]:
@@ -77,7 +92,7 @@ def _hash_fraction(key: str) -> float:
 def load_corpus(source: str | os.PathLike = "stdlib", *, stdlib_val: str = "split", val_bytes: int = 1_000_000,
                 val_fraction: float = 0.05,
                 max_train_bytes: int | None = None, hf_split: str = "train", text_field: str = "text",
-                max_docs: int | None = None) -> Corpus:
+                max_docs: int | None = None, errors: str = "replace") -> Corpus:
     """Load documents from ``source`` and split them by document.
 
     Args:
@@ -89,7 +104,19 @@ def load_corpus(source: str | os.PathLike = "stdlib", *, stdlib_val: str = "spli
         max_train_bytes: keep only the first documents up to this many characters (smoke runs).
         hf_split, text_field: which split / column of a HF dataset holds the text.
         max_docs: HF only: read at most this many rows.
+        errors: for files that are not valid UTF-8: "replace" (default) replaces the bad bytes with U+FFFD, counts
+            them in the corpus's ``replaced`` and, for a folder, warns naming the files; "strict" raises ValueError
+            naming the first such file.
     """
+    if errors not in ("replace", "strict"):
+        raise ValueError(f"errors must be 'replace' or 'strict', got {errors!r}")
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"source must be 'stdlib', a folder path or a hub dataset name, got {type(source).__name__}")
+    replaced: dict[str, int] = {}
+
+    def _read(path: Path) -> str:
+        return _read_file(path, errors, replaced)
+
     src = str(source)
     if src == "stdlib":
         import sys
@@ -146,6 +173,14 @@ def load_corpus(source: str | os.PathLike = "stdlib", *, stdlib_val: str = "spli
         corpus.train, corpus.train_ids = corpus.train[:keep], corpus.train_ids[:keep]
     if not corpus.val:
         raise ValueError(f"corpus {corpus.name} has no validation documents; raise val_fraction / val_bytes")
+    corpus.replaced = replaced
+    if replaced and Path(src).is_dir() and src != "stdlib":
+        import warnings
+
+        names = ", ".join(f"{Path(p).name} ({n})" for p, n in list(replaced.items())[:5])
+        warnings.warn(f"{len(replaced)} file(s) under {src} are not valid UTF-8: {sum(replaced.values())} characters "
+                      f"were replaced with U+FFFD ({names}{', ...' if len(replaced) > 5 else ''}); convert them to "
+                      f"UTF-8, or pass errors='strict' to refuse them (corpus.replaced lists them all)", stacklevel=2)
     return corpus
 
 
@@ -185,7 +220,7 @@ def held_out_stdlib(val_modules: list[str] | None = None, max_bytes: int | None 
     for rel in val_modules or []:
         p = root / rel
         if p.exists():
-            docs.append(_read(p))
+            docs.append(_read_file(p))
             ids.append(rel)
             total += len(docs[-1])
     sizes = sum(p.stat().st_size for p in test_paths)
@@ -193,7 +228,7 @@ def held_out_stdlib(val_modules: list[str] | None = None, max_bytes: int | None 
     for p in test_paths[::stride]:
         if max_bytes is not None and total >= max_bytes:
             break
-        docs.append(_read(p))
+        docs.append(_read_file(p))
         ids.append(str(p.relative_to(root)))
         total += len(docs[-1])
     if not docs:

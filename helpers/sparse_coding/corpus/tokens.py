@@ -99,13 +99,17 @@ def unigram_entropy(tokens: torch.Tensor, vocab_size: int | None = None) -> floa
 def cached_tokens(corpus: Corpus, tokenizer, cache_dir: str | os.PathLike, progress: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, val) token streams, tokenized once and cached as ``tokens-<key>.safetensors`` in ``cache_dir``;
-    the key covers the corpus documents and the tokenizer, so a changed corpus or tokenizer never reads stale ids."""
-    h = hashlib.sha1()
+    the key is a digest of the tokenizer and of every document's text (in order, split by split), so any edit of the
+    corpus (even one that keeps every length, or two files swapping contents) or of the tokenizer tokenizes anew."""
+    h = hashlib.sha256()
     h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else
              repr(tokenizer).encode())
-    for split in (corpus.train_ids, corpus.val_ids, [str(len(corpus.train)), str(len(corpus.val))]):
-        h.update("\0".join(split).encode())
-    h.update(str(sum(len(d) for d in corpus.train) + 7 * sum(len(d) for d in corpus.val)).encode())
+    for split in (corpus.train, corpus.val):
+        h.update(b"\1split")
+        for doc in split:
+            data = doc.encode("utf-8", errors="surrogatepass")
+            h.update(len(data).to_bytes(8, "little"))  # lengths first: no two document lists share a digest
+            h.update(data)
     path = resolve(cache_dir) / f"tokens-{h.hexdigest()[:16]}.safetensors"
     if path.exists():
         t = load_tensors(path)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..checks import check_int
+from ..checks import check_bool, check_device, check_dtype, check_int
 
 SAE_KINDS: dict[str, type["EnsembleSAE"]] = {}
 
@@ -132,8 +132,10 @@ class EnsembleSAE(nn.Module):
         super().__init__()
         check_int(d_in, "d_in", 1, hint=" (the activation width)")
         check_int(d_sae, "d_sae", 1, hint=" (the dictionary size)")
+        check_dtype(dtype, "dtype")
+        device = check_device(device)
         self.d_in, self.d_sae = d_in, d_sae
-        self.tied, self.pre_bias = bool(tied), bool(pre_bias)
+        self.tied, self.pre_bias = check_bool(tied, "tied"), check_bool(pre_bias, "pre_bias")
         self.dead_window: int | None = None  # tokens; see DEFAULT_DEAD_WINDOW
         self.input_scale = 1.0  # the SAE sees input_scale · x (module docstring)
         self.hparams = [dict(h) for h in hparams]

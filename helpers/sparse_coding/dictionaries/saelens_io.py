@@ -142,6 +142,8 @@ def _check_cfg(cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], folder
     activations we do not apply, TopK's rescale_acts_by_decoder_norm with decoder rows not of unit norm, missing
     or misshapen tensors, NaN/inf."""
     where = folder / CFG_FILE
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{where} must hold a JSON object (the SAE's config), got {type(cfg).__name__}")
     for key, ok in _NEUTRAL.items():
         if cfg.get(key) not in ok:
             raise ValueError(f"{where}: {key}={cfg.get(key)!r} is not supported (SAELens applies it to the "
@@ -164,22 +166,44 @@ def _check_cfg(cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], folder
             raise ValueError(f"{where}: rescale_acts_by_decoder_norm=true with decoder rows of norm "
                              f"{float(norms.min()):.3g}..{float(norms.max()):.3g} is not supported; load the folder "
                              f"with SAELens")
+    kind = _kind_and_hparams(cfg, where)[0]
+    if kind == "jumprelu" and tuple(state.get("threshold", torch.empty(0)).shape) != (d_sae,):
+        raise ValueError(f"{folder / WEIGHTS_FILE}: a JumpReLU SAE needs tensor 'threshold' of shape ({d_sae},), "
+                         f"got {tuple(state['threshold'].shape) if 'threshold' in state else 'none'}")
     _check_finite(state, str(folder / WEIGHTS_FILE))
 
 
-def _kind_and_hparams(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any], bool, bool]:
+def _k_field(value: Any, field: str, d_sae: Any, where: Any) -> int:
+    """TopK's k as a cfg.json gives it: an int in [1, d_sae], else ValueError naming the file and the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= (d_sae or value):
+        raise ValueError(f"{where}: field {field!r} (the number of active latents per token, which the TopK "
+                         f"architecture needs) must be an int in [1, d_sae={d_sae}], got "
+                         f"{'nothing' if value is None else repr(value)}")
+    return value
+
+
+def _kind_and_hparams(cfg: Mapping[str, Any], where: Any = CFG_FILE) -> tuple[str, dict[str, Any], bool, bool]:
+    """(kind, hyperparameters, tied, pre_bias) from a cfg.json, checking the fields each architecture needs
+    (ValueError naming the file and the field)."""
     ours = cfg.get("sparse_coding")
     if ours:
+        if not isinstance(ours, Mapping) or ours.get("kind") not in SAE_KINDS or not isinstance(ours.get("hparams"),
+                                                                                             Mapping):
+            raise ValueError(f"{where}: field 'sparse_coding' must hold 'kind' (one of {sorted(SAE_KINDS)}) and "
+                             f"'hparams' (a dict), got {ours!r}")
         h = {k: v for k, v in ours["hparams"].items()}
+        if ours["kind"] in ("topk", "batchtopk"):
+            _k_field(h.get("k"), "sparse_coding.hparams.k", cfg.get("d_sae"), where)
         return ours["kind"], h, bool(ours.get("tied", False)), bool(ours.get("pre_bias", True))
     arch = cfg.get("architecture", "standard")
     if arch not in _ARCH_TO_KIND or _ARCH_TO_KIND[arch] not in SAE_KINDS:
         readable = [a for a, k in _ARCH_TO_KIND.items() if k in SAE_KINDS]
-        raise ValueError(f"SAELens architecture {arch!r} is not supported here; readable ones: {', '.join(readable)}")
+        raise ValueError(f"{where}: SAELens architecture {arch!r} is not supported here; readable ones: "
+                         f"{', '.join(readable)}")
     kind = _ARCH_TO_KIND[arch]
     h: dict[str, Any] = {"seed": 0}
     if kind == "topk":
-        h["k"] = int(cfg["k"])
+        h["k"] = _k_field(cfg.get("k"), "k", cfg.get("d_sae"), where)
     if kind == "relu":
         h["l1_coef"] = 0.0  # the training coefficient is not part of SAELens's inference config
     return kind, h, False, bool(cfg.get("apply_b_dec_to_input", True))
@@ -214,7 +238,7 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device | None = None
     the file, for what would load wrong (see `_check_cfg`)."""
     folder = resolve(folder)
     cfg, state = _read_member(folder)
-    kind, h, tied, pre_bias = _kind_and_hparams(cfg)
+    kind, h, tied, pre_bias = _kind_and_hparams(cfg, folder / CFG_FILE)
     # Loaded untied even if trained tied: the file holds W_enc explicitly (= W_dec.T), and the folded weights of a
     # normalised member are no longer transposes of each other.
     sae = _build(kind, int(cfg["d_in"]), int(cfg["d_sae"]), [h], tied=False, pre_bias=pre_bias, device=device,

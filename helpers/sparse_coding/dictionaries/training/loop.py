@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ...checks import check_choice, check_int, check_number, check_positive
+from ...checks import check_bool, check_choice, check_int, check_number, check_positive, check_seed
 from ...files import folder_lock
 from ..base import DEFAULT_DEAD_WINDOW, EnsembleSAE, SAEOutput
 from ..metrics import FVU
@@ -67,6 +67,12 @@ def _settings(**kw: Any) -> dict[str, Any]:
     if kw["input_scale"] != "auto":
         check_positive(kw["input_scale"], "input_scale", " (see estimate_input_scale) or 'auto'")
     check_number(kw["resample_until"], "resample_until", low=0, high=1, hint=" (share of the run resampling)")
+    check_seed(kw["seed"])
+    betas = kw["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be Adam's two decay rates (b1, b2) in [0, 1), got {betas!r}")
+    for i, b in enumerate(betas):
+        check_number(b, f"betas[{i}]", low=0, high=1, high_open=True, hint=" (an Adam decay rate)")
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k != "state_every"}
 
 
@@ -139,6 +145,10 @@ def train_sae(sae: EnsembleSAE, batches: Batches, steps: int = 2000, lr: float =
     the step whose batch was measured, before its update; the last step is always logged. Raises
     TrainingDiverged (a FloatingPointError) naming the step and member when a loss becomes NaN/inf, and ValueError
     for a float16 SAE (Adam's second moments underflow in float16: train in float32 or bfloat16, then cast)."""
+    if not isinstance(sae, EnsembleSAE):
+        raise ValueError(f"sae must be an SAE from dictionaries.make_sae (or a loaded one), got {type(sae).__name__}")
+    check_bool(progress, "progress")
+    check_bool(resume, "resume")
     if sae.dtype == torch.float16:
         raise ValueError("float16 SAEs are not trained here: Adam's second moments underflow in float16 and the run "
                          "diverges whatever the lr; train in float32 (or bfloat16) and cast the result")

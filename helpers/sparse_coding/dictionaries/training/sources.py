@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -34,10 +35,18 @@ class BatchSource:
         self.kind = "iterable"
         self.gen: torch.Generator | None = None
         self.it: Iterator[torch.Tensor] | None = None
+        if isinstance(batches, (str, os.PathLike)):
+            raise ValueError(f"batches is a path ({str(batches)!r}), not activations: open a harvest folder with "
+                             f"activations.ActivationStore(path) and pass the store (or pass a tensor [rows, d_in])")
         if isinstance(batches, torch.Tensor):
             if batches.ndim != 2:
                 raise ValueError(f"batches as a tensor must be a dataset [rows, d_in], got shape "
                                  f"{tuple(batches.shape)}")
+            if batches.shape[0] == 0:
+                raise ValueError(f"batches is an empty dataset (shape {tuple(batches.shape)}): give at least one row")
+            if not batches.is_floating_point():
+                raise ValueError(f"batches must hold floating-point activations, got {batches.dtype}; convert "
+                                 f"with .float()")
             if batch_size is None:
                 batch_size = min(DEFAULT_BATCH_SIZE, batches.shape[0])
             self.kind, self.data, self.batch_size = "tensor", batches, batch_size
