@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "helpers" / "sparse_coding"
+# The package root ("") re-exports nothing today, but is given the top stage: a module that imports it could reach
+# any stage through it, so only the notebook glue may.
 STAGES = {"files": 0, "paths": 0, "checks": 0, "threads": 0, "corpus": 1, "lm": 2, "activations": 3, "dictionaries": 4,
-          "analyses": 5, "plots": 6, "studies": 7, "runner": 7}
+          "analyses": 5, "plots": 6, "studies": 7, "runner": 7, "": 8}
 MAX_LINES = 350
 
 
@@ -38,6 +40,17 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             base = here[:len(here) - node.level + 1] if node.level else []
             mod = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module
             targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            # importlib.import_module("sparse_coding.x") / __import__("sparse_coding.x"): imports all the same.
+            f = node.func
+            fname = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+            if fname in ("import_module", "__import__"):
+                target = node.args[0].value
+                if target.startswith("."):  # relative to the package given as the second argument
+                    level = len(target) - len(target.lstrip("."))
+                    target = ".".join(here[:len(here) - level + 1] + [target.lstrip(".")])
+                targets = [target]
         found |= {t for t in targets if t in modules and t != name}
     return found
 
@@ -46,24 +59,23 @@ MODULES = _modules()
 GRAPH = {m: _imports(m, f, MODULES) for m, f in MODULES.items()}
 
 
-def _stage(module: str) -> str | None:
+def _stage(module: str) -> str:
+    """The stage a module belongs to: its top-level name under the package, "" for the package root."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 else None
+    return parts[1] if len(parts) > 1 else ""
 
 
 def test_every_top_level_name_has_a_stage():
-    tops = {_stage(m) for m in MODULES} - {None}
+    tops = {_stage(m) for m in MODULES}
     assert tops <= set(STAGES), f"modules outside the stage map: {sorted(tops - set(STAGES))}"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_a_stage_imports_only_earlier_stages(module):
     stage = _stage(module)
-    if stage is None:
-        return
     for target in GRAPH[module]:
         other = _stage(target)
-        if other is None or other == stage:
+        if other == stage:
             continue
         assert other != "studies", f"{module} imports the notebook glue {target}"
         assert STAGES[other] <= STAGES[stage], f"{module} ({stage}) imports the later stage {target} ({other})"
@@ -106,6 +118,16 @@ def test_files_stay_small_and_shadow_nothing():
     assert not big, f"files over {MAX_LINES} lines: {big}"
     shadow = [m for m in MODULES if m.count(".") == 1 and m.split(".")[1] in sys.stdlib_module_names]
     assert not shadow, f"top-level modules named like the standard library: {shadow}"
+
+
+def test_the_walker_sees_dynamic_imports_and_the_root(tmp_path):
+    """importlib.import_module / __import__ with a literal name, and `import sparse_coding`, are edges too."""
+    fake = tmp_path / "mod.py"
+    fake.write_text("import importlib\nimport sparse_coding\nm = importlib.import_module('sparse_coding.plots')\n"
+                    "n = __import__('sparse_coding.studies')\n")
+    found = _imports("sparse_coding.lm.fake", fake, MODULES)
+    assert {"sparse_coding.plots", "sparse_coding.studies", "sparse_coding"} <= found
+    assert STAGES[_stage("sparse_coding")] > STAGES["plots"]  # importing the root from a stage is a violation
 
 
 def test_the_graph_sees_real_edges():

@@ -1,7 +1,6 @@
 """Feature mining: one streaming pass of a model over held-out text that keeps, for every direction of one or more
 encoders (an SAE's latents, neurons, PCA/ICA components, ...), what case studies and interpretability scores need —
 never the [tokens × directions] activation matrix.
-
 Per direction: the firing count, the power sums Σa, Σa², Σa³, Σa⁴ over all tokens (mean, variance, skew, kurtosis),
 a histogram on a geometric grid (`BINS_PER_OCTAVE` bins per factor 2, anchored at the direction's max in the first
 batch), the `n_top` contexts with the largest max activation and a window of per-token activations around that max,
@@ -311,13 +310,11 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
     `lm.hook_reader`, one forward pass for every hook) and every encoder {name: (hook, activations [rows, d] ->
     non-negative direction activations [rows, n])} in batches of `batch_size` contexts; return {name: Mined}.
 
-    exclude: positions left out of the dictionaries' inputs (`activations.Exclusion`): their activations count as 0.
-    window: (tokens before, tokens after) kept around an example's max, or None for the whole context. Seeded: the
+    exclude: rows left out of the dictionaries' inputs (`activations.Exclusion`, its norm limit applied at each
+    encoder's hook): their activations count as 0 and statistics are over the kept tokens (meta n_kept). window: (tokens before, tokens after) kept around an example's max, or None for the whole context. Seeded: the
     same inputs give the same samples. meta records the seconds spent reading, encoding and keeping statistics."""
-    check_int(batch_size, "batch_size", 1)
-    check_int(n_top, "n_top", 1)
-    check_int(n_random, "n_random", 1)
-    check_int(per_bin, "per_bin", 1)
+    for value, name in ((batch_size, "batch_size"), (n_top, "n_top"), (n_random, "n_random"), (per_bin, "per_bin")):
+        check_int(value, name, 1)
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point:
         raise ValueError(f"tokens must be integer token ids [n_contexts, ctx_len], got "
                          f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
