@@ -120,6 +120,17 @@ def test_files_stay_small_and_shadow_nothing():
     assert not shadow, f"top-level modules named like the standard library: {shadow}"
 
 
+# Tests and benchmarks hold fixtures and printed tables, so their cap is a little higher; past it, split by concept.
+MAX_LINES_TESTS = 400
+
+
+def test_tests_and_benchmarks_stay_small_too():
+    root = PKG.parents[1]
+    files = [*root.joinpath("tests").rglob("*.py"), *root.joinpath("benchmarks").rglob("*.py")]
+    big = {str(f.relative_to(root)): n for f in files if (n := len(f.read_text().splitlines())) > MAX_LINES_TESTS}
+    assert not big, f"files over {MAX_LINES_TESTS} lines: {big}"
+
+
 def test_the_walker_sees_dynamic_imports_and_the_root(tmp_path):
     """importlib.import_module / __import__ with a literal name, and `import sparse_coding`, are edges too."""
     fake = tmp_path / "mod.py"
