@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import re
 import sys
@@ -23,6 +24,17 @@ from .files import update_json
 from .paths import repo_root
 
 _CELL = re.compile(r"(Executing|Ending) Cell (\d+)")
+
+
+def machine() -> dict:
+    """The machine a full run's times were measured on (figures/machine.json): CPU model, cores this process may
+    use, torch threads, load average when the notebook finished."""
+    import platform
+
+    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+                 platform.processor() or "unknown") if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
+            os.cpu_count(), "load_average": round(os.getloadavg()[0], 2)}
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
@@ -184,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 where = repo_root() / "figures" / (model_figures_name(args.model) if args.model else "")
                 where.mkdir(parents=True, exist_ok=True)
                 update_json(where / "run_times.json", {nb.stem: round(times[nb.stem])})
+                update_json(where / "machine.json", machine())
     finally:
         log.removeHandler(file_handler)
         file_handler.close()

@@ -1,7 +1,8 @@
 """Rows left out of a dictionary's inputs: the first position and special tokens of models whose first position
 carries massive activations (Sun et al. 2024, arXiv 2402.17762: a few dimensions 10-1000x the others), and, in those
 models, any other row whose norm at the hook is over `NORM_RATIO` x the median (massive activations also sit at the
-first delimiter tokens past position 0: on SmolLM2-135M 18 such rows of 400k held half of layer 14's Σ‖x‖²).
+first delimiter tokens past position 0, where a position rule cannot see them; notebook 02 records how many rows
+each layer leaves out, `massive_rows_excluded`).
 
 They stay in the model's forward pass (they are context for every later token) but never reach an SAE's inputs,
 input scale or metrics, as SAELens (`exclude_special_tokens`) and sparsify do. A harvest records its exclusion in

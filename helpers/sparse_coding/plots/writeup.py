@@ -116,7 +116,12 @@ def build(figures_dir: Path, bench_file: Path | None = None, title: str | None =
     times_path = figures_dir / "run_times.json"
     if times_path.exists():
         times = json.loads(times_path.read_text())
-        lines += ["## Run times", "", "Each notebook's wall time in the run that wrote these figures (2 CPU cores).",
+        mpath = figures_dir / "machine.json"
+        where = "the machine was not recorded (runs before figures/machine.json existed)"
+        if mpath.exists():
+            mach = json.loads(mpath.read_text())
+            where = f"{mach.get('cores', '?')} cores of {mach.get('cpu', '?')}, as recorded in `machine.json`"
+        lines += ["## Run times", "", f"Each notebook's wall time in the run that wrote these figures ({where}).",
                   "", "| notebook | time (m:ss) |", "|---|---|"]
         lines += [f"| {name} | {_clock(sec)} |" for name, sec in sorted(times.items())]
         lines += [f"| total | {_clock(sum(times.values()))} |", ""]

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .writeup_text import MISSING, Metrics, _f, _get
+from .writeup_text import MISSING, Metrics, _f, _get, ranked
 
 KINDS = ("relu", "topk", "batchtopk", "jumprelu")
 
@@ -26,7 +26,7 @@ def model_runs(figures_dir: Path) -> dict[str, dict[str, dict]]:
 
 
 def _depth(m: Metrics) -> Any:
-    hook, n = _get(m, "03", "hook"), _get(m, "02", "n_layers")
+    hook, n = _get(m, "03", "hook"), _get(m, "02", "n_layers") or _get(m, "00", "n_layers")
     if hook is None:
         return None
     layer = int(str(hook).split(".")[1]) if str(hook).startswith("blocks.") else None
@@ -46,24 +46,35 @@ def _interp(m: Metrics) -> Any:
     scores = _get(m, "07", "scores")
     if not scores:
         return None
-    parts = []
-    for layer, methods in scores.items():
-        best = sorted(methods.items(), key=lambda kv: -(kv[1].get("score_mean") or -math.inf))[:4]
-        parts.append(f"L{layer}: " + " > ".join(f"{k} {_f(v.get('score_mean'))}" for k, v in best))
-    return "; ".join(parts)
+    return "; ".join(f"L{layer}: " + ranked(dict(sorted(methods.items(), key=lambda kv: -(
+        kv[1].get("score_mean") or -math.inf))[:4])) for layer, methods in scores.items())
 
 
 def _studies(m: Metrics) -> Any:
     studies = _get(m, "06", "case_studies")
     if not studies:
         return None
-    return "; ".join(f"{s.get('role')}: f{s.get('feature')} top {', '.join(map(repr, (s.get('top_tokens') or [])[:3]))}"
-                     for s in studies)
+    return "; ".join(f"{s.get('role')}: f{s.get('feature')} top-activating tokens "
+                     f"{', '.join(map(repr, (s.get('top_tokens') or [])[:3]))}" for s in studies)
 
 
 def _clean_loss(m: Metrics) -> Any:
-    loss = _get(m, "03", "clean_loss")
-    return None if loss is None else f"{_f(loss)} nats/token (perplexity {_f(_get(m, '03', 'clean_perplexity'))})"
+    loss, ppl = _get(m, "03", "clean_loss"), _get(m, "03", "clean_perplexity")
+    if loss is None and ppl is not None:  # a run from before clean_loss was recorded: the same number
+        loss = math.log(ppl)
+    return None if loss is None else f"{_f(loss)} nats/token (perplexity {_f(ppl)})"
+
+
+def _exclusion(m: Metrics) -> str:
+    ex = _get(m, "02", "exclude")
+    if not ex:
+        return "nothing left out"
+    limits = _get(m, "02", "norm_limits") or {}
+    dropped = _get(m, "02", "massive_rows_excluded") or {}
+    per_layer = ", ".join(f"L{h.split('.')[1]} {dropped.get(h, '?')} (limit {v:.0f})" for h, v in limits.items()
+                          if v is not None)
+    return (f"left out: positions {ex.get('positions')}, token ids {ex.get('token_ids')}"
+            + (f", rows over {ex['norm_ratio']:g}x the median norm: {per_layer}" if ex.get("norm_ratio") else ""))
 
 
 # (row, function of a run's metrics, original_work.json key or None)
@@ -73,8 +84,8 @@ ROWS: list[tuple[str, Callable[[Metrics], Any], str | None]] = [
     ("harvest: tokens per layer, tokens/s, positions left out", lambda m: (
         None if _get(m, "02", "n_tokens") is None else
         f"{_f(_get(m, '02', 'n_tokens'))} tokens, {_f(_get(m, '02', 'harvest_tokens_per_s'), 3)} tokens/s, "
-        f"excluded {_get(m, '02', 'exclude')}"), None),
-    ("clean loss on held-out text", _clean_loss, "perplexity_clean_pythia70m"),
+        f"{_exclusion(m)}"), None),
+    ("clean loss on held-out text (perplexity)", _clean_loss, "perplexity_clean_pythia70m"),
     ("perplexity with the best SAE spliced in", lambda m: (
         None if _get(m, "03", "spliced_perplexity") is None else
         f"{_f(_get(m, '03', 'spliced_perplexity'))} ({_get(m, '03', 'spliced_perplexity_kind')})"),
@@ -82,8 +93,9 @@ ROWS: list[tuple[str, Callable[[Metrics], Any], str | None]] = [
     *[(f"best {k} within the L0 budget", (lambda k: lambda m: _kind_cell(m, k))(k), None) for k in KINDS],
     ("features per token, best ReLU-L1", lambda m: _get(m, "03", "best_relu_l0"), "features_per_token_residual"),
     ("MMCS vs the next-larger dictionary", lambda m: _get(m, "04", "mmcs_vs_larger"), None),
-    ("share of features with MCS ≥ 0.9 vs larger", lambda m: _get(m, "04", "share_above_0.9"),
+    ("share of live features with MCS ≥ 0.9 vs larger", lambda m: _get(m, "04", "share_above_0.9"),
      "share_mcs_above_0.9_layer3"),
+    ("dead fraction by dictionary size (04)", lambda m: _get(m, "04", "dead_fraction"), None),
     ("MMCS across seeds (same size)", lambda m: _get(m, "04", "mmcs_across_seeds"), None),
     ("share ≥ 0.9 across seeds", lambda m: _get(m, "04", "share_above_0.9_across_seeds"), None),
     ("reached 0.9 self-similarity, later below 0.6", lambda m: (
@@ -94,11 +106,17 @@ ROWS: list[tuple[str, Callable[[Metrics], Any], str | None]] = [
 ]
 
 
+# Original-work values that are perplexities, shown in a row of losses as ln(perplexity) too.
+_PERPLEXITIES = {"perplexity_clean_pythia70m"}
+
+
 def _original(original: Mapping[str, Any], key: str | None) -> str:
     if not key or key not in original:
         return "—"
     value = original[key].get("value")
     text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    if key in _PERPLEXITIES and isinstance(value, (int, float)):
+        text = f"{math.log(value):.3g} nats/token (perplexity {value})"
     return f"{text} ({original[key].get('setting', '')})"
 
 

@@ -46,6 +46,20 @@ def _f(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def ranked(methods: Mapping[str, Mapping[str, Any]]) -> str:
+    """Methods by mean score, joined by ">" only where the 95 % intervals do not overlap, else "≈" (an ordering
+    the measurement does not separate is not stated)."""
+    order = sorted(methods.items(), key=lambda kv: -(kv[1].get("score_mean") or -math.inf))
+    out = ""
+    for i, (k, v) in enumerate(order):
+        if i:
+            prev = order[i - 1][1]
+            lo, hi = prev.get("score_ci_low"), v.get("score_ci_high")
+            out += " > " if lo is not None and hi is not None and lo > hi else " ≈ "
+        out += f"{k} {_f(v.get('score_mean'))}"
+    return out
+
+
 def _answer_00(m: Metrics) -> str:
     return (f"A {_f(_get(m, '00', 'n_layers'))}-layer, d_model {_f(_get(m, '00', 'd_model'))} GPT-NeoX trained on "
             f"{_f(_get(m, '00', 'train_tokens'))} tokens reaches validation loss {_f(_get(m, '00', 'val_loss'))} nats "
@@ -82,8 +96,15 @@ def _answer_02(m: Metrics) -> str:
         limits = _get(m, "02", "norm_limits") or {}
         text += (" Rows left out for their norm alone (over 10x the median at the layer, measured on the first "
                  "8 contexts: massive activations past position 0), by layer: " +
-                 "; ".join(f"layer {L}: {n} (limit {_f(limits.get(f'blocks.{L}.hook_resid_post'), 3)})"
+                 "; ".join(f"layer {L}: {n} (limit {limits.get(f'blocks.{L}.hook_resid_post') or float('nan'):.0f})"
                            for L, n in dropped.items()) + ".")
+        kept = _get(m, "02", "massive_rows_kept") or {}
+        tails = [h.split(".")[1] for h, n in (_get(m, "02", "massive_rows_excluded") or {}).items()
+                 if n and (kept.get(h) or {}).get("max_norm", 0) > 0.9 * (limits.get(h) or float("inf"))]
+        if tails:
+            text += (f" At layer(s) {', '.join(tails)} the largest kept row lies within 10 % of the limit: there the "
+                     f"rows left out are the tail of one continuous distribution cut at the threshold, not a "
+                     f"separate cluster of massive activations.")
     return text
 
 
@@ -92,9 +113,11 @@ def _answer_03(m: Metrics) -> str:
     rows = "; ".join(f"{k} FVU {_f(_get(m, '03', f'best_{k}_fvu'))} at L0 {_f(_get(m, '03', f'best_{k}_l0'), 3)}"
                      for k in kinds)
     return (f"Best member per kind within L0 ≤ {_f(_get(m, '03', 'l0_budget'))}: {rows or MISSING}. Perplexity "
-            f"{_f(_get(m, '03', 'clean_perplexity'))} clean, {_f(_get(m, '03', 'spliced_perplexity'))} with the best "
-            f"SAE ({_f(_get(m, '03', 'spliced_perplexity_kind'))}) spliced in; the best ReLU gives "
-            f"{_f(_get(m, '03', 'best_relu_spliced_perplexity'))}.")
+            f"{_f(_get(m, '03', 'clean_perplexity'))} clean, {_f(_get(m, '03', 'spliced_perplexity'))} with the SAE "
+            f"of lowest spliced perplexity ({_f(_get(m, '03', 'spliced_perplexity_kind'))}) spliced in; the best "
+            f"ReLU gives {_f(_get(m, '03', 'best_relu_spliced_perplexity'))}. Measured on "
+            f"{_f(_get(m, '03', 'n_loss_predictions'))} predictions with one seed per setting, no interval: kinds "
+            f"whose perplexities differ by a few percent, at different L0, are not separated.")
 
 
 def _answer_04(m: Metrics) -> str:
@@ -115,18 +138,33 @@ def _answer_06(m: Metrics) -> str:
     studies = _get(m, "06", "case_studies") or []
     picked = "; ".join(f"{s.get('role')}: feature {s.get('feature')} (logit lens top "
                        f"{', '.join(map(repr, (s.get('logit_lens_top') or [])[:3]))})" for s in studies)
-    return (f"Features picked by rule: {picked or MISSING}. Loss {_f(_get(m, '06', 'loss_clean'))} clean, "
+    return (f"Features picked by rule: {picked or MISSING}. On 06's own held-out contexts (not 03's text, so its "
+            f"clean loss differs): loss {_f(_get(m, '06', 'loss_clean'))} clean, "
             f"{_f(_get(m, '06', 'loss_spliced_all'))} with the whole reconstruction, "
             f"{_f(_get(m, '06', 'loss_spliced_high_mcs_only'))} keeping only the {_f(_get(m, '06', 'n_high_mcs'))} "
             f"high-MCS features (plus the error), {_f(_get(m, '06', 'loss_spliced_random_same_count'))} keeping as "
             f"many random ones.")
 
 
+def _scored_ordering(m: Metrics, sep: str = "; ", prefix: str = "layer ") -> str | None:
+    """Each layer's methods by mean score, ">" only where the 95 % intervals separate them (`ranked`)."""
+    scores = _get(m, "07", "scores")
+    if scores:
+        return sep.join(f"{prefix}{layer}: {ranked(methods)}" for layer, methods in scores.items())
+    order = _get(m, "07", "ordering_by_layer")  # a run from before the intervals were recorded
+    return None if not order else sep.join(f"{prefix}{layer}: {' > '.join(ms)}" for layer, ms in order.items())
+
+
 def _answer_07(m: Metrics) -> str:
-    order = _get(m, "07", "ordering_by_layer") or {}
-    text = "; ".join(f"layer {layer}: {' > '.join(methods)}" for layer, methods in order.items())
-    return (f"Ordering by mean score (top-and-random simulation, {_f(_get(m, '07', 'explainer'))} explainer): "
-            f"{text or MISSING}. Shuffled explanations score {_f(_get(m, '07', 'shuffled_explanation_mean'))}.")
+    scores = _get(m, "07", "scores") or {}
+    partial = sorted({f"{k} {v.get('n_scored')}/{v.get('n_scored', 0) + v.get('n_skipped', 0)}"
+                      for methods in scores.values() for k, v in methods.items() if v.get("n_skipped")})
+    return (f"Ordering by mean score (top-and-random simulation, {_f(_get(m, '07', 'explainer'))} explainer; "
+            f"\">\" between neighbours only where their 95 % intervals do not overlap, \"≈\" where they do): "
+            f"{_scored_ordering(m) or MISSING}. Shuffled explanations score "
+            f"{_f(_get(m, '07', 'shuffled_explanation_mean'))}."
+            + (f" Directions scored of those picked, where some were skipped (never firing in the text): "
+               f"{', '.join(partial[:8])}{', ...' if len(partial) > 8 else ''}." if partial else ""))
 
 
 ANSWERS: dict[str, Callable[[Metrics], str]] = {
@@ -135,10 +173,7 @@ ANSWERS: dict[str, Callable[[Metrics], str]] = {
 
 
 def _ordering_07(m: Metrics) -> str | None:
-    order = _get(m, "07", "ordering_by_layer")
-    if not order:
-        return None
-    return "; ".join(f"L{layer}: {' > '.join(methods)}" for layer, methods in order.items())
+    return _scored_ordering(m, prefix="L")
 
 
 # (quantity, original_work.json key, function of our metrics -> this run's value, this run's setting)
