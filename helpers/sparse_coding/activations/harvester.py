@@ -12,17 +12,18 @@ import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from .. import lm
 from ..corpus import contexts
-from ..checks import check_bool, check_dtype, check_int, check_seed
+from ..checks import check_bool, check_int
 from ..files import folder_lock, load_json, save_json
 from ..paths import resolve
 from .exclusion import Exclusion, norm_limits, resolve_exclusion
 from .layout import FORMAT_VERSION, MANIFEST, hook_folder, revision_name, write_chunk
+from .settings import HarvestSettings
 from .store import ActivationStore
 
 class _ChunkWriter:
@@ -68,24 +69,21 @@ class _ChunkWriter:
             raise self.error
 
 
-def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, out_root: str | os.PathLike,
-            model_name: str, revision: str | None = None, *, chunk_rows: int = 131072, batch_size: int = 32,
-            dtype: torch.dtype = torch.float32, ctx_len: int | None = None, corpus: str = "", seed: int = 0,
-            progress: bool = True, fast: bool = True, model_id: str | None = None, exclude="auto") -> dict[str, Path]:
+def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int | None, out_root: str | os.PathLike,
+            model_name: str, revision: str | None = None, *, settings: HarvestSettings | None = None,
+            progress: bool = True, model_id: str | None = None, **fields: Any) -> dict[str, Path]:
     """Run ``tokens`` through ``model`` and store the activations of every hook in ``hooks``.
 
     Args:
         model: a TransformerLens model from :func:`sparse_coding.lm.load_model`.
         tokens: LongTensor contexts ``[n_contexts, ctx_len]`` (or a 1-D stream, cut with ``ctx_len``), used in order.
         hooks: hook names, e.g. ``["blocks.0.hook_resid_post", "blocks.2.mlp.hook_post"]``; all come from one pass.
-        n_tokens: rows to store per hook, rounded up to whole contexts.
+        n_tokens: rows to store per hook, rounded up to whole contexts (or None: the settings' n_tokens).
         out_root: folder under which ``<model>/<revision>/<hook>/`` is created (e.g. ``data/activations``).
         model_name, revision: recorded in the manifest and used in the path.
-        chunk_rows: rows per chunk file (rounded down to whole contexts); 131072 x d=128 x 4 B = 64 MB.
-        batch_size: contexts per forward pass (on a multi-core CPU with the lean path, passes of at most
-            ``CPUWorkers.ROWS_PER_CALL`` rows, run side by side: see ``lm.CPUWorkers``).
-        dtype: torch.float32 (default) or torch.float16 on disk; the reader always yields float32.
-        corpus, seed: provenance for the manifest.
+        settings: how to harvest (`HarvestSettings`: n_tokens, chunk_rows, batch_size, dtype, ctx_len, corpus, seed,
+            fast, exclude; each field's unit and default in its docstring); its fields given as keywords override
+            it (``harvest(..., dtype=torch.float16)``), a misspelt one is an error.
         model_id: what the model's weights came from (`lm.model_id`: the offline model's training settings), recorded
             in the manifest so that a store made from a model since retrained is refused as stale.
         exclude: positions left out of the dictionaries' inputs (`activations.exclusion`): "auto" (default) leaves
@@ -103,13 +101,10 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
     Returns {hook: folder}. A folder whose manifest is complete with the same settings is left as is; a partial
     one resumes after its last complete chunk; one with different settings is an error (delete it or change
     out_root)."""
-    check_dtype(dtype, "dtype", (torch.float32, torch.float16))
-    check_int(n_tokens, "n_tokens", 1, hint=" (rows to store per hook)")
-    check_int(chunk_rows, "chunk_rows", 1)
-    check_int(batch_size, "batch_size", 1, hint=" (contexts per forward pass)")
-    check_seed(seed)
+    cfg = HarvestSettings.build(settings, **({"n_tokens": n_tokens} if n_tokens is not None else {}), **fields)
+    n_tokens, chunk_rows, batch_size, dtype = cfg.n_tokens, cfg.chunk_rows, cfg.batch_size, cfg.dtype
+    ctx_len, corpus, seed, fast, exclude = cfg.ctx_len, cfg.corpus, cfg.seed, cfg.fast, cfg.exclude
     check_bool(progress, "progress")
-    check_bool(fast, "fast")
     if isinstance(hooks, str) or not hooks or not all(isinstance(h, str) for h in hooks):
         raise ValueError(f"hooks must be a non-empty list of hook names, e.g. ['blocks.0.hook_resid_post'], got "
                          f"{hooks!r}")
@@ -171,7 +166,8 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int, ou
                                      f"folder or choose another out_root")
             else:
                 m = {**settings, "hook": h, "d": None, "n_tokens": 0, "complete": False, "chunks": [],
-                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     "harvest_settings": {k: v for k, v in cfg.to_json().items() if k != "exclude"}}
                 save_json(mpath, m)
             folders[h], manifests[h] = folder, m
             done_ctx[h] = m["n_tokens"] // ctx_len
@@ -241,16 +237,18 @@ def default_dtype(tl) -> torch.dtype:
     return torch.float16 if n >= 100_000_000 else torch.float32
 
 
-def ensure_activations(tl, model: str, revision: str, hook: str, n_tokens: int, *,
-                       data_dir: str | os.PathLike = "data", ctx_len: int | None = None, batch_size: int = 32,
-                       chunk_rows: int = 131072, seed: int = 0, progress: bool = True, dtype: torch.dtype | None = None,
-                       exclude="auto") -> ActivationStore:
+def ensure_activations(tl, model: str, revision: str, hook: str, n_tokens: int | None = None, *,
+                       data_dir: str | os.PathLike = "data", settings: HarvestSettings | None = None,
+                       progress: bool = True, **fields: Any) -> ActivationStore:
     """The activation store for (model, revision, hook), harvested now if it is missing or short; an existing
-    harvest of at least n_tokens is reused as is (also one made by notebook 02 with every layer). ctx_len defaults
-    to `lm.default_ctx_len` (the model's own, at most 256 tokens), dtype to `default_dtype`; `exclude` as in
-    `harvest`. Raises ValueError for a store made from a model that has
+    harvest of at least n_tokens is reused as is (also one made by notebook 02 with every layer). settings and
+    fields as in `harvest`; here ctx_len defaults to `lm.default_ctx_len` (the model's own, at most 256 tokens),
+    dtype to `default_dtype` and corpus to "stdlib". Raises ValueError for a store made from a model that has
     since been retrained (its manifest's model_id is not the model's)."""
-    check_int(n_tokens, "n_tokens", 1, hint=" (rows to store)")
+    if settings is None:
+        fields = {"dtype": default_dtype(tl), "corpus": "stdlib", **fields}
+    cfg = HarvestSettings.build(settings, **({"n_tokens": n_tokens} if n_tokens is not None else {}), **fields)
+    n_tokens = cfg.n_tokens
     folder = hook_folder(resolve(data_dir) / "activations", model, revision, hook)
     current = lm.model_id(model, data_dir)
     if (folder / MANIFEST).exists():
@@ -261,9 +259,7 @@ def ensure_activations(tl, model: str, revision: str, hook: str, n_tokens: int, 
                              f"{current}): it is stale; delete the folder to harvest it again")
         if store.manifest.get("complete") and store.n_rows >= n_tokens:
             return store
-    ctx_len = ctx_len or lm.default_ctx_len(tl)
-    ctxs = lm.model_contexts(tl, model, data_dir=data_dir, ctx_len=ctx_len)
-    harvest(tl, ctxs, [hook], n_tokens=n_tokens, out_root=resolve(data_dir) / "activations", model_name=model,
-            revision=revision, chunk_rows=chunk_rows, batch_size=batch_size, corpus="stdlib", seed=seed,
-            progress=progress, model_id=current, dtype=dtype or default_dtype(tl), exclude=exclude)
+    ctxs = lm.model_contexts(tl, model, data_dir=data_dir, ctx_len=cfg.ctx_len or lm.default_ctx_len(tl))
+    harvest(tl, ctxs, [hook], None, resolve(data_dir) / "activations", model, revision, settings=cfg,
+            progress=progress, model_id=current)
     return ActivationStore(folder)

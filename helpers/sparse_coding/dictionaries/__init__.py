@@ -7,10 +7,10 @@ from .kinds import BatchTopKSAE, JumpReLUSAE, ReLUBiasDecaySAE, ReLUSAE, TopKSAE
 from .metrics import FVU
 from .saelens_io import load_sae, load_sweep, member_name, save_sae, save_sweep, sweep_info
 from .sweep import LMSweep, input_scale, state_dir, store_metadata, sweep_dir, sweep_name, train_lm_sweep
-from .training import TrainingDiverged, estimate_input_scale, train_sae
+from .training import TrainingDiverged, TrainSettings, default_input_scale, estimate_input_scale, train_sae
 
 __all__ = ["DEFAULT_DEAD_WINDOW", "SAE_KINDS", "EnsembleSAE", "SAEOutput", "fold_input_scale", "register_sae",
            "make_sae", "BatchTopKSAE", "JumpReLUSAE", "ReLUBiasDecaySAE", "ReLUSAE", "TopKSAE", "FVU", "load_sae",
            "load_sweep", "member_name", "save_sae", "save_sweep", "sweep_info", "LMSweep", "input_scale", "store_metadata",
            "state_dir", "sweep_dir", "sweep_name", "train_lm_sweep", "TrainingDiverged", "estimate_input_scale",
-           "train_sae"]
+           "train_sae", "TrainSettings", "default_input_scale"]

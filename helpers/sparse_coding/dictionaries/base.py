@@ -117,6 +117,10 @@ class EnsembleSAE(nn.Module):
     kind: str = "base"
     architecture: str = "standard"  # SAELens's name for the architecture
     member_keys: tuple[str, ...] = ()  # per-member hyperparameters besides the seed
+    # The hyperparameter that sets how sparse the codes are (what a sweep varies: l1_coef, k, l0_coef) and the loss
+    # coefficient weighing a sparsity penalty (warmed up by coef_warmup_steps; None where sparsity is structural).
+    sparsity_knob: str = ""
+    sparsity_coef: str | None = None
     required_hparams: tuple[str, ...] = ()  # member keys without a default
     unit_norm_decoder: bool = True
     nonnegative_codes: bool = True  # False for a kind whose codes can be negative

@@ -15,7 +15,7 @@ import io
 import shutil
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,9 +26,11 @@ from ..activations import ActivationStore, safe_name
 from ..checks import check_positive
 from ..files import canonical
 from ..paths import resolve
+from .base import SAE_KINDS
 from .factory import make_sae
 from .saelens_io import SWEEP_FILE, load_sweep, save_sweep, sweep_info
-from .training import estimate_input_scale, train_sae
+from .training import TrainSettings, default_input_scale, train_sae
+from .training.sources import DEFAULT_BATCH_SIZE
 
 HISTORY_FILE = "history.csv"
 
@@ -50,9 +52,9 @@ def sweep_dir(data_dir: str | os.PathLike, store: ActivationStore, kind: str, ra
 
 
 def input_scale(store: ActivationStore, seed: int = 0) -> float:
-    """s with E||s x||^2 = d_in, from 16 seeded batches of 4096 rows: SAE hyperparameters (L1 coefficient,
-    learning rate) then mean the same at every layer and on every model, whatever the raw activation norm."""
-    return estimate_input_scale(store, n_batches=16, batch_size=4096, seed=seed)
+    """s with E||s x||^2 = d_in, the scale a sweep with `seed` trains at (`default_input_scale`, as train_sae's
+    "auto"): SAE hyperparameters then mean the same at every layer and on every model, whatever the raw norm."""
+    return default_input_scale(store, seed)
 
 
 def store_metadata(store: ActivationStore) -> dict:
@@ -85,72 +87,77 @@ class LMSweep:
 
     def label(self, member: int) -> str:
         h = self.sae.hparams[member]
-        knob = next((f"{k}={h[k]:g}" for k in ("l1_coef", "k", "l0_coef") if k in h), f"m{member}")
+        key = SAE_KINDS[self.kind].sparsity_knob if self.kind in SAE_KINDS else ""
+        knob = f"{key}={h[key]:g}" if key in h else f"m{member}"
         return f"{self.kind} r{self.ratio:g} {knob}"
 
 
-def _settings(store: ActivationStore, kind: str, ratio: float, hparams: Mapping[str, Any], seed: int,
-              n_tokens: int, batch_size: int, lr: float, train_kwargs: Mapping[str, Any]) -> dict:
+def _settings(store: ActivationStore, kind: str, ratio: float, hparams: Mapping[str, Any], n_tokens: int,
+              cfg: TrainSettings, snapshots: bool) -> dict:
+    """What a sweep.json records and a rerun compares: the sweep's own settings and its TrainSettings whole (the
+    fields a resume compares, `TrainSettings.resume_key`)."""
     m = store.manifest
-    return {"kind": kind, "ratio": float(ratio), "hparams": {k: (list(v) if isinstance(v, (list, tuple)) else v)
-                                                             for k, v in hparams.items()},
-            "seed": int(seed), "n_tokens": int(n_tokens), "batch_size": int(batch_size), "lr": float(lr),
-            "train": {k: v for k, v in train_kwargs.items()},
-            "activations": {"model": m["model"], "revision": m["revision"], "hook": m["hook"],
-                            "n_tokens": store.n_tokens, "d": store.d}}
+    return canonical({"kind": kind, "ratio": float(ratio),
+                      "hparams": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in hparams.items()},
+                      "seed": cfg.seed, "n_tokens": int(n_tokens), "batch_size": cfg.batch_size, "lr": cfg.lr,
+                      "train": cfg.resume_key(), "snapshots": bool(snapshots),
+                      "activations": {"model": m["model"], "revision": m["revision"], "hook": m["hook"],
+                                      "n_tokens": store.n_tokens, "d": store.d}})
 
 
-def train_lm_sweep(store: ActivationStore, kind: str, ratio: float, hparams: Mapping[str, Any], *,
-                   data_dir: str | os.PathLike = "data", seed: int = 0, n_tokens: int | None = None,
-                   batch_size: int = 4096, lr: float = 1e-3, device: str | torch.device = "cpu",
-                   progress: bool = True, log_every: int = 50, retrain: bool = False, snapshots: bool = False,
-                   **train_kwargs: Any) -> LMSweep:
+def train_lm_sweep(store: ActivationStore, kind: str, ratio: float, hparams: Mapping[str, Any],
+                   settings: TrainSettings | None = None, *, data_dir: str | os.PathLike = "data",
+                   n_tokens: int | None = None, device: str | torch.device = "cpu", progress: bool = True,
+                   retrain: bool = False, snapshots: bool = False, **fields: Any) -> LMSweep:
     """Train one ensemble (kind, ratio; one member per value in `hparams` lists) on `store`, or reload it.
 
-    n_tokens: training tokens (default: one pass over the store). train_kwargs go to `training.train_sae`
-    (warmup_steps, decay, resample_every, ...). snapshots=True keeps log-spaced weight snapshots in
-    `<sweep folder>.training/` (notebook 05 tracks features across them) and lets a killed run resume there.
-    A rerun with the same settings (compared after a JSON round trip) reloads the saved sweep; retrain=True
-    replaces a saved sweep whose settings differ, otherwise that is a FileExistsError."""
+    settings: how every member trains (`TrainSettings`; here batch_size defaults to 4096 and steps are
+    n_tokens // batch_size); its fields given as keywords override it (seed, lr, batch_size, log_every,
+    warmup_steps, decay, resample_every, ...). seed also seeds the members' initialisation and names the folder.
+    n_tokens: training tokens (default: one pass over the store). snapshots=True keeps log-spaced weight snapshots
+    in `<sweep folder>.training/` (notebook 05 tracks features across them; snapshot_steps overrides which) and lets
+    a killed run resume there. A rerun with the same settings (compared after a JSON round trip) reloads the saved
+    sweep; retrain=True replaces a saved sweep whose settings differ, otherwise that is a FileExistsError."""
     check_positive(ratio, "ratio", " (dictionary size / d_model)")
+    cfg = TrainSettings.build(settings or TrainSettings(batch_size=DEFAULT_BATCH_SIZE), **fields)
+    if cfg.batch_size is None:
+        cfg = replace(cfg, batch_size=DEFAULT_BATCH_SIZE)
     n_tokens = int(n_tokens or store.n_tokens)
-    if n_tokens < batch_size:
-        raise ValueError(f"n_tokens={n_tokens} is less than one batch (batch_size={batch_size})")
-    folder = sweep_dir(data_dir, store, kind, ratio, seed)
-    settings = _settings(store, kind, ratio, hparams, seed, n_tokens, batch_size, lr, train_kwargs)
-    settings["snapshots"] = bool(snapshots)
-    settings = canonical(settings)
+    if n_tokens < cfg.batch_size:
+        raise ValueError(f"n_tokens={n_tokens} is less than one batch (batch_size={cfg.batch_size})")
+    steps = n_tokens // cfg.batch_size
+    # A resumable state beside the sweep (every twentieth of the run), so a killed run continues where it stopped;
+    # snapshots=True also keeps log-spaced weight snapshots there.
+    cfg = replace(cfg, steps=steps,
+                  snapshot_steps=fields.get("snapshot_steps", "log" if snapshots else None),
+                  state_every=fields.get("state_every", max(1, steps // 20)))
+    folder = sweep_dir(data_dir, store, kind, ratio, cfg.seed)
+    settings_json = _settings(store, kind, ratio, hparams, n_tokens, cfg, snapshots)
     if (folder / SWEEP_FILE).exists():
         saved = sweep_info(folder)
-        if canonical(saved.get("settings")) == settings:
+        if canonical(saved.get("settings")) == settings_json:
             history = pd.read_csv(folder / HISTORY_FILE) if (folder / HISTORY_FILE).exists() else pd.DataFrame()
             return LMSweep(folder.name, kind, float(ratio), folder, load_sweep(folder, device=device), history,
-                           float(saved["input_scale"]), float(saved.get("seconds", float("nan"))), True, settings)
+                           float(saved["input_scale"]), float(saved.get("seconds", float("nan"))), True,
+                           settings_json)
         if not retrain:
             raise FileExistsError(f"{folder} holds a sweep trained with other settings; pass retrain=True to "
                                   f"replace it, or use another data_dir")
 
-    s = input_scale(store, seed=seed)
-    sae = make_sae(kind, store.d, ratio=ratio, seed=seed, device=device, **hparams)
-    # A resumable state beside the sweep (every twentieth of the run), so a killed run continues where it stopped;
-    # snapshots=True also keeps log-spaced weight snapshots there.
-    steps = n_tokens // batch_size
+    sae = make_sae(kind, store.d, ratio=ratio, seed=cfg.seed, device=device, **hparams)
     if retrain:
         shutil.rmtree(state_dir(folder), ignore_errors=True)  # another settings' unfinished state
-    train_kwargs.setdefault("state_dir", state_dir(folder))
-    train_kwargs.setdefault("snapshot_steps", "log" if snapshots else None)
-    train_kwargs.setdefault("state_every", max(1, steps // 20))
     t0 = time.time()
     # The store itself (not an iterator over it) lets train_sae jump to any step when it resumes.
-    history = train_sae(sae, store, steps=steps, lr=lr, batch_size=batch_size, input_scale=s,
-                        progress=progress, log_every=log_every, seed=seed, **train_kwargs)
+    history = train_sae(sae, store, cfg, progress=progress, state_dir=state_dir(folder))
     seconds = time.time() - t0
+    s = float(sae.input_scale)  # the scale it trained at (input_scale "auto": `input_scale(store, seed)`)
     metadata = store_metadata(store)
     buf = io.StringIO()
     history.to_csv(buf, index=False)
     save_sweep(sae, folder, metadata=metadata, files={HISTORY_FILE: buf.getvalue()},
-               extra={"settings": settings, "seconds": seconds}, overwrite=retrain)
-    if not snapshots and train_kwargs["state_dir"] == state_dir(folder):
+               extra={"settings": settings_json, "seconds": seconds}, overwrite=retrain)
+    if not snapshots:
         shutil.rmtree(state_dir(folder), ignore_errors=True)  # only there to resume an unfinished run
     return LMSweep(folder.name, kind, float(ratio), folder, load_sweep(folder, device=device), history, s, seconds,
-                   False, settings)
+                   False, settings_json)

@@ -22,7 +22,7 @@ import torch
 
 from ..activations.synthetic import ToyData
 from ..analyses.recovery import dead_features, mmcs_from_learned, mmcs_to_truth, mmcs_vs_larger, share_recovered
-from ..dictionaries import FVU, make_sae, train_sae
+from ..dictionaries import FVU, SAE_KINDS, make_sae, train_sae
 from ..dictionaries.baselines import ica_dictionary, ksvd_dictionary, online_dictionary, pca_dictionary
 
 # Held-out data for dead-feature counts and FVU comes from this seed offset, never from a training stream.
@@ -30,7 +30,7 @@ EVAL_SEED_OFFSET = 10_000
 
 
 # The member hyperparameter each kind's sweep varies.
-SPARSITY = {"relu": "l1_coef", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coef"}
+SPARSITY = {kind: SAE_KINDS[kind].sparsity_knob for kind in ("relu", "topk", "batchtopk", "jumprelu")}
 
 
 @dataclass

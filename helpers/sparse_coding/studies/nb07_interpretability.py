@@ -61,10 +61,13 @@ def train_recipe(store: ActivationStore, recipe: Mapping[str, Any], data_dir: st
     ensemble, taking raw activations."""
     n = min(int(n_tokens or recipe["n_tokens"]), store.n_tokens)
     n -= n % recipe["batch_size"]
-    run = dictionaries.train_lm_sweep(store, recipe["kind"], recipe["ratio"], dict(recipe["hparams"]),
+    # The recipe's training settings whole (an older sweep.json lists only the fields it changed), its data
+    # settings on top.
+    cfg = dictionaries.TrainSettings.from_json(dict(recipe["train"]))
+    run = dictionaries.train_lm_sweep(store, recipe["kind"], recipe["ratio"], dict(recipe["hparams"]), cfg,
                                       data_dir=resolve(data_dir) / SUBDIR, seed=recipe["seed"], n_tokens=n,
                                       batch_size=recipe["batch_size"], lr=recipe["lr"], device=device,
-                                      progress=progress, **recipe["train"])
+                                      progress=progress)
     return run.sae
 
 

@@ -89,6 +89,7 @@ class JumpReLUSAE(EnsembleSAE):
 
     architecture = "jumprelu"
     member_keys = ("l0_coef", "bandwidth", "init_threshold", "threshold_lr_mult")
+    sparsity_knob = sparsity_coef = "l0_coef"
 
     @classmethod
     def default_hparams(cls, d_in: int) -> dict[str, Any]:

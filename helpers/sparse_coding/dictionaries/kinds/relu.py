@@ -22,6 +22,7 @@ class ReLUSAE(EnsembleSAE):
 
     architecture = "standard"
     member_keys = ("l1_coef",)
+    sparsity_knob = sparsity_coef = "l1_coef"
 
     @classmethod
     def default_hparams(cls, d_in: int) -> dict[str, Any]:

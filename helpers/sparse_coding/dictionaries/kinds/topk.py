@@ -40,6 +40,7 @@ class TopKSAE(EnsembleSAE):
 
     architecture = "topk"
     member_keys = ("k", "aux_k", "aux_coef")
+    sparsity_knob, sparsity_coef = "k", None
     required_hparams = ("k",)
 
     @classmethod

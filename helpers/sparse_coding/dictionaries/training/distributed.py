@@ -17,7 +17,7 @@ differently sized tensor differently, and members agree to rounding instead (the
 job.json:
     {"kind": "relu", "d_sae": 64 (or "ratio": 4), "hparams": {"l1_coef": [..], "seed": [..]},
      "data": {"activations": "<harvest folder>"} or {"tensor": "<file.safetensors>", "key": "acts"},
-     "batch_size": 4096, "input_scale": "auto" | 1.0, "out": "<sweep folder>", "device": "cpu" | "cuda",
+     "batch_size": 4096, "input_scale": "auto" (default) | 1.0, "out": "<sweep folder>", "device": "cpu" | "cuda",
      "metadata": {...}, "state_dir": "<folder>" (optional), "train": {"steps": .., "lr": .., ...}}
 """
 
@@ -39,7 +39,7 @@ from ..base import EnsembleSAE, broadcast
 from ..factory import make_sae
 from ..saelens_io import save_sweep
 from .loop import train_sae
-from .sources import estimate_input_scale
+from .settings import TrainSettings
 
 HISTORY_FILE = "history.csv"
 
@@ -83,20 +83,23 @@ def _all_gather_text(text: str, device: torch.device, world: int) -> list[str]:
     return [bytes(p[:n].cpu().tolist()).decode("utf-8") for p, n in zip(parts, counts)]
 
 
-def train_distributed(kind: str, d_in: int, batches: Any, hparams: Mapping[str, Any], *, d_sae: int | None = None,
+def train_distributed(kind: str, d_in: int, batches: Any, hparams: Mapping[str, Any],
+                      settings: TrainSettings | None = None, *, d_sae: int | None = None,
                       ratio: float | None = None, out: str | os.PathLike | None = None,
-                      input_scale: float | str = "auto",
                       device: str | torch.device | None = None, tied: bool = False, pre_bias: bool = True,
-                      dead_window: int | None = None, state_dir: str | os.PathLike | None = None,
-                      metadata: Mapping[str, Any] | None = None, overwrite: bool = False,
-                      **train_kwargs: Any) -> tuple[EnsembleSAE, pd.DataFrame]:
+                      state_dir: str | os.PathLike | None = None, metadata: Mapping[str, Any] | None = None,
+                      overwrite: bool = False, progress: bool | None = None,
+                      **fields: Any) -> tuple[EnsembleSAE, pd.DataFrame]:
     """Train the sweep `kind` x `hparams` with members spread over the torchrun ranks; every rank returns the whole
     trained ensemble and log, rank 0 also saves it to `out` (SAELens layout, input_scale folded in, history.csv).
 
     Outside torchrun (no RANK/WORLD_SIZE in the environment) it is one process training everything. batches: any
     train_sae source; every rank must see the same batches (a dataset tensor or ActivationStore with the same
     seed, a pure callable). state_dir: each rank keeps its slice's training state under members-LO-HI/.
-    train_kwargs go to train_sae (steps, lr, seed, batch_size, resample_every, ...)."""
+    settings: how every member trains (`TrainSettings`, as train_sae; its fields as keywords override it), the same
+    object on every rank; input_scale "auto" gives every rank the same number (`default_input_scale`, seeded).
+    progress: a bar on rank 0 by default."""
+    cfg = TrainSettings.build(settings, **fields)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -117,14 +120,13 @@ def train_distributed(kind: str, d_in: int, batches: Any, hparams: Mapping[str, 
         mine = members[lo:hi]
         keys = {k for h in mine for k in h}
         sub = make_sae(kind, d_in, d_sae, ratio=ratio, tied=tied, pre_bias=pre_bias, device=device,
-                       dead_window=dead_window, **{k: [h[k] for h in mine] for k in keys})
+                       **{k: [h[k] for h in mine] for k in keys})
         ck = resolve(state_dir) / f"members-{lo:03d}-{hi:03d}" if state_dir is not None else None
-        hist = train_sae(sub, batches, input_scale=input_scale, state_dir=ck,
-                         progress=train_kwargs.pop("progress", rank == 0), **train_kwargs)
+        hist = train_sae(sub, batches, cfg, state_dir=ck, progress=rank == 0 if progress is None else progress)
         hist["member"] += lo
 
         full = make_sae(kind, d_in, d_sae, ratio=ratio, tied=tied, pre_bias=pre_bias, device=device,
-                        dead_window=dead_window, **{k: [h[k] for h in members] for k in keys})
+                        **{k: [h[k] for h in members] for k in keys})
         if world > 1:
             counts = [member_slice(len(members), r, world)[1] - member_slice(len(members), r, world)[0]
                       for r in range(world)]
@@ -175,17 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise ValueError(f"{args.config} is missing {', '.join(missing)} (see python -m sparse_coding.dictionaries.training.distributed -h)")
     batches, d_in = _load_data(job["data"])
-    train = dict(job.get("train", {}))
-    seed = int(train.get("seed", 0))
-    scale = job.get("input_scale", 1.0)
-    if scale == "auto":  # every rank computes the same number from the same seeded sample
-        scale = estimate_input_scale(batches, batch_size=job["batch_size"], seed=seed)
-    train_distributed(job["kind"], d_in, batches, job["hparams"], d_sae=job.get("d_sae"), ratio=job.get("ratio"),
-                      out=job["out"], input_scale=float(scale), device=job.get("device"),
-                      tied=bool(job.get("tied", False)), dead_window=job.get("dead_window"),
+    # The job's training settings, checked once: every rank builds the same object (and the same "auto" scale).
+    cfg = TrainSettings.from_json({**job.get("train", {}), "batch_size": job["batch_size"],
+                                   "input_scale": job.get("input_scale", "auto"),
+                                   **({"dead_window": job["dead_window"]} if job.get("dead_window") else {})})
+    train_distributed(job["kind"], d_in, batches, job["hparams"], cfg, d_sae=job.get("d_sae"), ratio=job.get("ratio"),
+                      out=job["out"], device=job.get("device"), tied=bool(job.get("tied", False)),
                       state_dir=job.get("state_dir"), metadata=job.get("metadata"),
-                      overwrite=bool(job.get("overwrite", False)), batch_size=job["batch_size"],
-                      progress=bool(job.get("progress", False)), **train)
+                      overwrite=bool(job.get("overwrite", False)), progress=bool(job.get("progress", False)))
     return 0
 
 

@@ -21,13 +21,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ...checks import check_bool, check_choice, check_int, check_number, check_positive, check_seed
+from ...checks import check_bool
 from ...files import folder_lock
 from ..base import DEFAULT_DEAD_WINDOW, EnsembleSAE, SAEOutput
 from ..metrics import FVU
 from .optim import adam
 from .resample import member_generators, resample_dead_
 from .schedules import Schedules, log_spaced_steps
+from .settings import TrainSettings, snapshot_set
 from .sources import Batches, BatchSource
 from .state import TrainingDiverged, TrainingState
 
@@ -50,44 +51,6 @@ class _Divergence:
                 f"loss became NaN/inf at step {min(bad[m] for m in members)} for member(s) {members} (hparams "
                 f"{[self.sae.hparams[m] for m in members]}); training stopped at step {at} and {self.last_good()}. "
                 f"Lower lr, add warmup_steps, or check the inputs' scale (estimate_input_scale) and resume")
-
-
-def _settings(**kw: Any) -> dict[str, Any]:
-    """Check train_sae's arguments (naming the one that is wrong) and return them as the run's settings."""
-    check_int(kw["steps"], "steps", 1)
-    check_positive(kw["lr"], "lr")
-    check_int(kw["log_every"], "log_every", 1, hint=" (steps between log rows)")
-    for name in ("dead_window", "resample_every", "state_every", "batch_size"):
-        if kw[name] is not None:
-            check_int(kw[name], name, 1, hint=" or None")
-    check_int(kw["warmup_steps"], "warmup_steps", 0)
-    check_int(kw["coef_warmup_steps"], "coef_warmup_steps", 0)
-    check_choice(kw["decay"], "decay", (None, "linear", "cosine"))
-    check_number(kw["decay_frac"], "decay_frac", low=0, high=1, low_open=True, hint=" (share of the steps decaying)")
-    if kw["input_scale"] != "auto":
-        check_positive(kw["input_scale"], "input_scale", " (see estimate_input_scale) or 'auto'")
-    check_number(kw["resample_until"], "resample_until", low=0, high=1, hint=" (share of the run resampling)")
-    check_seed(kw["seed"])
-    betas = kw["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be Adam's two decay rates (b1, b2) in [0, 1), got {betas!r}")
-    for i, b in enumerate(betas):
-        check_number(b, f"betas[{i}]", low=0, high=1, high_open=True, hint=" (an Adam decay rate)")
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k != "state_every"}
-
-
-def _snapshot_at(snapshot_steps: Any, steps: int) -> set[int]:
-    if snapshot_steps is None:
-        return set()
-    if isinstance(snapshot_steps, str) and snapshot_steps == "log":
-        return set(log_spaced_steps(steps))
-    if isinstance(snapshot_steps, str) or not isinstance(snapshot_steps, (list, tuple, range)):
-        raise ValueError(f"snapshot_steps must be 'log', a list of step counts in [0, steps] or None, got "
-                         f"{snapshot_steps!r}")
-    bad = [s for s in snapshot_steps if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= steps]
-    if bad:
-        raise ValueError(f"snapshot_steps must be ints in [0, steps={steps}] (steps completed), got {bad}")
-    return {int(s) for s in snapshot_steps}
 
 
 def _batch(source: BatchSource, step: int, sae: EnsembleSAE) -> torch.Tensor:
@@ -114,63 +77,56 @@ def _log_row(sae: EnsembleSAE, x: torch.Tensor, out: SAEOutput, run: dict[str, A
     return {k: v.detach().float().cpu().tolist() for k, v in row.items()}  # the one host sync per log
 
 
-def train_sae(sae: EnsembleSAE, batches: Batches, steps: int = 2000, lr: float = 1e-3, progress: bool = True,
-              log_every: int = 50, dead_window: int | None = None, seed: int = 0, *,
-              batch_size: int | None = None, betas: tuple[float, float] = (0.9, 0.999),
+def train_sae(sae: EnsembleSAE, batches: Batches, settings: TrainSettings | None = None, *, progress: bool = True,
               callback: Callable[[int, EnsembleSAE], None] | None = None,
-              optimizer: torch.optim.Optimizer | None = None, warmup_steps: int = 0, decay: str | None = None,
-              decay_frac: float = 0.2, coef_warmup_steps: int = 0, input_scale: float | str = "auto",
-              resample_every: int | None = None, resample_until: float = 0.5, state_dir: str | Path | None = None,
-              snapshot_steps: str | Sequence[int] | None = "log", state_every: int | None = None,
-              resume: bool = True) -> pd.DataFrame:
+              optimizer: torch.optim.Optimizer | None = None, state_dir: str | Path | None = None,
+              resume: bool = True, **fields: Any) -> pd.DataFrame:
     """Train every member of `sae` in place on the same batches; return the log.
 
+    settings: how to train (`TrainSettings`: steps, lr, betas, batch_size, seed, log_every, dead_window, warmup_steps,
+    decay, decay_frac, coef_warmup_steps, input_scale, resample_every, resample_until, snapshot_steps, state_every;
+    each field's unit, default and source are in its docstring); `fields` given as keywords override it
+    (`train_sae(sae, x, steps=500, lr=3e-4)`), and a misspelt one is an error.
     batches: a dataset tensor [rows, d_in] (rows sampled with `seed` and `batch_size`), an ActivationStore
     (shuffled epoch after epoch; seekable, the best source for resumable runs), a callable step -> [B, d_in] or an
-    iterable of [B, d_in] (see sources.BatchSource). dead_window: tokens without firing before a latent counts as
-    dead (the `dead_frac` column and TopK's AuxK); None keeps the SAE's own, else a tenth of the run's tokens (at
-    least one batch, at most Gao et al.'s 10M), so AuxK and resampling engage in short runs too; until a run has
-    seen a full window, `dead_frac` counts latents not fired yet.
+    iterable of [B, d_in] (see sources.BatchSource). The SAE sees input_scale · x (stored on the SAE, which still
+    takes raw activations, and folded into saved weights); "auto" estimates E‖s·x‖² = d_in from the source
+    (`estimate_input_scale` with the run's seed), so the default coefficients fit any activation scale.
     callback(step, sae) runs after each logged step. optimizer: one to continue with (default a fresh Adam).
-    warmup_steps, decay ("linear" | "cosine" | None), decay_frac, coef_warmup_steps: see `schedules`.
-    input_scale: the SAE sees input_scale · x (it is stored on the SAE, which still takes raw activations, and folded
-    into saved weights); "auto" (default) estimates E‖s·x‖² = d_in from the source (`estimate_input_scale`; an
-    iterable's first batch), so the default coefficients fit any activation scale. resample_every: resample dead
-    latents every so many steps while step < resample_until · steps (see `resample`). state_dir: where snapshots
-    (at snapshot_steps: "log" = 0, 1, 2, 4, ..., steps; a list; None) and the resumable state (also every
-    state_every steps) go; resume: continue from state_dir's state (its settings must equal this call's).
+    state_dir: where snapshots and the resumable state go; resume: continue from state_dir's state (its settings
+    must equal this call's, state_every and snapshot_steps aside).
 
     Returns a DataFrame, one row per (logged step, member): step, member, loss, mse, fvu, l0, dead_frac, the kind's
     loss terms (l1, aux, l0_loss, ...), `resampled` when resampling, and the member's hyperparameters. `step` is
     the step whose batch was measured, before its update; the last step is always logged. Raises
     TrainingDiverged (a FloatingPointError) naming the step and member when a loss becomes NaN/inf, and ValueError
-    for a float16 SAE (Adam's second moments underflow in float16: train in float32 or bfloat16, then cast)."""
+    for a bad setting (naming it), a float16 SAE (Adam's second moments underflow in float16: train in float32 or
+    bfloat16, then cast) or a source that is not batches."""
     if not isinstance(sae, EnsembleSAE):
         raise ValueError(f"sae must be an SAE from dictionaries.make_sae (or a loaded one), got {type(sae).__name__}")
+    cfg = TrainSettings.build(settings, **fields)
     check_bool(progress, "progress")
     check_bool(resume, "resume")
     if sae.dtype == torch.float16:
         raise ValueError("float16 SAEs are not trained here: Adam's second moments underflow in float16 and the run "
                          "diverges whatever the lr; train in float32 (or bfloat16) and cast the result")
-    settings = _settings(steps=steps, lr=lr, betas=betas, log_every=log_every, seed=seed, batch_size=batch_size,
-                         dead_window=dead_window, warmup_steps=warmup_steps, decay=decay, decay_frac=decay_frac,
-                         coef_warmup_steps=coef_warmup_steps, input_scale=input_scale, resample_every=resample_every,
-                         resample_until=resample_until, state_every=state_every)
-    source = BatchSource(batches, batch_size, seed)
-    settings["source"] = source.kind
-    if input_scale == "auto":
-        input_scale = source.estimate_scale(batch_size)
-    settings["input_scale"] = float(input_scale)
-    sae.input_scale = float(input_scale)
-    opt = optimizer or adam(sae, lr, betas)
-    schedules = Schedules(sae, opt, lr, steps, warmup_steps, decay, decay_frac, coef_warmup_steps)
-    generators = member_generators(sae, seed) if resample_every else []
+    steps, log_every, dead_window = cfg.steps, cfg.log_every, cfg.dead_window
+    resample_every, resample_until = cfg.resample_every, cfg.resample_until
+    source = BatchSource(batches, cfg.batch_size, cfg.seed)
+    scale = source.estimate_scale(cfg.seed) if cfg.input_scale == "auto" else float(cfg.input_scale)
+    # What a resume compares: the settings (where and how often the state is written aside), the source's kind and
+    # the scale actually used.
+    settings_json = {**cfg.resume_key(), "source": source.kind, "input_scale": float(scale)}
+    sae.input_scale = float(scale)
+    opt = optimizer or adam(sae, cfg.lr, cfg.betas)
+    schedules = Schedules(sae, opt, cfg.lr, steps, cfg.warmup_steps, cfg.decay, cfg.decay_frac, cfg.coef_warmup_steps)
+    generators = member_generators(sae, cfg.seed) if resample_every else []
     with ExitStack() as locks:
         if state_dir is not None:  # two trainings into one folder would interleave their states
             locks.enter_context(folder_lock(state_dir, f"train_sae {sae.kind} x{sae.n_members}"))
         saved = None if state_dir is None else TrainingState(
-            state_dir, sae, opt, source, generators, settings, sae.input_scale, _snapshot_at(snapshot_steps, steps),
-            state_every, steps)
+            state_dir, sae, opt, source, generators, settings_json, sae.input_scale,
+            snapshot_set(cfg, log_spaced_steps(steps)), cfg.state_every, steps)
         run: dict[str, Any] = {"tokens_seen": 0, "tokens_at_resample": 0, "dead_window": None, "log": [],
                                "resampled": [0] * sae.n_members if resample_every else None}
         # The window is this run's: a default chosen for a short run must not stay on the SAE for the next run

@@ -40,12 +40,9 @@ def coef_factor(step: int, coef_warmup_steps: int = 0) -> float:
 
 
 def sparsity_key(sae: EnsembleSAE) -> str | None:
-    """The per-member hyperparameter that weighs the sparsity penalty, or None (TopK: sparsity is structural).
-    A kind names it with a class attribute `sparsity_coef_key`; otherwise l1_coef / l0_coef when it has one."""
-    key = getattr(type(sae), "sparsity_coef_key", None)
-    if key is not None:
-        return key
-    return next((k for k in ("l1_coef", "l0_coef") if k in sae.member_keys), None)
+    """The per-member hyperparameter that weighs the sparsity penalty, or None (TopK: sparsity is structural):
+    the kind's own `sparsity_coef`."""
+    return type(sae).sparsity_coef
 
 
 def log_spaced_steps(steps: int) -> list[int]:

@@ -84,13 +84,13 @@ class BatchSource:
             raise ValueError(f"batches ran out after {step} steps; give at least `steps` batches or a callable "
                              "step -> batch") from None
 
-    def estimate_scale(self, batch_size: int | None) -> float:
-        """`estimate_input_scale` of this source without disturbing the stream: a dataset tensor, store or callable
-        is sampled apart; an iterable's first batch is read and put back."""
+    def estimate_scale(self, seed: int) -> float:
+        """The input scale of this source (`default_input_scale`) without disturbing the stream: a dataset tensor,
+        store or callable is sampled apart; an iterable's first batch is read and put back."""
         if self.kind != "iterable":
             src = {"tensor": getattr(self, "data", None), "store": getattr(self, "store", None),
                    "callable": getattr(self, "fn", None)}[self.kind]
-            return estimate_input_scale(src, n_batches=16, batch_size=batch_size or 4096)
+            return default_input_scale(src, seed)
         first = next(self.it, None)
         if first is None:
             raise ValueError("batches is an empty iterable; give at least one batch")
@@ -110,12 +110,19 @@ class BatchSource:
                 self(s)
 
 
+def default_input_scale(batches: Batches, seed: int = 0) -> float:
+    """The one input-scale estimate every trainer uses for input_scale="auto" (train_sae, sweeps, distributed
+    runs): `estimate_input_scale` over 16 batches of 4096 rows drawn with the run's seed (E‖s·x‖² = d_in; Conerly
+    et al. 2024), so SAE hyperparameters mean the same at every layer and on every model."""
+    return estimate_input_scale(batches, n_batches=16, batch_size=DEFAULT_BATCH_SIZE, seed=seed)
+
+
 @torch.no_grad()
 def estimate_input_scale(batches: Batches, n_batches: int = 16, batch_size: int | None = None, seed: int = 0
                          ) -> float:
     """s with E‖s·x‖² = d_in, from `n_batches` batches of the source (a dataset tensor or an ActivationStore,
     sampled with `seed` and `batch_size`, default 4096; a callable, called for steps 0..n-1; an iterable, its first
-    batches). `train_sae(input_scale="auto")` calls it (through `BatchSource.estimate_scale`).
+    batches). `train_sae(input_scale="auto")` calls it through `default_input_scale`.
     Raises ValueError when the inputs are all zero or not finite."""
     check_int(n_batches, "n_batches", 1)
     if isinstance(batches, (torch.Tensor, ActivationStore)):
