@@ -54,4 +54,4 @@ def test_side_by_side_table_reads_each_run(tmp_path):
     sub_text = (sub / "README.md").read_text()
     assert "30 blocks" in sub_text and "The original work vs this run" not in sub_text
     assert "position(s) [0], token ids [0, 1, 2]" in sub_text and "over 10.0x the median" in sub_text  # 02's
-    assert "layer 14: 17 (limit 512.5)" in sub_text
+    assert "layer 14: 17 (limit 512)" in sub_text

@@ -157,14 +157,14 @@ def _scored_ordering(m: Metrics, sep: str = "; ", prefix: str = "layer ") -> str
 
 def _answer_07(m: Metrics) -> str:
     scores = _get(m, "07", "scores") or {}
-    partial = sorted({f"{k} {v.get('n_scored')}/{v.get('n_scored', 0) + v.get('n_skipped', 0)}"
-                      for methods in scores.values() for k, v in methods.items() if v.get("n_skipped")})
+    partial = [f"L{layer} {k} {v.get('n_scored')}/{v.get('n_scored', 0) + v.get('n_skipped', 0)}"
+               for layer, methods in scores.items() for k, v in methods.items() if v.get("n_skipped")]
     return (f"Ordering by mean score (top-and-random simulation, {_f(_get(m, '07', 'explainer'))} explainer; "
             f"\">\" between neighbours only where their 95 % intervals do not overlap, \"≈\" where they do): "
             f"{_scored_ordering(m) or MISSING}. Shuffled explanations score "
             f"{_f(_get(m, '07', 'shuffled_explanation_mean'))}."
-            + (f" Directions scored of those picked, where some were skipped (never firing in the text): "
-               f"{', '.join(partial[:8])}{', ...' if len(partial) > 8 else ''}." if partial else ""))
+            + (f" Directions scored of those picked, where some were skipped (firing on fewer than 20 fragments): "
+               f"{', '.join(partial)}." if partial else ""))
 
 
 ANSWERS: dict[str, Callable[[Metrics], str]] = {
