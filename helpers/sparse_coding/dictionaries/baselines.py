@@ -14,8 +14,8 @@ features give a long positive tail), which is what a fair comparison needs.
   dictionary learners code with LARS or coordinate descent while fitting, and `transform_n_nonzero_coefs` only
   applies afterwards, so "mis-setting k" there would not change the learned dictionary at all.
 - Online dictionary learning (Mairal et al. 2009) with lasso coding: scikit-learn's MiniBatchDictionaryLearning,
-  coding by coordinate descent (the same lasso as LARS, an order of magnitude faster here: 17 s against under 2 s
-  on 2000 samples), run for its full budget (its default early stopping understates it badly).
+  coding by coordinate descent (the same lasso as LARS, and much faster on the toy data), run for its full budget
+  (its default early stopping understates it badly).
 """
 
 from __future__ import annotations

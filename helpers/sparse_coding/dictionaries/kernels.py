@@ -71,8 +71,8 @@ def _threshold_backward():
 
 
 # ATen's ReLU-backward operator (part of the documented Core ATen opset): one pass, no mask tensor. Written as
-# masked_fill_(codes <= 0, 0) it builds a bool mask and cost ~10x more at the toy ensemble's shape [16, 256, 256],
-# which slowed benchmarks/bench_ensemble.py; the fallback, for a build without the operator, is the fastest public form measured.
+# masked_fill_(codes <= 0, 0) it builds a bool mask, several times slower at the toy ensemble's shape (what
+# benchmarks/bench_ensemble.py times); the fallback, for a build without the operator, is the fastest public form.
 _THRESHOLD_BACKWARD = _threshold_backward()
 
 
@@ -97,7 +97,7 @@ def _chunks(E: int, B: int, K: int, d: int):
 
 def _csr_path(t: torch.Tensor) -> bool:
     """On the CPU in float32/64 the sparse passes are single CSR matmuls: one multi-threaded call each, where the
-    chunked loop is hundreds of small parallel operations that pay a thread wake-up each (about 5x slower with
+    chunked loop is hundreds of small parallel operations that pay a thread wake-up each (slow with
     OMP_WAIT_POLICY=PASSIVE, which `threads` sets)."""
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
@@ -123,7 +123,7 @@ def _rows_add(n_out: int, gidx: torch.Tensor, coef: torch.Tensor, rows: torch.Te
     d = rows.shape[-1]
     if _csr_path(rows):
         # The transpose built here (one stable sort by output row) and multiplied with beta=0 into an uninitialised
-        # result: `A.t() @ rows` converts the layout itself and zero-fills and copies its result, about 2x slower.
+        # result: `A.t() @ rows` converts the layout itself and zero-fills and copies its result, which is slower.
         flat = gidx.reshape(-1)
         order = flat.argsort(stable=True)
         crow = torch.zeros(n_out + 1, dtype=torch.long, device=rows.device)
