@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import glob
 import os
 import shutil
 import tempfile
@@ -32,6 +33,32 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_stale(parent: Path, name: str) -> bool:
+    """Remove the temporaries a writer that died left beside `name` (killed between creating one and renaming it:
+    they are named `.<name>.<pid>-...`); True when no live writer's temporary remains."""
+    prefix = f".{name}."
+    clear = True
+    for p in parent.glob(glob.escape(prefix) + "*"):
+        pid, dash, _ = p.name[len(prefix):].partition("-")
+        if not (dash and pid.isdigit()):
+            continue
+        if int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        else:
+            clear = False
+    return clear
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends without an error it is renamed to `path`, else
@@ -39,7 +66,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     repo root (paths.resolve), so a notebook run from notebooks/ writes where one run from the root does."""
     path = resolve(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _sweep_stale(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
     os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     try:
@@ -56,15 +84,17 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
 
     Raises FileExistsError (before anything is built) when `final` exists and overwrite is False."""
     final = resolve(final)
+    old = final.with_name(f".{final.name}.old")
+    if final.parent.exists() and _sweep_stale(final.parent, final.name) and old.exists() and not final.exists():
+        os.replace(old, final)  # a writer died between moving the old version aside and the new one in: restore it
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it, or choose another folder")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{os.getpid()}-"))
     tmp.chmod(0o777 & ~_UMASK)
     try:
         yield tmp
         if final.exists():
-            old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)

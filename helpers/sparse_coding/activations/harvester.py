@@ -18,7 +18,7 @@ import torch
 
 from .. import lm
 from ..corpus import contexts
-from ..checks import check_bool, check_int
+from ..checks import check_bool
 from ..files import folder_lock, load_json, save_json
 from ..paths import resolve
 from .exclusion import Exclusion, norm_limits, resolve_exclusion

@@ -25,6 +25,21 @@ EOS_TOKEN = "<|endoftext|>"
 
 # ----------------------------------------------------------------------------------------------------- tokenizer
 
+def _wrap(tok):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                   unk_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+
+
+def load_trained_tokenizer(folder: str | os.PathLike):
+    """The tokenizer `train_tokenizer` saved into `folder`, built exactly as it was (so saving it again writes the
+    same files)."""
+    from tokenizers import Tokenizer
+
+    return _wrap(Tokenizer.from_file(str(resolve(folder) / "tokenizer.json")))
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, out_dir: str | os.PathLike | None = None):
     """Train a byte-level BPE (GPT-2 / Pythia style: every byte representable, no unknown tokens) on ``texts``.
 
@@ -32,7 +47,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, out_dir: str |
     id 0. With ``out_dir``, writes ``tokenizer.json`` + ``tokenizer_config.json`` there, so
     ``AutoTokenizer.from_pretrained(out_dir)`` loads the same tokenizer. Deterministic for the same texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 257:
         raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE: it needs 256 bytes + EOS (>= 257)")
@@ -42,8 +56,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, out_dir: str |
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
-                                   unk_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+    fast = _wrap(tok)
     if out_dir is not None:
         resolve(out_dir).mkdir(parents=True, exist_ok=True)
         fast.save_pretrained(str(out_dir))

@@ -304,10 +304,11 @@ def _prepare_tokens(out: Path, cfg: LMConfig, source: str, max_train_bytes, val_
                     progress: bool):
     """Corpus -> tokenizer -> token streams (the tokenizer is trained on training documents only), or what a
     previous attempt of this run already saved."""
-    from transformers import PreTrainedTokenizerFast
 
     if (out / "corpus.json").exists() and (out / "tokens-val.safetensors").exists():
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(out))
+        # Built as train_tokenizer builds it (not from_pretrained, which adds loading keys to the config the
+        # revisions save): a resumed run writes the same files as an uninterrupted one.
+        tokenizer = _corpus.load_trained_tokenizer(out)
         return (tokenizer, load_tensors(out / "tokens-train.safetensors")["tokens"],
                 load_tensors(out / "tokens-val.safetensors")["tokens"], load_json(out / "corpus.json")["name"])
     corp = _corpus.load_corpus(source, max_train_bytes=max_train_bytes, val_fraction=val_fraction,

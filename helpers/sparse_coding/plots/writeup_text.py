@@ -6,6 +6,7 @@ missing key reads "not measured in this run"."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Callable, Mapping
 
 Metrics = Mapping[str, Mapping[str, Any]]  # notebook number -> its metrics
