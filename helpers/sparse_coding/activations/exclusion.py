@@ -205,19 +205,22 @@ def exclusion_of(manifest_or_cfg: dict) -> Exclusion:
 
 
 def kept_rows(tokens: torch.Tensor, ctx_len: int, exclusion: Exclusion, hook: str | None = None,
-              norms: torch.Tensor | None = None) -> torch.Tensor | None:
-    """LongTensor of the row numbers kept in a store whose rows are whole contexts of `ctx_len` (row r is position
-    r % ctx_len), or None when nothing is excluded. norms [rows]: each row's norm, needed where the exclusion has
-    a limit at `hook` (the store's)."""
+              norms: torch.Tensor | None = None) -> tuple[torch.Tensor | None, int]:
+    """(LongTensor of the row numbers kept in a store whose rows are whole contexts of `ctx_len` (row r is position
+    r % ctx_len), or None when nothing is excluded; the rows left out for their norm alone). norms [rows]: each
+    row's norm, needed where the exclusion has a limit at `hook` (the store's)."""
     if not exclusion:
-        return None
+        return None, 0
     keep = exclusion.keep(tokens.reshape(-1, ctx_len)).reshape(-1)
     lim = exclusion.limit(hook)
+    n_over = 0
     if lim is not None:
         if norms is None:
             raise ValueError(f"the exclusion has a norm limit at {hook!r}: pass the rows' norms")
-        keep &= norms.reshape(-1) <= lim
-    return keep.nonzero().squeeze(1)
+        over = keep & (norms.reshape(-1) > lim)
+        n_over = int(over.sum())
+        keep &= ~over
+    return keep.nonzero().squeeze(1), n_over
 
 
 def norm_outliers(store: Any, ratio: float = 10.0, rows_per_read: int = 65536) -> dict:

@@ -63,16 +63,15 @@ class ActivationStore:
         self.exclusion: Exclusion = exclusion_of(self.manifest)
         self._tokens: torch.Tensor | None = None
         self._kept: np.ndarray | None = None
-        norms = None
+        # n_norm_excluded: rows left out for their norm alone (massive activations past the excluded positions).
+        self.n_norm_excluded = 0
         if self.exclusion:
             if self.n_rows % self.ctx_len:
                 raise ChunkError(f"{self.folder}: {self.n_rows} rows are not whole contexts of {self.ctx_len}")
             norms = self._norms() if self.exclusion.limit(self.hook) is not None else None
-            self._kept = kept_rows(self._all_tokens(), self.ctx_len, self.exclusion, self.hook, norms).numpy()
+            kept, self.n_norm_excluded = kept_rows(self._all_tokens(), self.ctx_len, self.exclusion, self.hook, norms)
+            self._kept = kept.numpy()
         self.n_tokens = self.n_rows if self._kept is None else int(self._kept.size)
-        # Rows left out for their norm alone (massive activations past the excluded positions).
-        self.n_norm_excluded = 0 if norms is None else int(
-            (kept_rows(self._all_tokens(), self.ctx_len, self.exclusion.for_hook("")).numel()) - self.n_tokens)
 
     def __len__(self) -> int:
         return self.n_tokens
