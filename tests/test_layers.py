@@ -12,7 +12,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "helpers" / "sparse_coding"
 # The package root ("") re-exports nothing today, but is given the top stage: a module that imports it could reach
 # any stage through it, so only the notebook glue may.
-STAGES = {"files": 0, "paths": 0, "checks": 0, "threads": 0, "corpus": 1, "lm": 2, "activations": 3, "dictionaries": 4,
+STAGES = {"files": 0, "paths": 0, "checks": 0, "arguments": 0, "threads": 0, "corpus": 1, "lm": 2, "activations": 3, "dictionaries": 4,
           "analyses": 5, "plots": 6, "studies": 7, "runner": 7, "": 8}
 MAX_LINES = 350
 

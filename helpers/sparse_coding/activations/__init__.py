@@ -2,11 +2,11 @@
 features (toy data)."""
 
 from .exclusion import (MASSIVE_RATIO, NORM_RATIO, Exclusion, detect_exclusion, exclusion_of, first_position_ratio,
-                        norm_limits, norm_outliers, special_token_ids)
+                        norm_limits, special_token_ids)
 from .harvester import default_dtype, ensure_activations, harvest
 from .settings import HarvestSettings
 from .layout import MANIFEST, ChunkError, chunk_checksum, hook_folder, open_chunk, safe_name, write_chunk
-from .store import ActivationStore, row_order, write_store
+from .store import ActivationStore, norm_outliers, row_order, write_store
 from .synthetic import ToyConfig, ToyData, firing_probabilities, standard_basis_data
 
 __all__ = ["MASSIVE_RATIO", "NORM_RATIO", "Exclusion", "detect_exclusion", "exclusion_of", "first_position_ratio",

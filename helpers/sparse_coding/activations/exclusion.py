@@ -17,6 +17,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..arguments import checked
+
+
 # First-position median norm over the other positions' above which a model counts as having massive activations
 # (Sun et al. report 100-1000x); notebook 02 records each layer's ratio as first_position_norm_ratio.
 MASSIVE_RATIO = 5.0
@@ -25,6 +28,7 @@ NORM_RATIO = 10.0
 _KEYS = {"positions", "token_ids", "norm_ratio", "max_norm"}
 
 
+@checked
 @dataclass(frozen=True)
 class Exclusion:
     """positions: context positions left out (e.g. (0,)); token_ids: token ids left out wherever they stand;
@@ -132,12 +136,14 @@ class Exclusion:
         return keep
 
 
+@checked
 def special_token_ids(tokenizer: Any) -> tuple[int, ...]:
     """The tokenizer's special token ids (BOS, EOS, padding, ...), sorted."""
     ids = getattr(tokenizer, "all_special_ids", None) or []
     return tuple(sorted({int(i) for i in ids if i is not None}))
 
 
+@checked
 @torch.inference_mode()
 def first_position_ratio(read: Callable[[torch.Tensor], dict], tokens: torch.Tensor) -> dict[str, float]:
     """{hook: median norm at position 0 / median norm at the other positions} over token contexts [n, ctx_len]
@@ -149,6 +155,7 @@ def first_position_ratio(read: Callable[[torch.Tensor], dict], tokens: torch.Ten
     return out
 
 
+@checked
 def detect_exclusion(read: Callable[[torch.Tensor], dict], tokens: torch.Tensor, tokenizer: Any,
                      ratio: float = MASSIVE_RATIO) -> Exclusion:
     """Position 0, the special tokens and rows over `NORM_RATIO` x the median norm when any hook's first-position
@@ -160,6 +167,7 @@ def detect_exclusion(read: Callable[[torch.Tensor], dict], tokens: torch.Tensor,
     return Exclusion((0,), special_token_ids(tokenizer), NORM_RATIO)
 
 
+@checked
 @torch.inference_mode()
 def norm_limits(read: Callable[[torch.Tensor], dict], tokens: torch.Tensor, exclusion: Exclusion) -> dict[str, float]:
     """{hook: exclusion.norm_ratio x the median norm of the positions the exclusion keeps by position and token}
@@ -197,6 +205,7 @@ def resolve_exclusion(exclude: Any, read: Callable[[torch.Tensor], dict], tokens
                      f"{type(exclude).__name__}")
 
 
+@checked
 def exclusion_of(manifest_or_cfg: dict) -> Exclusion:
     """The exclusion a manifest (``exclude``) or a dictionary cfg.json (``metadata.exclude``) records."""
     if "exclude" in manifest_or_cfg:
@@ -221,21 +230,3 @@ def kept_rows(tokens: torch.Tensor, ctx_len: int, exclusion: Exclusion, hook: st
         n_over = int(over.sum())
         keep &= ~over
     return keep.nonzero().squeeze(1), n_over
-
-
-def norm_outliers(store: Any, ratio: float = 10.0, rows_per_read: int = 65536) -> dict:
-    """The kept rows of a store whose norm exceeds `ratio` x the median kept norm: massive activations that the
-    exclusion did not catch (they can sit past position 0, e.g. after a run of repeated tokens at a context's
-    start). {"median_norm", "max_norm", "n_rows", "share_of_sum_squares" (their share of Σ‖x‖², what an SAE's
-    MSE and input scale are made of), "positions" ({position in context: count})}. Reads every kept row once."""
-    norms = torch.cat([store.rows(range(i, min(i + rows_per_read, store.n_tokens))).norm(dim=1)
-                       for i in range(0, store.n_tokens, rows_per_read)])
-    median = float(norms.median())
-    big = (norms > ratio * median).nonzero().squeeze(1)
-    positions: dict[int, int] = {}
-    for r in big.tolist():
-        pos = store.context_of(r)[1]
-        positions[pos] = positions.get(pos, 0) + 1
-    sq = norms.double().pow(2)
-    return {"median_norm": median, "max_norm": float(norms.max()), "n_rows": int(big.numel()),
-            "share_of_sum_squares": float(sq[big].sum() / sq.sum()), "positions": dict(sorted(positions.items()))}

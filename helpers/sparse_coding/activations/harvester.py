@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..arguments import checked
 from .. import lm
 from ..corpus import contexts
 from ..checks import check_bool
@@ -69,7 +70,8 @@ class _ChunkWriter:
             raise self.error
 
 
-def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int | None, out_root: str | os.PathLike,
+@checked
+def harvest(model: torch.nn.Module, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int | None, out_root: str | os.PathLike,
             model_name: str, revision: str | None = None, *, settings: HarvestSettings | None = None,
             progress: bool = True, model_id: str | None = None, **fields: Any) -> dict[str, Path]:
     """Run ``tokens`` through ``model`` and store the activations of every hook in ``hooks``.
@@ -228,7 +230,8 @@ def harvest(model, tokens: torch.Tensor, hooks: Sequence[str], n_tokens: int | N
         return folders
 
 
-def default_dtype(tl) -> torch.dtype:
+@checked
+def default_dtype(tl: torch.nn.Module) -> torch.dtype:
     """How a model's activations are stored by default: float16 (half the disk) for models of 100M parameters or
     more, whose harvests run to gigabytes per layer, float32 below. float16 keeps 11 significant bits, far finer
     than an SAE's reconstruction error; a value past its range (±65504) would be stored as inf, which the
@@ -237,7 +240,8 @@ def default_dtype(tl) -> torch.dtype:
     return torch.float16 if n >= 100_000_000 else torch.float32
 
 
-def ensure_activations(tl, model: str, revision: str, hook: str, n_tokens: int | None = None, *,
+@checked
+def ensure_activations(tl: torch.nn.Module, model: str, revision: str, hook: str, n_tokens: int | None = None, *,
                        data_dir: str | os.PathLike = "data", settings: HarvestSettings | None = None,
                        progress: bool = True, **fields: Any) -> ActivationStore:
     """The activation store for (model, revision, hook), harvested now if it is missing or short; an existing

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..arguments import checked
 from .. import lm
 from ..files import atomic_path
 from ..paths import resolve
@@ -40,6 +41,7 @@ class ChunkError(RuntimeError):
     """A chunk file is missing, truncated, or does not match its manifest entry."""
 
 
+@checked
 def safe_name(name: str) -> str:
     """A model name as one folder name: ``EleutherAI/pythia-70m`` -> ``EleutherAI__pythia-70m``."""
     return re.sub(r"[^\w.\-]+", "__", str(name)).strip("_") or "model"
@@ -51,12 +53,14 @@ def revision_name(model_name: str, revision: str | None) -> str:
     return lm.hub_revision(revision) if lm.is_hub_name(str(model_name)) else (revision or "final")
 
 
+@checked
 def hook_folder(out_root: str | os.PathLike, model_name: str, revision: str | None, hook: str) -> Path:
     return resolve(out_root) / safe_name(model_name) / safe_name(revision_name(model_name, revision)) / hook
 
 
 # ----------------------------------------------------------------------------------------------------- chunk files
 
+@checked
 def write_chunk(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
                 ) -> tuple[int, str]:
     """Write a safetensors file straight from the tensors' memory (no serialised copy of a ~100 MB chunk), to a
@@ -85,6 +89,7 @@ def write_chunk(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     return 8 + len(hbytes) + offset, f"{crc:08x}"
 
 
+@checked
 def open_chunk(path: Path, expect_rows: int | None = None, expect_bytes: int | None = None) -> dict[str, np.ndarray]:
     """Memory-map a chunk: {name: read-only np.memmap}. Any mismatch with the manifest is a ChunkError naming the file."""
     if not path.exists():
@@ -117,6 +122,7 @@ def open_chunk(path: Path, expect_rows: int | None = None, expect_bytes: int | N
     return out
 
 
+@checked
 def chunk_checksum(path: Path, kind: str = "crc32") -> str:
     """The checksum of a whole chunk file as the manifest records it: crc32 (8 hex digits) or, in manifests written
     before crc32, sha256."""

@@ -10,12 +10,14 @@ from typing import Any
 
 import torch
 
+from ..arguments import checked
 from ..checks import check_bool, check_dtype, check_int, check_seed
 from .exclusion import Exclusion
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
+@checked
 @dataclass(frozen=True)
 class HarvestSettings:
     """How `harvest` runs. Units: tokens are rows (one per position of a context).
@@ -36,7 +38,7 @@ class HarvestSettings:
     n_tokens: int
     chunk_rows: int = 131072
     batch_size: int = 32
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | str = torch.float32
     ctx_len: int | None = None
     corpus: str = ""
     seed: int = 0

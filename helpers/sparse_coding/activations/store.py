@@ -16,18 +16,21 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..arguments import checked
 from ..files import load_json, save_json
 from ..paths import resolve
 from .exclusion import Exclusion, exclusion_of, kept_rows
 from .layout import FORMAT_VERSION, MANIFEST, ChunkError, chunk_checksum, open_chunk, write_chunk
 
 
+@checked
 def row_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     """The rows of a store in the order epoch `epoch` of a run with `seed` reads them: a permutation of
     range(n_rows) drawn from numpy's default_rng([seed, epoch]), so any step's batch is computable directly."""
     return np.random.default_rng([int(seed), int(epoch)]).permutation(int(n_rows))
 
 
+@checked
 class ActivationStore:
     """Read a harvested folder by memory-mapping its chunks.
 
@@ -177,6 +180,7 @@ class ActivationStore:
             self._check(ci)
 
 
+@checked
 def write_store(folder: str | os.PathLike, acts: torch.Tensor, tokens: torch.Tensor | None = None, *,
                 model: str = "tensors", revision: str = "final", hook: str = "activations", ctx_len: int | None = None,
                 chunk_rows: int | None = None, corpus: str = "", seed: int = 0,
@@ -224,3 +228,22 @@ def write_store(folder: str | os.PathLike, acts: torch.Tensor, tokens: torch.Ten
                                   "chunks": chunks, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                   **({"exclude": exclude.to_json()} if exclude else {})})
     return ActivationStore(folder)
+
+
+@checked
+def norm_outliers(store: ActivationStore, ratio: float = 10.0, rows_per_read: int = 65536) -> dict:
+    """The kept rows of a store whose norm exceeds `ratio` x the median kept norm: massive activations that the
+    exclusion did not catch (they can sit past position 0, e.g. after a run of repeated tokens at a context's
+    start). {"median_norm", "max_norm", "n_rows", "share_of_sum_squares" (their share of Σ‖x‖², what an SAE's
+    MSE and input scale are made of), "positions" ({position in context: count})}. Reads every kept row once."""
+    norms = torch.cat([store.rows(range(i, min(i + rows_per_read, store.n_tokens))).norm(dim=1)
+                       for i in range(0, store.n_tokens, rows_per_read)])
+    median = float(norms.median())
+    big = (norms > ratio * median).nonzero().squeeze(1)
+    positions: dict[int, int] = {}
+    for r in big.tolist():
+        pos = store.context_of(r)[1]
+        positions[pos] = positions.get(pos, 0) + 1
+    sq = norms.double().pow(2)
+    return {"median_norm": median, "max_norm": float(norms.max()), "n_rows": int(big.numel()),
+            "share_of_sum_squares": float(sq[big].sum() / sq.sum()), "positions": dict(sorted(positions.items()))}

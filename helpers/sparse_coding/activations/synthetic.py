@@ -18,7 +18,11 @@ from typing import Iterator
 
 import torch
 
+from ..arguments import checked
 
+
+
+@checked
 @dataclass
 class ToyConfig:
     """Defaults are Sharkey et al.'s toy setting: 512 features in 256 dimensions, 5 active on average, firing
@@ -63,6 +67,7 @@ class ToyConfig:
         return asdict(self)
 
 
+@checked
 def firing_probabilities(n_features: int, k: float, decay: float) -> torch.Tensor:
     """p_i ∝ decay**i with Σ p_i = k and every p_i ≤ 1 (float64).
 
@@ -82,6 +87,7 @@ def firing_probabilities(n_features: int, k: float, decay: float) -> torch.Tenso
     return p.clamp(max=1.0)
 
 
+@checked
 class ToyData:
     """Sampler for one ToyConfig. Ground truth (features, probabilities, correlation factors) is fixed by cfg.seed;
     the samples themselves come from the generator passed to `sample` or the seed given to `batches`."""
@@ -154,6 +160,7 @@ class ToyData:
         return f"ToyData({self.cfg}, device={self.device})"
 
 
+@checked
 def standard_basis_data(n_samples: int, d: int = 10, active: int = 3, seed: int = 0
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """The original team's small K-SVD setting: x [n_samples, d] with exactly `active` of the d standard-basis

@@ -1,6 +1,15 @@
 """Stage 5, analyses: what a trained dictionary does — reconstruction and spliced loss, MCS and exact matching
-against other dictionaries and the random null, recovery of known features, tracking across snapshots and revisions."""
+against other dictionaries and the random null, recovery of known features, tracking across snapshots and revisions,
+and single features: mining top examples, logit lens, ablations, baselines' directions and interpretability scores."""
 
+from .ablation import AblationEffect, edit_activation, feature_ablation, loss_with_features, token_ablation
+from .directions import ica_encoder, neuron_encoder, pca_encoder, random_encoder
+from .features import examples_at, load_mined, mine_dictionary, sae_encoder, save_mined
+from .interpretability import (Record, Score, Split, TokenTableExplainer, TokenTableSimulator, bootstrap_ci,
+                               pooled_correlation, score_direction, split_fragments)
+from .llm import CachedExplainer, CachedSimulator, ChatClient, LLMExplainer, LLMSimulator, llm_configured
+from .logit_lens import logit_lens, top_tokens, unembedding
+from .mining import Example, Mined, mine
 from .matching import MatchResult, hungarian_match
 from .similarity import MCSResult, max_cosine, mcs, mmcs
 from .null import NullBaseline, null_mcs_cdf, null_mcs_mean, null_mcs_quantile, random_null
@@ -20,4 +29,9 @@ __all__ = ["MatchResult", "hungarian_match", "MCSResult", "max_cosine", "mcs", "
            "spliced_loss", "BIMODAL_SARLE", "binned_median", "sarle_bimodality", "SweepEvaluation", "best_members",
            "evaluate_lm_sweep", "evaluate_sweep", "BirthDeath", "RevisionMatching", "SelfSimilarity", "TrainingTrack",
            "birth_death", "match_across_revisions", "reached_then_fell", "self_similarity", "settled_step",
-           "track_training"]
+           "track_training", "AblationEffect", "edit_activation", "feature_ablation", "loss_with_features",
+           "token_ablation", "ica_encoder", "neuron_encoder", "pca_encoder", "random_encoder", "examples_at",
+           "load_mined", "mine_dictionary", "sae_encoder", "save_mined", "Record", "Score", "Split",
+           "TokenTableExplainer", "TokenTableSimulator", "bootstrap_ci", "pooled_correlation", "score_direction",
+           "split_fragments", "CachedExplainer", "CachedSimulator", "ChatClient", "LLMExplainer", "LLMSimulator",
+           "llm_configured", "logit_lens", "top_tokens", "unembedding", "Example", "Mined", "mine"]

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..arguments import checked
 from ..activations import Exclusion
 from ..checks import check_choice, check_int, check_number
 from .features import sae_encoder
@@ -67,6 +68,7 @@ def _rank_one_shift(encode, x: torch.Tensor, u: torch.Tensor, feature: int, iter
     return torch.where(done, torch.zeros_like(hi), hi)
 
 
+@checked
 def edit_activation(sae: Any, x: torch.Tensor, feature: int, mode: str = "zero", value: float | None = None,
                     member: int = 0, where: str = "firing") -> tuple[torch.Tensor, torch.Tensor]:
     """(edited x [rows, d], bool [rows] of the rows edited) for one feature (see the module docstring); `where`:
@@ -91,8 +93,9 @@ def edit_activation(sae: Any, x: torch.Tensor, feature: int, mode: str = "zero",
     return x - t[:, None] * u, rows
 
 
+@checked
 @torch.no_grad()
-def feature_ablation(model, sae: Any, hook: str, tokens: torch.Tensor, feature: int, *, mode: str = "zero",
+def feature_ablation(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.Tensor, feature: int, *, mode: str = "zero",
                      value: float | None = None, member: int = 0, where: str = "firing",
                      batch_size: int | None = None, exclude: Exclusion | None = None) -> AblationEffect:
     """Edit `feature` at `hook` in every context of tokens [n_contexts, T] and measure the change in next-token
@@ -135,8 +138,9 @@ def feature_ablation(model, sae: Any, hook: str, tokens: torch.Tensor, feature: 
     return AblationEffect(feature, mode, change.cpu(), ce_clean / n_pred, ce_edit / n_pred, n_pos)
 
 
+@checked
 @torch.no_grad()
-def token_ablation(model, sae: Any, hook: str, context: torch.Tensor, position: int, feature: int, *,
+def token_ablation(model: torch.nn.Module, sae: Any, hook: str, context: torch.Tensor, position: int, feature: int, *,
                    member: int = 0, mode: str = "replace", replacement: int | None = None) -> torch.Tensor:
     """[position + 1]: how much the feature's activation at `position` of `context` [T] falls when each token
     0..position is replaced (mode="replace", by `replacement`, default the tokenizer's EOS or 0) or dropped
@@ -170,8 +174,9 @@ def token_ablation(model, sae: Any, hook: str, context: torch.Tensor, position: 
     return drop
 
 
+@checked
 @torch.no_grad()
-def loss_with_features(model, sae: Any, hook: str, tokens: torch.Tensor, keep: Mapping[str, Sequence[int]], *,
+def loss_with_features(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.Tensor, keep: Mapping[str, Sequence[int]], *,
                        member: int = 0, batch_size: int | None = None,
                        exclude: Exclusion | None = None) -> dict[str, float]:
     """Mean next-token cross-entropy (nats) of the clean model ("clean"), with the whole reconstruction x̂ spliced in

@@ -15,16 +15,19 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..arguments import checked
 from ..checks import check_int, check_tensor
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
+@checked
 def neuron_encoder() -> Encoder:
     """x -> ReLU(x): each residual dimension is a direction (d_in of them)."""
     return lambda x: torch.relu(x.float())
 
 
+@checked
 def random_encoder(d_in: int, n: int | None = None, seed: int = 0) -> Encoder:
     """x -> ReLU(x R), R [d_in, n] random unit directions (n defaults to d_in), seeded."""
     check_int(d_in, "d_in", 1)
@@ -75,6 +78,7 @@ def _fitted(x: torch.Tensor, key: tuple, fit) -> tuple[torch.Tensor, torch.Tenso
     return fits[key]
 
 
+@checked
 def pca_encoder(x: torch.Tensor, n_components: int | None = None, top_k: int | None = None, seed: int = 0
                 ) -> Encoder:
     """Fit PCA on x [rows, d_in] (scikit-learn); the encoder gives the 2·n_components half-activations of the
@@ -85,6 +89,7 @@ def pca_encoder(x: torch.Tensor, n_components: int | None = None, top_k: int | N
     return _halves(*_fitted(x, ("pca", n_components, seed), fit), top_k)
 
 
+@checked
 def ica_encoder(x: torch.Tensor, n_components: int | None = None, top_k: int | None = None, seed: int = 0,
                 max_iter: int = 400) -> Encoder:
     """Fit FastICA on x [rows, d_in] (scikit-learn, unit-variance whitening); the encoder gives the half-activations

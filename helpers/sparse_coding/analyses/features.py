@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..arguments import checked
 from .. import lm
 from ..activations import Exclusion
 from ..checks import check_int
@@ -30,6 +31,7 @@ _FIELDS = ["count", "power_sums", "anchor", "hist", "top_value", "top_context", 
            "sample_position", "sample_acts"]
 
 
+@checked
 def sae_encoder(sae: Any, member: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
     """activations [rows, d_in] -> codes [rows, d_sae] of one member, in eval mode (a loaded BatchTopK encodes
     with its inference threshold), on the SAE's device and dtype."""
@@ -68,6 +70,7 @@ def _key(settings: dict, tokens: torch.Tensor) -> str:
     return h.hexdigest()[:12]
 
 
+@checked
 def save_mined(mined: Mined, folder: str | os.PathLike, overwrite: bool = False) -> Path:
     """mined.safetensors (every tensor, tokens as int32) + mined.json (meta), written as one folder atomically."""
     with atomic_dir(folder, overwrite=overwrite) as tmp:
@@ -78,6 +81,7 @@ def save_mined(mined: Mined, folder: str | os.PathLike, overwrite: bool = False)
     return resolve(folder)
 
 
+@checked
 def load_mined(folder: str | os.PathLike) -> Mined:
     """Inverse of `save_mined`; a ValueError naming the file when a tensor is missing."""
     folder = resolve(folder)
@@ -88,7 +92,8 @@ def load_mined(folder: str | os.PathLike) -> Mined:
     return Mined(t["tokens"].long(), *(t[n] for n in _FIELDS), meta=load_json(folder / MINED_META))
 
 
-def mine_dictionary(model, sae: Any, hook: str, tokens: torch.Tensor, *, member: int = 0,
+@checked
+def mine_dictionary(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.Tensor, *, member: int = 0,
                     folder: str | os.PathLike | None = None, batch_size: int | None = None, n_top: int = 20,
                     n_random: int = 5, per_bin: int = 4, window: tuple[int, int] | None = (12, 4), seed: int = 0,
                     exclude: Exclusion | None = None, progress: bool = True) -> Mined:
@@ -135,8 +140,9 @@ def check_feature(mined: Mined, feature: int, allow_dead: bool = False) -> int:
     return int(feature)
 
 
+@checked
 @torch.no_grad()
-def examples_at(model, sae: Any, hook: str, mined: Mined, feature: int,
+def examples_at(model: torch.nn.Module, sae: Any, hook: str, mined: Mined, feature: int,
                 locations: Sequence[tuple[int, int, float]], member: int = 0) -> list[Example]:
     """Examples (windows as `mined` keeps them) of `feature` at (context, position, value) locations of the mined
     text, recomputed with one forward pass over the contexts involved (e.g. `mined.quantile_locations`)."""

@@ -19,9 +19,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+from ..arguments import checked
+
 
 EXPLAIN_RANKS = (0, 4, 8, 12, 16)
 TOP_RANKS = (2, 6, 10, 14, 18)
@@ -37,12 +40,14 @@ class Record:
     acts: list[float]
 
 
+@runtime_checkable  # so that a wrong object is refused by name (arguments.checked)
 class Explainer(Protocol):
     name: str
 
     def explain(self, records: Sequence[Record]) -> str: ...
 
 
+@runtime_checkable
 class Simulator(Protocol):
     name: str
 
@@ -68,6 +73,7 @@ def _unquote(t: str) -> str:
     return re.sub(r"\\(.)", r"\1", t)
 
 
+@checked
 class TokenTableExplainer:
     """Explanations like `fires on "·(" ≈9; "·print" then "·(" ≈6` (see the module docstring). `max_items` entries at
     most; an entry is a token, or a token after a given previous token."""
@@ -111,6 +117,7 @@ class TokenTableExplainer:
         return "fires on " + "; ".join(items)
 
 
+@checked
 class TokenTableSimulator:
     """Reads a `TokenTableExplainer` explanation — the text only — and predicts each token's activation: the
     largest strength among the entries it matches, else 0."""
@@ -129,6 +136,7 @@ class TokenTableSimulator:
         return out
 
 
+@checked
 def pooled_correlation(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) -> float:
     """Pearson correlation over all tokens of all fragments; 0 when either side is constant (a simulator that
     predicts nothing explains nothing)."""
@@ -150,6 +158,7 @@ class Split:
     random: list[int]
 
 
+@checked
 def split_fragments(ranked: Sequence[int], firing: Sequence[int]) -> Split | None:
     """The protocol's split from the fragments ranked by max activation (descending, at least MIN_FRAGMENTS) and a
     random order of the fragments where the direction fires; None (skip) when fewer than MIN_FRAGMENTS fire. The
@@ -171,6 +180,7 @@ class Score:
     top_and_random: float
 
 
+@checked
 def score_direction(records: dict[int, Record], split: Split, explainer: Explainer, simulator: Simulator,
                     explanation: str | None = None) -> Score:
     """Explain from the split's explanation records (or use `explanation`, e.g. another direction's for the
@@ -185,6 +195,7 @@ def score_direction(records: dict[int, Record], split: Split, explainer: Explain
                  pooled_correlation(true_top + true_rnd, p_top + p_rnd))
 
 
+@checked
 def bootstrap_ci(scores: Sequence[float], level: float = 0.95, n_boot: int = 2000, seed: int = 0
                  ) -> tuple[float, float, float, float]:
     """(mean, low, high, 1.96·SE) of the mean score: a percentile bootstrap over directions at `level`, and the

@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..arguments import checked
 from ..files import jsonable, load_json, save_json
 from ..paths import resolve
 from .interpretability import Explainer, Record, Simulator, scale_0_10
@@ -52,6 +53,7 @@ def _env(*names: str) -> str | None:
     return None
 
 
+@checked
 def llm_configured() -> bool:
     """True when a base URL, a model and a key are all set in the environment (see the module docstring)."""
     return bool(_env(ENV_BASE_URL, FALLBACK_BASE_URL) and _env(ENV_MODEL) and _env(ENV_KEY, FALLBACK_KEY))
@@ -72,6 +74,7 @@ def _start(text: str) -> str:
     return repr(text[:QUOTE_CHARS] + ("…" if len(text) > QUOTE_CHARS else ""))
 
 
+@checked
 class ChatClient:
     """One OpenAI-compatible chat endpoint. `chat(messages) -> str` returns the first choice's message text."""
 
@@ -201,6 +204,7 @@ def parse_activations(reply: str, n_tokens: int) -> list[float]:
     return [float(a) for a in acts]
 
 
+@checked
 class LLMExplainer:
     """Explains a direction from its explanation records with one chat request; returns one stripped line."""
 
@@ -220,6 +224,7 @@ class LLMExplainer:
         return " ".join(lines[0].split())
 
 
+@checked
 class LLMSimulator:
     """Predicts each token's activation (0-10) from the explanation text, one chat request per fragment."""
 
@@ -265,6 +270,7 @@ class _Cache:
         return f"{type(self).__name__}({self.inner!r}, {str(self.cache_dir)!r})"
 
 
+@checked
 class CachedExplainer(_Cache):
     """Any explainer, with each explanation stored under a hash of (explainer name, records)."""
 
@@ -286,6 +292,7 @@ class CachedExplainer(_Cache):
         return text
 
 
+@checked
 class CachedSimulator(_Cache):
     """Any simulator, with each call's predictions stored under a hash of (simulator name, explanation,
     fragments)."""

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import torch
 
+from ..arguments import checked
 from ..checks import check_int, check_tensor
 
 
-def unembedding(model) -> tuple[torch.Tensor, torch.Tensor]:
+@checked
+def unembedding(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(γ [d_model], W_U [d_model, d_vocab]) of a TransformerLens model (TransformerBridge or HookedTransformer): the
     final layer norm's scale (ones when the model has none, e.g. folded into W_U) and the unembedding."""
     ln = getattr(model, "ln_final", None)
@@ -23,8 +25,9 @@ def unembedding(model) -> tuple[torch.Tensor, torch.Tensor]:
     return gamma.detach(), W_U
 
 
+@checked
 @torch.no_grad()
-def logit_lens(model, direction: torch.Tensor) -> torch.Tensor:
+def logit_lens(model: torch.nn.Module, direction: torch.Tensor) -> torch.Tensor:
     """[d_vocab] logits the direction [d_model] writes: (direction ⊙ γ) @ W_U. Raises ValueError when the direction is
     not d_model wide (a dictionary trained on another site needs that site's path to the logits)."""
     gamma, W_U = unembedding(model)
@@ -44,6 +47,7 @@ def centred_norm(model) -> bool:
     return str(getattr(getattr(model, "cfg", None), "normalization_type", None) or "").startswith("LN")
 
 
+@checked
 def top_tokens(logits: torch.Tensor, k: int = 10, token_counts: torch.Tensor | None = None, min_count: int = 0
                ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """(the k tokens the logits promote most, the k they suppress most) as [(token id, logit)], leaving out tokens

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..arguments import checked
 from .similarity import ROW_BLOCK, cos_blocks, cos_chunks, prepare
 
 @dataclass
@@ -46,6 +47,7 @@ class MatchResult:
         return float((self.cos >= threshold).double().mean())
 
 
+@checked
 def hungarian_match(A: torch.Tensor, B: torch.Tensor, alive_a: torch.Tensor | None = None,
                     alive_b: torch.Tensor | None = None, *, method: str = "auto", candidates: int = 16,
                     chunk_size: int | None = None, dtype: torch.dtype = torch.float32, dense_limit: int = 2048**2,

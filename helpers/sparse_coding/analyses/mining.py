@@ -6,9 +6,7 @@ a histogram on a geometric grid (`BINS_PER_OCTAVE` bins per factor 2, anchored a
 batch), the `n_top` contexts with the largest max activation and a window of per-token activations around that max,
 a seeded uniform sample of `n_random` contexts where the direction fires (same windows), and per histogram bin a
 seeded uniform sample of `per_bin` firing tokens with their windows (the quantile examples between 0 and the max are
-drawn from it). Memory: O(directions × (n_top + n_random + bins × per_bin) × window).
-
-The samples are bottom-k sketches: every candidate gets a uniform random key and each group keeps its k smallest
+drawn from it). Memory: O(directions × (n_top + n_random + bins × per_bin) × window). The samples are bottom-k sketches: every candidate gets a uniform random key and each group keeps its k smallest
 keys, which is a uniform sample without replacement of everything the group ever saw, whatever the batch order."""
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..activations import Exclusion
+from ..arguments import checked
 from ..checks import check_int
 
 BINS_PER_OCTAVE = 4
@@ -300,6 +299,7 @@ class _Stream:
                      *(t.view(n, N_BINS, *t.shape[1:]) for t in self.smp), meta=dict(meta))
 
 
+@checked
 @torch.no_grad()
 def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
          encoders: Mapping[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]], tokens: torch.Tensor, *,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..arguments import checked
 from .similarity import mcs
 
 
@@ -22,7 +23,8 @@ def _cos_tail(t, d):
     return beta.sf((np.asarray(t, dtype=np.float64) + 1.0) / 2.0, a, a)
 
 
-def null_mcs_cdf(t, n_ref: int, d: int, absolute: bool = False):
+@checked
+def null_mcs_cdf(t: float | np.ndarray, n_ref: int, d: int, absolute: bool = False):
     """P(MCS <= t) for one random direction against n_ref independent random directions in R^d (exact).
 
     absolute=False: MCS = max cos (what `mcs` computes); absolute=True: max |cos|."""
@@ -35,6 +37,7 @@ def null_mcs_cdf(t, n_ref: int, d: int, absolute: bool = False):
     return np.where(t < 0, 0.0, out) if absolute else out
 
 
+@checked
 def null_mcs_mean(n_ref: int, d: int, absolute: bool = False) -> float:
     """Expected MCS of a random direction against n_ref random directions in R^d (numerical integral of 1 - CDF)."""
     from scipy.integrate import quad
@@ -49,7 +52,8 @@ def null_mcs_mean(n_ref: int, d: int, absolute: bool = False) -> float:
     return pos - neg
 
 
-def null_mcs_quantile(q, n_ref: int, d: int, absolute: bool = False):
+@checked
+def null_mcs_quantile(q: float | np.ndarray, n_ref: int, d: int, absolute: bool = False):
     """Inverse of `null_mcs_cdf` (e.g. q=0.99: an MCS above this is unlikely to be chance)."""
     from scipy.stats import beta
 
@@ -83,6 +87,7 @@ class NullBaseline:
     absolute: bool
 
 
+@checked
 def random_null(n_features: int, d: int, n_ref: int | None = None, seed: int = 0, absolute: bool = False,
                 chunk_size: int | None = None, device: str | torch.device = "cpu") -> NullBaseline:
     """The MCS you get by chance: n_features random unit directions against n_ref (default n_features) others of

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..arguments import checked
 from ..dictionaries.metrics import FVU
 
 DENSE_THRESHOLD = 0.1
@@ -89,6 +90,7 @@ def member_indices(sae: Any, members: Sequence[int] | None) -> list[int]:
 
 
 
+@checked
 @torch.no_grad()
 def sparsity_stats(sae: Any, batches: Iterable[torch.Tensor], max_tokens: int | None = None, *,
                    dense_threshold: float = DENSE_THRESHOLD, input_scale: float = 1.0,
@@ -169,6 +171,7 @@ def sparsity_stats(sae: Any, batches: Iterable[torch.Tensor], max_tokens: int | 
     return table, freq
 
 
+@checked
 def log10_density(feature_freq: torch.Tensor, floor: float | None = None) -> torch.Tensor:
     """log10 of each feature's firing frequency. Dead features (frequency 0) become -inf, or `floor` if given (e.g.
     floor=-10 puts them in a visible bar at the left of a histogram)."""
@@ -181,6 +184,7 @@ def log10_density(feature_freq: torch.Tensor, floor: float | None = None) -> tor
     return out
 
 
+@checked
 def density_histogram(feature_freq: torch.Tensor, bins: int = 50, lo: float | None = None, hi: float = 0.0
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Histogram of log10 feature density per member, on shared bin edges so members compare bar by bar.

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..arguments import checked
 from .similarity import max_cosine
 from .null import null_mcs_mean
 
@@ -27,18 +28,21 @@ def _as_dicts(learned: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"learned must be [n, d] or [E, n, d], got shape {tuple(learned.shape)}")
 
 
+@checked
 def mmcs_to_truth(learned: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Mean over true features of the max cosine with any learned atom; [E] for an ensemble, 0-d for one dict."""
     out = torch.stack([max_cosine(truth, D.to(truth.device)).mean() for D in _as_dicts(learned)])
     return out if learned.ndim == 3 else out[0]
 
 
+@checked
 def mmcs_from_learned(learned: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Mean over learned atoms of the max cosine with any true feature; [E] or 0-d like `mmcs_to_truth`."""
     out = torch.stack([max_cosine(D.to(truth.device), truth).mean() for D in _as_dicts(learned)])
     return out if learned.ndim == 3 else out[0]
 
 
+@checked
 def share_recovered(learned: torch.Tensor, truth: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:
     """Share of true features whose best learned atom has cosine > threshold; [E] or 0-d."""
     if not -1.0 <= threshold <= 1.0:
@@ -47,6 +51,7 @@ def share_recovered(learned: torch.Tensor, truth: torch.Tensor, threshold: float
     return out if learned.ndim == 3 else out[0]
 
 
+@checked
 def dead_features(codes: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(count, share) of features that never exceed `eps` on the given (held-out) codes.
 
@@ -61,6 +66,7 @@ def dead_features(codes: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, 
     return count, count.float() / codes.shape[-1]
 
 
+@checked
 def mmcs_vs_larger(dictionaries: Mapping[float, torch.Tensor] | Sequence[torch.Tensor]) -> dict:
     """MMCS of each dictionary against the next-larger one in the sweep: {size_key: mmcs} (the largest has none).
 
@@ -81,12 +87,14 @@ def mmcs_vs_larger(dictionaries: Mapping[float, torch.Tensor] | Sequence[torch.T
     return out
 
 
+@checked
 def expected_random_mmcs(d: int, n: int) -> float:
     """Chance level for MMCS: the expected best signed cosine of a true feature with n random unit directions in
     d dimensions (exact, `similarity.null_mcs_mean`)."""
     return null_mcs_mean(n, d)
 
 
+@checked
 def recovery_report(learned: torch.Tensor, truth: torch.Tensor, codes: torch.Tensor | None = None,
                     threshold: float = 0.9) -> dict:
     """All truth-based metrics for one dictionary or ensemble, as plain lists/floats for tables and JSON."""

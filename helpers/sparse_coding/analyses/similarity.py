@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..arguments import checked
+
+
 # Rows of A per matmul call, fixed so that every cosine is computed the same way whatever the chunk size.
 ROW_BLOCK = 256
 # Default working-set budget for one chunk of the cosine matrix.
@@ -151,6 +154,7 @@ class MCSResult:
         return float((v >= threshold).double().mean())
 
 
+@checked
 def mcs(A: torch.Tensor, B: torch.Tensor, alive_a: torch.Tensor | None = None, alive_b: torch.Tensor | None = None,
         chunk_size: int | None = None, dtype: torch.dtype = torch.float32) -> MCSResult:
     """Max cosine similarity of every feature of A over B and of every feature of B over A, in one chunked pass.
@@ -183,11 +187,13 @@ def mcs(A: torch.Tensor, B: torch.Tensor, alive_a: torch.Tensor | None = None, a
     return MCSResult(a_v, a_a, b_v, b_a, ma, mb)
 
 
+@checked
 def max_cosine(A: torch.Tensor, B: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
     """For each row of A, its max cosine similarity over the rows of B (shape [len(A)]; NaN for dead rows of A)."""
     return mcs(A, B, chunk_size=chunk_size).a_to_b
 
 
+@checked
 def mmcs(A: torch.Tensor, B: torch.Tensor) -> float:
     """Mean max cosine similarity of A's features over B (e.g. A = ground truth, B = learned)."""
     return mcs(A, B).mmcs

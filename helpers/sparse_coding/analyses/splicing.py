@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..arguments import checked
 from .. import lm
 from ..activations import Exclusion
 from .upper import UpperLayers
@@ -149,8 +150,10 @@ def _width_error(splicer: Splicer, sae: Any, width: int) -> ValueError:
     return ValueError(msg)
 
 
+@checked
 @torch.no_grad()
-def spliced_loss(model: Any, tokens: torch.Tensor, hook_name: str, sae: Any = None, *,
+def spliced_loss(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str,
+                 sae: Any = None, *,
                  members: Sequence[int] | None = None, batch_size: int = 8,
                  ablations: Sequence[str] = ("zero", "mean"), mean_act: torch.Tensor | None = None,
                  keep_first_position: bool = False, input_scale: float = 1.0, fast: bool = True,

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
+
+from ..arguments import checked
+
 
 BIMODAL_SARLE = 5 / 9
 """Sarle's coefficient of a uniform distribution: above it suggests two modes."""
 
 
-def sarle_bimodality(values: np.ndarray | torch.Tensor) -> float:
+@checked
+def sarle_bimodality(values: np.ndarray | torch.Tensor | Sequence[float]) -> float:
     """Sarle's bimodality coefficient (skew² + 1) / (excess kurtosis + 3 (n−1)² / ((n−2)(n−3))), with the
     bias-corrected sample skewness and kurtosis: 1/3 for a normal, 5/9 for a uniform, 1 for two equal spikes.
     Above 5/9 suggests two modes. NaN for fewer than 4 finite values or a constant sample."""
@@ -24,6 +30,7 @@ def sarle_bimodality(values: np.ndarray | torch.Tensor) -> float:
     return float((g * g + 1) / (k + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3))))
 
 
+@checked
 def binned_median(x: np.ndarray, y: np.ndarray, bins: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Median of y in `bins` equal-count bins of x: (bin centres as medians of x [bins], medians of y [bins])."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)

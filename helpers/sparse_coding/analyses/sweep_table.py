@@ -12,8 +12,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..arguments import checked
 from ..activations import Exclusion
 from ..activations.store import ActivationStore
+from ..dictionaries import LMSweep
 from ..files import atomic_write_text, load_tensors, save_tensors
 from ..paths import resolve
 from .reconstruction import DENSE_THRESHOLD, check_sae, sparsity_stats
@@ -69,7 +71,8 @@ def _hparam_columns(sae: Any) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def evaluate_sweep(model: Any, sae: Any, batches: Iterable[torch.Tensor], tokens: torch.Tensor | None,
+@checked
+def evaluate_sweep(model: torch.nn.Module | None, sae: Any, batches: Iterable[torch.Tensor], tokens: torch.Tensor | None,
                    hook_name: str, *, max_tokens: int | None = None, batch_size: int = 8,
                    ablations: Sequence[str] = ("zero", "mean"), mean_act: torch.Tensor | None = None,
                    keep_first_position: bool = False, dense_threshold: float = DENSE_THRESHOLD,
@@ -93,7 +96,8 @@ def evaluate_sweep(model: Any, sae: Any, batches: Iterable[torch.Tensor], tokens
     return SweepEvaluation(table, freq)
 
 
-def evaluate_lm_sweep(model: Any, run: Any, store: ActivationStore, tokens: torch.Tensor | None, *,
+@checked
+def evaluate_lm_sweep(model: torch.nn.Module, run: LMSweep, store: ActivationStore, tokens: torch.Tensor | None, *,
                       n_eval_tokens: int = 65536, batch_size: int = 8, seed: int = 1, progress: bool = True,
                       reuse: bool = True) -> SweepEvaluation:
     """`evaluate_sweep` for a trained sweep (a dictionaries.LMSweep), cached as eval.csv in its folder (reused when
@@ -111,6 +115,7 @@ def evaluate_lm_sweep(model: Any, run: Any, store: ActivationStore, tokens: torc
     return ev
 
 
+@checked
 def best_members(table: pd.DataFrame, l0_budget: float) -> pd.DataFrame:
     """Per kind, the member with the lowest FVU among those with L0 <= l0_budget (the sparsest member if none
     is that sparse): one row per kind, indexed by kind."""

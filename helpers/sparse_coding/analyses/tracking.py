@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from ..arguments import checked
 from .matching import hungarian_match
 from .similarity import mcs
 
@@ -54,6 +55,7 @@ class SelfSimilarity:
     to_final: torch.Tensor      # [T, n] cos(feature i at t, feature i at the last snapshot); last row is 1
 
 
+@checked
 def self_similarity(snapshots: Sequence[torch.Tensor]) -> SelfSimilarity:
     """Each feature's cosine with itself at the previous and at the final snapshot (oldest snapshot first)."""
     X = _stack_snapshots(snapshots)
@@ -63,6 +65,7 @@ def self_similarity(snapshots: Sequence[torch.Tensor]) -> SelfSimilarity:
     return SelfSimilarity(prev, final)
 
 
+@checked
 def reached_then_fell(sim: torch.Tensor, high: float = 0.9, low: float = 0.6) -> torch.Tensor:
     """[n] bool: the feature's similarity reached >= `high` at some snapshot and was < `low` at a later one.
 
@@ -78,6 +81,7 @@ def reached_then_fell(sim: torch.Tensor, high: float = 0.9, low: float = 0.6) ->
     return ((sim < low) & before).any(dim=0)
 
 
+@checked
 def settled_step(to_final: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:
     """[n] long: the first snapshot from which the feature stays >= threshold with its final self to the end
     (-1 if it never does, e.g. a dead feature). The step at which a feature took its final form."""
@@ -98,6 +102,7 @@ class BirthDeath:
     n_died_for_good: int        # alive at some snapshot, dead at the final one
 
 
+@checked
 def birth_death(alive: torch.Tensor) -> BirthDeath:
     """Feature birth and death from [T, n] alive masks (e.g. fired at least once in an evaluation batch)."""
     alive = torch.as_tensor(alive)
@@ -128,6 +133,7 @@ class TrainingTrack:
     birth_death: BirthDeath | None
 
 
+@checked
 def track_training(snapshots: Sequence[torch.Tensor], alive: torch.Tensor | None = None, high: float = 0.9,
                    low: float = 0.6, settle: float = 0.9) -> TrainingTrack:
     """Everything of part (a) in one call: self-similarity, reached-then-fell (on both references), settling step,
@@ -179,6 +185,7 @@ class RevisionMatching:
         return torch.tensor([float((c[~torch.isnan(c)] >= threshold).double().mean()) for c in self.consecutive])
 
 
+@checked
 def match_across_revisions(dictionaries: Sequence[torch.Tensor], alive: Sequence[torch.Tensor | None] | None = None,
                              method: str = "hungarian", **match_kw) -> RevisionMatching:
     """Match dictionaries trained on successive model revisions (oldest first, the final model last): each to the

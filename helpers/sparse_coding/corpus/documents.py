@@ -19,10 +19,14 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..arguments import checked
+
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 _TEST_DIRS = {"test", "tests", "idle_test"}
 
 
+@checked
 @dataclass
 class Corpus:
     """Documents split by document. ``name`` identifies the source in manifests (e.g. ``stdlib-3.11``)."""
@@ -41,6 +45,7 @@ class Corpus:
                 f"{len(self.val)} val docs / {mb(self.val):.1f} MB chars)")
 
 
+@checked
 def hub_offline() -> bool:
     """huggingface_hub's own reading of HF_HUB_OFFLINE (and its aliases): whether it will refuse to download. Read
     from its constants, never re-parsed here, so every spelling means what it means to the hub client."""
@@ -67,6 +72,7 @@ def _read_file(path: Path, errors: str = "replace", replaced: dict[str, int] | N
         return text
 
 
+@checked
 def stdlib_files(stdlib_dir: str | os.PathLike | None = None) -> tuple[list[Path], list[Path]]:
     """(non-test files, test files) of the standard library's ``*.py`` source, each sorted. site-packages (third
     party code, different per machine) is excluded."""
@@ -89,6 +95,7 @@ def _hash_fraction(key: str) -> float:
     return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
 
 
+@checked
 def load_corpus(source: str | os.PathLike = "stdlib", *, stdlib_val: str = "split", val_bytes: int = 1_000_000,
                 val_fraction: float = 0.05,
                 max_train_bytes: int | None = None, hf_split: str = "train", text_field: str = "text",
@@ -209,6 +216,7 @@ def _load_hf(name: str, *, val_fraction: float, split: str, text_field: str, max
                   [str(i) for i, v in enumerate(is_val) if not v], [str(i) for i, v in enumerate(is_val) if v])
 
 
+@checked
 def held_out_stdlib(val_modules: list[str] | None = None, max_bytes: int | None = None) -> Corpus:
     """Standard-library text a model trained with `load_corpus("stdlib")` never saw, as the `val` documents of a
     Corpus (train empty): the held-out library modules named in `val_modules` (paths relative to the stdlib root,

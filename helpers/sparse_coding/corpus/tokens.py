@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..arguments import checked
 from ..files import load_tensors, save_tensors
 from ..paths import resolve
 from .documents import Corpus
@@ -32,6 +33,7 @@ def _wrap(tok):
                                    unk_token=EOS_TOKEN, pad_token=EOS_TOKEN)
 
 
+@checked
 def load_trained_tokenizer(folder: str | os.PathLike):
     """The tokenizer `train_tokenizer` saved into `folder`, built exactly as it was (so saving it again writes the
     same files)."""
@@ -40,6 +42,7 @@ def load_trained_tokenizer(folder: str | os.PathLike):
     return _wrap(Tokenizer.from_file(str(resolve(folder) / "tokenizer.json")))
 
 
+@checked
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, out_dir: str | os.PathLike | None = None):
     """Train a byte-level BPE (GPT-2 / Pythia style: every byte representable, no unknown tokens) on ``texts``.
 
@@ -63,6 +66,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, out_dir: str |
     return fast
 
 
+@checked
 def tokenize(docs: Sequence[str], tokenizer, progress: bool = False, batch: int = 256) -> torch.Tensor:
     """All documents as one 1-D LongTensor of token ids, each document followed by the EOS token."""
     eos = tokenizer.eos_token_id
@@ -87,6 +91,7 @@ def tokenize(docs: Sequence[str], tokenizer, progress: bool = False, batch: int 
     return torch.cat(pieces)
 
 
+@checked
 def contexts(tokens: torch.Tensor, ctx_len: int, max_contexts: int | None = None) -> torch.Tensor:
     """Cut a 1-D token stream into ``[n, ctx_len]`` non-overlapping contexts (a view; the tail is dropped)."""
     if tokens.ndim != 1:
@@ -101,6 +106,7 @@ def contexts(tokens: torch.Tensor, ctx_len: int, max_contexts: int | None = None
     return tokens[: n * ctx_len].view(n, ctx_len)
 
 
+@checked
 def unigram_entropy(tokens: torch.Tensor, vocab_size: int | None = None) -> float:
     """Entropy (nats/token) of the empirical unigram distribution of ``tokens``: the loss of the best model that
     ignores context, the reference line a language model must get well under."""
@@ -109,6 +115,7 @@ def unigram_entropy(tokens: torch.Tensor, vocab_size: int | None = None) -> floa
     return float(-(p * p.log()).sum())
 
 
+@checked
 def cached_tokens(corpus: Corpus, tokenizer, cache_dir: str | os.PathLike, progress: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, val) token streams, tokenized once and cached as ``tokens-<key>.safetensors`` in ``cache_dir``;

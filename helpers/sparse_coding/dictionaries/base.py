@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..arguments import checked
 from ..checks import check_bool, check_device, check_dtype, check_int
 
 SAE_KINDS: dict[str, type["EnsembleSAE"]] = {}
@@ -42,6 +43,7 @@ SAE_KINDS: dict[str, type["EnsembleSAE"]] = {}
 DEFAULT_DEAD_WINDOW = 10_000_000
 
 
+@checked
 def register_sae(name: str) -> Callable[[type["EnsembleSAE"]], type["EnsembleSAE"]]:
     """Class decorator: make an SAE kind available to `make_sae(name, ...)`."""
 
@@ -75,6 +77,7 @@ def init_decoder(d_in: int, d_sae: int, seed: int) -> torch.Tensor:
     return (W / W.norm(dim=1, keepdim=True)).float()
 
 
+@checked
 def fold_input_scale(state: dict[str, torch.Tensor], input_scale: float) -> dict[str, torch.Tensor]:
     """Weights trained on x·s as weights for raw x: W_enc·s, W_dec/s, b_dec/s (b_enc and thresholds act on codes,
     which do not change). Works on one member's state or a member-stacked one; returns a new dict."""
@@ -111,6 +114,7 @@ class SAEOutput:
         return c() if callable(c) else c
 
 
+@checked
 class EnsembleSAE(nn.Module):
     """Base class: E stacked SAEs. Subclasses define `activation` (pre-activations -> codes) and `kind_losses`."""
 

@@ -27,6 +27,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..arguments import checked
+
+
 def _as_numpy(X, name: str = "X") -> np.ndarray:
     if isinstance(X, torch.Tensor):
         X = X.detach().cpu().numpy()
@@ -57,7 +60,8 @@ def _unit_oriented(atoms: np.ndarray, coefs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(atoms.astype(np.float32))
 
 
-def pca_dictionary(X, n_components: int | None = None, seed: int = 0) -> torch.Tensor:
+@checked
+def pca_dictionary(X: torch.Tensor | np.ndarray, n_components: int | None = None, seed: int = 0) -> torch.Tensor:
     """The top principal directions [n, d] (n ≤ d: PCA cannot be over-complete)."""
     from sklearn.decomposition import PCA
 
@@ -67,7 +71,8 @@ def pca_dictionary(X, n_components: int | None = None, seed: int = 0) -> torch.T
     return _unit_oriented(pca.components_, pca.transform(X))
 
 
-def ica_dictionary(X, n_components: int | None = None, seed: int = 0, max_iter: int = 400) -> torch.Tensor:
+@checked
+def ica_dictionary(X: torch.Tensor | np.ndarray, n_components: int | None = None, seed: int = 0, max_iter: int = 400) -> torch.Tensor:
     """FastICA's mixing directions [n, d] (the columns of `mixing_`, i.e. the directions the sources add along)."""
     from sklearn.decomposition import FastICA
     from sklearn.exceptions import ConvergenceWarning
@@ -82,7 +87,8 @@ def ica_dictionary(X, n_components: int | None = None, seed: int = 0, max_iter: 
     return _unit_oriented(ica.mixing_.T, sources)
 
 
-def ksvd_dictionary(X, n_components: int, n_nonzero: int, n_iter: int = 20, seed: int = 0,
+@checked
+def ksvd_dictionary(X: torch.Tensor | np.ndarray, n_components: int, n_nonzero: int, n_iter: int = 20, seed: int = 0,
                     on_iteration: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Exact K-SVD (`dictlearn`, see the module docstring): `n_iter` rounds of OMP coding with exactly `n_nonzero`
     atoms per sample and a rank-1 SVD update of each atom. on_iteration(i, D [n, d]) sees the (unoriented)
@@ -115,7 +121,8 @@ def ksvd_dictionary(X, n_components: int, n_nonzero: int, n_iter: int = 20, seed
     return _unit_oriented(D, dl.transform(X))
 
 
-def online_dictionary(X, n_components: int, alpha: float, n_epochs: int = 5, batch_size: int = 256,
+@checked
+def online_dictionary(X: torch.Tensor | np.ndarray, n_components: int, alpha: float, n_epochs: int = 5, batch_size: int = 256,
                       seed: int = 0) -> torch.Tensor:
     """Online dictionary learning with lasso coding (scikit-learn's MiniBatchDictionaryLearning, Mairal et al.
     2009, coordinate descent) for `n_epochs` passes over X, no early stopping; alpha is the lasso penalty in X's

@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..arguments import checked
 from ..checks import check_int, check_positive
 from . import kinds  # noqa: F401  (importing the kinds registers them)
 from .base import SAE_KINDS, EnsembleSAE, broadcast
@@ -32,6 +33,7 @@ def resolve_hparams(cls: type[EnsembleSAE], d_in: int, given: dict[str, Any]) ->
     return out
 
 
+@checked
 def make_sae(kind: str, d_in: int, d_sae: int | None = None, *, ratio: float | None = None,
              seed: int | Sequence[int] = 0, tied: bool = False, pre_bias: bool = True,
              device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from ..arguments import checked
 
+
+
+@checked
 class FVU:
     """FVU per ensemble member, accumulated in float64 over batches of x [B, d] and x̂ [E, B, d] (or [B, d]).
 

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..arguments import checked
 from ..files import atomic_dir, atomic_write_text, load_json, load_tensors, save_json, save_tensors
 from ..paths import resolve
 from .base import SAE_KINDS, EnsembleSAE, fold_input_scale
@@ -88,6 +89,7 @@ def _write_member(sae: EnsembleSAE, i: int, folder: Path, input_scale: float, me
         save_json(folder / "metrics.json", metrics)
 
 
+@checked
 def save_sae(sae: EnsembleSAE, folder: str | os.PathLike, member: int = 0, *, input_scale: float = 1.0,
              metadata: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
              overwrite: bool = False) -> Path:
@@ -97,10 +99,12 @@ def save_sae(sae: EnsembleSAE, folder: str | os.PathLike, member: int = 0, *, in
     return resolve(folder)
 
 
+@checked
 def member_name(i: int) -> str:
     return f"member-{i:03d}"
 
 
+@checked
 def save_sweep(sae: EnsembleSAE, folder: str | os.PathLike, *, input_scale: float = 1.0,
                metadata: Mapping[str, Any] | None = None, member_metrics: Sequence[Mapping[str, Any]] | None = None,
                extra: Mapping[str, Any] | None = None, files: Mapping[str, str] | None = None,
@@ -230,6 +234,7 @@ def _dtype(cfg: Mapping[str, Any], dtype: torch.dtype | str | None, folder: Path
     return _DTYPES[name]
 
 
+@checked
 def load_sae(folder: str | os.PathLike, device: str | torch.device | None = None,
              dtype: torch.dtype | str | None = None) -> EnsembleSAE:
     """Load one SAE folder (ours or one saved by SAELens) as a 1-member ensemble that takes raw activations, in
@@ -247,6 +252,7 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device | None = None
     return sae.eval()
 
 
+@checked
 def load_sweep(folder: str | os.PathLike, device: str | torch.device | None = None,
                dtype: torch.dtype | str | None = None) -> EnsembleSAE:
     """Load a sweep folder (sweep.json + member folders) back into one ensemble, members in saved order, in eval
@@ -269,5 +275,6 @@ def load_sweep(folder: str | os.PathLike, device: str | torch.device | None = No
     return sae.eval()
 
 
+@checked
 def sweep_info(folder: str | os.PathLike) -> dict[str, Any]:
     return load_json(resolve(folder) / SWEEP_FILE)

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import pandas as pd
 import torch
 
+from ..arguments import checked
 from ..activations import ActivationStore, safe_name
 from ..checks import check_positive
 from ..files import canonical
@@ -35,28 +36,33 @@ from .training.sources import DEFAULT_BATCH_SIZE
 HISTORY_FILE = "history.csv"
 
 
+@checked
 def sweep_name(kind: str, ratio: float, seed: int) -> str:
     return f"{kind}-r{ratio:g}-s{seed}"
 
 
+@checked
 def state_dir(folder: Path) -> Path:
     """Where a sweep's training snapshots and resumable state live: beside the sweep folder, which is written whole
     at the end."""
     return folder.with_name(folder.name + ".training")
 
 
+@checked
 def sweep_dir(data_dir: str | os.PathLike, store: ActivationStore, kind: str, ratio: float, seed: int) -> Path:
     m = store.manifest
     return (resolve(data_dir) / "dictionaries" / safe_name(str(m["model"])) / safe_name(str(m["revision"]))
             / safe_name(str(m["hook"])) / sweep_name(kind, ratio, seed))
 
 
+@checked
 def input_scale(store: ActivationStore, seed: int = 0) -> float:
     """s with E||s x||^2 = d_in, the scale a sweep with `seed` trains at (`default_input_scale`, as train_sae's
     "auto"): SAE hyperparameters then mean the same at every layer and on every model, whatever the raw norm."""
     return default_input_scale(store, seed)
 
 
+@checked
 def store_metadata(store: ActivationStore) -> dict:
     """The SAELens cfg.json ``metadata`` of a dictionary trained on `store`: model_name, revision, hook_name,
     context_size, dataset_path, plus what identifies the model's weights (``model_id``: a GGUF file's quantisation
@@ -105,6 +111,7 @@ def _settings(store: ActivationStore, kind: str, ratio: float, hparams: Mapping[
                                       "n_tokens": store.n_tokens, "d": store.d}})
 
 
+@checked
 def train_lm_sweep(store: ActivationStore, kind: str, ratio: float, hparams: Mapping[str, Any],
                    settings: TrainSettings | None = None, *, data_dir: str | os.PathLike = "data",
                    n_tokens: int | None = None, device: str | torch.device = "cpu", progress: bool = True,

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from ..arguments import checked
 from .hooks import parse_hook
 from .load import loaded
 
 
+@checked
 class NeoXFastPath:
     """A lean forward for GPT-NeoX (Pythia's family) that computes exactly what the requested hooks need.
 
@@ -40,7 +42,7 @@ class NeoXFastPath:
         parsed = [parse_hook(h) for h in hooks]
         return all(p.layer is not None and p.site in cls.SUPPORTED for p in parsed)
 
-    def __init__(self, model, hooks: Sequence[str]):
+    def __init__(self, model: torch.nn.Module, hooks: Sequence[str]):
         rec = loaded(model)
         self.cfg = rec.hf_config
         self.p = rec.weights
@@ -157,6 +159,7 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, gelu: bool = Fals
     return torch.nn.functional.gelu(y) if gelu else y
 
 
+@checked
 class CPUWorkers:
     """Whole batches on separate threads with one intra-op thread each, results in order.
 
@@ -165,7 +168,7 @@ class CPUWorkers:
     machine this project targets (benchmarks/bench_harvest.py measures it). Used for the lean NeoX path only (the
     bridge's hooks keep state per pass). Restores the thread count on close; with one thread there is nothing to gain and it stays serial."""
 
-    def __init__(self, fn):
+    def __init__(self, fn: Callable):
         self.fn = fn
         self.n = torch.get_num_threads()
         self.pool = None

@@ -15,6 +15,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from ..arguments import checked
 from ..files import atomic_dir, folder_lock, load_json, save_json
 from ..paths import resolve
 
@@ -24,11 +25,13 @@ INFO_FILE = "gguf.json"
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
+@checked
 def is_gguf(name: str | os.PathLike) -> bool:
     """A GGUF model reference: a short name in `KNOWN` or a path ending in ``.gguf``."""
     return str(name) in KNOWN or str(name).lower().endswith(".gguf")
 
 
+@checked
 def gguf_path(name: str | os.PathLike) -> Path:
     """The GGUF file for a short name in `KNOWN` (found inside its installed package) or a ``.gguf`` path.
     Raises FileNotFoundError naming the file, or the package and the command that installs it."""
@@ -91,6 +94,7 @@ def gguf_metadata(path: str | os.PathLike) -> dict:
     return {"architecture": field("general.architecture"), "quantization": quant, "name": field("general.name")}
 
 
+@checked
 def gguf_info(name: str | os.PathLike) -> dict:
     """What identifies a GGUF model's weights: {"file", "sha256", "architecture", "quantization", "name"}."""
     path = gguf_path(name)
@@ -103,6 +107,7 @@ def gguf_model_id(name: str | os.PathLike) -> str:
     return f"gguf:{info['file']}:{info['quantization']}:sha256-{info['sha256']}"
 
 
+@checked
 def gguf_folder(name: str | os.PathLike, data_dir: str | os.PathLike = "data", progress: bool = True) -> Path:
     """The float32 transformers folder (config, safetensors weights, tokenizer, `gguf.json`) converted from a GGUF
     model, under ``<data_dir>/lm/gguf/<stem>-<sha256[:16]>/``; converted now when missing (built in a temporary

@@ -12,6 +12,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from ..arguments import checked
+
+
 SITES = {
     "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
     "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out", "mlp_pre": "mlp.hook_pre", "mlp_post": "mlp.hook_post",
@@ -29,6 +32,7 @@ class HookName(NamedTuple):
     site: str
 
 
+@checked
 def parse_hook(name: str) -> HookName:
     """``"blocks.3.mlp.hook_post"`` -> HookName(3, "mlp.hook_post"); ``"hook_embed"`` -> HookName(None, "hook_embed")."""
     if not isinstance(name, str) or not name:
@@ -37,6 +41,7 @@ def parse_hook(name: str) -> HookName:
     return HookName(int(m.group(1)), m.group(2)) if m else HookName(None, name)
 
 
+@checked
 def hook_name(kind: str, layer: int) -> str:
     """``hook_name("resid_post", 2) == "blocks.2.hook_resid_post"``; kinds: resid_pre/mid/post, attn_out, mlp_out,
     mlp_pre, mlp_post (the MLP's hidden activations after the nonlinearity)."""
@@ -47,16 +52,19 @@ def hook_name(kind: str, layer: int) -> str:
     return f"blocks.{layer}.{SITES[kind]}"
 
 
+@checked
 def hook_layer(hook: str) -> int | None:
     """The block index a hook belongs to (``blocks.3.…`` -> 3), or None for embed / final-LN hooks."""
     return parse_hook(hook).layer
 
 
-def n_layers(model) -> int:
+@checked
+def n_layers(model: torch.nn.Module) -> int:
     return int(model.cfg.n_layers)
 
 
-def valid_hooks(model) -> list[str]:
+@checked
+def valid_hooks(model: torch.nn.Module) -> list[str]:
     """Every hook name the model fires on a forward pass (canonical names and TransformerLens aliases), in order.
 
     Found by running one token through the model with everything cached: what is listed is exactly what a forward
@@ -69,7 +77,8 @@ def valid_hooks(model) -> list[str]:
     return list(_VALID[model])
 
 
-def check_hooks(model, hooks: str | Sequence[str]) -> list[str]:
+@checked
+def check_hooks(model: torch.nn.Module, hooks: str | Sequence[str]) -> list[str]:
     """``hooks`` as a list if the model fires them all; otherwise a ValueError naming the layer range, the closest
     spellings and the valid sites."""
     if isinstance(hooks, str):
@@ -94,7 +103,8 @@ def check_hooks(model, hooks: str | Sequence[str]) -> list[str]:
     return hooks
 
 
-def hook_point(model, name: str) -> torch.nn.Module:
+@checked
+def hook_point(model: torch.nn.Module, name: str) -> torch.nn.Module:
     """The HookPoint module behind a hook name (aliases included: ``model.hook_dict`` lists them)."""
     check_hooks(model, [name])
     points = model.hook_dict
@@ -109,6 +119,7 @@ DEFAULT_DEPTHS = (1 / 6, 2 / 6, 3 / 6, 4 / 6)
 MAX_ALL_LAYERS = 8
 
 
+@checked
 def depth_layer(model_or_n: "torch.nn.Module | int", depth: float) -> int:
     """The block whose output stands at relative `depth` in (0, 1] of a model's blocks (or of n blocks):
     ``round(depth * n) - 1``, at least 0. Pythia-70M's layer 2 (of 6) is depth 0.5: layer 14 of a 30-block model."""
@@ -118,6 +129,7 @@ def depth_layer(model_or_n: "torch.nn.Module | int", depth: float) -> int:
     return max(0, round(depth * n) - 1)
 
 
+@checked
 def default_layers(model_or_n: "torch.nn.Module | int") -> list[int]:
     """Every layer of a model of at most 8 blocks; else the blocks at relative depths `DEFAULT_DEPTHS` (four
     layers: a deep model's every layer would not fit a CPU's time or disk)."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..arguments import checked
 from ..paths import resolve
 from .gguf import gguf_folder, is_gguf
 from .train import OFFLINE_SUBDIR
@@ -43,11 +44,13 @@ class Loaded:
 _LOADED: "weakref.WeakKeyDictionary[torch.nn.Module, Loaded]" = weakref.WeakKeyDictionary()
 
 
+@checked
 def offline_dir(data_dir: str | os.PathLike = "data") -> Path:
     """``<data_dir>/lm/offline``: where notebook 00 puts the default model."""
     return resolve(data_dir) / OFFLINE_SUBDIR
 
 
+@checked
 def model_source(model: str, data_dir: str | os.PathLike = "data") -> str:
     """What `load_model` takes for a notebook's ``model`` parameter: the offline model's folder for "offline", the
     converted float32 folder under ``<data_dir>/lm/gguf/`` for a GGUF model ("smollm2-135m" or a ``.gguf`` path;
@@ -59,11 +62,13 @@ def model_source(model: str, data_dir: str | os.PathLike = "data") -> str:
     return model
 
 
+@checked
 def is_hub_name(name: str) -> bool:
     """``owner/name`` that is not an existing local folder."""
     return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", name)) and not Path(name).exists() and not resolve(name).exists()
 
 
+@checked
 def resolve_revision(name_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
     """The folder holding ``config.json`` for a local model folder + revision (None/"final"/"main" = the last step,
     an int or "512" = "step512"). FileNotFoundError lists the revisions there are."""
@@ -90,12 +95,14 @@ def resolve_revision(name_or_dir: str | os.PathLike, revision: str | None = None
     raise FileNotFoundError(f"no revision {revision!r} in {root}; available: {['final'] + available}")
 
 
+@checked
 def hub_revision(revision: str | None) -> str:
     """A notebook's revision as a hub ref: "final" (the offline model's name for the last step) and None are the
     hub's "main"; "step512" and other refs stay as they are."""
     return "main" if revision in (None, "final") else str(revision)
 
 
+@checked
 def load_hf_model(name_or_dir: str | os.PathLike, revision: str | None = None, device: str | torch.device = "cpu"):
     """(transformers causal-LM model in eval mode, tokenizer) for a hub name + revision or a local folder + revision.
 
@@ -134,6 +141,7 @@ def load_hf_model(name_or_dir: str | os.PathLike, revision: str | None = None, d
     return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
 
 
+@checked
 def load_model(name_or_dir: str | os.PathLike = DEFAULT_OFFLINE_DIR, revision: str | None = None,
                device: str | torch.device = "cpu"):
     """A TransformerLens 3 ``TransformerBridge`` for a hub model + revision or a local model folder + revision.
@@ -153,6 +161,7 @@ def load_model(name_or_dir: str | os.PathLike = DEFAULT_OFFLINE_DIR, revision: s
     return bridge
 
 
-def loaded(model) -> Loaded | None:
+@checked
+def loaded(model: torch.nn.Module) -> Loaded | None:
     """What `load_model` loaded into this model, or None for a model built otherwise."""
     return _LOADED.get(model)

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from ..arguments import checked
 from .fast_forward import NeoXFastPath
 from .hooks import check_hooks, hook_layer, hook_point, n_layers
 
@@ -15,12 +16,13 @@ class _StopForward(Exception):
     """Raised by the last needed hook: nothing after it is computed."""
 
 
+@checked
 class HookReader:
     """tokens [B, T] -> {hook: activation [B, T, ...]} through the model's own hook points, any model, any hook:
     forward hooks copy each activation as it is produced and the last needed one stops the pass (``stop_at_layer``
     semantics without the cache machinery)."""
 
-    def __init__(self, model, hooks: Sequence[str]):
+    def __init__(self, model: torch.nn.Module, hooks: Sequence[str]):
         self.model = model
         self.hooks = check_hooks(model, list(hooks))
         self.points = {h: hook_point(model, h) for h in self.hooks}
@@ -58,7 +60,8 @@ class HookReader:
         return self.out
 
 
-def hook_reader(model, hooks: Sequence[str], fast: bool = True):
+@checked
+def hook_reader(model: torch.nn.Module, hooks: Sequence[str], fast: bool = True):
     """A callable tokens [B, T] -> {hook: activation [B, T, d]} with a `.hooks` list: `NeoXFastPath` for
     block-level hooks of a GPT-NeoX model loaded with `load_model` (fast=True), else `HookReader`. Both give the
     bridge's values. Raises ValueError naming the valid hooks for a hook the model does not have."""

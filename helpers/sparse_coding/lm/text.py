@@ -12,6 +12,7 @@ import re
 
 import torch
 
+from ..arguments import checked
 from .. import corpus as _corpus
 from ..checks import check_int
 from ..files import load_json, load_tensors
@@ -24,12 +25,14 @@ from .load import DEFAULT_OFFLINE_DIR, offline_dir
 MAX_DEFAULT_CTX = 256
 
 
-def default_ctx_len(tl) -> int:
+@checked
+def default_ctx_len(tl: torch.nn.Module) -> int:
     """Tokens per context when none is given: the model's own context length, at most `MAX_DEFAULT_CTX` (256)."""
     n_ctx = int(getattr(tl.cfg, "n_ctx", 0) or 0)
     return min(n_ctx, MAX_DEFAULT_CTX) if n_ctx else MAX_DEFAULT_CTX
 
 
+@checked
 def validation_contexts(model_dir: str | os.PathLike = DEFAULT_OFFLINE_DIR, ctx_len: int | None = None,
                         split: str = "val", max_contexts: int | None = None) -> torch.Tensor:
     """LongTensor [n_contexts, ctx_len] of the held-out (``split="val"``) or training token contexts of a locally
@@ -44,7 +47,8 @@ def validation_contexts(model_dir: str | os.PathLike = DEFAULT_OFFLINE_DIR, ctx_
     return _corpus.contexts(load_tensors(path)["tokens"], ctx_len, max_contexts)
 
 
-def model_contexts(tl, model: str, *, data_dir: str | os.PathLike = "data", ctx_len: int | None = None,
+@checked
+def model_contexts(tl: torch.nn.Module, model: str, *, data_dir: str | os.PathLike = "data", ctx_len: int | None = None,
                    split: str = "train") -> torch.Tensor:
     """Token contexts [n_contexts, ctx_len] to harvest (split="train") or to measure a loss on (split="val"): the
     offline model's own tokenized splits, or the standard library tokenized with another model's tokenizer (cached
@@ -62,7 +66,8 @@ def _token_cache(model: str, data_dir: str | os.PathLike) -> "os.PathLike":
     return resolve(data_dir) / "tokens" / re.sub(r"\W+", "_", model)
 
 
-def held_out_tokens(tl, model: str, *, data_dir: str | os.PathLike = "data", max_bytes: int | None = 8_000_000
+@checked
+def held_out_tokens(tl: torch.nn.Module, model: str, *, data_dir: str | os.PathLike = "data", max_bytes: int | None = 8_000_000
                     ) -> torch.Tensor:
     """One token stream [n_tokens] of held-out text (`corpus.held_out_stdlib`: for the offline model its validation
     modules first, then the test packages, up to `max_bytes` characters), each document followed by EOS, tokenized
@@ -75,7 +80,8 @@ def held_out_tokens(tl, model: str, *, data_dir: str | os.PathLike = "data", max
     return _corpus.cached_tokens(held, tl.tokenizer, _token_cache(model, data_dir), progress=False)[1]
 
 
-def held_out_contexts(tl, model: str, n_tokens: int, *, data_dir: str | os.PathLike = "data",
+@checked
+def held_out_contexts(tl: torch.nn.Module, model: str, n_tokens: int, *, data_dir: str | os.PathLike = "data",
                       ctx_len: int | None = None) -> torch.Tensor:
     """Contexts [n_contexts, ctx_len] of held-out text covering at least n_tokens tokens (fewer if the text runs
     out), ctx_len defaulting to `default_ctx_len` (the model's own, at most 256). Raises ValueError for a ctx_len
@@ -89,6 +95,7 @@ def held_out_contexts(tl, model: str, n_tokens: int, *, data_dir: str | os.PathL
     return _corpus.contexts(stream, ctx_len, max_contexts=-(-n_tokens // ctx_len))
 
 
+@checked
 def document_fragments(stream: torch.Tensor, eos_id: int, length: int, n: int, seed: int = 0
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """n fragments [n, length] of a token stream whose documents end with `eos_id`, one per document where there

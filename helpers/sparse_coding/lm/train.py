@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..arguments import checked
 from .. import corpus as _corpus
 from ..files import atomic_dir, canonical, folder_lock, load_json, load_tensors, save_json, save_tensors
 from ..paths import resolve
@@ -37,6 +38,7 @@ OFFLINE_SUBDIR = Path("lm") / "offline"
 
 # ----------------------------------------------------------------------------------------------------- config
 
+@checked
 @dataclass
 class LMConfig:
     """Everything that decides the offline model. Defaults: the model `make figures` trains (~10 min on 2 cores)."""
@@ -71,6 +73,7 @@ class LMConfig:
             bos_token_id=0, eos_token_id=0, initializer_range=0.02, attention_dropout=0.0, hidden_dropout=0.0)
 
 
+@checked
 def revision_steps(last_step: int) -> list[int]:
     """Pythia's revision schedule up to ``last_step``: 0, 1, 2, 4, ..., 512, then every 1000; plus the last step."""
     steps = [0] + [2 ** i for i in range(10) if 2 ** i <= last_step]
@@ -80,6 +83,7 @@ def revision_steps(last_step: int) -> list[int]:
     return sorted(set(steps))
 
 
+@checked
 def lr_at(step: int, cfg: LMConfig) -> float:
     """Linear warm-up then cosine decay to lr * min_lr_frac at the last step."""
     if step < cfg.warmup_steps:
@@ -107,8 +111,9 @@ def _save_revision(model, tokenizer, folder: Path, extra: dict | None = None) ->
             hf_logging.enable_progress_bar()
 
 
+@checked
 @torch.inference_mode()
-def validation_loss(model, ctxs: torch.Tensor, batch_size: int = 64, device: str | torch.device = "cpu") -> float:
+def validation_loss(model: torch.nn.Module, ctxs: torch.Tensor, batch_size: int = 64, device: str | torch.device = "cpu") -> float:
     """Mean next-token cross-entropy (nats/token) of a transformers causal LM over every position of ``ctxs``
     [n_contexts, ctx_len]."""
     model.eval()
@@ -122,6 +127,7 @@ def validation_loss(model, ctxs: torch.Tensor, batch_size: int = 64, device: str
     return total / count
 
 
+@checked
 def train_offline_model(data_dir: str | os.PathLike = "data", cfg: LMConfig | None = None, *,
                         source: str = "stdlib", max_train_bytes: int | None = None, val_fraction: float = 0.05,
                         stdlib_val: str = "split", device: str = "cpu",
@@ -248,6 +254,7 @@ def train_offline_model(data_dir: str | os.PathLike = "data", cfg: LMConfig | No
 RUN_FILE = "run.json"
 
 
+@checked
 def model_id(model: str, data_dir: str | os.PathLike = "data") -> str | None:
     """What a model's weights came from, for the manifests made from it: the offline model's training settings
     digest (None before it is trained); a GGUF model's file, quantisation and sha256 (`lm.gguf.gguf_model_id`); None

@@ -10,6 +10,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import colormaps
 
+from ..arguments import checked
+
+
 _CMAP = colormaps["Oranges"]
 
 
@@ -47,6 +50,7 @@ def _bars(ax, items: Sequence[tuple[str, float]], title: str, colour: str) -> No
     ax.tick_params(axis="x", labelsize=7)
 
 
+@checked
 def plot_feature_cards(studies: Mapping[str, Mapping[str, Any]], n_examples: int = 5) -> "plt.Figure":
     """One row per case study ({role: study}): histogram of activations (log-spaced bins, count log scale), the top
     and some quantile examples as coloured tokens, the logit lens (up and down), the zero-ablation log-prob drops."""
@@ -83,6 +87,7 @@ def plot_feature_cards(studies: Mapping[str, Mapping[str, Any]], n_examples: int
     return fig
 
 
+@checked
 def plot_ablation_effects(studies: Mapping[str, Mapping[str, Any]], k: int = 6) -> "plt.Figure":
     """Per case study (rows) and edit (columns: zero, rank_one, clamp): the output tokens whose mean log-probability
     falls (red) and rises (green) most at the edited positions, with the loss change in the title."""
@@ -104,6 +109,7 @@ def plot_ablation_effects(studies: Mapping[str, Mapping[str, Any]], k: int = 6) 
     return fig
 
 
+@checked
 def plot_token_ablation(studies: Mapping[str, Mapping[str, Any]], last: int = 24) -> "plt.Figure":
     """Per case study: the feature's activation drop at its strongest token when each earlier token (of the last
     `last`) is replaced, one bar per input token; the rightmost is the token itself."""
@@ -120,6 +126,7 @@ def plot_token_ablation(studies: Mapping[str, Mapping[str, Any]], last: int = 24
     return fig
 
 
+@checked
 def plot_loss_by_feature_set(loss: Mapping[str, float]) -> "plt.Figure":
     """Next-token loss: clean, the whole reconstruction spliced in, only the high-MCS features + the error term, as
     many random live features + the error term."""

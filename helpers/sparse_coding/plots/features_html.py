@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..arguments import checked
 from ..files import atomic_write_text
 
 
@@ -70,11 +71,13 @@ def features_page(studies: Mapping[str, Mapping[str, Any]], title: str) -> str:
             "\n".join(calls) + "\n</script>\n</body></html>\n")
 
 
+@checked
 def save_features_page(studies: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, title: str) -> Path:
     """Write `features_page` atomically to path (e.g. figures/06_features.html)."""
     return atomic_write_text(path, features_page(studies, title))
 
 
+@checked
 def inline_view(study: Mapping[str, Any], n: int = 5):
     """The first n top examples of one study as a circuitsvis object for inline display in JupyterLab (it picks the
     CDN or the inlined bundle itself)."""

@@ -6,12 +6,16 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
+import pandas as pd
 import seaborn as sns
+import torch
 
+from ..arguments import checked
 from ..analyses.reconstruction import density_histogram
 
 
-def plot_density_histogram(ax: Any, feature_freq, labels: Sequence[str] | None = None, bins: int = 50) -> Any:
+@checked
+def plot_density_histogram(ax: Any, feature_freq: torch.Tensor, labels: Sequence[str] | None = None, bins: int = 50) -> Any:
     """Draw the log10 feature-density histogram of each member on a matplotlib Axes (step outlines, one per member;
     the legend gives each member's dead count). feature_freq [E, d_sae] (or [d_sae]) fractions of tokens."""
     edges, counts, n_dead = density_histogram(feature_freq, bins=bins)
@@ -31,7 +35,8 @@ def _by_kind(table):
     return kinds, dict(zip(kinds, sns.color_palette("deep", len(kinds))))
 
 
-def plot_frontier(table, y: str = "fvu", ylabel: str = "fraction of variance unexplained",
+@checked
+def plot_frontier(table: pd.DataFrame, y: str = "fvu", ylabel: str = "fraction of variance unexplained",
                   title: str = "Sparsity-reconstruction frontier", logy: bool = True) -> "plt.Figure":
     """`y` against L0, one line per SAE kind (members sorted by L0), marker size by dictionary ratio: the
     MSE-vs-L0 frontier Gao et al. recommend reading results on (lower-left is better)."""
@@ -53,7 +58,8 @@ def plot_frontier(table, y: str = "fvu", ylabel: str = "fraction of variance une
     return fig
 
 
-def plot_dead_features(table, labels) -> "plt.Figure":
+@checked
+def plot_dead_features(table: pd.DataFrame, labels: Sequence[str]) -> "plt.Figure":
     """Share of dead and of dense features per SAE (bars), coloured by kind."""
     _, colour = _by_kind(table)
     fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(table), 4))
@@ -66,7 +72,9 @@ def plot_dead_features(table, labels) -> "plt.Figure":
     return fig
 
 
-def plot_density_panels(freqs, titles, labels) -> "plt.Figure":
+@checked
+def plot_density_panels(freqs: Sequence[torch.Tensor], titles: Sequence[str],
+                        labels: Sequence[Sequence[str]]) -> "plt.Figure":
     """One panel per sweep (feature_freq [E, n] each), members overlaid as log10-density histograms."""
     n = len(freqs)
     cols = min(n, 2)

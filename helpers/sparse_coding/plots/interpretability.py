@@ -3,17 +3,20 @@ analogue), top-only vs random-only scores, score against MCS to another seed, an
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
+from ..arguments import checked
+
+
 LABELS = {"sae": "SAE (best of 03)", "sae_paper": "SAE (tied ReLU, R=2)", "neurons": "neuron basis",
           "random": "random directions", "pca": "PCA", "ica": "ICA", "pca_topk": "top-K PCA", "ica_topk": "top-K ICA"}
 
 
-def _grouped(ax, scores: Mapping[str, Mapping[str, Mapping[str, float]]], methods: Sequence[str], key: str,
+def _grouped(ax, scores: Mapping[str, Mapping[str, Any]], methods: Sequence[str], key: str,
              lo_key: str | None, hi_key: str | None) -> None:
     layers = list(scores)
     width = 0.8 / len(methods)
@@ -31,7 +34,8 @@ def _grouped(ax, scores: Mapping[str, Mapping[str, Mapping[str, float]]], method
     ax.axhline(0, color="k", lw=0.6)
 
 
-def plot_scores_by_layer(scores, methods: Sequence[str], explainer: str) -> "plt.Figure":
+@checked
+def plot_scores_by_layer(scores: Mapping[str, Mapping[str, Any]], methods: Sequence[str], explainer: str) -> "plt.Figure":
     """Mean top-and-random score per method (bars) and layer (groups), 95 % bootstrap intervals over directions."""
     fig, ax = plt.subplots(figsize=(12, 4.5))
     _grouped(ax, scores, methods, "score_mean", "score_ci_low", "score_ci_high")
@@ -41,7 +45,8 @@ def plot_scores_by_layer(scores, methods: Sequence[str], explainer: str) -> "plt
     return fig
 
 
-def plot_top_vs_random(scores, methods: Sequence[str]) -> "plt.Figure":
+@checked
+def plot_top_vs_random(scores: Mapping[str, Mapping[str, Any]], methods: Sequence[str]) -> "plt.Figure":
     """Top-only (left) and random-only (right) mean scores per method and layer."""
     fig, axes = plt.subplots(1, 2, figsize=(15, 4.2), sharey=True)
     for ax, key, name in ((axes[0], "top_mean", "top-only"), (axes[1], "random_mean", "random-only")):
@@ -53,6 +58,7 @@ def plot_top_vs_random(scores, methods: Sequence[str]) -> "plt.Figure":
     return fig
 
 
+@checked
 def plot_score_vs_mcs(score: np.ndarray, mcs: np.ndarray, rho: float, title: str) -> "plt.Figure":
     """Each scored SAE feature's score against its MCS with another seed's dictionary."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -62,6 +68,7 @@ def plot_score_vs_mcs(score: np.ndarray, mcs: np.ndarray, rho: float, title: str
     return fig
 
 
+@checked
 def plot_controls(real: Mapping[str, float], shuffled: Mapping[str, float], trained: float, step0: float,
                   layer: str) -> "plt.Figure":
     """Left: each method's mean score with its own explanations and with shuffled ones. Right: the SAE recipe on

@@ -9,7 +9,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from ..arguments import checked
 
+
+
+@checked
 def plot_lm_loss(metrics: Mapping, history: Mapping, smooth: int = 20) -> "plt.Figure":
     """Training loss (per step, faint; smoothed, solid), the periodic validation estimate and the final validation
     loss against step, with the unigram entropy and the 0.55 × target, and ticks at the saved revisions.
@@ -33,6 +37,7 @@ def plot_lm_loss(metrics: Mapping, history: Mapping, smooth: int = 20) -> "plt.F
     return fig
 
 
+@checked
 def plot_activation_norms(samples: Mapping[str, torch.Tensor], layers: list[int], title: str) -> "plt.Figure":
     """Violin plot of ‖x‖₂ per token (log scale), one violin per hook. samples: {hook: [rows, d]}."""
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -43,12 +48,14 @@ def plot_activation_norms(samples: Mapping[str, torch.Tensor], layers: list[int]
     return fig
 
 
+@checked
 def pca_spectrum(x: torch.Tensor) -> np.ndarray:
     """Explained-variance ratio of each principal direction of x [rows, d], descending."""
     ev = torch.linalg.svdvals(x - x.mean(0)).pow(2)
     return (ev / ev.sum()).numpy()
 
 
+@checked
 def plot_pca_spectra(samples: Mapping[str, torch.Tensor], layers: list[int], title: str
                      ) -> tuple["plt.Figure", dict[str, int]]:
     """Explained-variance ratio per principal component (log-log), one line per hook; returns the figure and, per

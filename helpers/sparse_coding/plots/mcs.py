@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Sequence
+
 import matplotlib.pyplot as plt
+import pandas as pd
 import seaborn as sns
 
+from ..arguments import checked
 from ..analyses.statistics import binned_median
 
 
-def plot_mcs_panels(panels, title: str, threshold: float = 0.9, bins: int = 40) -> "plt.Figure":
+@checked
+def plot_mcs_panels(panels: Sequence[Mapping[str, Any]], title: str, threshold: float = 0.9, bins: int = 40) -> "plt.Figure":
     """MCS histograms, one panel per dictionary size: each series (live features only) as the share of its
     features per bin, the sampled random null in grey with its 99 % quantile dotted, the threshold dashed.
     `panels` as built by studies.nb04_mcs.histogram_panels (title, series {label: values}, null, null_q99, n_dead)."""
@@ -32,7 +37,8 @@ def plot_mcs_panels(panels, title: str, threshold: float = 0.9, bins: int = 40) 
     return fig
 
 
-def plot_high_mcs_vs_size(table, threshold: float = 0.9) -> "plt.Figure":
+@checked
+def plot_high_mcs_vs_size(table: pd.DataFrame, threshold: float = 0.9) -> "plt.Figure":
     """MMCS (left) and share of live features with MCS >= threshold (right) against dictionary size, one line per
     comparison, the random null's MMCS in grey. `table` from studies.nb04_mcs.summary_table."""
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -60,7 +66,8 @@ def plot_high_mcs_vs_size(table, threshold: float = 0.9) -> "plt.Figure":
     return fig
 
 
-def plot_mcs_vs_frequency(panels, threshold: float = 0.9) -> "plt.Figure":
+@checked
+def plot_mcs_vs_frequency(panels: Sequence[Mapping[str, Any]], threshold: float = 0.9) -> "plt.Figure":
     """MCS against log10 firing frequency per feature (one panel per size), with the median in equal-count bins.
     `panels` from studies.nb04_mcs.frequency_panels."""
     n = len(panels)

@@ -10,12 +10,14 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import seaborn as sns
 
+from ..arguments import checked
 from ..files import atomic_write_bytes
 from ..paths import resolve
 
 sns.set_theme(context="notebook", style="whitegrid")
 
 
+@checked
 def savefig(fig: "plt.Figure", figures_dir: str | os.PathLike, name: str, dpi: int = 120) -> Path:
     """Write `fig` as figures_dir/name (PNG) atomically and return the path. The figure stays open for display."""
     buf = io.BytesIO()

@@ -3,17 +3,24 @@ next-larger dictionary, MMCS against L0 per kind, one bar per method, K-SVD unde
 
 from __future__ import annotations
 
+from typing import Mapping, Sequence
+
 import matplotlib.pyplot as plt
 import matplotlib.ticker as mticker
 import numpy as np
+import pandas as pd
 import seaborn as sns
+
+from ..arguments import checked
+
 
 
 def _alpha_label(a: float) -> str:
     return f"{a:.3g}"
 
 
-def plot_sweep_heatmap(grid, title: str, cbar_label: str, fmt: str = ".2f", cmap: str = "viridis",
+@checked
+def plot_sweep_heatmap(grid: pd.DataFrame, title: str, cbar_label: str, fmt: str = ".2f", cmap: str = "viridis",
                        vmin: float | None = None, vmax: float | None = None) -> "plt.Figure":
     """A size × α matrix (a DataFrame: index = per_true, the dictionary's features per true feature; columns = L1
     coefficient) as an annotated heatmap, largest dictionary on top."""
@@ -28,7 +35,8 @@ def plot_sweep_heatmap(grid, title: str, cbar_label: str, fmt: str = ".2f", cmap
     return fig
 
 
-def plot_mmcs_vs_larger(table, chance: float | None = None) -> "plt.Figure":
+@checked
+def plot_mmcs_vs_larger(table: pd.DataFrame, chance: float | None = None) -> "plt.Figure":
     """MMCS of each dictionary against the next-larger one (no ground truth used) next to its MMCS against the
     truth, one line per size, over α. `table` has columns per_true, l1_coef, mmcs, mmcs_vs_larger."""
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -53,7 +61,9 @@ def plot_mmcs_vs_larger(table, chance: float | None = None) -> "plt.Figure":
     return fig
 
 
-def plot_method_bars(names, values, chance: float | None = None, title: str = "", l0s=None) -> "plt.Figure":
+@checked
+def plot_method_bars(names: Sequence[str], values: Sequence[float], chance: float | None = None, title: str = "",
+                     l0s: Sequence[float] | None = None) -> "plt.Figure":
     """One bar per method (MMCS against the truth), value written on each bar; l0s (optional, one per bar, None
     where a method has no L0) adds each method's mean active features per sample under its value."""
     fig, ax = plt.subplots(figsize=(1.2 + 1.05 * len(names), 4))
@@ -76,7 +86,8 @@ def plot_method_bars(names, values, chance: float | None = None, title: str = ""
 KIND_COLOURS = {"relu": "C0", "topk": "C1", "batchtopk": "C2", "jumprelu": "C3"}
 
 
-def plot_mmcs_vs_l0(tables, chance: float | None = None, true_l0: float | None = None) -> "plt.Figure":
+@checked
+def plot_mmcs_vs_l0(tables: Mapping[str, pd.DataFrame], chance: float | None = None, true_l0: float | None = None) -> "plt.Figure":
     """The toy version of the frontier: MMCS with the truth against held-out L0 for every SAE of every kind's grid
     (faint points), each kind's best (dictionary size, lr) joined by a line over its sparsity setting, the best
     cell circled. `tables`: {kind: ToySweepResult.table} (columns per_true, lr, l0, mmcs)."""
@@ -105,7 +116,8 @@ def plot_mmcs_vs_l0(tables, chance: float | None = None, true_l0: float | None =
     return fig
 
 
-def plot_ksvd_wrong_k(trajectories, sae_mmcs=None, active: int | None = None) -> "plt.Figure":
+@checked
+def plot_ksvd_wrong_k(trajectories: pd.DataFrame, sae_mmcs: Sequence[float] | None = None, active: int | None = None) -> "plt.Figure":
     """Left: K-SVD's MMCS with the truth per round (epoch), one line per run, coloured by the k it was told;
     right: the final MMCS per k (one dot per seed, bar = median) with the SAE's on the same data.
     trajectories: columns k, seed, round, mmcs (studies.nb01_ksvd.ksvd_wrong_k)."""

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+
+from ..arguments import checked
+
 
 
 def _quantile_band(ax, x, sim, colour, label):
@@ -17,7 +22,8 @@ def _quantile_band(ax, x, sim, colour, label):
     ax.plot(x, q50, color=colour, lw=2, label=label)
 
 
-def plot_self_similarity(traj, high: float = 0.9, low: float = 0.6, max_traces: int = 12) -> "plt.Figure":
+@checked
+def plot_self_similarity(traj: Any, high: float = 0.9, low: float = 0.6, max_traces: int = 12) -> "plt.Figure":
     """Part (a): one SAE across its training snapshots (studies.nb05_tracking.TrainingTrajectory). Left: cosine of each
     feature with itself at the previous snapshot, middle: with its final direction (median and 10-90 % band over
     the features alive at the end; thin lines: features that reached `high` and later fell below `low`), right:
@@ -58,7 +64,8 @@ def plot_self_similarity(traj, high: float = 0.9, low: float = 0.6, max_traces: 
     return fig
 
 
-def plot_emergence(em, labels, thresholds=(0.9, 0.7)) -> "plt.Figure":
+@checked
+def plot_emergence(em: Any, labels: Sequence[str], thresholds: Sequence[float] = (0.9, 0.7)) -> "plt.Figure":
     """Part (b): left, the share of the final model's live SAE features that already have a 1:1 match >= threshold
     in the SAE of each model checkpoint (and the share of each checkpoint's features matched in the next one);
     right, the distribution of each final feature's match per checkpoint."""
@@ -88,7 +95,8 @@ def plot_emergence(em, labels, thresholds=(0.9, 0.7)) -> "plt.Figure":
     return fig
 
 
-def plot_feature_trajectories(em, labels, features, examples, threshold: float = 0.9) -> "plt.Figure":
+@checked
+def plot_feature_trajectories(em: Any, labels: Sequence[str], features: Sequence[int], examples: Any, threshold: float = 0.9) -> "plt.Figure":
     """Top: cosine of a few final-model features with their 1:1 partner at each model checkpoint. Below: a table,
     one column per tracked feature, one row per checkpoint, with the partner's top-activating tokens there
     (the activating token in brackets, after the tokens before it)."""

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
+from ...arguments import checked
 from ...activations.store import ActivationStore
 from ...files import load_json, load_tensors
 from ...paths import resolve
@@ -39,6 +40,7 @@ from ..base import EnsembleSAE, broadcast
 from ..factory import make_sae
 from ..saelens_io import save_sweep
 from .loop import train_sae
+from .sources import Batches
 from .settings import TrainSettings
 
 HISTORY_FILE = "history.csv"
@@ -83,7 +85,8 @@ def _all_gather_text(text: str, device: torch.device, world: int) -> list[str]:
     return [bytes(p[:n].cpu().tolist()).decode("utf-8") for p, n in zip(parts, counts)]
 
 
-def train_distributed(kind: str, d_in: int, batches: Any, hparams: Mapping[str, Any],
+@checked
+def train_distributed(kind: str, d_in: int, batches: Batches, hparams: Mapping[str, Any],
                       settings: TrainSettings | None = None, *, d_sae: int | None = None,
                       ratio: float | None = None, out: str | os.PathLike | None = None,
                       device: str | torch.device | None = None, tied: bool = False, pre_bias: bool = True,

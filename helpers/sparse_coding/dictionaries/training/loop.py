@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ...arguments import checked
 from ...checks import check_bool
 from ...files import folder_lock
 from ..base import DEFAULT_DEAD_WINDOW, EnsembleSAE, SAEOutput
@@ -77,6 +78,7 @@ def _log_row(sae: EnsembleSAE, x: torch.Tensor, out: SAEOutput, run: dict[str, A
     return {k: v.detach().float().cpu().tolist() for k, v in row.items()}  # the one host sync per log
 
 
+@checked
 def train_sae(sae: EnsembleSAE, batches: Batches, settings: TrainSettings | None = None, *, progress: bool = True,
               callback: Callable[[int, EnsembleSAE], None] | None = None,
               optimizer: torch.optim.Optimizer | None = None, state_dir: str | Path | None = None,

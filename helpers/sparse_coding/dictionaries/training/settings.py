@@ -13,9 +13,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ...arguments import checked
 from ...checks import check_choice, check_int, check_number, check_positive, check_seed
 
 
+@checked
 @dataclass(frozen=True)
 class TrainSettings:
     """How `train_sae` trains. Units: steps are optimizer steps, windows and batch sizes are tokens (rows).

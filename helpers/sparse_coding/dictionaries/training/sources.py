@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from ...arguments import checked
 from ...activations.store import ActivationStore, row_order
 from ...checks import check_int
 
@@ -110,6 +111,7 @@ class BatchSource:
                 self(s)
 
 
+@checked
 def default_input_scale(batches: Batches, seed: int = 0) -> float:
     """The one input-scale estimate every trainer uses for input_scale="auto" (train_sae, sweeps, distributed
     runs): `estimate_input_scale` over 16 batches of 4096 rows drawn with the run's seed (E‖s·x‖² = d_in; Conerly
@@ -117,6 +119,7 @@ def default_input_scale(batches: Batches, seed: int = 0) -> float:
     return estimate_input_scale(batches, n_batches=16, batch_size=DEFAULT_BATCH_SIZE, seed=seed)
 
 
+@checked
 @torch.no_grad()
 def estimate_input_scale(batches: Batches, n_batches: int = 16, batch_size: int | None = None, seed: int = 0
                          ) -> float:

@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from safetensors import safe_open
 
+from ...arguments import checked
 from ...files import canonical, load_tensors, save_json, save_tensors
 from ...paths import resolve
 from ..base import EnsembleSAE, fold_input_scale
@@ -50,6 +51,7 @@ def snapshot_path(folder: str | os.PathLike, step: int) -> Path:
     return resolve(folder) / SNAPSHOT_DIR / f"step-{int(step):08d}.safetensors"
 
 
+@checked
 def snapshot_steps(folder: str | os.PathLike) -> list[int]:
     """Steps with a weight snapshot, ascending."""
     d = resolve(folder) / SNAPSHOT_DIR
@@ -78,6 +80,7 @@ def load_state(folder: str | os.PathLike, device: str | torch.device = "cpu"
         raise ValueError(f"{path} could not be read ({e}); delete it to start over, or pass resume=False") from e
 
 
+@checked
 def load_snapshot(folder: str | os.PathLike, step: int, fold: bool = False,
                   device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The ensemble's weights at `step` ({W_enc, b_enc, W_dec, b_dec, tokens_since_fired}, member axis first).
@@ -89,6 +92,7 @@ def load_snapshot(folder: str | os.PathLike, step: int, fold: bool = False,
     return fold_input_scale(t, float(meta.get("input_scale", 1.0))) if fold else t
 
 
+@checked
 def load_decoder_trajectory(folder: str | os.PathLike, member: int = 0) -> tuple[list[int], torch.Tensor]:
     """(steps, W_dec [T, d_sae, d_in]) of one member across every snapshot: the input of analyses.track_training."""
     steps = snapshot_steps(folder)
