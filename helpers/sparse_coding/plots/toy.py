@@ -63,7 +63,7 @@ def plot_mmcs_vs_larger(table: pd.DataFrame, chance: float | None = None) -> "pl
 
 @checked
 def plot_method_bars(names: Sequence[str], values: Sequence[float], chance: float | None = None, title: str = "",
-                     l0s: Sequence[float] | None = None) -> "plt.Figure":
+                     l0s: Sequence[float | None] | None = None) -> "plt.Figure":
     """One bar per method (MMCS against the truth), value written on each bar; l0s (optional, one per bar, None
     where a method has no L0) adds each method's mean active features per sample under its value."""
     fig, ax = plt.subplots(figsize=(1.2 + 1.05 * len(names), 4))
