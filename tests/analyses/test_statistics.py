@@ -23,3 +23,13 @@ def test_binned_median():
     assert np.allclose(bx, [2, 7]) and np.allclose(by, [4, 14])
     with pytest.raises(ValueError, match="same length"):
         ST.binned_median(x, x[:3])
+
+
+def test_spearman_known_values():
+    assert ST.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert ST.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties get average ranks: ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4) -> r = 0.9487
+    assert ST.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
+    assert np.isnan(ST.spearman([1, 1, 1], [1, 2, 3]))  # a constant sample has no ranking
+    with pytest.raises(ValueError, match="same length"):
+        ST.spearman([1, 2, 3], [1, 2])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparse_coding import dictionaries as sweep
-from sparse_coding.activations import ToyConfig, ToyData
+from sparse_coding.activations import ToyConfig, ToyData, write_store
 from sparse_coding.dictionaries.training import snapshot_steps
 
 
@@ -67,3 +67,19 @@ def test_snapshots_are_kept_beside_the_sweep(store, tmp_path):
     run = sweep.train_lm_sweep(s, "topk", 1, {"k": 2}, data_dir=tmp_path, n_tokens=256 * 9, batch_size=256,
                                progress=False, snapshots=True)
     assert snapshot_steps(sweep.state_dir(run.folder)) == [0, 1, 2, 4, 8, 9]  # steps completed, the last one included
+
+
+def test_reference_dictionary_is_another_seed_of_the_same_size(store, tmp_path):
+    s = write_store(tmp_path / "acts", store[0].all(), model="offline", revision="final", hook="blocks.0.hook_resid_post")
+    kw = dict(n_tokens=4096, batch_size=256, progress=False)
+    runs = {(ratio, seed): sweep.train_lm_sweep(s, "topk", ratio, {"k": 2}, data_dir=tmp_path / "04_mcs", seed=seed,
+                                                **kw) for ratio in (2, 4) for seed in (0, 1)}
+    model, revision, hook = (s.manifest[k] for k in ("model", "revision", "hook"))
+    mine = runs[(4, 0)].folder / sweep.member_name(0)
+    assert sweep.dictionary_seed(mine) == 0
+    roots = [tmp_path / "04_mcs", tmp_path]
+    found = sweep.reference_dictionary(roots, model, revision, hook, 64, sweep.dictionary_seed(mine))
+    assert found == runs[(4, 1)].folder / sweep.member_name(0)  # same size (64), the other seed
+    assert sweep.reference_dictionary(roots, model, revision, hook, 32, 1) == runs[(2, 0)].folder / "member-000"
+    assert sweep.reference_dictionary(roots, model, revision, hook, 128, 0) is None  # no dictionary of that size
+    assert sweep.reference_dictionary([tmp_path / "elsewhere"], model, revision, hook, 64, 0) is None

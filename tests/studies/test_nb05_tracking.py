@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from sparse_coding import dictionaries
 from sparse_coding.activations import ToyConfig, ToyData, write_store
 from sparse_coding.analyses import tracking
 from sparse_coding.studies import nb05_examples as FX
@@ -20,12 +21,12 @@ def toy_x():
 
 
 def test_tracking_schedule_is_log_plus_even():
-    assert FT.tracking_schedule(64, 4) == [0, 1, 2, 4, 8, 16, 32, 48, 64]
-    assert FT.tracking_schedule(10, 0) == [0, 1, 2, 4, 8, 10]
+    assert dictionaries.tracking_schedule(64, 4) == [0, 1, 2, 4, 8, 16, 32, 48, 64]
+    assert dictionaries.tracking_schedule(10, 0) == [0, 1, 2, 4, 8, 10]
     with pytest.raises(ValueError, match="steps"):
-        FT.tracking_schedule(0)
+        dictionaries.tracking_schedule(0)
     with pytest.raises(ValueError, match="n_even"):
-        FT.tracking_schedule(10, -1)
+        dictionaries.tracking_schedule(10, -1)
 
 
 def test_check_revisions_and_steps():
@@ -54,9 +55,9 @@ def test_snapshots_reload_exactly_and_identical_revisions_match(tmp_path, toy_x)
     tokens = torch.arange(len(toy_x)) % 100
     s_old = write_store(tmp_path / "a", toy_x, tokens, revision="step0", ctx_len=16)
     s_new = write_store(tmp_path / "b", toy_x, tokens, revision="final", ctx_len=16)
-    kw = dict(data_dir=tmp_path, n_tokens=4096 * 2, batch_size=256, lr=3e-3, progress=False)
-    run_old = FT.train_revision_sae(s_old, "topk", 2, {"k": 2}, **kw)
-    run_new = FT.train_revision_sae(s_new, "topk", 2, {"k": 2}, snapshots=True, n_even=4, **kw)
+    kw = dict(data_dir=tmp_path / FT.TRACKING_SUBDIR, n_tokens=4096 * 2, batch_size=256, lr=3e-3, progress=False)
+    run_old = dictionaries.train_revision_sae(s_old, "topk", 2, {"k": 2}, **kw)
+    run_new = dictionaries.train_revision_sae(s_new, "topk", 2, {"k": 2}, snapshots=True, n_even=4, **kw)
     assert run_new.folder.parent.parent.parent.parent.parent.name == FT.TRACKING_SUBDIR
     # The last snapshot is the saved SAE, with the sweep's input scale folded in the same way.
     last = FT.snapshot_sae(run_new, 32)
@@ -65,7 +66,7 @@ def test_snapshots_reload_exactly_and_identical_revisions_match(tmp_path, toy_x)
     rows = FT.eval_rows([s_old, s_new], 2048)
     xs = [s_old.rows(rows), s_new.rows(rows)]
     traj = FT.training_trajectory(run_new, xs[1])
-    assert traj.steps == FT.tracking_schedule(32, 4)
+    assert traj.steps == dictionaries.tracking_schedule(32, 4)
     assert torch.allclose(traj.track.self_sim.to_final[-1][traj.alive[-1]].float(), torch.ones(int(traj.alive[-1].sum())))
     summ = traj.summary()
     assert 0 <= summ["share_reached_0.9_then_below_0.6"] <= 1 and summ["n_alive_final"] > 0
@@ -99,7 +100,7 @@ def test_eval_rows_refuses_different_tokens(tmp_path, toy_x):
 def test_single_sae_per_revision(tmp_path, toy_x):
     s = write_store(tmp_path / "a", toy_x[:512], torch.zeros(512, dtype=torch.long), ctx_len=16)
     with pytest.raises(ValueError, match="one SAE per revision"):
-        FT.train_revision_sae(s, "topk", 2, {"k": [2, 4]}, data_dir=tmp_path, n_tokens=512, batch_size=256)
+        dictionaries.train_revision_sae(s, "topk", 2, {"k": [2, 4]}, data_dir=tmp_path, n_tokens=512, batch_size=256)
 
 
 def test_pick_tracked_spreads_over_emergence_steps():

@@ -2,6 +2,8 @@
 
     harvest(model, tokens, hooks, n_tokens, out_root, model_name, revision, ...) -> {hook: folder}
     ensure_activations(model, "offline", "final", hook, n_tokens, data_dir=...) -> ActivationStore
+    revision_store("offline", "step0", hook, n_tokens, data_dir=...) -> ActivationStore (loads the model if needed)
+    model_and_store("offline", "final", hook, n_tokens, data_dir=...) -> (model, ActivationStore)
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..arguments import checked
 from .. import lm
+from ..arguments import checked
 from ..corpus import contexts
 from ..checks import check_bool
 from ..files import folder_lock, load_json, save_json
@@ -267,3 +269,34 @@ def ensure_activations(tl: torch.nn.Module, model: str, revision: str, hook: str
     harvest(tl, ctxs, [hook], None, resolve(data_dir) / "activations", model, revision, settings=cfg,
             progress=progress, model_id=current)
     return ActivationStore(folder)
+
+
+@checked
+def revision_store(model: str, revision: str, hook: str, n_tokens: int, *, data_dir: str | os.PathLike = "data",
+                   device: str | torch.device = "cpu", settings: HarvestSettings | None = None, progress: bool = True,
+                   **fields: Any) -> ActivationStore:
+    """The store of (model, revision, hook) with at least n_tokens rows, the model loaded (and the hook harvested,
+    as `ensure_activations` does) only when it is missing or short, so a rerun touches no model at all. settings
+    and fields as in `harvest` (e.g. exclude=: pass the final revision's `store.exclusion` for the others, so that
+    every revision leaves out the same positions; a random-init revision has no massive activations to detect).
+    Raises ValueError for a hook the model does not fire."""
+    folder = hook_folder(resolve(data_dir) / "activations", model, revision, hook)
+    if (folder / MANIFEST).exists():
+        store = ActivationStore(folder)
+        if store.manifest.get("complete") and store.n_rows >= n_tokens:
+            return store
+    return model_and_store(model, revision, hook, n_tokens, data_dir=data_dir, device=device, settings=settings,
+                           progress=progress, **fields)[1]
+
+
+@checked
+def model_and_store(model: str, revision: str, hook: str, n_tokens: int, *, data_dir: str | os.PathLike = "data",
+                    device: str | torch.device = "cpu", settings: HarvestSettings | None = None,
+                    progress: bool = True, **fields: Any) -> tuple[torch.nn.Module, ActivationStore]:
+    """(the model at `revision`, loaded with `lm.load_model`, and its store at `hook` with at least n_tokens rows
+    from `ensure_activations`): the setup notebooks 03, 04 and 07 share. Raises ValueError for a hook the model
+    does not fire (naming the valid ones)."""
+    tl = lm.load_model(lm.model_source(model, data_dir), revision, device=device)
+    lm.check_hooks(tl, [hook])
+    return tl, ensure_activations(tl, model, revision, hook, n_tokens, data_dir=data_dir, settings=settings,
+                                  progress=progress, **fields)

@@ -7,17 +7,17 @@ from .directions import ica_encoder, neuron_encoder, pca_encoder, random_encoder
 from .features import examples_at, load_mined, mine_dictionary, sae_encoder, save_mined
 from .interpretability import (Record, Score, Split, TokenTableExplainer, TokenTableSimulator, bootstrap_ci,
                                pooled_correlation, score_direction, split_fragments)
-from .llm import CachedExplainer, CachedSimulator, ChatClient, LLMExplainer, LLMSimulator, llm_configured
+from .llm import CachedExplainer, CachedSimulator, ChatClient, LLMExplainer, LLMSimulator, llm_configured, scorers
 from .logit_lens import logit_lens, top_tokens, unembedding
 from .mining import Example, Mined, mine
 from .matching import MatchResult, hungarian_match
 from .similarity import MCSResult, max_cosine, mcs, mmcs
 from .null import NullBaseline, null_mcs_cdf, null_mcs_mean, null_mcs_quantile, random_null
-from .reconstruction import DENSE_THRESHOLD, density_histogram, log10_density, sparsity_stats
+from .reconstruction import DENSE_THRESHOLD, density_histogram, log10_density, mean_l0, sparsity_stats
 from .recovery import (dead_features, expected_random_mmcs, mmcs_from_learned, mmcs_to_truth, mmcs_vs_larger,
                        recovery_report, share_recovered)
 from .splicing import spliced_loss
-from .statistics import BIMODAL_SARLE, binned_median, sarle_bimodality
+from .statistics import BIMODAL_SARLE, binned_median, sarle_bimodality, spearman
 from .sweep_table import SweepEvaluation, best_members, evaluate_lm_sweep, evaluate_sweep
 from .tracking import (BirthDeath, RevisionMatching, SelfSimilarity, TrainingTrack, birth_death,
                        match_across_revisions, reached_then_fell, self_similarity, settled_step, track_training)
@@ -34,4 +34,5 @@ __all__ = ["MatchResult", "hungarian_match", "MCSResult", "max_cosine", "mcs", "
            "load_mined", "mine_dictionary", "sae_encoder", "save_mined", "Record", "Score", "Split",
            "TokenTableExplainer", "TokenTableSimulator", "bootstrap_ci", "pooled_correlation", "score_direction",
            "split_fragments", "CachedExplainer", "CachedSimulator", "ChatClient", "LLMExplainer", "LLMSimulator",
-           "llm_configured", "logit_lens", "top_tokens", "unembedding", "Example", "Mined", "mine"]
+           "llm_configured", "logit_lens", "top_tokens", "unembedding", "Example", "Mined", "mine", "scorers",
+           "mean_l0", "spearman"]

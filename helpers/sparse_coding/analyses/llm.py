@@ -34,7 +34,8 @@ from typing import Any, Sequence
 from ..arguments import checked
 from ..files import jsonable, load_json, save_json
 from ..paths import resolve
-from .interpretability import Explainer, Record, Simulator, scale_0_10
+from .interpretability import (Explainer, Record, Simulator, TokenTableExplainer, TokenTableSimulator,
+                               scale_0_10)
 
 ENV_BASE_URL, ENV_MODEL, ENV_KEY = "SC_LLM_BASE_URL", "SC_LLM_MODEL", "SC_LLM_API_KEY"
 FALLBACK_BASE_URL, FALLBACK_KEY = "OPENAI_BASE_URL", "OPENAI_API_KEY"
@@ -316,3 +317,18 @@ class CachedSimulator(_Cache):
                              f"fragments of {[len(f) for f in frags]} tokens")
         save_json(path, {"name": self.name, "kind": self.kind, "explanation": explanation, "output": pred})
         return pred
+
+
+@checked
+def scorers(llm: str, cache_dir: str | os.PathLike) -> tuple[Any, Any]:
+    """(explainer, simulator) for interpretability scores, both caching their answers under cache_dir: an LLM's
+    (`ChatClient.from_env`) when llm="auto" and one is configured (`llm_configured`), else the offline token-table
+    pair (llm="offline" forces it). Raises ValueError for another llm."""
+    if llm not in ("auto", "offline"):
+        raise ValueError(f"llm must be 'auto' (an LLM when configured, else offline) or 'offline', got {llm!r}")
+    if llm == "auto" and llm_configured():
+        client = ChatClient.from_env()
+        explainer, simulator = LLMExplainer(client), LLMSimulator(client)
+    else:
+        explainer, simulator = TokenTableExplainer(), TokenTableSimulator()
+    return CachedExplainer(explainer, cache_dir), CachedSimulator(simulator, cache_dir)

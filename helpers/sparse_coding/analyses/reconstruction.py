@@ -205,3 +205,12 @@ def density_histogram(feature_freq: torch.Tensor, bins: int = 50, lo: float | No
     edges = np.linspace(lo, hi, bins + 1)
     counts = np.stack([np.histogram(row[m].numpy(), bins=edges)[0] for row, m in zip(logd, live)])
     return edges, counts, (~live).sum(1).numpy()
+
+
+@checked
+@torch.no_grad()
+def mean_l0(sae: Any, x: torch.Tensor, member: int = 0) -> float:
+    """Mean number of active latents (codes > 0) per row of x [rows, d_in] for one member of an SAE (L0, latents
+    per token), in eval mode."""
+    check_sae(sae)
+    return float((sae.eval().encode(x)[member] > 0).sum(1).float().mean())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..arguments import checked
@@ -41,3 +42,13 @@ def binned_median(x: np.ndarray, y: np.ndarray, bins: int = 8) -> tuple[np.ndarr
     order = np.argsort(x, kind="stable")
     parts = [p for p in np.array_split(order, min(int(bins), x.size)) if p.size]
     return np.array([np.median(x[p]) for p in parts]), np.array([np.median(y[p]) for p in parts])
+
+
+@checked
+def spearman(a: np.ndarray | torch.Tensor | Sequence[float], b: np.ndarray | torch.Tensor | Sequence[float]) -> float:
+    """Spearman's rank correlation of two equal-length samples (ties get average ranks; pandas' implementation),
+    NaN when either is constant or shorter than 2. Raises ValueError for unequal lengths."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if len(a) != len(b):
+        raise ValueError(f"a and b must have the same length, got {len(a)} and {len(b)}")
+    return float(pd.Series(a).corr(pd.Series(b), method="spearman"))

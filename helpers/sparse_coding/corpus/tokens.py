@@ -139,3 +139,17 @@ def cached_tokens(corpus: Corpus, tokenizer, cache_dir: str | os.PathLike, progr
     val = tokenize(corpus.val, tokenizer, progress=progress) if corpus.val else empty
     save_tensors(path, {"train": train, "val": val}, metadata={"corpus": corpus.name})
     return train, val
+
+
+@checked
+def token_texts(tokenizer, n_vocab: int | None = None) -> list[str]:
+    """Every token id's text, whitespace made visible (for figures and metrics). n_vocab: the model's d_vocab when
+    its unembedding has more rows than the tokenizer has tokens (Pythia pads 50277 to 50304): those ids, which a
+    logit lens or an ablation can still rank, are named `⟨id N⟩`."""
+    out = []
+    for i in range(len(tokenizer)):
+        t = tokenizer.decode([i], clean_up_tokenization_spaces=False)
+        t = t.replace("\n", "⏎").replace("\t", "⇥").replace(" ", "·")
+        out.append("".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in t) or "∅")
+    out += [f"⟨id {i}⟩" for i in range(len(out), n_vocab or 0)]
+    return out

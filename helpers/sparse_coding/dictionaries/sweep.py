@@ -17,20 +17,21 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
 
 from ..arguments import checked
 from ..activations import ActivationStore, safe_name
+from ..activations.layout import revision_name
 from ..checks import check_positive
-from ..files import canonical
+from ..files import canonical, load_json
 from ..paths import resolve
 from .base import SAE_KINDS
 from .factory import make_sae
-from .saelens_io import SWEEP_FILE, load_sweep, save_sweep, sweep_info
-from .training import TrainSettings, default_input_scale, train_sae
+from .saelens_io import SWEEP_FILE, load_sweep, member_name, save_sweep, sweep_info
+from .training import TrainSettings, default_input_scale, tracking_schedule, train_sae
 from .training.sources import DEFAULT_BATCH_SIZE
 
 HISTORY_FILE = "history.csv"
@@ -168,3 +169,51 @@ def train_lm_sweep(store: ActivationStore, kind: str, ratio: float, hparams: Map
         shutil.rmtree(state_dir(folder), ignore_errors=True)  # only there to resume an unfinished run
     return LMSweep(folder.name, kind, float(ratio), folder, load_sweep(folder, device=device), history, s, seconds,
                    False, settings_json)
+
+
+@checked
+def train_revision_sae(store: ActivationStore, kind: str, ratio: float, hparams: Mapping[str, Any], *,
+                       data_dir: str | os.PathLike = "data", n_tokens: int, batch_size: int = 4096,
+                       snapshots: bool = False, n_even: int = 16, **kwargs: Any) -> LMSweep:
+    """One SAE (kind, ratio, hparams: scalars, one member) on one revision's store, via `train_lm_sweep` (saved under
+    data_dir, reused on rerun). snapshots=True also keeps its weights at `tracking_schedule(steps, n_even)` (in
+    `state_dir(run.folder)`), for following features through training. kwargs: `train_lm_sweep`'s (seed, lr,
+    device, progress, retrain, TrainSettings fields). Raises ValueError for lists in hparams or n_tokens under one
+    batch."""
+    lists = {k: v for k, v in hparams.items() if isinstance(v, (list, tuple))}
+    if any(len(v) != 1 for v in lists.values()):
+        raise ValueError(f"hparams must give one SAE per revision (scalars, e.g. {{'k': 16}}), got lists {lists}")
+    if snapshots:
+        steps = int(n_tokens) // batch_size
+        if steps < 1:
+            raise ValueError(f"n_tokens={n_tokens} is less than one batch (batch_size={batch_size})")
+        kwargs = {**kwargs, "snapshot_steps": tracking_schedule(steps, n_even)}
+    # snapshots=True keeps only a flag in the saved settings (not an absolute path), so a moved checkout reuses it.
+    return train_lm_sweep(store, kind, ratio, dict(hparams), data_dir=data_dir, n_tokens=n_tokens,
+                          batch_size=batch_size, snapshots=snapshots, **kwargs)
+
+
+@checked
+def reference_dictionary(roots: Sequence[str | os.PathLike], model: str, revision: str, hook: str, d_sae: int,
+                         seed: int | None) -> Path | None:
+    """Member 0 of a saved dictionary of size d_sae at (model, revision, hook) trained from another seed than
+    `seed` (a sweep folder under `<root>/dictionaries/...`, the roots searched in order), or None: the reference a
+    dictionary's features are compared against to ask whether they are found again (MCS)."""
+    for root in roots:
+        base = (resolve(root) / "dictionaries" / safe_name(model) / safe_name(revision_name(model, revision)) /
+                safe_name(hook))
+        for sweep in sorted(base.glob("*-r*-s*")) if base.is_dir() else []:
+            member = sweep / member_name(0)
+            if not (member / "cfg.json").exists() or sweep.name.rsplit("-s", 1)[-1] == str(seed):
+                continue
+            if int(load_json(member / "cfg.json")["d_sae"]) == d_sae:
+                return member
+    return None
+
+
+@checked
+def dictionary_seed(folder: str | os.PathLike) -> int | None:
+    """The seed a dictionary folder of ours was trained from (None for one saved elsewhere)."""
+    ours = load_json(resolve(folder) / "cfg.json").get("sparse_coding") or {}
+    seed = (ours.get("hparams") or {}).get("seed")
+    return None if seed is None else int(seed)

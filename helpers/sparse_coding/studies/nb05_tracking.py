@@ -5,7 +5,7 @@
 * one SAE per model revision, same configuration, trained with `dictionaries.train_lm_sweep` into
   `<data_dir>/tracking/dictionaries/...` (apart from notebook 03's sweeps, so the two never collide) and reused on
   rerun; the final revision's SAE also keeps weight snapshots during training (`train_sae(state_dir=...)`), at
-  log-spaced steps plus evenly spaced ones (`tracking_schedule`), for part (a);
+  log-spaced steps plus evenly spaced ones (`dictionaries.tracking_schedule`), for part (a);
 * alive masks and firing frequencies measured by running each SAE (or snapshot) on one fixed set of evaluation rows;
   a feature is *alive* when it fires (code > 0) on at least `min_fires` of them;
 * 1:1 matching (Hungarian) of the final model's features into every earlier revision's dictionary, keeping the
@@ -21,16 +21,15 @@ import copy
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from .. import activations, analyses, dictionaries, lm
+from .. import analyses, dictionaries, lm
 from ..activations import ActivationStore
 from ..analyses import hungarian_match
-from ..dictionaries.training import load_snapshot, log_spaced_steps, snapshot_steps
+from ..dictionaries.training import load_snapshot, snapshot_steps
 from ..files import load_json
-from ..paths import resolve
 
 TRACKING_SUBDIR = "tracking"
 
@@ -82,62 +81,8 @@ def check_revisions(revisions: Sequence[str]) -> list[str]:
     return revisions
 
 
-def tracking_schedule(steps: int, n_even: int = 16) -> list[int]:
-    """SAE training steps to snapshot: log-spaced (0, 1, 2, 4, ...) for the fast early changes, plus `n_even`
-    evenly spaced ones, so that late in training "the previous snapshot" is a fixed distance back rather than
-    half the run."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if isinstance(n_even, bool) or not isinstance(n_even, int) or n_even < 0:
-        raise ValueError(f"n_even must be an int >= 0, got {n_even!r}")
-    even = {round(i * steps / n_even) for i in range(1, n_even + 1)} if n_even else set()
-    return sorted(set(log_spaced_steps(steps)) | even)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # activations and SAEs per revision
-
-
-def revision_store(model: str, revision: str, hook: str, n_tokens: int, *, data_dir: str | os.PathLike = "data",
-                   device: str = "cpu", seed: int = 0, progress: bool = True, exclude: Any = "auto") -> ActivationStore:
-    """The activation store of (model, revision, hook) with at least n_tokens rows; the model is loaded (and the
-    hook harvested) only when it is missing, so a rerun touches no model at all. exclude: as in `harvest`; pass the
-    final revision's store's `exclusion` for the others, so that every revision leaves out the same positions
-    (a random-init revision has no massive activations to detect)."""
-    folder = activations.hook_folder(resolve(data_dir) / "activations", model, revision, hook)
-    if (folder / activations.MANIFEST).exists():
-        store = ActivationStore(folder)
-        if store.manifest.get("complete") and store.n_rows >= n_tokens:
-            return store
-    tl = lm.load_model(lm.model_source(model, data_dir), revision, device=device)
-    lm.check_hooks(tl, [hook])
-    return activations.ensure_activations(tl, model, revision, hook, n_tokens, data_dir=data_dir, seed=seed,
-                                          progress=progress, exclude=exclude)
-
-
-def _check_single(hparams: Mapping[str, Any]) -> None:
-    lists = {k: v for k, v in hparams.items() if isinstance(v, (list, tuple))}
-    if any(len(v) != 1 for v in lists.values()):
-        raise ValueError(f"hparams must give one SAE per revision (scalars, e.g. {{'k': 16}}), got lists {lists}")
-
-
-def train_revision_sae(store: ActivationStore, kind: str, ratio: float, hparams: Mapping[str, Any], *,
-                       data_dir: str | os.PathLike = "data", seed: int = 0, n_tokens: int, batch_size: int = 4096,
-                       lr: float = 1e-3, device: str = "cpu", snapshots: bool = False, n_even: int = 16,
-                       progress: bool = True, **train_kwargs: Any):
-    """One SAE (kind, ratio, hparams) on one revision's store via dictionaries.train_lm_sweep, saved under
-    `<data_dir>/tracking/` and reused on rerun. snapshots=True also keeps weight snapshots during training at
-    `tracking_schedule(steps, n_even)` (in `dictionaries.state_dir(run.folder)`)."""
-    _check_single(hparams)
-    if snapshots:
-        steps = int(n_tokens) // batch_size
-        if steps < 1:
-            raise ValueError(f"n_tokens={n_tokens} is less than one batch (batch_size={batch_size})")
-        train_kwargs = {**train_kwargs, "snapshot_steps": tracking_schedule(steps, n_even)}
-    # snapshots=True keeps only a flag in the saved settings (not an absolute path), so a moved checkout reuses it.
-    return dictionaries.train_lm_sweep(store, kind, ratio, dict(hparams), data_dir=resolve(data_dir) / TRACKING_SUBDIR,
-                                       seed=seed, n_tokens=n_tokens, batch_size=batch_size, lr=lr, device=device,
-                                       progress=progress, snapshots=snapshots, **train_kwargs)
 
 
 def eval_rows(stores: Sequence[ActivationStore], n_rows: int) -> torch.Tensor:
@@ -226,7 +171,7 @@ def training_trajectory(run, x_eval: torch.Tensor, member: int = 0, min_fires: i
     steps = snapshot_steps(folder)
     if len(steps) < 2:
         raise ValueError(f"{folder} holds {len(steps)} training snapshots; train the final revision's SAE with "
-                         f"train_revision_sae(..., snapshots=True)")
+                         f"dictionaries.train_revision_sae(..., snapshots=True)")
     W, fires = [], []
     for s in steps:
         sae = snapshot_sae(run, s)

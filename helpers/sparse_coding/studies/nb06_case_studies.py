@@ -44,42 +44,6 @@ def dictionary_metadata(folder: str | os.PathLike) -> dict:
     return load_json(cfg).get("metadata", {})
 
 
-def reference_dictionary(data_dir: str | os.PathLike, model: str, revision: str, hook: str, d_sae: int,
-                         seed: int) -> Path | None:
-    """Member 0 of a dictionary of the same size at the same hook trained from another seed than `seed` (notebook
-    04's ladder first, then any sweep saved under data_dir), or None."""
-    for root in (resolve(data_dir) / "04_mcs", resolve(data_dir)):
-        base = (root / "dictionaries" / safe_name(model) / safe_name(revision_name(model, revision)) /
-                safe_name(hook))
-        for sweep in sorted(base.glob("*-r*-s*")) if base.is_dir() else []:
-            member = sweep / dictionaries.member_name(0)
-            if not (member / "cfg.json").exists() or sweep.name.rsplit("-s", 1)[-1] == str(seed):
-                continue
-            if int(load_json(member / "cfg.json")["d_sae"]) == d_sae:
-                return member
-    return None
-
-
-def dictionary_seed(folder: str | os.PathLike) -> int | None:
-    """The seed a dictionary folder of ours was trained from (None for one saved elsewhere)."""
-    ours = load_json(resolve(folder) / "cfg.json").get("sparse_coding") or {}
-    seed = (ours.get("hparams") or {}).get("seed")
-    return None if seed is None else int(seed)
-
-
-def token_texts(tokenizer, n_vocab: int | None = None) -> list[str]:
-    """Every token id's text, whitespace made visible (for figures and metrics). n_vocab: the model's d_vocab when
-    its unembedding has more rows than the tokenizer has tokens (Pythia pads 50277 to 50304): those ids, which a
-    logit lens or an ablation can still rank, are named `⟨id N⟩`."""
-    out = []
-    for i in range(len(tokenizer)):
-        t = tokenizer.decode([i], clean_up_tokenization_spaces=False)
-        t = t.replace("\n", "⏎").replace("\t", "⇥").replace(" ", "·")
-        out.append("".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in t) or "∅")
-    out += [f"⟨id {i}⟩" for i in range(len(out), n_vocab or 0)]
-    return out
-
-
 def _next_tokens(mined: Mined, feature: int) -> list[int]:
     T = mined.tokens.shape[1]
     return [int(mined.tokens[e.context, e.position + 1]) for e in mined.top_examples(feature) if e.position + 1 < T]

@@ -23,6 +23,8 @@ from ..analyses import directions as D
 from ..analyses.features import sae_encoder
 from ..analyses.interpretability import Record, bootstrap_ci, score_direction, split_fragments
 from ..analyses.mining import Mined, mine
+from ..analyses.similarity import mcs
+from ..analyses.statistics import spearman
 from ..files import load_json
 from ..paths import resolve
 
@@ -147,3 +149,29 @@ def summarize(table: pd.DataFrame, skipped: int, seed: int = 0) -> dict[str, flo
 def ordering(scores: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, list[str]]:
     """Per layer, the methods sorted by mean score, best first."""
     return {layer: sorted(ms, key=lambda m: -np.nan_to_num(ms[m]["score_mean"], nan=-9)) for layer, ms in scores.items()}
+
+
+def score_methods(mined: Mapping[str, Mined], texts: Sequence[str], explainer, simulator, *, n_directions: int,
+                  seed: int = 0) -> tuple[dict, dict, dict]:
+    """Every mined method ("layer/method" keys) scored: (scores {layer: {method: summarize(...)}}, tables {key: one
+    row per scored direction}, shuffled {key: mean score when each direction is simulated from another direction's
+    explanation: the control}). With the offline explainer, or an LLM's through `analyses.scorers`."""
+    scores, tables, shuffled = {}, {}, {}
+    for key, m in mined.items():
+        layer, method = key.split("/")
+        tables[key], skipped = score_method(m, texts, explainer, simulator, n_directions=n_directions, seed=seed)
+        scores.setdefault(layer, {})[method] = summarize(tables[key], skipped, seed)
+        sh, _ = score_method(m, texts, explainer, simulator, n_directions=n_directions, seed=seed, shuffled=True)
+        shuffled[key] = float(sh["top_and_random"].mean()) if len(sh) else float("nan")
+    return scores, tables, shuffled
+
+
+def score_vs_mcs(sae: Any, reference: str | os.PathLike | None, table: pd.DataFrame) -> tuple[np.ndarray, float]:
+    """(each scored direction's MCS against the reference dictionary [rows of table], Spearman's rho between score
+    and MCS), NaN without a reference or scored directions."""
+    if reference is None or not len(table):
+        return np.full(len(table), np.nan), float("nan")
+    res = mcs(sae.W_dec.detach()[0], dictionaries.load_sae(reference).W_dec.detach()[0])
+    feature_mcs = res.a_to_b[table["direction"].values].numpy()
+    return feature_mcs, spearman(table["top_and_random"].values, feature_mcs)
+

@@ -4,7 +4,7 @@ multi-process runner."""
 from .loop import train_sae
 from .optim import SAEAdam, adam, param_state
 from .resample import member_generators, resample_dead_
-from .schedules import Schedules, coef_factor, log_spaced_steps, lr_factor, sparsity_key
+from .schedules import Schedules, coef_factor, log_spaced_steps, lr_factor, sparsity_key, tracking_schedule
 from .settings import TrainSettings
 from .sources import BatchSource, default_input_scale, estimate_input_scale
 from .state import (TrainingDiverged, TrainingState, load_decoder_trajectory, load_snapshot, load_state,
@@ -13,4 +13,4 @@ from .state import (TrainingDiverged, TrainingState, load_decoder_trajectory, lo
 __all__ = ["train_sae", "TrainSettings", "default_input_scale", "member_generators", "resample_dead_", "Schedules", "coef_factor", "log_spaced_steps",
            "lr_factor", "sparsity_key", "BatchSource", "estimate_input_scale", "TrainingDiverged", "TrainingState",
            "adam", "SAEAdam", "param_state", "load_decoder_trajectory", "load_snapshot", "load_state", "snapshot_path",
-           "snapshot_steps"]
+           "snapshot_steps", "tracking_schedule"]

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ...arguments import checked
 from ..base import EnsembleSAE
 
 
@@ -52,6 +53,19 @@ def log_spaced_steps(steps: int) -> list[int]:
         out.append(s)
         s *= 2
     return out + [steps]
+
+
+@checked
+def tracking_schedule(steps: int, n_even: int = 16) -> list[int]:
+    """Training steps to snapshot for following features through training: log-spaced (0, 1, 2, 4, ...) for the
+    fast early changes, plus `n_even` evenly spaced ones, so that late in training "the previous snapshot" is a
+    fixed distance back rather than half the run. Raises ValueError for steps < 1 or n_even < 0."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if isinstance(n_even, bool) or not isinstance(n_even, int) or n_even < 0:
+        raise ValueError(f"n_even must be an int >= 0, got {n_even!r}")
+    even = {round(i * steps / n_even) for i in range(1, n_even + 1)} if n_even else set()
+    return sorted(set(log_spaced_steps(steps)) | even)
 
 
 class Schedules:

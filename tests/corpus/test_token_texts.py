@@ -1,6 +1,6 @@
-"""Notebook 06's glue: token texts cover every row of the unembedding."""
+"""corpus.token_texts: a text for every row of the unembedding."""
 
-from sparse_coding.studies.nb06_case_studies import token_texts
+from sparse_coding.corpus import token_texts
 
 
 class _Tokenizer:
