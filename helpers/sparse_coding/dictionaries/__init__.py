@@ -8,7 +8,7 @@ from .kinds import BatchTopKSAE, JumpReLUSAE, ReLUBiasDecaySAE, ReLUSAE, TopKSAE
 from .metrics import FVU
 from .saelens_io import load_sae, load_sweep, member_name, save_sae, save_sweep, sweep_info
 from .sweep import (LMSweep, input_scale, state_dir, store_metadata, sweep_dir, sweep_name, train_lm_sweep,
-                    train_revision_sae, reference_dictionary, dictionary_seed)
+                    train_revision_sae, reference_dictionary, dictionary_seed, sweep_settings)
 from .training import TrainingDiverged, TrainSettings, default_input_scale, estimate_input_scale, train_sae
 from .training.distributed import train_distributed
 from .training.schedules import tracking_schedule
@@ -21,4 +21,4 @@ __all__ = ["DEFAULT_DEAD_WINDOW", "SAE_KINDS", "EnsembleSAE", "SAEOutput", "fold
            "train_sae", "TrainSettings", "default_input_scale", "ica_dictionary", "ksvd_dictionary",
            "online_dictionary", "pca_dictionary", "train_distributed", "load_decoder_trajectory", "load_snapshot",
            "snapshot_steps", "train_revision_sae", "tracking_schedule",
-           "reference_dictionary", "dictionary_seed"]
+           "reference_dictionary", "dictionary_seed", "sweep_settings"]

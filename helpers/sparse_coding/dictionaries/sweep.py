@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -217,3 +217,11 @@ def dictionary_seed(folder: str | os.PathLike) -> int | None:
     ours = load_json(resolve(folder) / "cfg.json").get("sparse_coding") or {}
     seed = (ours.get("hparams") or {}).get("seed")
     return None if seed is None else int(seed)
+
+
+@checked
+def sweep_settings(runs: Iterable[LMSweep]) -> dict[str, dict]:
+    """{sweep name: its settings whole} (`LMSweep.settings`, what sweep.json records and a rerun compares: kind,
+    ratio, hparams, seed, n_tokens, the TrainSettings fields, the store): what a notebook records about the sweeps
+    it trained, passed on rather than copied by hand."""
+    return {run.name: dict(run.settings) for run in runs}
