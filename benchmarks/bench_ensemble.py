@@ -48,7 +48,7 @@ def run(d: int, n: int, batch: int, members: list[int], steps: int, data_seed: i
         ) -> float:
     """Seconds for one whole run: sampler, SAE, `steps` training steps on fresh toy batches."""
     t0 = time.perf_counter()
-    data = ToyData(ToyConfig(d=d, n_features=n, k=5, seed=0))
+    data = ToyData(ToyConfig(d=d, n_features=n, mean_active=5, seed=0))
     g = data.generator(data_seed)
     sae = make_sae("relu", d_in=d, d_sae=n, l1_coef=[10 ** (-3 + 2 * i / E) for i in members], seed=members)
     if autograd:

@@ -46,7 +46,7 @@ RULES: dict[str, tuple] = {
                      "n_layers", "n_ref", "n_rows", "n_samples", "n_threads", "n_tokens", "rows_per_read", "smooth",
                      "state_every", "steps", "val_bytes", "vocab_size", "dense_limit", "resample_every",
                      "dead_window", "corr_rank", "last", "last_step"), _COUNT),
-    **dict.fromkeys(("seed", "member", "i", "layer", "step", "epoch", "warmup_steps", "coef_warmup_steps", "eos_id",
+    **dict.fromkeys(("seed", "member", "i", "layer", "step", "epoch", "warmup_steps", "coef_warmup_steps", "eos_id", "latent",
                      "expect_bytes", "expect_rows"), _INDEX),
     **dict.fromkeys(("lr", "ratio", "input_scale", "norm_ratio", "grad_clip", "tol", "k", "l0_budget"), _POSITIVE),
     **dict.fromkeys(("seconds", "weight_decay", "noise", "eps"), (0, None, False, False)),

@@ -6,11 +6,11 @@ from sparse_coding.activations import ToyConfig, ToyData, firing_probabilities
 
 def test_defaults_are_sharkey_setting():
     cfg = ToyConfig()
-    assert (cfg.d, cfg.n_features, cfg.k, cfg.decay, cfg.correlated, cfg.noise) == (256, 512, 5.0, 0.99, True, 0.0)
+    assert (cfg.d, cfg.n_features, cfg.mean_active, cfg.decay, cfg.correlated, cfg.noise) == (256, 512, 5.0, 0.99, True, 0.0)
 
 
 def test_shapes_and_codes_reconstruct_x():
-    data = ToyData(ToyConfig(d=32, n_features=64, k=3.0))
+    data = ToyData(ToyConfig(d=32, n_features=64, mean_active=3.0))
     x, codes = data.sample(100)
     assert x.shape == (100, 32) and codes.shape == (100, 64)
     assert x.dtype == torch.float32 and codes.dtype == torch.float32
@@ -20,13 +20,13 @@ def test_shapes_and_codes_reconstruct_x():
 
 
 def test_features_are_unit_norm():
-    data = ToyData(ToyConfig(d=20, n_features=50, k=2.0))
+    data = ToyData(ToyConfig(d=20, n_features=50, mean_active=2.0))
     torch.testing.assert_close(data.features.norm(dim=1), torch.ones(50))
 
 
 @pytest.mark.parametrize("correlated", [False, True])
 def test_mean_active_count_is_k(correlated):
-    data = ToyData(ToyConfig(d=32, n_features=128, k=5.0, decay=0.98, correlated=correlated))
+    data = ToyData(ToyConfig(d=32, n_features=128, mean_active=5.0, decay=0.98, correlated=correlated))
     _, codes = data.sample(20000, data.generator(1))
     active = (codes > 0).sum(1).float()
     # std of the mean over 20k rows is well below 0.05 here
@@ -37,7 +37,7 @@ def test_mean_active_count_is_k(correlated):
 
 
 def test_firing_frequencies_decay():
-    data = ToyData(ToyConfig(d=32, n_features=200, k=4.0, decay=0.98, correlated=False))
+    data = ToyData(ToyConfig(d=32, n_features=200, mean_active=4.0, decay=0.98, correlated=False))
     _, codes = data.sample(20000, data.generator(2))
     freq = (codes > 0).float().mean(0)
     first, last = freq[:20].mean(), freq[-20:].mean()
@@ -58,7 +58,7 @@ def test_probabilities_clip_and_keep_k():
 
 
 def test_determinism_per_seed():
-    cfg = ToyConfig(d=16, n_features=40, k=3.0)
+    cfg = ToyConfig(d=16, n_features=40, mean_active=3.0)
     a, b = ToyData(cfg), ToyData(cfg)
     torch.testing.assert_close(a.features, b.features)
     xa = list(a.batches(8, 3, seed=5))
@@ -67,13 +67,13 @@ def test_determinism_per_seed():
     assert all(torch.equal(u, v) for u, v in zip(xa, xb))
     assert not torch.equal(xa[0], xc[0])
     # a different config seed gives different ground truth
-    assert not torch.allclose(ToyData(ToyConfig(d=16, n_features=40, k=3.0, seed=1)).features, a.features)
+    assert not torch.allclose(ToyData(ToyConfig(d=16, n_features=40, mean_active=3.0, seed=1)).features, a.features)
     # explicit generators reproduce
     torch.testing.assert_close(a.sample(5, a.generator(3))[0], b.sample(5, b.generator(3))[0])
 
 
 def test_correlated_mode_correlates_firing():
-    cfg = dict(d=16, n_features=60, k=12.0, decay=1.0, corr_rank=4)
+    cfg = dict(d=16, n_features=60, mean_active=12.0, decay=1.0, corr_rank=4)
     corr_data = ToyData(ToyConfig(correlated=True, **cfg))
     _, codes = corr_data.sample(20000, corr_data.generator(0))
     fires = (codes > 0).float()
@@ -94,14 +94,14 @@ def test_correlated_mode_correlates_firing():
 
 
 def test_noise_is_added():
-    data = ToyData(ToyConfig(d=64, n_features=32, k=2.0, noise=0.1))
+    data = ToyData(ToyConfig(d=64, n_features=32, mean_active=2.0, noise=0.1))
     x, codes = data.sample(4000)
     resid = x - codes @ data.features
     assert resid.std().item() == pytest.approx(0.1, rel=0.05)
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    (dict(k=600.0), "k"), (dict(k=0.0), "k"), (dict(d=0), "d"), (dict(n_features=0), "n_features"),
+    (dict(mean_active=600.0), "mean_active"), (dict(mean_active=0.0), "mean_active"), (dict(d=0), "d"), (dict(n_features=0), "n_features"),
     (dict(decay=0.0), "decay"), (dict(decay=1.5), "decay"), (dict(noise=-0.1), "noise"), (dict(corr_rank=0), "corr_rank"), (dict(correlated=True, corr_rank=-2), "corr_rank"),
 ])
 def test_bad_config_names_parameter(kwargs, name):
@@ -110,7 +110,7 @@ def test_bad_config_names_parameter(kwargs, name):
 
 
 def test_bad_sample_arguments():
-    data = ToyData(ToyConfig(d=8, n_features=16, k=2.0))
+    data = ToyData(ToyConfig(d=8, n_features=16, mean_active=2.0))
     with pytest.raises(ValueError, match="batch_size"):
         data.sample(0)
     with pytest.raises(ValueError, match="steps"):

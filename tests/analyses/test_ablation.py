@@ -189,7 +189,7 @@ def test_rank_one_refuses_a_feature_it_cannot_turn_off():
     eye = torch.eye(4)
     set_weights(sae, -eye[:, :2], torch.ones(2), eye[:2])
     x = 0.1 * torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="feature 0 does not turn off.*use mode='zero'"):
+    with pytest.raises(ValueError, match="latent 0 does not turn off.*use mode='zero'"):
         edit_activation(sae, x, 0, mode="rank_one")
     new, rows = edit_activation(sae, x, 0, mode="zero")  # zero ablation still works: x - c·d
     torch.testing.assert_close(new[:, 0], x[:, 0] - (1 - x[:, 0]))
@@ -236,9 +236,9 @@ def test_bad_input_errors(setup, planted):
     """Out-of-range features and positions, bad modes, unknown hooks and too-long contexts raise clear errors."""
     model, tokens = setup
     sae, t, c = planted
-    with pytest.raises(ValueError, match=r"feature must be an int in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"latent must be an int in \[0, 1\]"):
         feature_ablation(model, sae, EMBED, tokens, 2)
-    with pytest.raises(ValueError, match=r"feature must be an int in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"latent must be an int in \[0, 1\]"):
         token_ablation(model, sae, EMBED, tokens[0], 3, -1)
     with pytest.raises(ValueError, match=r"position must be an int in \[0, 15\]"):
         token_ablation(model, sae, EMBED, tokens[0], 16, 0)

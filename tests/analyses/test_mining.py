@@ -372,9 +372,9 @@ def test_bad_input_errors(setup, planted):
     with pytest.raises(ValueError, match="17 tokens exceed the model's n_ctx=16"):
         mine_dictionary(model, sae, EMBED, long, progress=False)
     for bad in (3, -1, 1.0):
-        with pytest.raises(ValueError, match=r"feature must be an int in \[0, 2\]"):
+        with pytest.raises(ValueError, match=r"latent must be an int in \[0, 2\]"):
             check_feature(mined, bad)
-        with pytest.raises(ValueError, match=r"feature must be an int in \[0, 2\]"):
+        with pytest.raises(ValueError, match=r"latent must be an int in \[0, 2\]"):
             mined.top_examples(bad)
     with pytest.raises(ValueError, match=r"feature 1 never fired.*e\.g\. one of \[0, 2\]"):
         check_feature(mined, 1)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def store(make_store):
     """A store of planted sparse data, scaled x50 like a raw residual stream."""
-    data = ToyData(ToyConfig(d=16, n_features=24, k=2.0, correlated=False, seed=0))
+    data = ToyData(ToyConfig(d=16, n_features=24, mean_active=2.0, correlated=False, seed=0))
     x, _ = data.sample(8192, generator=torch.Generator().manual_seed(0))
     return make_store(50 * x), data
 

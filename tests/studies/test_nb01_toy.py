@@ -10,7 +10,7 @@ from sparse_coding.studies.nb01_toy import run_baselines, run_toy_sweep
 @pytest.fixture(scope="module")
 def easy():
     # few, equally likely, independent features in more dimensions than features: an SAE must find them all
-    return ToyData(ToyConfig(d=16, n_features=8, k=1.5, decay=1.0, correlated=False, seed=0))
+    return ToyData(ToyConfig(d=16, n_features=8, mean_active=1.5, decay=1.0, correlated=False, seed=0))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Synthetic data with known features (Sharkey et al. 2022, "Taking features out of superposition").
 
 A fixed set of `n_features` random unit directions in `d` dimensions (the ground truth). Each sample switches on
-a few of them: feature i fires with probability p_i ∝ decay**i, scaled so that on average `k` are active, with a
+a few of them: feature i fires with probability p_i ∝ decay**i, scaled so that on average `mean_active` are active, with a
 magnitude drawn uniform on [0, 1). The sample is the magnitude-weighted sum of the active directions, plus optional
 Gaussian noise. Optionally the firing is correlated: a Gaussian copula keeps every p_i exactly but couples the
 features through a random correlation matrix Σ — feature i fires when z_i < Φ⁻¹(p_i) with z ~ N(0, Σ).
@@ -36,7 +36,7 @@ class ToyConfig:
 
     d: int = 256
     n_features: int = 512
-    k: float = 5.0
+    mean_active: float = 5.0
     decay: float = 0.99
     correlated: bool = True
     noise: float = 0.0
@@ -51,9 +51,9 @@ class ToyConfig:
             raise ValueError(f"d must be an integer >= 1 (the data dimension), got {self.d!r}")
         if not isinstance(self.n_features, numbers.Integral) or self.n_features < 1:
             raise ValueError(f"n_features must be an integer >= 1, got {self.n_features!r}")
-        if not (isinstance(self.k, (int, float)) and 0 < self.k <= self.n_features):
-            raise ValueError(f"k (mean number of active features) must be in (0, n_features={self.n_features}], "
-                             f"got {self.k!r}; lower k or raise n_features")
+        if not (isinstance(self.mean_active, (int, float)) and 0 < self.mean_active <= self.n_features):
+            raise ValueError(f"mean_active (mean number of active features) must be in (0, n_features={self.n_features}], "
+                             f"got {self.mean_active!r}; lower mean_active or raise n_features")
         if not (isinstance(self.decay, (int, float)) and 0 < self.decay <= 1):
             raise ValueError(f"decay must be in (0, 1] (1 = every feature equally likely), got {self.decay!r}")
         if not (isinstance(self.noise, (int, float)) and self.noise >= 0 and math.isfinite(self.noise)):
@@ -68,21 +68,21 @@ class ToyConfig:
 
 
 @checked
-def firing_probabilities(n_features: int, k: float, decay: float) -> torch.Tensor:
-    """p_i ∝ decay**i with Σ p_i = k and every p_i ≤ 1 (float64).
+def firing_probabilities(n_features: int, mean_active: float, decay: float) -> torch.Tensor:
+    """p_i ∝ decay**i with Σ p_i = mean_active and every p_i ≤ 1 (float64).
 
-    Scaling decay**i to sum k can push the first few past 1 (e.g. k close to n_features, or a steep decay). Those
+    Scaling decay**i to sum mean_active can push the first few past 1 (e.g. mean_active close to n_features, or a steep decay). Those
     are clipped to 1 and the rest rescaled to make up the difference, repeated until nothing exceeds 1, so the
-    expected number of active features is still exactly k."""
+    expected number of active features is still exactly mean_active."""
     base = decay ** torch.arange(n_features, dtype=torch.float64)
-    p = base * (k / base.sum())
+    p = base * (mean_active / base.sum())
     for _ in range(n_features):  # each pass clips at least one more feature, so this ends
         over = p > 1
         if not over.any():
             break
         p = p.clamp(max=1.0)
         free = p < 1
-        remaining = k - (~free).sum()
+        remaining = mean_active - (~free).sum()
         p[free] = base[free] * (remaining / base[free].sum())
     return p.clamp(max=1.0)
 
@@ -101,7 +101,7 @@ class ToyData:
         g = torch.Generator().manual_seed(cfg.seed)  # ground truth drawn on CPU: identical on every device
         feats = torch.randn(cfg.n_features, cfg.d, generator=g)
         self.features = (feats / feats.norm(dim=1, keepdim=True)).to(self.device)
-        self.probabilities = firing_probabilities(cfg.n_features, cfg.k, cfg.decay).float().to(self.device)
+        self.probabilities = firing_probabilities(cfg.n_features, cfg.mean_active, cfg.decay).float().to(self.device)
         # Fire when z_i < Φ⁻¹(p_i): the same event as Φ(z_i) < p_i, without a CDF per sample. p_i = 1 gives +inf.
         self.thresholds = torch.special.ndtri(self.probabilities.double()).float()
         self._factors = None
@@ -137,7 +137,7 @@ class ToyData:
             e = torch.randn(B, self._factors.shape[0], generator=g, device=self.device)
             z = torch.randn(B, F, generator=g, device=self.device).addmm_(e, self._factors).mul_(self._scale)
             fires = z < self.thresholds
-        # Only ~k of F entries per row fire, so draw magnitudes and sum directions for those alone: a dense
+        # Only ~mean_active of F entries per row fire, so draw magnitudes and sum directions for those alone: a dense
         # [B, F] x [F, d] product would be most of the cost of a batch.
         rows, cols = fires.nonzero(as_tuple=True)
         mags = torch.rand(rows.shape[0], generator=g, device=self.device)

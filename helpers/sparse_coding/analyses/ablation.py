@@ -29,7 +29,7 @@ class AblationEffect:
     logprob_change [d_vocab]: mean over the edited positions of log p_edited(token) − log p_clean(token) for every
     output token (nats); loss_clean / loss_edited: mean next-token cross-entropy over all predictions (nats)."""
 
-    feature: int
+    latent: int
     mode: str
     logprob_change: torch.Tensor
     loss_clean: float
@@ -46,10 +46,10 @@ class AblationEffect:
         return list(zip(i.tolist(), v.tolist()))
 
 
-def _rank_one_shift(encode, x: torch.Tensor, u: torch.Tensor, feature: int, iters: int = 40) -> torch.Tensor:
-    """[P]: the smallest t >= 0 with encode(x − t·u)[feature] == 0, per row of x [P, d] (bisection after doubling;
+def _rank_one_shift(encode, x: torch.Tensor, u: torch.Tensor, latent: int, iters: int = 40) -> torch.Tensor:
+    """[P]: the smallest t >= 0 with encode(x − t·u)[latent] == 0, per row of x [P, d] (bisection after doubling;
     rows already off get 0). ValueError when no t up to 2^60 turns it off (the encoder does not read along u)."""
-    off = lambda t: encode(x - t[:, None] * u)[:, feature] <= 0  # noqa: E731
+    off = lambda t: encode(x - t[:, None] * u)[:, latent] <= 0  # noqa: E731
     lo = torch.zeros(x.shape[0], dtype=x.dtype)
     hi = torch.ones_like(lo)
     done = off(lo)
@@ -59,7 +59,7 @@ def _rank_one_shift(encode, x: torch.Tensor, u: torch.Tensor, feature: int, iter
             break
         hi = torch.where(h, hi, 2 * hi)
     if not bool((off(hi) | done).all()):
-        raise ValueError(f"feature {feature} does not turn off when x moves against its decoder direction (its "
+        raise ValueError(f"latent {latent} does not turn off when x moves against its decoder direction (its "
                          f"encoder does not read along it), so mode='rank_one' has no shift; use mode='zero'")
     for _ in range(iters):
         mid = (lo + hi) / 2
@@ -69,15 +69,15 @@ def _rank_one_shift(encode, x: torch.Tensor, u: torch.Tensor, feature: int, iter
 
 
 @checked
-def edit_activation(sae: Any, x: torch.Tensor, feature: int, mode: str = "zero", value: float | None = None,
+def edit_activation(sae: Any, x: torch.Tensor, latent: int, mode: str = "zero", value: float | None = None,
                     member: int = 0, where: str = "firing") -> tuple[torch.Tensor, torch.Tensor]:
     """(edited x [rows, d], bool [rows] of the rows edited) for one feature (see the module docstring); `where`:
     "firing" rows only, or "all" rows (clamp only: steering everywhere)."""
     check_choice(mode, "mode", ("zero", "rank_one", "clamp"))
     check_choice(where, "where", ("firing", "all"))
     encode = sae_encoder(sae, member)
-    c = encode(x)[:, feature].to(x.dtype)
-    d = sae.member_state(member)["W_dec"][feature].to(device=x.device, dtype=x.dtype)  # raw units
+    c = encode(x)[:, latent].to(x.dtype)
+    d = sae.member_state(member)["W_dec"][latent].to(device=x.device, dtype=x.dtype)  # raw units
     rows = c > 0 if where == "firing" else torch.ones_like(c, dtype=torch.bool)
     if mode == "zero":
         return x - c[:, None] * d, rows
@@ -89,21 +89,21 @@ def edit_activation(sae: Any, x: torch.Tensor, feature: int, mode: str = "zero",
     u = d / d.norm().clamp_min(1e-12)
     t = torch.zeros_like(c)
     if bool(rows.any()):
-        t[rows] = _rank_one_shift(lambda z: encode(z).to(x.dtype), x[rows], u, feature)
+        t[rows] = _rank_one_shift(lambda z: encode(z).to(x.dtype), x[rows], u, latent)
     return x - t[:, None] * u, rows
 
 
 @checked
 @torch.no_grad()
-def feature_ablation(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.Tensor, feature: int, *, mode: str = "zero",
+def feature_ablation(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.Tensor, latent: int, *, mode: str = "zero",
                      value: float | None = None, member: int = 0, where: str = "firing",
                      batch_size: int | None = None, exclude: Exclusion | None = None) -> AblationEffect:
-    """Edit `feature` at `hook` in every context of tokens [n_contexts, T] and measure the change in next-token
+    """Edit the feature of index `latent` at `hook` in every context of tokens [n_contexts, T] and measure the change in next-token
     log-probabilities at the edited positions and in the loss. A feature that never fires there changes nothing
     (exactly: the edit is not applied anywhere). exclude: positions left out of the SAE's inputs (its cfg.json's):
     never edited, and the predictions made there are left out of the loss."""
     exclude = exclude or Exclusion()
-    check_int(feature, "feature", 0, int(sae.d_sae) - 1, f" (the dictionary has {sae.d_sae} features)")
+    check_int(latent, "latent", 0, int(sae.d_sae) - 1, f" (the dictionary has {sae.d_sae} features)")
     tokens = check_tokens(model, tokens)
     batch_size = batch_size or max(1, 1024 // tokens.shape[1])  # the bridge's eager attention is [B, H, T, T]
     splicer = Splicer(model, hook, fast=False)
@@ -114,7 +114,7 @@ def feature_ablation(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.
         tb = tokens[i:i + batch_size].to(device)
         logits, act = splicer.clean(tb)
         B, T, d = act.shape
-        new, rows = edit_activation(sae, act.reshape(B * T, d), feature, mode, value, member, where)
+        new, rows = edit_activation(sae, act.reshape(B * T, d), latent, mode, value, member, where)
         keep = exclude.keep(tb, act, hook)
         new = torch.where(keep.reshape(B * T, 1), new, act.reshape(B * T, d))
         rows = rows.reshape(B, T) & keep
@@ -135,12 +135,12 @@ def feature_ablation(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.
         raise ValueError(f"exclude={exclude} leaves no prediction to score in contexts of {tokens.shape[1]} tokens")
     vocab = int(logits.shape[-1])
     change = (total / n_pos).float() if total is not None and n_pos else torch.zeros(vocab)
-    return AblationEffect(feature, mode, change.cpu(), ce_clean / n_pred, ce_edit / n_pred, n_pos)
+    return AblationEffect(latent, mode, change.cpu(), ce_clean / n_pred, ce_edit / n_pred, n_pos)
 
 
 @checked
 @torch.no_grad()
-def token_ablation(model: torch.nn.Module, sae: Any, hook: str, context: torch.Tensor, position: int, feature: int, *,
+def token_ablation(model: torch.nn.Module, sae: Any, hook: str, context: torch.Tensor, position: int, latent: int, *,
                    member: int = 0, mode: str = "replace", replacement: int | None = None) -> torch.Tensor:
     """[position + 1]: how much the feature's activation at `position` of `context` [T] falls when each token
     0..position is replaced (mode="replace", by `replacement`, default the tokenizer's EOS or 0) or dropped
@@ -149,7 +149,7 @@ def token_ablation(model: torch.nn.Module, sae: Any, hook: str, context: torch.T
     context = check_tokens(model, context.reshape(1, -1))[0]
     T = context.shape[0]
     check_int(position, "position", 0, T - 1, f" (a position in the context of {T} tokens)")
-    check_int(feature, "feature", 0, int(sae.d_sae) - 1, f" (the dictionary has {sae.d_sae} features)")
+    check_int(latent, "latent", 0, int(sae.d_sae) - 1, f" (the dictionary has {sae.d_sae} features)")
     if replacement is None:
         tok = getattr(model, "tokenizer", None)
         replacement = int(getattr(tok, "eos_token_id", None) or 0)
@@ -167,7 +167,7 @@ def token_ablation(model: torch.nn.Module, sae: Any, hook: str, context: torch.T
     batch = torch.stack(variants).to(model_device(model))
     act = Splicer(model, hook, fast=False).activation(batch)
     rows = act[torch.arange(len(variants)), torch.tensor(targets)]
-    a = sae_encoder(sae, member)(rows)[:, feature].float().cpu()
+    a = sae_encoder(sae, member)(rows)[:, latent].float().cpu()
     drop = a[0] - a[1:]
     if mode == "drop":
         drop[position] = a[0]  # dropping the token itself removes the feature's position entirely

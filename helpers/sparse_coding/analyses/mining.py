@@ -98,17 +98,17 @@ class Mined:
         kurt = torch.where(ok, c4 / var.clamp_min(1e-300) ** 2 - 3, nan)
         return {"mean": m1, "var": var, "skew": skew, "kurtosis": kurt}
 
-    def bin_edges(self, direction: int) -> torch.Tensor:
+    def bin_edges(self, latent: int) -> torch.Tensor:
         """[N_BINS + 1] the histogram's edges for one direction (bin 0 also holds everything below, the last bin
         everything above)."""
         i = torch.arange(N_BINS + 1, dtype=torch.float64)
-        return float(self.anchor[direction]) * torch.pow(2.0, (i - _OFFSET) / BINS_PER_OCTAVE)
+        return float(self.anchor[latent]) * torch.pow(2.0, (i - _OFFSET) / BINS_PER_OCTAVE)
 
     # ----- examples -----
-    def _check(self, direction: int) -> int:
-        check_int(direction, "feature", 0, self.n_directions - 1, f" (an index into the {self.n_directions} mined "
+    def _check(self, latent: int) -> int:
+        check_int(latent, "latent", 0, self.n_directions - 1, f" (an index into the {self.n_directions} mined "
                   f"directions)")
-        return int(direction)
+        return int(latent)
 
     def window_tokens(self, ctx: int, pos: int) -> tuple[list[int], int]:
         T = self.tokens.shape[1]
@@ -120,24 +120,24 @@ class Mined:
         toks = torch.where(ok, self.tokens[ctx, idx.clamp(0, T - 1)].long(), torch.full_like(idx, -1))
         return toks.tolist(), before
 
-    def _examples(self, value, context, position, acts, direction) -> list[Example]:
+    def _examples(self, value, context, position, acts, latent) -> list[Example]:
         out = []
-        for v, c, p, a in zip(value[direction].tolist(), context[direction].tolist(), position[direction].tolist(),
-                              acts[direction].tolist()):
+        for v, c, p, a in zip(value[latent].tolist(), context[latent].tolist(), position[latent].tolist(),
+                              acts[latent].tolist()):
             if c < 0:
                 continue
             toks, target = self.window_tokens(c, p)
             out.append(Example(c, p, v, toks, a, target))
         return out
 
-    def top_examples(self, direction: int) -> list[Example]:
+    def top_examples(self, latent: int) -> list[Example]:
         """The contexts with the largest max activation, strongest first (fewer when fewer contexts fire)."""
-        d = self._check(direction)
+        d = self._check(latent)
         return self._examples(self.top_value, self.top_context, self.top_position, self.top_acts, d)
 
-    def random_examples(self, direction: int) -> list[Example]:
+    def random_examples(self, latent: int) -> list[Example]:
         """A seeded uniform sample of the contexts where the direction fires, each around its max."""
-        d = self._check(direction)
+        d = self._check(latent)
         return self._examples(self.random_value, self.random_context, self.random_position, self.random_acts, d)
 
     def _quantile_picks(self, d: int, n_bins: int, per_bin: int, seed: int) -> list[tuple[float, float, list[int]]]:
@@ -157,20 +157,20 @@ class Mined:
             out.append((lo, hi, idx.tolist()))
         return out
 
-    def quantile_locations(self, direction: int, n_bins: int = 10, per_bin: int = 5, seed: int = 0
+    def quantile_locations(self, latent: int, n_bins: int = 10, per_bin: int = 5, seed: int = 0
                            ) -> list[tuple[float, float, list[tuple[int, int, float]]]]:
         """`n_bins` equal-width bins (lo, hi] between 0 and the max, each with up to `per_bin` firing tokens
         (context, position, value) drawn from the mining sample, each sampled token weighted by the number of firing
         tokens it stands for (its histogram bin's count over the samples kept there)."""
-        d = self._check(direction)
+        d = self._check(latent)
         c, p, v = (t[d].flatten() for t in (self.sample_context, self.sample_position, self.sample_value))
         return [(lo, hi, [(int(c[i]), int(p[i]), float(v[i])) for i in idx])
                 for lo, hi, idx in self._quantile_picks(d, n_bins, per_bin, seed)]
 
-    def quantile_examples(self, direction: int, n_bins: int = 10, per_bin: int = 5, seed: int = 0
+    def quantile_examples(self, latent: int, n_bins: int = 10, per_bin: int = 5, seed: int = 0
                           ) -> list[tuple[float, float, list[Example]]]:
         """The same picks as `quantile_locations`, as Examples with the windows kept while mining."""
-        d = self._check(direction)
+        d = self._check(latent)
         c, p, v = (t[d].flatten() for t in (self.sample_context, self.sample_position, self.sample_value))
         acts = self.sample_acts[d].flatten(0, 1)
         out = []

@@ -212,7 +212,7 @@ def run_baselines(data: ToyData, n_samples: int = 8192, ksvd_iter: int = 10, ica
     online_alpha is the lasso penalty on inputs scaled to E‖x‖² = 1 per sample (MiniBatchDictionaryLearning)."""
     n_samples = _check_positive_int(n_samples, "n_samples")
     ica_samples = _check_positive_int(ica_samples, "ica_samples")
-    k_true = _check_positive_int(k_true if k_true is not None else max(1, round(data.cfg.k)), "k_true")
+    k_true = _check_positive_int(k_true if k_true is not None else max(1, round(data.cfg.mean_active)), "k_true")
     X, _ = data.sample(n_samples, data.generator(seed + 2 * EVAL_SEED_OFFSET))
     X = X.cpu()
     truth = data.features.cpu()

@@ -95,13 +95,13 @@ def mine_methods(model, encoders: Mapping[str, tuple[str, Any]], fragments: torc
                 n_random=n_random, per_bin=1, window=None, seed=seed, exclude=exclude, progress=progress)
 
 
-def direction_records(mined: Mined, direction: int, texts: Sequence[str]) -> tuple[dict[int, Record], list, list]:
+def direction_records(mined: Mined, latent: int, texts: Sequence[str]) -> tuple[dict[int, Record], list, list]:
     """(records by fragment, fragments ranked by max activation, random firing fragments) of one direction."""
     records, ranked, firing = {}, [], []
-    for e in mined.top_examples(direction):
+    for e in mined.top_examples(latent):
         records[e.context] = Record([texts[t] for t in e.tokens], [float(a) for a in e.acts])
         ranked.append(e.context)
-    for e in mined.random_examples(direction):
+    for e in mined.random_examples(latent):
         records.setdefault(e.context, Record([texts[t] for t in e.tokens], [float(a) for a in e.acts]))
         firing.append(e.context)
     return records, ranked, firing
@@ -109,7 +109,7 @@ def direction_records(mined: Mined, direction: int, texts: Sequence[str]) -> tup
 
 def score_method(mined: Mined, texts: Sequence[str], explainer, simulator, *, n_directions: int = 150,
                  seed: int = 0, shuffled: bool = False) -> tuple[pd.DataFrame, int]:
-    """(one row per scored direction: direction, explanation, top, random, top_and_random; the number skipped) for
+    """(one row per scored direction: latent (its index), explanation, top, random, top_and_random; the number skipped) for
     a seeded sample of `n_directions` live directions. shuffled=True scores each direction with the explanation of
     the next sampled one (the shuffled-explanation control)."""
     live = (mined.count > 0).nonzero().squeeze(1)
@@ -130,7 +130,7 @@ def score_method(mined: Mined, texts: Sequence[str], explainer, simulator, *, n_
             texts_of[d] = explainer.explain([nrec[j] for j in nsplit.explain])
     for d, records, split in prepared:
         s = score_direction(records, split, explainer, simulator, explanation=texts_of.get(d))
-        rows.append({"direction": d, "explanation": s.explanation, "top": s.top, "random": s.random,
+        rows.append({"latent": d, "explanation": s.explanation, "top": s.top, "random": s.random,
                      "top_and_random": s.top_and_random})
     return pd.DataFrame(rows), skipped
 
@@ -172,6 +172,6 @@ def score_vs_mcs(sae: Any, reference: str | os.PathLike | None, table: pd.DataFr
     if reference is None or not len(table):
         return np.full(len(table), np.nan), float("nan")
     res = mcs(sae.W_dec.detach()[0], dictionaries.load_sae(reference).W_dec.detach()[0])
-    feature_mcs = res.a_to_b[table["direction"].values].numpy()
+    feature_mcs = res.a_to_b[table["latent"].values].numpy()
     return feature_mcs, spearman(table["top_and_random"].values, feature_mcs)
 
