@@ -194,14 +194,14 @@ def _number_rule(name: str, value: Any) -> str | None:
         return None
     parts = ([f"{'>' if low_open else '>='} {low}"] if low is not None else []) + \
             ([f"{'<' if high_open else '<='} {high}"] if high is not None else [])
-    return "a number " + " and ".join(parts)
+    return ("an int " if _is_int(value) else "a number ") + " and ".join(parts)
 
 
 def _tensor_rule(name: str, value: torch.Tensor) -> str | None:
     if value.numel() == 0:
         return "a non-empty tensor"
     if name in TOKEN_TENSORS and (value.is_floating_point() or value.dtype == torch.bool):
-        return "a tensor of token ids (an integer dtype such as torch.long)"
+        return "a tensor of integer token ids (e.g. torch.long)"
     if name in MASK_TENSORS and value.dtype != torch.bool:
         return "a bool tensor (a mask)"
     if name in FLOAT_TENSORS and not value.is_floating_point():

@@ -238,7 +238,7 @@ def test_bad_input_errors(setup, planted):
     sae, t, c = planted
     with pytest.raises(ValueError, match=r"latent must be an int in \[0, 1\]"):
         feature_ablation(model, sae, EMBED, tokens, 2)
-    with pytest.raises(ValueError, match=r"latent must be an int in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"latent must be an int >= 0, got -1"):
         token_ablation(model, sae, EMBED, tokens[0], 3, -1)
     with pytest.raises(ValueError, match=r"position must be an int in \[0, 15\]"):
         token_ablation(model, sae, EMBED, tokens[0], 16, 0)

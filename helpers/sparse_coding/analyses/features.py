@@ -130,30 +130,30 @@ def mine_dictionary(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.T
     return mined
 
 
-def check_feature(mined: Mined, feature: int, allow_dead: bool = False) -> int:
-    """`feature` as an index, refusing one out of range, or (unless allow_dead) one that never fired on the mined
-    text, naming the fix."""
-    check_int(feature, "feature", 0, mined.n_directions - 1, f" (the dictionary has {mined.n_directions} features)")
-    if not allow_dead and int(mined.count[feature]) == 0:
-        raise ValueError(f"feature {feature} never fired on the {mined.n_tokens} mined tokens (a dead feature): pick "
+def check_feature(mined: Mined, latent: int, allow_dead: bool = False) -> int:
+    """`latent` (a feature's index), refusing one out of range, or (unless allow_dead) one that never fired on the
+    mined text, naming the fix."""
+    check_int(latent, "latent", 0, mined.n_directions - 1, f" (the dictionary has {mined.n_directions} features)")
+    if not allow_dead and int(mined.count[latent]) == 0:
+        raise ValueError(f"feature {latent} never fired on the {mined.n_tokens} mined tokens (a dead feature): pick "
                          f"a live one, e.g. one of {mined.count.nonzero().squeeze(1)[:5].tolist()}")
-    return int(feature)
+    return int(latent)
 
 
 @checked
 @torch.no_grad()
-def examples_at(model: torch.nn.Module, sae: Any, hook: str, mined: Mined, feature: int,
+def examples_at(model: torch.nn.Module, sae: Any, hook: str, mined: Mined, latent: int,
                 locations: Sequence[tuple[int, int, float]], member: int = 0) -> list[Example]:
-    """Examples (windows as `mined` keeps them) of `feature` at (context, position, value) locations of the mined
+    """Examples (windows as `mined` keeps them) of the feature of index `latent` at (context, position, value) locations of the mined
     text, recomputed with one forward pass over the contexts involved (e.g. `mined.quantile_locations`)."""
-    feature = check_feature(mined, feature, allow_dead=True)
+    latent = check_feature(mined, latent, allow_dead=True)
     if not locations:
         return []
     ctxs = sorted({c for c, _, _ in locations})
     dev = next(model.parameters()).device
     acts = lm.hook_reader(model, [hook])(mined.tokens[ctxs].to(dev))[hook]
     T = acts.shape[1]
-    codes = sae_encoder(sae, member)(acts.reshape(len(ctxs) * T, -1))[:, feature]
+    codes = sae_encoder(sae, member)(acts.reshape(len(ctxs) * T, -1))[:, latent]
     codes = codes.reshape(len(ctxs), T).float().cpu()
     row = {c: i for i, c in enumerate(ctxs)}
     window = mined.meta.get("window")
