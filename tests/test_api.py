@@ -159,7 +159,8 @@ def bad_values(qual: str, name: str) -> list[tuple[str, object]]:
            for a in _atoms(hint)) and str not in _atoms(hint):
         out.append(("lone string", "blocks.0.hook_resid_post"))
     if "float" in accepted:
-        out += [("nan", math.nan), ("inf", math.inf), ("-inf", -math.inf)]
+        # the plots draw results, where NaN means "not measured" (a documented valid value); inf never is
+        out += ([] if qual.startswith("plots.") else [("nan", math.nan)]) + [("inf", math.inf), ("-inf", -math.inf)]
     if "tensor" in accepted and any(a is torch.Tensor for a in _atoms(hint)):
         out.append(("empty tensor", torch.empty(0)))
         if name in arguments.TOKEN_TENSORS:
@@ -218,3 +219,25 @@ def test_errors_say_how_to_fix_the_common_mistakes():
                 "m")
     # ArgumentError is both kinds, so code written against either keeps working
     assert issubclass(arguments.ArgumentError, TypeError) and issubclass(arguments.ArgumentError, ValueError)
+
+
+def test_valid_edge_values_are_taken(tmp_path):
+    """Positive controls: what the checks must let through (a wrongful refusal broke notebook 07 on GGUF models,
+    whose missing step0 control is NaN)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+
+    from sparse_coding import dictionaries, lm, plots
+    from sparse_coding.analyses import hungarian_match
+    fig = plots.plot_controls({"sae": 0.5}, {"sae": 0.0}, 0.5, math.nan, "2")  # no step0 revision: NaN
+    fig = plots.plot_score_vs_mcs(np.array([0.1, 0.2]), np.array([0.5, 0.6]), math.nan, "no reference")
+    assert fig is not None
+    with pytest.raises(ValueError, match="step0 must be a finite number or NaN"):
+        plots.plot_controls({"sae": 0.5}, {"sae": 0.0}, 0.5, math.inf, "2")
+    assert dictionaries.state_dir("runs/topk-r2-s0") == Path("runs/topk-r2-s0.training")  # a str for a Path
+    assert lm.hook_name("resid_post", np.int64(2)) == "blocks.2.hook_resid_post"  # numpy ints are ints
+    a = torch.eye(3)
+    assert hungarian_match(a, a, tol=0).cos.min() == pytest.approx(1.0)  # exact matching: tol 0 is valid
+    assert dictionaries.make_sae("topk", np.int64(4), np.int64(8), k=np.int64(2)).d_sae == 8

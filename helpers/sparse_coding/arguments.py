@@ -19,7 +19,6 @@ import inspect
 import math
 import numbers
 import os
-import sys
 import types
 import typing
 from pathlib import Path
@@ -45,11 +44,11 @@ RULES: dict[str, tuple] = {
                      "max_train_bytes", "n", "n_batches", "n_eval_tokens", "n_examples", "n_features", "n_heads",
                      "n_layers", "n_ref", "n_rows", "n_samples", "n_threads", "n_tokens", "rows_per_read", "smooth",
                      "state_every", "steps", "val_bytes", "vocab_size", "dense_limit", "resample_every",
-                     "dead_window", "corr_rank", "last", "last_step"), _COUNT),
+                     "dead_window", "corr_rank", "last", "last_step", "top_k", "n_components"), _COUNT),
     **dict.fromkeys(("seed", "member", "i", "layer", "step", "epoch", "warmup_steps", "coef_warmup_steps", "eos_id", "latent",
                      "expect_bytes", "expect_rows"), _INDEX),
-    **dict.fromkeys(("lr", "ratio", "input_scale", "norm_ratio", "grad_clip", "tol", "k", "l0_budget"), _POSITIVE),
-    **dict.fromkeys(("seconds", "weight_decay", "noise", "eps"), (0, None, False, False)),
+    **dict.fromkeys(("lr", "ratio", "input_scale", "norm_ratio", "grad_clip", "k", "l0_budget"), _POSITIVE),
+    **dict.fromkeys(("seconds", "weight_decay", "noise", "eps", "tol"), (0, None, False, False)),
     **dict.fromkeys(("resample_until", "min_lr_frac", "rotary_pct", "high", "low", "settle", "dense_threshold"), _UNIT),
     "decay_frac": (0, 1, True, False),
     "val_fraction": (0, 1, True, True),
@@ -178,12 +177,13 @@ def _fix(value: Any, hint: Any) -> str:
     return ""
 
 
-def _number_rule(name: str, value: Any) -> str | None:
-    """What is wrong with a number, by its name's rule (None when it is fine)."""
+def _number_rule(name: str, value: Any, nan_ok: bool = False) -> str | None:
+    """What is wrong with a number, by its name's rule (None when it is fine). nan_ok: NaN stands for "not
+    measured" (the plots draw it as a gap); inf is still refused."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         return None
     if not _is_int(value) and not math.isfinite(float(value)):
-        return "a finite number"
+        return None if nan_ok and math.isnan(float(value)) else "a finite number" + (" or NaN" if nan_ok else "")
     rule = RULES.get(name)
     if rule is None:
         return None
@@ -209,15 +209,16 @@ def _tensor_rule(name: str, value: torch.Tensor) -> str | None:
     return None
 
 
-def check_argument(where: str, name: str, value: Any, hint: Any) -> None:
-    """Raise ArgumentError unless `value` fits parameter `name`'s annotation `hint` and its name's rules."""
+def check_argument(where: str, name: str, value: Any, hint: Any, nan_ok: bool = False) -> None:
+    """Raise ArgumentError unless `value` fits parameter `name`'s annotation `hint` and its name's rules (nan_ok:
+    NaN is a valid number, as in the plots, which draw results that may not have been measured)."""
     if hint is not None and not fits(value, hint):
         raise ArgumentError(f"{where}: {name} must be {describe(hint)}, got {shown(value)}{_fix(value, hint)}")
     problem = None
     if name in OBJECT_NAMES and isinstance(value, (str, bytes, os.PathLike, numbers.Number, torch.Tensor)):
         problem = OBJECT_NAMES[name]
     elif isinstance(value, numbers.Real):
-        problem = _number_rule(name, value)
+        problem = _number_rule(name, value, nan_ok)
     elif isinstance(value, torch.Tensor):
         problem = _tensor_rule(name, value)
     elif name == "dtype" and (value not in FLOAT_DTYPES if isinstance(value, torch.dtype) else
@@ -233,14 +234,14 @@ def check_argument(where: str, name: str, value: Any, hint: Any) -> None:
 
 
 def resolved_hints(obj: Callable) -> dict[str, Any]:
-    """obj's annotations resolved; a name imported only for type checkers (an import circle inside a stage) is
-    looked up among the names the package's stages export."""
-    try:
-        return typing.get_type_hints(obj)
-    except NameError:
-        names = {n: getattr(m, n) for key, m in list(sys.modules.items())
-                 if key.startswith("sparse_coding.") for n in getattr(m, "__all__", ()) if hasattr(m, n)}
-        return typing.get_type_hints(obj, globalns={**names, **obj.__globals__})
+    """obj's annotations, resolved."""
+    return typing.get_type_hints(obj)
+
+
+def _wants_path(hint: Any) -> bool:
+    """Whether an annotation is Path (or Path | None): the body may use Path's methods."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return Path in args and str not in args and os.PathLike not in args
 
 
 def checked(obj: Callable) -> Callable:
@@ -253,6 +254,7 @@ def checked(obj: Callable) -> Callable:
         return obj
     sig = inspect.signature(obj)
     where = obj.__qualname__.replace(".__init__", "")
+    nan_ok = (getattr(obj, "__module__", None) or "").startswith("sparse_coding.plots")
     hints: dict[str, Any] | None = None
 
     @functools.wraps(obj)
@@ -261,11 +263,19 @@ def checked(obj: Callable) -> Callable:
         if hints is None:  # resolved at first call: the annotations may name classes defined later
             hints = resolved_hints(obj)
         bound = sig.bind_partial(*args, **kwargs)
+        paths = []
         for name, value in bound.arguments.items():
             if name != "self" and sig.parameters[name].kind not in (inspect.Parameter.VAR_POSITIONAL,
                                                                     inspect.Parameter.VAR_KEYWORD):
-                check_argument(where, name, value, hints.get(name))
-        return obj(*args, **kwargs)
+                hint = hints.get(name)
+                check_argument(where, name, value, hint, nan_ok)
+                if isinstance(value, (str, os.PathLike)) and not isinstance(value, Path) and _wants_path(hint):
+                    paths.append(name)
+        if not paths:
+            return obj(*args, **kwargs)
+        for name in paths:  # a Path annotation takes a str too, and the body gets a Path
+            bound.arguments[name] = Path(bound.arguments[name])
+        return obj(*bound.args, **bound.kwargs)
 
     wrapper.__checked__ = True
     return wrapper

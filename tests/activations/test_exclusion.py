@@ -212,7 +212,7 @@ def test_norm_outliers_finds_massive_rows_the_exclusion_missed(tmp_path):
     acts[2::T * 4] *= 100.0  # position 2 of every fourth context: past position 0, not a special token
     store = A.write_store(tmp_path / "s", acts, torch.randint(3, 50, (16 * T,), generator=g), ctx_len=T,
                           exclude=Exclusion((0,), ()))
-    out = A.norm_outliers(store, ratio=10.0, rows_per_read=7)
+    out = A.norm_outliers(store, norm_ratio=10.0, rows_per_read=7)
     assert out["n_rows"] == 4 and out["positions"] == {2: 4}
     kept = acts[torch.arange(16 * T) % T != 0]
     sq = kept.double().pow(2).sum(1)

@@ -157,12 +157,12 @@ def first_position_ratio(read: Callable[[torch.Tensor], dict], tokens: torch.Ten
 
 @checked
 def detect_exclusion(read: Callable[[torch.Tensor], dict], tokens: torch.Tensor, tokenizer: Any,
-                     ratio: float = MASSIVE_RATIO) -> Exclusion:
+                     norm_ratio: float = MASSIVE_RATIO) -> Exclusion:
     """Position 0, the special tokens and rows over `NORM_RATIO` x the median norm when any hook's first-position
-    median norm is over `ratio` times the others' (massive activations), else nothing. tokens: a few contexts
+    median norm is over `norm_ratio` times the others' (massive activations), else nothing. tokens: a few contexts
     [n, ctx_len] (8 are enough)."""
     ratios = first_position_ratio(read, tokens)
-    if max(ratios.values()) <= ratio:
+    if max(ratios.values()) <= norm_ratio:
         return Exclusion()
     return Exclusion((0,), special_token_ids(tokenizer), NORM_RATIO)
 

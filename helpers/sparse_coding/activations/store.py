@@ -89,7 +89,7 @@ class ActivationStore:
         return int(sum((self.folder / c["file"]).stat().st_size for c in self.manifest["chunks"]))
 
     def _check(self, ci: int) -> None:
-        """Chunk ci against its manifest checksum, once per store (a crc32 pass over the file: about 1 s per GB)."""
+        """Chunk ci against its manifest checksum, once per store (a crc32 pass over the whole file)."""
         if self._checked[ci]:
             return
         c = self.manifest["chunks"][ci]
@@ -231,15 +231,15 @@ def write_store(folder: str | os.PathLike, acts: torch.Tensor, tokens: torch.Ten
 
 
 @checked
-def norm_outliers(store: ActivationStore, ratio: float = 10.0, rows_per_read: int = 65536) -> dict:
-    """The kept rows of a store whose norm exceeds `ratio` x the median kept norm: massive activations that the
+def norm_outliers(store: ActivationStore, norm_ratio: float = 10.0, rows_per_read: int = 65536) -> dict:
+    """The kept rows of a store whose norm exceeds `norm_ratio` x the median kept norm: massive activations that the
     exclusion did not catch (they can sit past position 0, e.g. after a run of repeated tokens at a context's
     start). {"median_norm", "max_norm", "n_rows", "share_of_sum_squares" (their share of Σ‖x‖², what an SAE's
     MSE and input scale are made of), "positions" ({position in context: count})}. Reads every kept row once."""
     norms = torch.cat([store.rows(range(i, min(i + rows_per_read, store.n_tokens))).norm(dim=1)
                        for i in range(0, store.n_tokens, rows_per_read)])
     median = float(norms.median())
-    big = (norms > ratio * median).nonzero().squeeze(1)
+    big = (norms > norm_ratio * median).nonzero().squeeze(1)
     positions: dict[int, int] = {}
     for r in big.tolist():
         pos = store.context_of(r)[1]

@@ -116,7 +116,12 @@ class ChatClient:
             "Authorization": f"Bearer {self.__key}"})
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
-                raw = resp.read().decode("utf-8", errors="replace")
+                data = resp.read()
+            try:  # strictly: a reply damaged in transit is refused, not read with replacement characters
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LLMError(self._redact(f"the reply from {self.url} is not valid UTF-8 (byte {e.start} of "
+                                            f"{len(data)}); check the server's encoding")) from None
         except urllib.error.HTTPError as e:
             detail = e.read().decode("utf-8", errors="replace") if e.fp else ""
             msg = f"HTTP {e.code} {e.reason} from {self.url}" + (f": {_start(detail)}" if detail else "")

@@ -96,8 +96,8 @@ def _candidate_edges(R, C, chunk_size, m, columns):
     """Top-m cosines of every row (and, if `columns`, of every column) in one chunked pass.
 
     Returns edges (rows, cols, cos) as numpy and the bounds t (per row) and s (per column, +inf when not collected):
-    every pair left out has cos <= min(t_i, s_j). Column top-m is a reduction along the slow axis (~4x a row top-m
-    here), so it is only collected when the row lists alone admit no full matching."""
+    every pair left out has cos <= min(t_i, s_j). Column top-m is a reduction along the slow axis (several times a row
+    top-m), so it is only collected when the row lists alone admit no full matching."""
     m_r, m_c = min(m, C.shape[0]), min(m, R.shape[0])
     rr, rc, rv, t = [], [], [], []
     col_v = col_i = None

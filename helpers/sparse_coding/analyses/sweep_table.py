@@ -4,6 +4,8 @@ CSV + safetensors and reused on rerun. `best_members` picks each kind's best mem
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -16,10 +18,13 @@ from ..arguments import checked
 from ..activations import Exclusion
 from ..activations.store import ActivationStore
 from ..dictionaries import LMSweep
-from ..files import atomic_write_text, load_tensors, save_tensors
+from ..files import atomic_write_text, load_json, load_tensors, save_json, save_tensors
 from ..paths import resolve
 from .reconstruction import DENSE_THRESHOLD, check_sae, sparsity_stats
 from .splicing import spliced_loss
+
+
+EVAL_KEY = "eval_key.json"
 
 
 @dataclass
@@ -96,14 +101,29 @@ def evaluate_sweep(model: torch.nn.Module | None, sae: Any, batches: Iterable[to
     return SweepEvaluation(table, freq)
 
 
+def evaluation_key(store: ActivationStore, tokens: torch.Tensor | None, **settings: Any) -> str:
+    """sha256 of what an evaluation of a sweep reads: the store (its manifest: chunk checksums, exclusion, model_id),
+    the token contexts of the spliced loss (their bytes) and the evaluation's settings. A cached evaluation is
+    reused only under the same key (content, not the file's age or name)."""
+    h = hashlib.sha256(json.dumps({"manifest": store.manifest, "settings": settings}, sort_keys=True,
+                                  default=str).encode())
+    if tokens is not None:
+        h.update(str(tuple(tokens.shape)).encode())
+        h.update(tokens.detach().to("cpu", torch.long).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 @checked
-def evaluate_lm_sweep(model: torch.nn.Module, run: LMSweep, store: ActivationStore, tokens: torch.Tensor | None, *,
+def evaluate_lm_sweep(model: torch.nn.Module | None, run: LMSweep, store: ActivationStore, tokens: torch.Tensor | None, *,
                       n_eval_tokens: int = 65536, batch_size: int = 8, seed: int = 1, progress: bool = True,
                       reuse: bool = True) -> SweepEvaluation:
-    """`evaluate_sweep` for a trained sweep (a dictionaries.LMSweep), cached as eval.csv in its folder (reused when
-    present and the sweep was not retrained). FVU/L0 use `n_eval_tokens` rows of the store in an order unlike
-    training's."""
-    if reuse and run.reused and (run.folder / "eval.csv").exists():
+    """`evaluate_sweep` for a trained sweep (a dictionaries.LMSweep), cached as eval.csv in its folder, reused when
+    the sweep was not retrained and the evaluation would read the same content (`evaluation_key`, kept in
+    eval_key.json). FVU/L0 use `n_eval_tokens` rows of the store in an order unlike training's."""
+    key = evaluation_key(store, tokens, n_eval_tokens=n_eval_tokens, batch_size=batch_size, seed=seed)
+    key_file = run.folder / EVAL_KEY
+    if reuse and run.reused and (run.folder / "eval.csv").exists() and key_file.exists() \
+            and load_json(key_file).get("key") == key:
         return SweepEvaluation.load(run.folder)
     batches = store.batches(4096, seed=seed + 1000, device=run.sae.device)
     ev = evaluate_sweep(model, run.sae, batches, tokens, str(store.manifest["hook"]), max_tokens=n_eval_tokens,
@@ -112,6 +132,7 @@ def evaluate_lm_sweep(model: torch.nn.Module, run: LMSweep, store: ActivationSto
     ev.table.insert(2, "ratio", run.ratio)
     ev.table["train_seconds"] = run.seconds
     ev.save(run.folder)
+    save_json(key_file, {"key": key})  # after the evaluation: a run killed in between recomputes it
     return ev
 
 

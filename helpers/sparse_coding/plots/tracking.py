@@ -96,11 +96,12 @@ def plot_emergence(em: Any, labels: Sequence[str], thresholds: Sequence[float] =
 
 
 @checked
-def plot_feature_trajectories(em: Any, labels: Sequence[str], features: Sequence[int], examples: Any, threshold: float = 0.9) -> "plt.Figure":
+def plot_feature_trajectories(em: Any, labels: Sequence[str], latents: Sequence[int], examples: Any,
+                              threshold: float = 0.9) -> "plt.Figure":
     """Top: cosine of a few final-model features with their 1:1 partner at each model checkpoint. Below: a table,
     one column per tracked feature, one row per checkpoint, with the partner's top-activating tokens there
     (the activating token in brackets, after the tokens before it)."""
-    K, n = len(labels), max(1, len(features))
+    K, n = len(labels), max(1, len(latents))
     xs = np.arange(K)
     first = em.emergence_index(threshold)
     colours = plt.get_cmap("tab10")
@@ -109,7 +110,7 @@ def plot_feature_trajectories(em: Any, labels: Sequence[str], features: Sequence
     fig = plt.figure(figsize=(max(10, 3.6 * n + 1.6), 3.4 + row_h * K))
     gs = fig.add_gridspec(2, 1, height_ratios=[2.6, row_h * K + 0.4], hspace=0.25)
     ax = fig.add_subplot(gs[0])
-    for j, f in enumerate(features):
+    for j, f in enumerate(latents):
         e = int(first[f])
         ax.plot(xs, em.matching.to_final[:, f].numpy(), marker="o", color=colours(j),
                 label=f"feature {f} (present from {labels[e] if e >= 0 else 'never'})")
@@ -123,12 +124,12 @@ def plot_feature_trajectories(em: Any, labels: Sequence[str], features: Sequence
     tab.set_xlim(0, 1.0)
     tab.set_ylim(K + 0.5, -0.6)
     col_w = (1 - 0.12) / n
-    for j, f in enumerate(features):
+    for j, f in enumerate(latents):
         tab.text(0.12 + j * col_w, -0.4, f"feature {f}", color=colours(j), fontsize=9, weight="bold")
     for k in range(K):
         tab.text(0, k, labels[k], fontsize=9, va="top", weight="bold")
         tab.axhline(k - 0.1, color="lightgrey", lw=0.6)
-        for j, f in enumerate(features):
+        for j, f in enumerate(latents):
             ex = examples[f][k]
             cos = em.matching.to_final[k, f]
             head = "(no partner)" if not ex and bool(torch.isnan(cos)) else f"cos {float(cos):.2f}"
