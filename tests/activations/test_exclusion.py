@@ -73,10 +73,10 @@ def test_planted_huge_first_position_never_reaches_the_sae(tmp_path):
     assert pos == 1 and ctx.shape == (T,)
     # The input scale is the kept rows' (a planted row would shrink it ~1000x).
     plain = A.write_store(tmp_path / "plain", acts[~huge].contiguous(), ctx_len=int((~huge).sum()))
-    s_excl, s_plain = dictionaries.input_scale(store), dictionaries.input_scale(plain)
+    s_excl, s_plain = dictionaries.default_input_scale(store, 0), dictionaries.default_input_scale(plain, 0)
     assert s_excl == pytest.approx(s_plain, rel=0.05)
     unexcluded, _, _ = _planted(tmp_path, None)
-    assert dictionaries.input_scale(unexcluded) < s_excl / 10
+    assert dictionaries.default_input_scale(unexcluded, 0) < s_excl / 10
     # Training reads the same kept rows: its batches never hold a planted row.
     sae = dictionaries.make_sae("topk", D, 32, k=4, seed=0)
     hist = dictionaries.train_sae(sae, store, steps=5, batch_size=64, progress=False, input_scale=s_excl)

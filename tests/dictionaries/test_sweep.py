@@ -21,7 +21,7 @@ def store(make_store):
 
 def test_input_scale_normalises_mean_squared_norm(store):
     s, _ = store
-    scale = sweep.input_scale(s)
+    scale = sweep.default_input_scale(s, 0)
     x = s.all()
     assert abs((scale * x).pow(2).sum(1).mean().item() - s.d) < 1e-3 * s.d
 

@@ -7,7 +7,7 @@ from .factory import make_sae
 from .kinds import BatchTopKSAE, JumpReLUSAE, ReLUBiasDecaySAE, ReLUSAE, TopKSAE
 from .metrics import FVU
 from .saelens_io import load_sae, load_sweep, member_name, save_sae, save_sweep, sweep_info
-from .sweep import (LMSweep, input_scale, state_dir, store_metadata, sweep_dir, sweep_name, train_lm_sweep,
+from .sweep import (LMSweep, state_dir, store_metadata, sweep_dir, sweep_name, train_lm_sweep,
                     train_revision_sae, reference_dictionary, dictionary_seed, sweep_settings)
 from .training import TrainingDiverged, TrainSettings, default_input_scale, estimate_input_scale, train_sae
 from .training.distributed import train_distributed
@@ -16,7 +16,7 @@ from .training.state import load_decoder_trajectory, load_snapshot, snapshot_ste
 
 __all__ = ["DEFAULT_DEAD_WINDOW", "SAE_KINDS", "EnsembleSAE", "SAEOutput", "fold_input_scale", "register_sae",
            "make_sae", "BatchTopKSAE", "JumpReLUSAE", "ReLUBiasDecaySAE", "ReLUSAE", "TopKSAE", "FVU", "load_sae",
-           "load_sweep", "member_name", "save_sae", "save_sweep", "sweep_info", "LMSweep", "input_scale", "store_metadata",
+           "load_sweep", "member_name", "save_sae", "save_sweep", "sweep_info", "LMSweep", "store_metadata",
            "state_dir", "sweep_dir", "sweep_name", "train_lm_sweep", "TrainingDiverged", "estimate_input_scale",
            "train_sae", "TrainSettings", "default_input_scale", "ica_dictionary", "ksvd_dictionary",
            "online_dictionary", "pca_dictionary", "train_distributed", "load_decoder_trajectory", "load_snapshot",

@@ -31,7 +31,7 @@ from ..paths import resolve
 from .base import SAE_KINDS
 from .factory import make_sae
 from .saelens_io import SWEEP_FILE, load_sweep, member_name, save_sweep, sweep_info
-from .training import TrainSettings, default_input_scale, tracking_schedule, train_sae
+from .training import TrainSettings, tracking_schedule, train_sae
 from .training.sources import DEFAULT_BATCH_SIZE
 
 HISTORY_FILE = "history.csv"
@@ -54,13 +54,6 @@ def sweep_dir(data_dir: str | os.PathLike, store: ActivationStore, kind: str, ra
     m = store.manifest
     return (resolve(data_dir) / "dictionaries" / safe_name(str(m["model"])) / safe_name(str(m["revision"]))
             / safe_name(str(m["hook"])) / sweep_name(kind, ratio, seed))
-
-
-@checked
-def input_scale(store: ActivationStore, seed: int = 0) -> float:
-    """s with E||s x||^2 = d_in, the scale a sweep with `seed` trains at (`default_input_scale`, as train_sae's
-    "auto"): SAE hyperparameters then mean the same at every layer and on every model, whatever the raw norm."""
-    return default_input_scale(store, seed)
 
 
 @checked

@@ -65,7 +65,7 @@ def train_mini_runs(store: ActivationStore, *, ratio: float, l1_coef: float, n_r
     source = MiniRuns(store, n_runs, epochs, batch_size, seed)
     settings = canonical({"ratio": ratio, "l1_coef": l1_coef, "n_runs": n_runs, "epochs": epochs,
                           "batch_size": batch_size, "lr": lr, "seed": seed, "store_rows": store.n_tokens})
-    scale = dictionaries.input_scale(store, seed=seed)
+    scale = dictionaries.default_input_scale(store, seed)
     if (folder / dictionaries.saelens_io.SWEEP_FILE).exists():
         saved = dictionaries.sweep_info(folder)
         if canonical(saved.get("settings")) == settings:
