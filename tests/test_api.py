@@ -32,7 +32,7 @@ RECORDS = {"SAEOutput", "LMSweep", "MatchResult", "MCSResult", "NullBaseline", "
            "TrainingDiverged", "AblationEffect", "Record", "Score", "Split", "Example", "Mined"}
 # Parameters whose annotation is Any on purpose (matplotlib axes, objects from other libraries' pipelines); each is
 # still refused when given a path or a number by the function's own checks where it matters.
-UNTYPED_OK = {"ax", "traj", "em", "examples", "exclude", "hf_config"} | set(arguments.OBJECT_NAMES)
+UNTYPED_OK = {"ax", "traj", "em", "examples", "hf_config"} | set(arguments.OBJECT_NAMES)
 
 
 def public() -> dict[str, typing.Callable]:

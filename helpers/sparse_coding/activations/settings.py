@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -43,7 +43,7 @@ class HarvestSettings:
     corpus: str = ""
     seed: int = 0
     fast: bool = True
-    exclude: Any = "auto"
+    exclude: str | bool | Exclusion | Mapping[str, Any] | None = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str) and self.dtype.removeprefix("torch.") in _DTYPES:
