@@ -57,6 +57,12 @@ def paper_recipe(base: Mapping[str, Any], l1_coef: float) -> dict[str, Any]:
             "folder": None}
 
 
+def recipe_settings(recipe: Mapping[str, Any], paper_l1: float) -> dict[str, Any]:
+    """Both recipes' settings whole, for the metrics (the SAE folder left out: a machine path)."""
+    return {name: {k: v for k, v in r.items() if k != "folder"}
+            for name, r in (("recipe", recipe), ("paper_recipe", paper_recipe(recipe, paper_l1)))}
+
+
 def train_recipe(store: ActivationStore, recipe: Mapping[str, Any], data_dir: str | os.PathLike, *,
                  n_tokens: int | None = None, device: str = "cpu", progress: bool = True):
     """One SAE of the recipe on `store` under `<data_dir>/07_interpretability/` (reused on rerun); its 1-member
