@@ -241,3 +241,7 @@ def test_valid_edge_values_are_taken(tmp_path):
     a = torch.eye(3)
     assert hungarian_match(a, a, tol=0).cos.min() == pytest.approx(1.0)  # exact matching: tol 0 is valid
     assert dictionaries.make_sae("topk", np.int64(4), np.int64(8), k=np.int64(2)).d_sae == 8
+    from sparse_coding.analyses import bootstrap_ci
+    assert bootstrap_ci(np.linspace(0, 1, 21), n_boot=50)[0] == pytest.approx(0.5)  # an array is a list of floats
+    with pytest.raises(TypeError, match="scores must be a list of a finite number"):
+        bootstrap_ci(np.array(["a", "b"]), n_boot=50)

@@ -75,6 +75,13 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
+def _array_fits(value: np.ndarray, item: Any) -> bool:
+    """Whether a numpy array's items fit `item` (judged by its dtype: floats hold numbers, ints hold ints)."""
+    kinds = {float: "fiu", int: "iu", bool: "b", str: "U"}
+    items = typing.get_args(item) if typing.get_origin(item) in (typing.Union, types.UnionType) else (item,)
+    return any(value.dtype.kind in kinds.get(i, "") for i in items)
+
+
 def fits(value: Any, hint: Any) -> bool:
     """Whether `value` fits the annotation `hint` (hints this checker does not read are taken as fitting: the
     function's own checks apply)."""
@@ -105,6 +112,8 @@ def fits(value: Any, hint: Any) -> bool:
         return callable(value)
     base = origin or hint
     if base in (list, tuple, abc.Sequence, abc.Iterable, abc.Collection, abc.MutableSequence, set, frozenset):
+        if isinstance(value, np.ndarray) and value.ndim >= 1:  # an array is a list of its items (numbers)
+            return not args or args[0] is Any or _array_fits(value, args[0])
         if isinstance(value, (str, bytes)) or not isinstance(value, abc.Iterable):
             return False  # a lone string is not a sequence of strings (it would be read letter by letter)
         if base in (list, tuple, abc.Sequence, abc.MutableSequence) and not isinstance(value, abc.Sequence):
