@@ -27,6 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .checks import FLOAT_DTYPES
+
 
 class ArgumentError(ValueError, TypeError):
     """A public function was given an argument it cannot use; the message names the argument and the fix."""
@@ -57,7 +59,6 @@ RULES: dict[str, tuple] = {
 TOKEN_TENSORS = {"tokens", "ctxs", "stream"}
 MASK_TENSORS = {"alive", "alive_a", "alive_b"}
 FLOAT_TENSORS = {"A", "B", "x", "acts", "codes", "learned", "truth", "feature_freq", "sim", "mean_act", "samples"}
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 FLOAT_NAMES = {str(t).removeprefix("torch.") for t in FLOAT_DTYPES}
 # Parameters that take an object from another library (or a stand-in) by name: a name, path or number is refused.
 OBJECT_NAMES = {"tokenizer": "a tokenizer object (e.g. model.tokenizer), not a name or path: load one with "
