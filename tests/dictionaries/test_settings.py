@@ -72,7 +72,11 @@ def test_a_sweep_records_its_settings_whole(tmp_path):
     run = dictionaries.train_lm_sweep(store, "topk", 2, {"k": [2, 4]}, TrainSettings(warmup_steps=2),
                                       data_dir=tmp_path / "d", n_tokens=2048, batch_size=256, progress=False)
     train = json.loads((run.folder / "sweep.json").read_text())["settings"]["train"]
-    assert set(train) == TrainSettings.fields() - {"state_every", "snapshot_steps"}
+    # a local sweep's record leaves out only the fields it never reads (where its state goes; the e2e loss fields,
+    # whose absence reads as loss="local" when the record is loaded back)
+    assert set(train) == TrainSettings.fields() - {"state_every", "snapshot_steps", "loss", "kl_coef",
+                                                   "downstream_coef"}
+    assert TrainSettings.from_json(train).loss == "local"
     assert train["warmup_steps"] == 2 and train["batch_size"] == 256 and train["steps"] == 8
     assert TrainSettings.from_json(train).lr == 1e-3
     again = dictionaries.train_lm_sweep(store, "topk", 2, {"k": [2, 4]}, data_dir=tmp_path / "d", n_tokens=2048,

@@ -103,6 +103,9 @@ def train_distributed(kind: str, d_in: int, batches: Batches, hparams: Mapping[s
     object on every rank; input_scale "auto" gives every rank the same number (`default_input_scale`, seeded).
     progress: a bar on rank 0 by default."""
     cfg = TrainSettings.build(settings, **fields)
+    if cfg.loss != "local":
+        raise ValueError(f"train_distributed trains on activations (loss='local'), got loss={cfg.loss!r}: train an "
+                         f"end-to-end SAE with train_sae(..., model=..., hook_name=...) or train_e2e_sweep")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

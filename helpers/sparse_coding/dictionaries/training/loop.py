@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ...activations import Exclusion
 from ...arguments import checked
 from ...checks import check_bool
 from ...files import folder_lock
@@ -30,6 +31,7 @@ from .optim import adam
 from .resample import member_generators, resample_dead_
 from .schedules import Schedules, log_spaced_steps
 from .settings import TrainSettings, snapshot_set
+from .e2e import SplicedObjective
 from .sources import Batches, BatchSource
 from .state import TrainingDiverged, TrainingState
 
@@ -67,8 +69,9 @@ def _batch(source: BatchSource, step: int, sae: EnsembleSAE) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _log_row(sae: EnsembleSAE, x: torch.Tensor, out: SAEOutput, run: dict[str, Any]) -> dict[str, list[float]]:
-    row = {"loss": out.loss, "mse": out.mse, "fvu": FVU().update(x, out.x_hat).value(),
+def _log_row(sae: EnsembleSAE, x: torch.Tensor, out: SAEOutput, run: dict[str, Any], loss: torch.Tensor,
+             terms: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    row = {"loss": loss, "mse": out.mse, **terms, "fvu": FVU().update(x, out.x_hat).value(),
            "l0": (out.codes != 0).sum(-1).float().mean(-1),
            # update_firing_ already counted this batch, so the window includes it.
            "dead_frac": sae.dead_mask(min(run["dead_window"], run["tokens_seen"])).float().mean(-1),
@@ -78,11 +81,28 @@ def _log_row(sae: EnsembleSAE, x: torch.Tensor, out: SAEOutput, run: dict[str, A
     return {k: v.detach().float().cpu().tolist() for k, v in row.items()}  # the one host sync per log
 
 
+def _objective(cfg: TrainSettings, batches: Any, model: Any, hook_name: Any, exclude: Any
+               ) -> SplicedObjective | None:
+    """The e2e batch source and loss for an e2e mode; None (and no model, hook or exclusion given) for "local"."""
+    if cfg.loss == "local":
+        given = [n for n, v in (("model", model), ("hook_name", hook_name), ("exclude", exclude)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} given with loss='local': they are for end-to-end training (pass "
+                             f"loss='e2e' or 'e2e+ds' with token contexts), a local SAE trains on activations alone")
+        return None
+    missing = [n for n, v in (("model", model), ("hook_name", hook_name)) if v is None]
+    if missing:
+        raise ValueError(f"loss={cfg.loss!r} needs {' and '.join(missing)}: the frozen model and the hook whose "
+                         f"activation the reconstruction replaces")
+    return SplicedObjective(model, hook_name, batches, cfg.batch_size, cfg.seed, cfg.loss, exclude)
+
+
 @checked
 def train_sae(sae: EnsembleSAE, batches: Batches, settings: TrainSettings | None = None, *, progress: bool = True,
               callback: Callable[[int, EnsembleSAE], None] | None = None,
               optimizer: torch.optim.Optimizer | None = None, state_dir: str | Path | None = None,
-              resume: bool = True, **fields: Any) -> pd.DataFrame:
+              resume: bool = True, model: torch.nn.Module | None = None, hook_name: str | None = None,
+              exclude: Exclusion | None = None, **fields: Any) -> pd.DataFrame:
     """Train every member of `sae` in place on the same batches; return the log.
 
     settings: how to train (`TrainSettings`: steps, lr, betas, batch_size, seed, log_every, dead_window, warmup_steps,
@@ -97,9 +117,15 @@ def train_sae(sae: EnsembleSAE, batches: Batches, settings: TrainSettings | None
     callback(step, sae) runs after each logged step. optimizer: one to continue with (default a fresh Adam).
     state_dir: where snapshots and the resumable state go; resume: continue from state_dir's state (its settings
     must equal this call's, state_every and snapshot_steps aside).
+    End-to-end modes (settings.loss "e2e" / "e2e+ds", Braun et al. 2024, arXiv 2405.12241; `training.e2e`):
+    batches are token contexts [n_contexts, ctx_len] (integer ids; batch_size counts tokens, rounded down to whole
+    contexts), `model` is the frozen TransformerLens model and `hook_name` where the reconstruction is spliced in;
+    `exclude` (an `activations.Exclusion`, as the harvest recorded it) keeps positions out of the SAE's inputs and
+    the loss. The SAE sees the clean activations at the hook and is trained on the KL of the spliced output (plus
+    the later layers' MSE for "e2e+ds"); the model's weights never change.
 
     Returns a DataFrame, one row per (logged step, member): step, member, loss, mse, fvu, l0, dead_frac, the kind's
-    loss terms (l1, aux, l0_loss, ...), `resampled` when resampling, and the member's hyperparameters. `step` is
+    loss terms (l1, aux, l0_loss, ...), kl and downstream_mse in e2e modes (unweighted), `resampled` when resampling, and the member's hyperparameters. `step` is
     the step whose batch was measured, before its update; the last step is always logged. Raises
     TrainingDiverged (a FloatingPointError) naming the step and member when a loss becomes NaN/inf, and ValueError
     for a bad setting (naming it), a float16 SAE (Adam's second moments underflow in float16: train in float32 or
@@ -114,11 +140,14 @@ def train_sae(sae: EnsembleSAE, batches: Batches, settings: TrainSettings | None
                          "diverges whatever the lr; train in float32 (or bfloat16) and cast the result")
     steps, log_every, dead_window = cfg.steps, cfg.log_every, cfg.dead_window
     resample_every, resample_until = cfg.resample_every, cfg.resample_until
-    source = BatchSource(batches, cfg.batch_size, cfg.seed)
+    objective = _objective(cfg, batches, model, hook_name, exclude)
+    source = BatchSource(batches if objective is None else objective, cfg.batch_size, cfg.seed)
     scale = source.estimate_scale(cfg.seed) if cfg.input_scale == "auto" else float(cfg.input_scale)
     # What a resume compares: the settings (where and how often the state is written aside), the source's kind and
     # the scale actually used.
     settings_json = {**cfg.resume_key(), "source": source.kind, "input_scale": float(scale)}
+    if objective is not None:
+        settings_json["contexts"] = objective.key()
     sae.input_scale = float(scale)
     opt = optimizer or adam(sae, cfg.lr, cfg.betas)
     schedules = Schedules(sae, opt, cfg.lr, steps, cfg.warmup_steps, cfg.decay, cfg.decay_frac, cfg.coef_warmup_steps)
@@ -155,14 +184,16 @@ def train_sae(sae: EnsembleSAE, batches: Batches, settings: TrainSettings | None
                         DEFAULT_DEAD_WINDOW, max(x.shape[0], steps * x.shape[0] // 10)))
                 schedules.apply(step)
                 out = sae(x)
+                loss, terms = (out.loss, {}) if objective is None else objective.loss(
+                    out, sae, cfg.kl_coef, cfg.downstream_coef)
                 opt.zero_grad(set_to_none=True)
-                out.loss.sum().backward()
+                loss.sum().backward()
                 sae.project_decoder_grad_()
                 opt.step()
                 sae.normalize_decoder_()
                 sae.update_firing_(out.fired, x.shape[0])
                 run["tokens_seen"] += x.shape[0]
-                guard.note(out.loss, step)
+                guard.note(loss, step)
                 done = step + 1
                 if resample_every and done % resample_every == 0 and done <= resample_until * steps:
                     guard.check(done)
@@ -172,7 +203,7 @@ def train_sae(sae: EnsembleSAE, batches: Batches, settings: TrainSettings | None
                     run["tokens_at_resample"] = run["tokens_seen"]
                 if step % log_every == 0 or step == steps - 1:
                     guard.check(done)
-                    run["log"].append((step, _log_row(sae, x, out, run)))
+                    run["log"].append((step, _log_row(sae, x, out, run, loss, terms)))
                     if progress:
                         row = run["log"][-1][1]
                         bar.set_postfix(loss=f"{np.mean(row['loss']):.4g}", l0=f"{np.mean(row['l0']):.1f}",

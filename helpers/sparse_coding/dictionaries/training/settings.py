@@ -17,6 +17,11 @@ from ...arguments import checked
 from ...checks import check_choice, check_int, check_number, check_positive, check_seed
 
 
+# What a training run preserves (TrainSettings.loss), and the fields only the e2e modes read.
+LOSSES = ("local", "e2e", "e2e+ds")
+E2E_FIELDS = ("loss", "kl_coef", "downstream_coef")
+
+
 @checked
 @dataclass(frozen=True)
 class TrainSettings:
@@ -39,6 +44,13 @@ class TrainSettings:
     resample_until: the share of the run during which resampling happens, in [0, 1].
     snapshot_steps: with a state_dir, the steps whose weights are kept: "log" (0, 1, 2, 4, ..., steps), a list, None.
     state_every: with a state_dir, write the resumable state every so many steps (None: at snapshots and the end).
+    loss: what the SAE is trained to preserve (Braun et al. 2024, arXiv 2405.12241): "local" (the MSE at its own
+        hook, from activations), "e2e" (the KL divergence of the model's output distribution with the reconstruction
+        spliced in from the clean one, from token contexts through the frozen model) or "e2e+ds" (e2e plus the MSE
+        at every later layer). The kind's sparsity term is added in every mode. See `training.e2e`.
+    kl_coef: e2e modes: weight of the KL term (nats per token, times d_in; the paper's logits_kl coeff).
+    downstream_coef: "e2e+ds": weight of the mean over later layers of their per-dimension MSE in the SAE's input
+        units (times d_in; the paper's in_to_orig total_coeff, split evenly over the layers).
 
     Raises ValueError naming the field and what it must be, when built."""
 
@@ -58,6 +70,9 @@ class TrainSettings:
     resample_until: float = 0.5
     snapshot_steps: str | tuple[int, ...] | None = "log"
     state_every: int | None = None
+    loss: str = "local"
+    kl_coef: float = 1.0
+    downstream_coef: float = 2.5
 
     def __post_init__(self) -> None:
         check_int(self.steps, "steps", 1, hint=" (optimizer steps)")
@@ -80,6 +95,9 @@ class TrainSettings:
         if self.input_scale != "auto":
             check_positive(self.input_scale, "input_scale", " (see estimate_input_scale) or 'auto'")
         check_number(self.resample_until, "resample_until", low=0, high=1, hint=" (share of the run resampling)")
+        check_choice(self.loss, "loss", LOSSES)
+        check_positive(self.kl_coef, "kl_coef")
+        check_number(self.downstream_coef, "downstream_coef", low=0, hint=" (0 leaves the later layers out)")
         snap = self.snapshot_steps
         if snap is not None and not (isinstance(snap, str) and snap == "log"):
             if isinstance(snap, str) or not isinstance(snap, (list, tuple, range)):
@@ -113,8 +131,10 @@ class TrainSettings:
 
     def resume_key(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run it continues (where and how often the state is
-        written may change between the two)."""
-        return {k: v for k, v in self.to_json().items() if k not in ("state_every", "snapshot_steps")}
+        written may change between the two). A local run leaves out the e2e fields, which it does not read, so
+        that states and sweeps saved before e2e modes existed stay valid."""
+        skip = {"state_every", "snapshot_steps"} | (set(E2E_FIELDS) if self.loss == "local" else set())
+        return {k: v for k, v in self.to_json().items() if k not in skip}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "TrainSettings":

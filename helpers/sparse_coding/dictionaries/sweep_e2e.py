@@ -1,0 +1,116 @@
+"""Sweeps trained on token contexts through the model (notebook 08): one ensemble per (kind, loss, ratio, seed),
+one member per sparsity value, every member on the same contexts, for each of the losses "local", "e2e" and
+"e2e+ds" (`TrainSettings.loss`; Braun et al. 2024, arXiv 2405.12241). A local sweep here reads the activations of
+the very contexts the e2e sweeps splice into (computed on the fly), so the kinds differ in their loss alone.
+
+Saved in SAELens's layout under `<data_dir>/dictionaries/<model>/<revision>/<hook>/e2e/<kind>-<loss>-r<ratio>-s<seed>/`
+(cfg.json's metadata records the loss), reused by a rerun with the same settings like `train_lm_sweep`'s."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+import torch
+
+from ..activations import Exclusion, safe_name
+from ..activations.layout import revision_name
+from ..arguments import checked
+from ..checks import check_positive
+from ..files import canonical
+from ..paths import resolve
+from .factory import make_sae
+from .saelens_io import SWEEP_FILE, load_sweep, save_sweep, sweep_info
+from .sweep import HISTORY_FILE, LMSweep, state_dir
+from .training import TrainSettings, train_sae
+from .training.e2e import SplicedObjective, check_contexts
+
+# Sweeps trained on contexts live apart from the store-trained ones, so `reference_dictionary` never takes one.
+E2E_SUBDIR = "e2e"
+
+
+@checked
+def e2e_sweep_dir(data_dir: str | os.PathLike, model_name: str, revision: str, hook_name: str, kind: str, loss: str,
+                  ratio: float, seed: int) -> Path:
+    """``<data_dir>/dictionaries/<model>/<revision>/<hook>/e2e/<kind>-<loss>-r<ratio>-s<seed>`` ("e2e+ds" is
+    spelt "e2e-ds" in the name)."""
+    return (resolve(data_dir) / "dictionaries" / safe_name(model_name) / safe_name(revision_name(model_name, revision))
+            / safe_name(hook_name) / E2E_SUBDIR / f"{kind}-{loss.replace('+', '-')}-r{ratio:g}-s{seed}")
+
+
+@checked
+def train_e2e_sweep(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str, kind: str, ratio: float,
+                    hparams: Mapping[str, Any], settings: TrainSettings | None = None, *, model_name: str,
+                    revision: str = "final", data_dir: str | os.PathLike = "data", n_tokens: int,
+                    exclude: Exclusion | None = None, device: str | torch.device = "cpu", progress: bool = True,
+                    retrain: bool = False, snapshots: bool = False, **fields: Any) -> LMSweep:
+    """Train one ensemble (one member per value in `hparams` lists) with `settings.loss` on token contexts, or
+    reload it.
+
+    tokens: training contexts [n_contexts, ctx_len] (integer ids; e.g. `lm.model_contexts(..., split="train")`);
+    n_tokens: training tokens (steps = n_tokens // batch_size, batch_size in tokens, default 2048, rounded down to
+    whole contexts). settings / fields: `TrainSettings` (loss "local", "e2e" or "e2e+ds", kl_coef,
+    downstream_coef, lr, seed, warmup_steps, ...). model_name / revision name the folder and the metadata.
+    exclude: positions left out of the SAE's inputs and the loss (as the harvest of this hook recorded them).
+    A rerun with the same settings and contexts reloads the saved sweep; retrain=True replaces one trained with
+    other settings (else FileExistsError). Raises ValueError for float tokens or fewer than one batch."""
+    check_positive(ratio, "ratio", " (dictionary size / d_model)")
+    tokens = check_contexts(model, tokens)
+    cfg = TrainSettings.build(settings or TrainSettings(batch_size=2048), **fields)
+    if cfg.batch_size is None:
+        cfg = replace(cfg, batch_size=2048)
+    per_step = (cfg.batch_size // tokens.shape[1]) * tokens.shape[1]
+    if per_step < 1 or n_tokens < per_step:
+        raise ValueError(f"n_tokens={n_tokens} is less than one batch ({max(per_step, cfg.batch_size)} tokens of "
+                         f"whole {tokens.shape[1]}-token contexts)")
+    steps = n_tokens // per_step
+    cfg = replace(cfg, steps=steps, snapshot_steps=fields.get("snapshot_steps", "log" if snapshots else None),
+                  state_every=fields.get("state_every", max(1, steps // 20)))
+    folder = e2e_sweep_dir(data_dir, model_name, revision, hook_name, kind, cfg.loss, ratio, cfg.seed)
+    settings_json = canonical({
+        "kind": kind, "ratio": float(ratio), "loss": cfg.loss, "seed": cfg.seed, "n_tokens": int(n_tokens),
+        "hparams": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in hparams.items()},
+        "train": {**cfg.resume_key(), **{k: getattr(cfg, k) for k in ("loss", "kl_coef", "downstream_coef")}},
+        "snapshots": bool(snapshots), "model": model_name, "revision": revision, "hook": hook_name,
+        "contexts": list(tokens.shape), "tokens_sum": int(tokens.sum()),
+        "exclude": (exclude or Exclusion()).to_json()})
+    if (folder / SWEEP_FILE).exists():
+        saved = sweep_info(folder)
+        if canonical(saved.get("settings")) == settings_json:
+            history = pd.read_csv(folder / HISTORY_FILE) if (folder / HISTORY_FILE).exists() else pd.DataFrame()
+            return LMSweep(folder.name, kind, float(ratio), folder, load_sweep(folder, device=device), history,
+                           float(saved["input_scale"]), float(saved.get("seconds", float("nan"))), True,
+                           settings_json)
+        if not retrain:
+            raise FileExistsError(f"{folder} holds a sweep trained with other settings; pass retrain=True to "
+                                  f"replace it, or use another data_dir")
+    objective = SplicedObjective(model, hook_name, tokens, cfg.batch_size, cfg.seed, cfg.loss, exclude)
+    sae = make_sae(kind, int(objective(0).shape[1]), ratio=ratio, seed=cfg.seed, device=device, **hparams)
+    if retrain:
+        shutil.rmtree(state_dir(folder), ignore_errors=True)
+    t0 = time.time()
+    if cfg.loss == "local":  # the same contexts' activations, read on the fly: the kinds differ in their loss only
+        history = train_sae(sae, objective, cfg, progress=progress, state_dir=state_dir(folder))
+    else:
+        history = train_sae(sae, tokens, cfg, progress=progress, state_dir=state_dir(folder), model=model,
+                            hook_name=hook_name, exclude=exclude)
+    seconds = time.time() - t0
+    metadata = {"model_name": model_name, "revision": revision, "hook_name": hook_name,
+                "context_size": int(tokens.shape[1]), "loss": cfg.loss}
+    if exclude:
+        metadata["exclude"] = exclude.to_json()
+    buf = io.StringIO()
+    history.to_csv(buf, index=False)
+    s = float(sae.input_scale)
+    save_sweep(sae, folder, metadata=metadata, files={HISTORY_FILE: buf.getvalue()},
+               extra={"settings": settings_json, "seconds": seconds}, overwrite=retrain)
+    if not snapshots:
+        shutil.rmtree(state_dir(folder), ignore_errors=True)
+    return LMSweep(folder.name, kind, float(ratio), folder, load_sweep(folder, device=device), history, s, seconds,
+                   False, settings_json)
