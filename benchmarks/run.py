@@ -23,9 +23,10 @@ GOALS = {"topk_vs_dense": 5, "topk_floor_fraction": 0.83, "ensemble16_vs_sequent
          "harvest_llama_vs_hf_hidden_states": 1.5, "harvest_llama_fraction_of_ideal": 0.9}
 # Measured bounds shown beside the goals (no goal of their own).
 BOUNDS = ("topk_vs_dense_bound",)
-# Measured and shown, with no goal: AuxK's step cost with 5 % of latents dead (bench_train (c)), and where the TopK
-# step screens (AMX), its own floor over its step (bench_train (b)).
-SHOWN = ("topk_auxk5_step_ratio", "topk_screen_floor_fraction")
+# Measured and shown, with no goal: AuxK's step cost with 5 % of latents dead (bench_train (c)), where the TopK
+# step screens (AMX), its own floor over its step (bench_train (b)), and what an end-to-end SAE step costs over a
+# local one (bench_e2e).
+SHOWN = ("topk_auxk5_step_ratio", "topk_screen_floor_fraction", "e2e_step_vs_local_step", "e2e_ds_step_vs_local_step")
 CEILINGS = {"loaded_slowdown": 2}
 
 

@@ -47,7 +47,7 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
 
 # Notebooks that take a `model` parameter; 00 trains the offline model and 01 is synthetic data, so a run on another
 # model (`--model`) skips them.
-MODEL_NOTEBOOKS = ("02", "03", "04", "05", "06", "07")
+MODEL_NOTEBOOKS = ("02", "03", "04", "05", "06", "07", "08")
 
 
 def smoke_parameters(nb: Path, out: Path, model: str | None = None) -> dict:

@@ -138,7 +138,7 @@ def test_spliced_loss_keeps_excluded_positions_clean_and_out_of_the_metrics(tiny
 
 
 def test_upper_layers_splice_equals_the_full_hooked_pass(tiny_llama):
-    """On a bridge over a Llama, spliced runs start above the hook (`analyses.upper`): same numbers as the full pass,
+    """On a bridge over a Llama, spliced runs start above the hook (`lm.upper`): same numbers as the full pass,
     with and without an exclusion, and the layers below the hook run once per batch."""
     from sparse_coding.analyses.splicing import Splicer
 

@@ -86,6 +86,17 @@ def test_kl_and_downstream_terms_equal_hooked_forwards_by_hand(model, contexts):
         assert math.isclose(float(terms["kl"][m].detach()), float(kl), rel_tol=1e-4, abs_tol=1e-6)
         mse = F.mse_loss(later * 1.7, clean_later * 1.7)
         assert math.isclose(float(terms["downstream_mse"][m].detach()), float(mse), rel_tol=1e-4)
+    # the layers above the hook ran alone (`lm.upper`, checked against the full pass), and the full hooked pass
+    # (its fallback) gives the same terms and gradients
+    assert obj.upper is not None and obj.upper.ok and obj.upper.ready(obj._clean["tokens"])
+    grads = torch.autograd.grad((terms["kl"] + terms["downstream_mse"]).sum(), sae.W_dec, retain_graph=True)[0]
+    obj.upper = None
+    out = sae(x)
+    full = obj.terms(out.x_hat, 1.7)
+    torch.testing.assert_close(full["kl"], terms["kl"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(full["downstream_mse"], terms["downstream_mse"], rtol=1e-4, atol=1e-7)
+    full_grads = torch.autograd.grad((full["kl"] + full["downstream_mse"]).sum(), sae.W_dec)[0]
+    torch.testing.assert_close(full_grads, grads, rtol=1e-3, atol=1e-6)
 
 
 def test_gradients_reach_the_sae_only_and_the_model_never_changes(model, contexts):

@@ -4,6 +4,7 @@ and single features: mining top examples, logit lens, ablations, baselines' dire
 
 from .ablation import AblationEffect, edit_activation, feature_ablation, loss_with_features, token_ablation
 from .directions import ica_encoder, neuron_encoder, pca_encoder, random_encoder
+from .downstream import at_ce_increase, dictionary_similarity, downstream_loss, matched_ce_increase
 from .features import examples_at, load_mined, mine_dictionary, sae_encoder, save_mined
 from .interpretability import (Record, Score, Split, TokenTableExplainer, TokenTableSimulator, bootstrap_ci,
                                pooled_correlation, score_direction, split_fragments)
@@ -35,4 +36,5 @@ __all__ = ["MatchResult", "hungarian_match", "MCSResult", "max_cosine", "mcs", "
            "TokenTableExplainer", "TokenTableSimulator", "bootstrap_ci", "pooled_correlation", "score_direction",
            "split_fragments", "CachedExplainer", "CachedSimulator", "ChatClient", "LLMExplainer", "LLMSimulator",
            "llm_configured", "logit_lens", "top_tokens", "unembedding", "Example", "Mined", "mine", "scorers",
-           "mean_l0", "spearman"]
+           "mean_l0", "spearman", "at_ce_increase", "dictionary_similarity", "downstream_loss",
+           "matched_ce_increase"]

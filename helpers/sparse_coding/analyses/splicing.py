@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..arguments import checked
 from .. import lm
 from ..activations import Exclusion
-from .upper import UpperLayers
+from ..lm.upper import UpperLayers
 from .reconstruction import check_finite, check_sae, encode_decode, member_indices, rows_per_block
 
 
@@ -59,7 +59,7 @@ class Splicer:
         lm.check_hooks(model, [hook_name])
         self.model, self.hook_name = model, hook_name
         self.start_layer = _fast_start_layer(model, hook_name) if fast else None
-        # A bridge over a Llama-family decoder: the layers above the hook alone (`analyses.upper`).
+        # A bridge over a Llama-family or GPT-NeoX decoder: the layers above the hook alone (`lm.upper`).
         self.upper = UpperLayers.for_hook(model, hook_name) if fast and self.start_layer is None else None
 
     def clean(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +178,7 @@ def spliced_loss(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str,
       kl_to_clean = mean over predictions of KL(clean ‖ spliced) in nats, ppl_clean = exp(ce_clean), ppl_spliced,
       n_predictions.
     Efficiency: the clean forward runs once per batch and is reused by every member; for residual-stream hooks on a
-    HookedTransformer (`start_at_layer`) or a bridge over a Llama-family decoder (`analyses.upper`), spliced runs
+    HookedTransformer (`start_at_layer`) or a bridge over a Llama-family or GPT-NeoX decoder (`lm.upper`), spliced runs
     restart from the hook's layer instead of re-running the layers below it.
     """
     tokens = check_tokens(model, tokens)

@@ -53,6 +53,8 @@ def train_e2e_sweep(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str
     """Train one ensemble (one member per value in `hparams` lists) with `settings.loss` on token contexts, or
     reload it.
 
+    hparams: the kind's hyperparameters, lists for one member each; "seed" (a list) gives members their own
+    initialisation (default: every member from the settings' seed, which also orders the batches).
     tokens: training contexts [n_contexts, ctx_len] (integer ids; e.g. `lm.model_contexts(..., split="train")`);
     n_tokens: training tokens (steps = n_tokens // batch_size, batch_size in tokens, default 2048, rounded down to
     whole contexts). settings / fields: `TrainSettings` (loss "local", "e2e" or "e2e+ds", kl_coef,
@@ -91,7 +93,9 @@ def train_e2e_sweep(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str
             raise FileExistsError(f"{folder} holds a sweep trained with other settings; pass retrain=True to "
                                   f"replace it, or use another data_dir")
     objective = SplicedObjective(model, hook_name, tokens, cfg.batch_size, cfg.seed, cfg.loss, exclude)
-    sae = make_sae(kind, int(objective(0).shape[1]), ratio=ratio, seed=cfg.seed, device=device, **hparams)
+    # hparams may give each member its own initialisation seed ("seed": [...]); the batches follow cfg.seed
+    init = {"seed": cfg.seed, **hparams}
+    sae = make_sae(kind, int(objective(0).shape[1]), ratio=ratio, device=device, **init)
     if retrain:
         shutil.rmtree(state_dir(folder), ignore_errors=True)
     t0 = time.time()

@@ -1,6 +1,7 @@
 """Stage 6, plots: one module per question (notebook), one style, atomic PNG writes into the top-level figures/
 folder; `writeup` builds figures/README.md from the metrics the notebooks wrote."""
 
+from .e2e import plot_ce_vs_l0, plot_downstream_mse, plot_geometry
 from .features import (plot_ablation_effects, plot_feature_cards, plot_loss_by_feature_set,
                        plot_token_ablation)
 from .features_html import inline_view, save_features_page
@@ -19,4 +20,5 @@ __all__ = ["plot_controls", "plot_score_vs_mcs", "plot_scores_by_layer", "plot_t
            "plot_pca_spectra", "plot_high_mcs_vs_size", "plot_mcs_panels", "plot_mcs_vs_frequency", "savefig",
            "plot_method_bars", "plot_mmcs_vs_larger", "plot_sweep_heatmap", "plot_ksvd_wrong_k", "plot_mmcs_vs_l0",
            "plot_emergence",
-           "plot_feature_trajectories", "plot_self_similarity"]
+           "plot_feature_trajectories", "plot_self_similarity", "plot_ce_vs_l0", "plot_downstream_mse",
+           "plot_geometry"]

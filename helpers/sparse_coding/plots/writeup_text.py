@@ -9,6 +9,8 @@ import json
 import math
 from typing import Any, Callable, Mapping
 
+from .writeup_e2e import E2E_COMPARISONS, answer_08
+
 Metrics = Mapping[str, Mapping[str, Any]]  # notebook number -> its metrics
 
 QUESTIONS = {
@@ -23,6 +25,9 @@ QUESTIONS = {
           "final model's features emerge over the model's own training?",
     "06": "What do single features do: their top examples, what they write to the logits, what removing them costs?",
     "07": "Are SAE features more interpretable than the neuron basis, random directions, PCA and ICA?",
+    "08": "At the same cost to the model's next-token loss, do SAEs trained end to end (on the KL of the model's "
+          "output, Braun et al. 2024) need fewer features per token and fewer alive features than local ones, and "
+          "what do they give up?",
 }
 
 MISSING = "not measured in this run"
@@ -170,7 +175,7 @@ def _answer_07(m: Metrics) -> str:
 
 ANSWERS: dict[str, Callable[[Metrics], str]] = {
     "00": _answer_00, "01": _answer_01, "02": _answer_02, "03": _answer_03, "04": _answer_04, "05": _answer_05,
-    "06": _answer_06, "07": _answer_07}
+    "06": _answer_06, "07": _answer_07, "08": answer_08}
 
 
 def _ordering_07(m: Metrics) -> str | None:
@@ -203,6 +208,7 @@ COMPARISONS: list[tuple[str, str, Callable[[Metrics], Any], str]] = [
      "notebook 07, token-table explainer/simulator, offline model"),
     ("Features per token (residual ReLU SAE)", "features_per_token_residual",
      lambda m: _get(m, "03", "best_relu_l0"), "notebook 03, best ReLU-L1 within L0 ≤ 32"),
+    *E2E_COMPARISONS,
 ]
 
 

@@ -16,7 +16,7 @@ Positions an `Exclusion` leaves out keep their clean activation and are left out
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 
 from ... import lm
 from ...arguments import checked
+from ...lm.upper import UpperLayers
 from ...activations import Exclusion
 
 DEFAULT_BATCH_TOKENS = 4096
@@ -139,6 +140,9 @@ class SplicedObjective:
             raise ValueError(f"loss='e2e+ds' needs layers after {hook_name!r} and this model has none; use "
                              f"loss='e2e' at the last layer")
         self.device = next(iter(model.parameters())).device
+        # The layers above the hook alone (`lm.upper`, checked against the full pass once per batch size).
+        self.upper = UpperLayers.for_hook(model, hook_name)
+        self.later_layers = [lm.parse_hook(h).layer for h in self.later]
         self._perm_epoch, self._perm = -1, np.arange(0)
         self._clean: dict[str, Any] = {}
 
@@ -167,10 +171,13 @@ class SplicedObjective:
                 seen[name] = act.detach().clone()
             return hook_fn
 
-        with frozen(self.model):
+        with frozen(self.model), (self.upper.recording(tokens) if self.upper else nullcontext()):
             logits = self.model.run_with_hooks(tokens, return_type="logits",
                                                fwd_hooks=[(h, grab(h)) for h in [self.hook_name, *self.later]])
         act = seen[self.hook_name]
+        if self.upper is not None:
+            with frozen(self.model):
+                self.upper.check(act, logits, self.later_layers, [seen[h] for h in self.later])
         keep = self.exclude.keep(tokens, act, self.hook_name)
         if not bool(keep.any()):
             raise ValueError(f"exclude={self.exclude} leaves no position of step {step}'s contexts to train on")
@@ -203,8 +210,15 @@ class SplicedObjective:
             return hook_fn
 
         with frozen(self.model):
-            logits = self.model.run_with_hooks(tokens.repeat(E, 1), return_type="logits",
-                                               fwd_hooks=[(self.hook_name, put), *[(h, grab(h)) for h in self.later]])
+            if self.upper is not None and self.upper.ready(tokens):  # one member at a time: the recorded masks
+                runs = [self.upper.run(spliced[m * len(tokens):(m + 1) * len(tokens)], self.later_layers)
+                        for m in range(E)]  # and rotary tables are for this batch of contexts
+                logits = torch.cat([r[0] for r in runs])
+                later = {h: torch.cat([r[1][i] for r in runs]) for i, h in enumerate(self.later)}
+            else:
+                logits = self.model.run_with_hooks(tokens.repeat(E, 1), return_type="logits",
+                                                   fwd_hooks=[(self.hook_name, put),
+                                                              *[(h, grab(h)) for h in self.later]])
         n_kept = keep.sum()
         z = logits.float().reshape(E, *c["probs"].shape)
         kl = KLFromLogits.apply(z, c["probs"], c["neg_entropy"])

@@ -1,0 +1,148 @@
+"""Notebook 08's glue: train the sweeps of every kind of loss (and the other seeds at the matched setting), evaluate
+them downstream on held-out contexts, and reduce the table to the metrics file's numbers."""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from .. import dictionaries
+from ..analyses.downstream import at_ce_increase, dictionary_similarity, downstream_loss, matched_ce_increase
+from ..analyses.null import null_mcs_mean
+
+
+def train_all(tl: torch.nn.Module, tokens: torch.Tensor, hook: str, kind: str, ratio: float,
+              coefficients: Mapping[str, list], matched: Mapping[str, Any], seeds: Sequence[int],
+              loss_options: Mapping[str, dict], *, model: str, revision: str, data_dir: str,
+              **train: Any) -> list[tuple[str, Any]]:
+    """[(loss, LMSweep)]: for each kind of loss, one ensemble over `coefficients[loss]` (the kind's sparsity knob)
+    initialised from the first seed, plus one member at `matched[loss]` initialised from each other seed: every
+    member on the same batches, in one pass over the data (other seed = other initialisation)."""
+    knob = dictionaries.SAE_KINDS[kind].sparsity_knob
+    runs = []
+    for loss, values in coefficients.items():
+        vals = list(values) + [matched[loss]] * (len(seeds) - 1)
+        member_seeds = [seeds[0]] * len(values) + list(seeds[1:])
+        run = dictionaries.train_e2e_sweep(tl, tokens, hook, kind, ratio, {knob: vals, "seed": member_seeds},
+                                           model_name=model, revision=revision, data_dir=data_dir, seed=seeds[0],
+                                           loss=loss, **{**train, **loss_options.get(loss, {})})
+        runs.append((loss, run))
+        print(f"{run.name}: {run.sae.n_members} SAEs, "
+              f"{'reused' if run.reused else f'trained in {run.seconds:.0f} s'}")
+    return runs
+
+
+def evaluate_all(tl: torch.nn.Module, tokens: torch.Tensor, hook: str, runs: Sequence[tuple[str, Any]],
+                 batch_size: int = 8) -> pd.DataFrame:
+    """One row per SAE: loss, seed (its initialisation), sweep, member, the knob's value and
+    `analyses.downstream_loss`'s columns."""
+    tables = []
+    for loss, run in runs:
+        t = downstream_loss(tl, tokens, hook, run.sae, batch_size=batch_size, progress=False)
+        t.insert(0, "loss", loss)
+        t.insert(1, "seed", t.pop("seed").astype(int))
+        t.insert(2, "sweep", run.name)
+        tables.append(t)
+    return pd.concat(tables, ignore_index=True)
+
+
+def matched_member(runs: Sequence[tuple[str, Any]], loss: str, seed: int, knob: str, value: Any) -> Any:
+    """The decoder directions [d_sae, d_in] of the SAE of `loss` initialised from `seed` whose knob is `value`."""
+    for lo, run in runs:
+        if lo == loss:
+            for m, h in enumerate(run.sae.hparams):
+                if h[knob] == value and h["seed"] == seed:
+                    return run.sae.decoder_directions()[m].detach()
+    raise KeyError(f"no SAE of loss {loss!r}, seed {seed} with {knob}={value!r}")
+
+
+def geometry(runs: Sequence[tuple[str, Any]], kind: str, matched: Mapping[str, Any], seeds: Sequence[int],
+             ratio: float) -> dict[str, Any]:
+    """How alike the dictionaries at the matched setting are, each pair by `dictionary_similarity` ({"mmcs",
+    "matched"}):
+      "within": {loss: its first two seeds' SAEs};
+      "across": {"a vs b": kind a from one seed against kind b from another, the mean of both ways round} (another
+        seed, so that a shared initialisation cannot make two kinds look alike); with one seed, empty;
+      "across_same_init": the same pairs from the first seed (what the shared initialisation adds);
+      "to_init": {loss: the first seed's SAE against its own initial decoder} (how far training moved it);
+      "null": the expected max cosine of a random direction against d_sae random ones (`null_mcs_mean`), the floor."""
+    knob = dictionaries.SAE_KINDS[kind].sparsity_knob
+    two = list(seeds[:2])
+    dirs = {(loss, s): matched_member(runs, loss, s, knob, matched[loss]) for loss in matched for s in two}
+    first = dirs[(next(iter(matched)), two[0])]
+    init = dictionaries.make_sae(kind, first.shape[1], ratio=ratio, seed=two[0]).decoder_directions()[0].detach()
+    pairs = list(combinations(list(matched), 2))
+
+    def mean(a: dict, b: dict) -> dict:
+        return {k: (a[k] + b[k]) / 2 for k in a}
+
+    out: dict[str, Any] = {
+        "within": {loss: dictionary_similarity(dirs[(loss, two[0])], dirs[(loss, two[1])])
+                   for loss in matched if len(two) > 1},
+        "across": {f"{a} vs {b}": mean(dictionary_similarity(dirs[(a, two[0])], dirs[(b, two[1])]),
+                                       dictionary_similarity(dirs[(a, two[1])], dirs[(b, two[0])]))
+                   for a, b in pairs if len(two) > 1},
+        "across_same_init": {f"{a} vs {b}": dictionary_similarity(dirs[(a, two[0])], dirs[(b, two[0])])
+                             for a, b in pairs},
+        "to_init": {loss: dictionary_similarity(dirs[(loss, two[0])], init) for loss in matched},
+        "null": null_mcs_mean(first.shape[0], first.shape[1])}
+    return out
+
+
+def seed_spread(table: pd.DataFrame, knob: str, matched: Mapping[str, Any]) -> dict[str, dict]:
+    """{loss: {knob: value, "seeds": [...], "ce_increase": [...], "l0": [...], "alive": [...], "nmse_at_hook":
+    [...]}}: the SAEs at each kind's matched setting, one entry per seed (how much one setting moves from seed to
+    seed, the noise a difference between kinds must exceed)."""
+    out = {}
+    for loss, value in matched.items():
+        rows = table[(table["loss"] == loss) & (table[knob] == value)].sort_values("seed")
+        last = [c for c in table.columns if c.startswith("nmse:")][-1:] or ["nmse_at_hook"]
+        out[loss] = {knob: value, "seeds": rows["seed"].astype(int).tolist(),
+                     **{c: rows[c].astype(float).tolist() for c in ("ce_increase", "l0", "alive", "nmse_at_hook")},
+                     "nmse_last_layer": rows[last[0]].astype(float).tolist()}
+    return out
+
+
+def frontier_metrics(table: pd.DataFrame, hook: str) -> dict[str, Any]:
+    """The metrics file's frontier numbers: the matched CE increase (`matched_ce_increase` over the first seed's
+    frontiers), and at it, per kind of loss, L0, alive latents, the MSE at the hook (raw and normalised) and the
+    normalised MSE at every later layer (interpolated on each frontier, `at_ce_increase`)."""
+    first = table[table["seed"] == table["seed"].min()]
+    fronts = {loss: first[first["loss"] == loss] for loss in dict.fromkeys(first["loss"])}
+    ce = matched_ce_increase(fronts)
+    later = [c.removeprefix("nmse:") for c in table.columns if c.startswith("nmse:")]
+    def at(t: pd.DataFrame, column: str) -> float:  # NaN where the frontiers share no CE increase
+        return at_ce_increase(t, ce, column) if math.isfinite(ce) else math.nan
+
+    out: dict[str, Any] = {"matched_ce_increase": ce, "l0_at_matched_ce": {}, "alive_at_matched_ce": {},
+                           "mse_at_hook": {}, "nmse_at_hook": {}, "downstream_mse": {}}
+    for loss, t in fronts.items():
+        out["l0_at_matched_ce"][loss] = at(t, "l0")
+        out["alive_at_matched_ce"][loss] = at(t, "alive")
+        out["mse_at_hook"][loss] = at(t, "mse_at_hook")
+        out["nmse_at_hook"][loss] = at(t, "nmse_at_hook")
+        out["downstream_mse"][loss] = {hook: out["nmse_at_hook"][loss], **{h: at(t, f"nmse:{h}") for h in later}}
+    out["nmse_last_layer"] = {loss: list(v.values())[-1] for loss, v in out["downstream_mse"].items()}
+    out["ce_clean"] = float(table["ce_clean"].iloc[0])
+    return out
+
+
+def reproduced(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The paper's claims read off the metrics: e2e (and e2e+ds) need fewer latents per token / fewer alive latents
+    than local at the matched CE increase, e2e's MSE at the hook is worse, e2e+ds is closer downstream than e2e (at
+    the last layer). Each True/False as the point estimates fall, or None where a number is missing (NaN); whether
+    a difference exceeds the seed-to-seed spread is the write-up's to say (`seed_spread`)."""
+    def less(a: float, b: float) -> bool | None:
+        return None if not (math.isfinite(a) and math.isfinite(b)) else bool(a < b)
+
+    l0, alive, mse = metrics["l0_at_matched_ce"], metrics["alive_at_matched_ce"], metrics["nmse_at_hook"]
+    last = {k: list(v.values())[-1] for k, v in metrics["downstream_mse"].items()}
+    return {"e2e_fewer_l0": less(l0["e2e"], l0["local"]), "e2e_ds_fewer_l0": less(l0["e2e+ds"], l0["local"]),
+            "e2e_fewer_alive": less(alive["e2e"], alive["local"]),
+            "e2e_worse_mse_at_hook": less(mse["local"], mse["e2e"]),
+            "e2e_ds_closer_downstream": less(last["e2e+ds"], last["e2e"])}
+
