@@ -116,16 +116,24 @@ def test_gradients_reach_the_sae_only_and_the_model_never_changes(model, context
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [p.requires_grad for p in model.parameters()] == flags
+    # the upper layers run the transformers model's own blocks: their parameters got no gradient either
+    hf = model.__dict__.get("original_model")
+    assert hf is None or all(p.grad is None for p in hf.parameters())
+    model.train()
+    train_sae(sae, contexts, steps=1, batch_size=64, loss="e2e", model=model, hook_name=HOOK, progress=False)
+    assert model.training  # the mode it was in is restored
+    model.eval()
 
 
 class Interrupt(Exception):
     pass
 
 
-def test_killed_e2e_run_resumes_bit_identical(model, contexts, tmp_path):
+@pytest.mark.parametrize("loss", ["e2e", "e2e+ds"])
+def test_killed_e2e_run_resumes_bit_identical(model, contexts, tmp_path, loss):
     d = int(model.cfg.d_model)
     build = lambda: make_sae("relu", d, 2 * d, l1_coef=[0.3, 1.0], seed=[4, 5])  # noqa: E731
-    kw = dict(steps=12, batch_size=32, lr=1e-2, loss="e2e", model=model, hook_name=HOOK, progress=False,
+    kw = dict(steps=12, batch_size=32, lr=1e-2, loss=loss, model=model, hook_name=HOOK, progress=False,
               log_every=2, state_every=4, warmup_steps=3, decay="linear", seed=7)
     ref = build()
     ref_log = train_sae(ref, contexts, state_dir=tmp_path / "ref", **kw)
@@ -238,3 +246,77 @@ def test_kl_from_logits_matches_autograd_in_float64():
     ne = (p * logp).sum(-1)
     assert torch.autograd.gradcheck(lambda t: KLFromLogits.apply(t, p, ne), (z,))
     torch.testing.assert_close(KLFromLogits.apply(z, p, ne), kl_clean_spliced(logp, z.log_softmax(-1)))
+
+
+def test_the_loss_adds_its_terms_in_the_documented_units(model, contexts):
+    """loss = d_in · (kl_coef · KL + downstream_coef · downstream MSE) + the kind's L1 (no local MSE)."""
+    d = int(model.cfg.d_model)
+    sae = make_sae("relu", d, 2 * d, l1_coef=[0.5, 2.0], seed=[1, 2])
+    obj = SplicedObjective(model, HOOK, contexts, 32, 0, "e2e+ds")
+    out = sae(obj(2))
+    loss, terms = obj.loss(out, sae, 0.7, 3.0)
+    expect = d * (0.7 * terms["kl"] + 3.0 * terms["downstream_mse"]) + out.losses["l1"]
+    torch.testing.assert_close(loss, expect)
+
+
+def test_two_later_layers_are_averaged_and_excluded_positions_stay_clean(model, contexts):
+    """From blocks.0.hook_resid_pre both blocks' outputs are later layers (the full hooked pass: no upper path for
+    a resid_pre hook); with position 0 excluded it keeps its clean activation and every term leaves it out."""
+    from sparse_coding.activations import Exclusion
+
+    pre = "blocks.0.hook_resid_pre"
+    hooks = ["blocks.0.hook_resid_post", LATER]
+    d = int(model.cfg.d_model)
+    sae = make_sae("relu", d, 2 * d, l1_coef=[0.5], seed=3)
+    obj = SplicedObjective(model, pre, contexts, 48, 1, "e2e+ds", exclude=Exclusion(positions=(0,)))
+    assert obj.later == hooks and obj.upper is None
+    x = obj(0)
+    tokens = obj._clean["tokens"]
+    assert x.shape[0] == tokens.shape[0] * (tokens.shape[1] - 1)
+    out = sae(x)
+    terms = obj.terms(out.x_hat, 1.3)
+
+    def run(replace=None):
+        seen = {}
+        fwd = [(h, (lambda name: lambda a, hook: seen.__setitem__(name, a.detach().clone()))(h)) for h in hooks]
+        if replace is not None:
+            fwd.insert(0, (pre, lambda a, hook: replace))
+        else:
+            fwd.insert(0, (pre, lambda a, hook: seen.__setitem__("act", a.detach().clone())))
+        with torch.no_grad():
+            return model.run_with_hooks(tokens, return_type="logits", fwd_hooks=fwd), seen
+
+    clean_logits, clean = run()
+    new = clean["act"].clone()
+    new[:, 1:] = out.x_hat[0].detach().reshape(tokens.shape[0], tokens.shape[1] - 1, d)
+    logits, spliced = run(new)
+    kl = F.kl_div(logits[:, 1:].log_softmax(-1).flatten(0, 1), clean_logits[:, 1:].log_softmax(-1).flatten(0, 1),
+                  log_target=True, reduction="batchmean")
+    assert math.isclose(float(terms["kl"][0].detach()), float(kl), rel_tol=1e-4, abs_tol=1e-6)
+    mse = sum(F.mse_loss(spliced[h][:, 1:] * 1.3, clean[h][:, 1:] * 1.3) for h in hooks) / 2
+    assert math.isclose(float(terms["downstream_mse"][0].detach()), float(mse), rel_tol=1e-4)
+
+
+def test_downstream_loss_of_a_zero_reconstruction(model, contexts):
+    """x̂ = 0: MSE at the hook is E‖x‖², normalised by the variance; no latent fires; excluded positions leave
+    the numbers they should."""
+    from sparse_coding.activations import Exclusion
+
+    d = int(model.cfg.d_model)
+    sae = make_sae("relu", d, 2 * d, l1_coef=0.0)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.zero_()
+        sae.b_enc.fill_(-1.0)
+    tokens = contexts[:6]
+    seen = {}
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda a, hook: seen.__setitem__("a", a.clone()))])
+    x = seen["a"][:, 1:].reshape(-1, d).double()
+    row = analyses.downstream_loss(model, tokens, HOOK, sae, exclude=Exclusion(positions=(0,)),
+                                   progress=False).iloc[0]
+    assert row["l0"] == 0 and row["alive"] == 0 and row["n_positions"] == x.shape[0]
+    assert row["n_predictions"] == tokens.shape[0] * (tokens.shape[1] - 2)
+    assert math.isclose(row["mse_at_hook"], float(x.pow(2).sum(1).mean()), rel_tol=1e-5)
+    var = float((x - x.mean(0)).pow(2).sum(1).mean())
+    assert math.isclose(row["nmse_at_hook"], float(x.pow(2).sum(1).mean()) / var, rel_tol=1e-5)

@@ -29,7 +29,7 @@ from .factory import make_sae
 from .saelens_io import SWEEP_FILE, load_sweep, save_sweep, sweep_info
 from .sweep import HISTORY_FILE, LMSweep, state_dir
 from .training import TrainSettings, train_sae
-from .training.e2e import SplicedObjective, check_contexts
+from .training.e2e import DEFAULT_BATCH_TOKENS, SplicedObjective, check_contexts
 
 # Sweeps trained on contexts live apart from the store-trained ones, so `reference_dictionary` never takes one.
 E2E_SUBDIR = "e2e"
@@ -56,7 +56,7 @@ def train_e2e_sweep(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str
     hparams: the kind's hyperparameters, lists for one member each; "seed" (a list) gives members their own
     initialisation (default: every member from the settings' seed, which also orders the batches).
     tokens: training contexts [n_contexts, ctx_len] (integer ids; e.g. `lm.model_contexts(..., split="train")`);
-    n_tokens: training tokens (steps = n_tokens // batch_size, batch_size in tokens, default 2048, rounded down to
+    n_tokens: training tokens (steps = n_tokens // batch_size, batch_size in tokens, default 4096, rounded down to
     whole contexts). settings / fields: `TrainSettings` (loss "local", "e2e" or "e2e+ds", kl_coef,
     downstream_coef, lr, seed, warmup_steps, ...). model_name / revision name the folder and the metadata.
     exclude: positions left out of the SAE's inputs and the loss (as the harvest of this hook recorded them).
@@ -64,9 +64,9 @@ def train_e2e_sweep(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str
     other settings (else FileExistsError). Raises ValueError for float tokens or fewer than one batch."""
     check_positive(ratio, "ratio", " (dictionary size / d_model)")
     tokens = check_contexts(model, tokens)
-    cfg = TrainSettings.build(settings or TrainSettings(batch_size=2048), **fields)
+    cfg = TrainSettings.build(settings or TrainSettings(batch_size=DEFAULT_BATCH_TOKENS), **fields)
     if cfg.batch_size is None:
-        cfg = replace(cfg, batch_size=2048)
+        cfg = replace(cfg, batch_size=DEFAULT_BATCH_TOKENS)
     per_step = (cfg.batch_size // tokens.shape[1]) * tokens.shape[1]
     if per_step < 1 or n_tokens < per_step:
         raise ValueError(f"n_tokens={n_tokens} is less than one batch ({max(per_step, cfg.batch_size)} tokens of "

@@ -88,7 +88,7 @@ def plot_geometry(geometry: Mapping[str, Any], title: str = "") -> "plt.Figure":
             ax.text(xi + (i - 0.5) * 0.38, v + 0.01, f"{v:.2f}", ha="center", fontsize="x-small")
     null = geometry.get("null")
     if isinstance(null, (int, float)) and math.isfinite(null):
-        ax.axhline(null, ls=":", color="grey", label=f"random directions {null:.2f}")
+        ax.axhline(null, ls=":", color="grey", label=f"random directions, max cosine {null:.2f}")
     ax.set_xticks(x, [p[0] for p in pairs], fontsize="x-small")
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("mean cosine")

@@ -13,6 +13,7 @@ import torch
 from .. import dictionaries
 from ..analyses.downstream import at_ce_increase, dictionary_similarity, downstream_loss, matched_ce_increase
 from ..analyses.null import null_mcs_mean
+from ..dictionaries.base import init_decoder
 
 
 def train_all(tl: torch.nn.Module, tokens: torch.Tensor, hook: str, kind: str, ratio: float,
@@ -37,12 +38,12 @@ def train_all(tl: torch.nn.Module, tokens: torch.Tensor, hook: str, kind: str, r
 
 
 def evaluate_all(tl: torch.nn.Module, tokens: torch.Tensor, hook: str, runs: Sequence[tuple[str, Any]],
-                 batch_size: int = 8) -> pd.DataFrame:
+                 batch_size: int = 8, exclude: Any = None) -> pd.DataFrame:
     """One row per SAE: loss, seed (its initialisation), sweep, member, the knob's value and
-    `analyses.downstream_loss`'s columns."""
+    `analyses.downstream_loss`'s columns; `exclude` (the positions training left out) is left out here too."""
     tables = []
     for loss, run in runs:
-        t = downstream_loss(tl, tokens, hook, run.sae, batch_size=batch_size, progress=False)
+        t = downstream_loss(tl, tokens, hook, run.sae, batch_size=batch_size, exclude=exclude, progress=False)
         t.insert(0, "loss", loss)
         t.insert(1, "seed", t.pop("seed").astype(int))
         t.insert(2, "sweep", run.name)
@@ -60,28 +61,31 @@ def matched_member(runs: Sequence[tuple[str, Any]], loss: str, seed: int, knob: 
     raise KeyError(f"no SAE of loss {loss!r}, seed {seed} with {knob}={value!r}")
 
 
-def geometry(runs: Sequence[tuple[str, Any]], kind: str, matched: Mapping[str, Any], seeds: Sequence[int],
-             ratio: float) -> dict[str, Any]:
+def geometry(runs: Sequence[tuple[str, Any]], kind: str, matched: Mapping[str, Any], seeds: Sequence[int]
+             ) -> dict[str, Any]:
     """How alike the dictionaries at the matched setting are, each pair by `dictionary_similarity` ({"mmcs",
     "matched"}):
-      "within": {loss: its first two seeds' SAEs};
+      "within": {loss: its first two seeds' SAEs, the mean of both ways round};
       "across": {"a vs b": kind a from one seed against kind b from another, the mean of both ways round} (another
         seed, so that a shared initialisation cannot make two kinds look alike); with one seed, empty;
       "across_same_init": the same pairs from the first seed (what the shared initialisation adds);
       "to_init": {loss: the first seed's SAE against its own initial decoder} (how far training moved it);
-      "null": the expected max cosine of a random direction against d_sae random ones (`null_mcs_mean`), the floor."""
+      "null": the expected max cosine of a random direction against d_sae random ones (`null_mcs_mean`): the floor
+        of the max-cosine summary (a 1:1 matching's floor is lower).
+    Every decoder row counts, dead latents' too (they keep their initial direction)."""
     knob = dictionaries.SAE_KINDS[kind].sparsity_knob
     two = list(seeds[:2])
     dirs = {(loss, s): matched_member(runs, loss, s, knob, matched[loss]) for loss in matched for s in two}
     first = dirs[(next(iter(matched)), two[0])]
-    init = dictionaries.make_sae(kind, first.shape[1], ratio=ratio, seed=two[0]).decoder_directions()[0].detach()
+    init = init_decoder(first.shape[1], first.shape[0], two[0])  # every member of one seed starts from it
     pairs = list(combinations(list(matched), 2))
 
     def mean(a: dict, b: dict) -> dict:
         return {k: (a[k] + b[k]) / 2 for k in a}
 
     out: dict[str, Any] = {
-        "within": {loss: dictionary_similarity(dirs[(loss, two[0])], dirs[(loss, two[1])])
+        "within": {loss: mean(dictionary_similarity(dirs[(loss, two[0])], dirs[(loss, two[1])]),
+                              dictionary_similarity(dirs[(loss, two[1])], dirs[(loss, two[0])]))
                    for loss in matched if len(two) > 1},
         "across": {f"{a} vs {b}": mean(dictionary_similarity(dirs[(a, two[0])], dirs[(b, two[1])]),
                                        dictionary_similarity(dirs[(a, two[1])], dirs[(b, two[0])]))
@@ -93,24 +97,40 @@ def geometry(runs: Sequence[tuple[str, Any]], kind: str, matched: Mapping[str, A
     return out
 
 
+SPREAD_COLUMNS = ("l0", "alive", "nmse_at_hook", "nmse_last_layer")
+
+
 def seed_spread(table: pd.DataFrame, knob: str, matched: Mapping[str, Any]) -> dict[str, dict]:
-    """{loss: {knob: value, "seeds": [...], "ce_increase": [...], "l0": [...], "alive": [...], "nmse_at_hook":
-    [...]}}: the SAEs at each kind's matched setting, one entry per seed (how much one setting moves from seed to
-    seed, the noise a difference between kinds must exceed)."""
+    """How far a second initialisation moves what the metrics read at one CE increase, per kind of loss:
+    {loss: {knob: value, "seeds": [...], "ce_increase": [...], and for l0, alive, nmse_at_hook, nmse_last_layer
+    the raw values [...] and "<column>_offset" [...]}}, one entry per seed, for the SAEs at the kind's matched
+    setting. An offset is the SAE's value minus the first seed's frontier at the SAE's own CE increase
+    (`at_ce_increase`): how far off that frontier the other initialisation lands, in the units the kinds are
+    compared in (the first seed's own SAE lies on its frontier: offset 0); NaN where its CE increase is outside the
+    frontier. With two initialisations, max − min of the offsets is a lower bound on the noise of a value read
+    off a frontier (one draw; data order, eval sample and hyperparameters held fixed)."""
+    last = [c for c in table.columns if c.startswith("nmse:")][-1:] or ["nmse_at_hook"]
+    table = table.assign(nmse_last_layer=table[last[0]])
+    first_seed = table["seed"].min()
     out = {}
     for loss, value in matched.items():
+        front = table[(table["loss"] == loss) & (table["seed"] == first_seed)]
         rows = table[(table["loss"] == loss) & (table[knob] == value)].sort_values("seed")
-        last = [c for c in table.columns if c.startswith("nmse:")][-1:] or ["nmse_at_hook"]
-        out[loss] = {knob: value, "seeds": rows["seed"].astype(int).tolist(),
-                     **{c: rows[c].astype(float).tolist() for c in ("ce_increase", "l0", "alive", "nmse_at_hook")},
-                     "nmse_last_layer": rows[last[0]].astype(float).tolist()}
+        entry: dict[str, Any] = {knob: value, "seeds": rows["seed"].astype(int).tolist(),
+                                 "ce_increase": rows["ce_increase"].astype(float).tolist()}
+        for c in SPREAD_COLUMNS:
+            entry[c] = rows[c].astype(float).tolist()
+            entry[f"{c}_offset"] = [float(v) - at_ce_increase(front, float(ce), c) for v, ce in
+                                    zip(rows[c], rows["ce_increase"])]
+        out[loss] = entry
     return out
 
 
 def frontier_metrics(table: pd.DataFrame, hook: str) -> dict[str, Any]:
     """The metrics file's frontier numbers: the matched CE increase (`matched_ce_increase` over the first seed's
-    frontiers), and at it, per kind of loss, L0, alive latents, the MSE at the hook (raw and normalised) and the
-    normalised MSE at every later layer (interpolated on each frontier, `at_ce_increase`)."""
+    frontiers), and at it, per kind of loss, L0, alive latents, the MSE at the hook (raw: `mse_at_hook`, and
+    normalised: `nmse_at_hook`), and `downstream_mse` {hook: normalised MSE} at the SAE's hook and every later
+    layer (MSE over the clean activations' variance there; interpolated on each frontier, `at_ce_increase`)."""
     first = table[table["seed"] == table["seed"].min()]
     fronts = {loss: first[first["loss"] == loss] for loss in dict.fromkeys(first["loss"])}
     ce = matched_ce_increase(fronts)
@@ -129,20 +149,3 @@ def frontier_metrics(table: pd.DataFrame, hook: str) -> dict[str, Any]:
     out["nmse_last_layer"] = {loss: list(v.values())[-1] for loss, v in out["downstream_mse"].items()}
     out["ce_clean"] = float(table["ce_clean"].iloc[0])
     return out
-
-
-def reproduced(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """The paper's claims read off the metrics: e2e (and e2e+ds) need fewer latents per token / fewer alive latents
-    than local at the matched CE increase, e2e's MSE at the hook is worse, e2e+ds is closer downstream than e2e (at
-    the last layer). Each True/False as the point estimates fall, or None where a number is missing (NaN); whether
-    a difference exceeds the seed-to-seed spread is the write-up's to say (`seed_spread`)."""
-    def less(a: float, b: float) -> bool | None:
-        return None if not (math.isfinite(a) and math.isfinite(b)) else bool(a < b)
-
-    l0, alive, mse = metrics["l0_at_matched_ce"], metrics["alive_at_matched_ce"], metrics["nmse_at_hook"]
-    last = {k: list(v.values())[-1] for k, v in metrics["downstream_mse"].items()}
-    return {"e2e_fewer_l0": less(l0["e2e"], l0["local"]), "e2e_ds_fewer_l0": less(l0["e2e+ds"], l0["local"]),
-            "e2e_fewer_alive": less(alive["e2e"], alive["local"]),
-            "e2e_worse_mse_at_hook": less(mse["local"], mse["e2e"]),
-            "e2e_ds_closer_downstream": less(last["e2e+ds"], last["e2e"])}
-

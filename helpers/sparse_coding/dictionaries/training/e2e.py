@@ -35,7 +35,9 @@ DOWNSTREAM_SITE = "resid_post"
 @checked
 def downstream_hooks(model: torch.nn.Module, hook_name: str) -> list[str]:
     """The residual stream after every block downstream of `hook_name` (``blocks.L.hook_resid_post`` -> blocks
-    L+1..n-1; a resid_pre or mid-block hook of block L -> blocks L..n-1). Empty for the last block's output.
+    L+1..n-1; a resid_pre or mid-block hook of block L -> blocks L..n-1), the final block's output included (the
+    authors' configs take the later blocks' inputs, resid_pre, which leaves it out: on a 4-block model at layer 2
+    that would leave nothing). Empty for the last block's output.
     Raises ValueError for a hook outside the blocks (embeddings, final norm)."""
     layer, site = lm.parse_hook(hook_name)
     if layer is None:
