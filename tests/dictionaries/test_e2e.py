@@ -320,3 +320,16 @@ def test_downstream_loss_of_a_zero_reconstruction(model, contexts):
     assert math.isclose(row["mse_at_hook"], float(x.pow(2).sum(1).mean()), rel_tol=1e-5)
     var = float((x - x.mean(0)).pow(2).sum(1).mean())
     assert math.isclose(row["nmse_at_hook"], float(x.pow(2).sum(1).mean()) / var, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("kind, hp", [("topk", {"k": 4}), ("batchtopk", {"k": 4}), ("jumprelu", {"l0_coef": 0.1})])
+def test_every_kind_trains_end_to_end(model, contexts, kind, hp):
+    """Any kind works with any loss: TopK's k fixes L0 and only the loss changes; the KL falls from its start."""
+    d = int(model.cfg.d_model)
+    sae = make_sae(kind, d, 2 * d, seed=0, **hp)
+    log = train_sae(sae, contexts, steps=30, batch_size=64, lr=1e-2, loss="e2e", model=model, hook_name=HOOK,
+                    progress=False, log_every=1, input_scale=1.0)
+    assert log["kl"].notna().all() and log["loss"].map(math.isfinite).all()
+    assert log["kl"].iloc[-5:].mean() < log["kl"].iloc[:3].mean()
+    if kind == "topk":
+        assert (log["l0"] == 4).all()

@@ -92,6 +92,24 @@ class LMSweep:
         return f"{self.kind} r{self.ratio:g} {knob}"
 
 
+def saved_sweep(folder: Path, kind: str, ratio: float, settings_json: dict, device: str | torch.device,
+                retrain: bool) -> LMSweep | None:
+    """The sweep saved in `folder` when it was trained with `settings_json` (compared after a JSON round trip),
+    loaded onto `device`; None when there is none, or one trained otherwise and retrain=True (the caller replaces
+    it); FileExistsError naming the folder for one trained otherwise without retrain."""
+    if not (folder / SWEEP_FILE).exists():
+        return None
+    saved = sweep_info(folder)
+    if canonical(saved.get("settings")) == settings_json:
+        history = pd.read_csv(folder / HISTORY_FILE) if (folder / HISTORY_FILE).exists() else pd.DataFrame()
+        return LMSweep(folder.name, kind, float(ratio), folder, load_sweep(folder, device=device), history,
+                       float(saved["input_scale"]), float(saved.get("seconds", float("nan"))), True, settings_json)
+    if not retrain:
+        raise FileExistsError(f"{folder} holds a sweep trained with other settings; pass retrain=True to replace "
+                              f"it, or use another data_dir")
+    return None
+
+
 def _settings(store: ActivationStore, kind: str, ratio: float, hparams: Mapping[str, Any], n_tokens: int,
               cfg: TrainSettings, snapshots: bool) -> dict:
     """What a sweep.json records and a rerun compares: the sweep's own settings and its TrainSettings whole (the
@@ -134,16 +152,9 @@ def train_lm_sweep(store: ActivationStore, kind: str, ratio: float, hparams: Map
                   state_every=fields.get("state_every", max(1, steps // 20)))
     folder = sweep_dir(data_dir, store, kind, ratio, cfg.seed)
     settings_json = _settings(store, kind, ratio, hparams, n_tokens, cfg, snapshots)
-    if (folder / SWEEP_FILE).exists():
-        saved = sweep_info(folder)
-        if canonical(saved.get("settings")) == settings_json:
-            history = pd.read_csv(folder / HISTORY_FILE) if (folder / HISTORY_FILE).exists() else pd.DataFrame()
-            return LMSweep(folder.name, kind, float(ratio), folder, load_sweep(folder, device=device), history,
-                           float(saved["input_scale"]), float(saved.get("seconds", float("nan"))), True,
-                           settings_json)
-        if not retrain:
-            raise FileExistsError(f"{folder} holds a sweep trained with other settings; pass retrain=True to "
-                                  f"replace it, or use another data_dir")
+    saved = saved_sweep(folder, kind, ratio, settings_json, device, retrain)
+    if saved is not None:
+        return saved
 
     sae = make_sae(kind, store.d, ratio=ratio, seed=cfg.seed, device=device, **hparams)
     if retrain:

@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
-import pandas as pd
 import torch
 
 from ..activations import Exclusion, safe_name
@@ -26,8 +25,8 @@ from ..checks import check_positive
 from ..files import canonical
 from ..paths import resolve
 from .factory import make_sae
-from .saelens_io import SWEEP_FILE, load_sweep, save_sweep, sweep_info
-from .sweep import HISTORY_FILE, LMSweep, state_dir
+from .saelens_io import load_sweep, save_sweep
+from .sweep import HISTORY_FILE, LMSweep, saved_sweep, state_dir
 from .training import TrainSettings, train_sae
 from .training.e2e import DEFAULT_BATCH_TOKENS, SplicedObjective, check_contexts
 
@@ -82,16 +81,9 @@ def train_e2e_sweep(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str
         "snapshots": bool(snapshots), "model": model_name, "revision": revision, "hook": hook_name,
         "contexts": list(tokens.shape), "tokens_sum": int(tokens.sum()),
         "exclude": (exclude or Exclusion()).to_json()})
-    if (folder / SWEEP_FILE).exists():
-        saved = sweep_info(folder)
-        if canonical(saved.get("settings")) == settings_json:
-            history = pd.read_csv(folder / HISTORY_FILE) if (folder / HISTORY_FILE).exists() else pd.DataFrame()
-            return LMSweep(folder.name, kind, float(ratio), folder, load_sweep(folder, device=device), history,
-                           float(saved["input_scale"]), float(saved.get("seconds", float("nan"))), True,
-                           settings_json)
-        if not retrain:
-            raise FileExistsError(f"{folder} holds a sweep trained with other settings; pass retrain=True to "
-                                  f"replace it, or use another data_dir")
+    saved = saved_sweep(folder, kind, ratio, settings_json, device, retrain)
+    if saved is not None:
+        return saved
     objective = SplicedObjective(model, hook_name, tokens, cfg.batch_size, cfg.seed, cfg.loss, exclude)
     # hparams may give each member its own initialisation seed ("seed": [...]); the batches follow cfg.seed
     init = {"seed": cfg.seed, **hparams}
