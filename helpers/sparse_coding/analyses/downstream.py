@@ -79,8 +79,8 @@ def downstream_loss(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str
                                  f"{act.shape[-1]}: evaluate at the hook the SAE was trained on")
             keep = exclude.keep(tb, act, hook_name)
             scored = keep[:, :-1]
-            logp_clean, ce = next_token_logprobs(logits, tb)
-            logp_all = logits.float().log_softmax(-1)
+            logp_all = logits.float().log_softmax(-1)  # once: the clean CE and every member's KL read it
+            ce = -logp_all[:, :-1].gather(-1, tb[:, 1:, None]).squeeze(-1)
             clean_sum += float(ce[scored].double().sum())
             n_pred, n_pos = n_pred + int(scored.sum()), n_pos + int(keep.sum())
             for h in hooks:
