@@ -22,11 +22,11 @@ from ..activations import Exclusion
 from ..checks import check_int
 from ..files import atomic_dir, load_json, load_tensors, save_json, save_tensors
 from ..paths import resolve
-from .mining import Example, Mined, mine
+from .mining import FORMAT, Example, Mined, mine
 
 MINED_FILE = "mined.safetensors"
 MINED_META = "mined.json"
-_FIELDS = ["count", "power_sums", "anchor", "hist", "top_value", "top_context", "top_position", "top_acts",
+_FIELDS = ["count", "power_sums", "hist", "top_value", "top_context", "top_position", "top_acts",
            "random_value", "random_context", "random_position", "random_acts", "sample_value", "sample_context",
            "sample_position", "sample_acts"]
 
@@ -83,13 +83,18 @@ def save_mined(mined: Mined, folder: str | os.PathLike, overwrite: bool = False)
 
 @checked
 def load_mined(folder: str | os.PathLike) -> Mined:
-    """Inverse of `save_mined`; a ValueError naming the file when a tensor is missing."""
+    """Inverse of `save_mined`. ValueError naming the folder when it was mined in another format (`mining.FORMAT`,
+    meta "format": e.g. the old grid anchored at the first batch's max) or a tensor is missing."""
     folder = resolve(folder)
+    meta = load_json(folder / MINED_META)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{folder} was mined in format {meta.get('format', 1)}, this code reads format {FORMAT} "
+                         f"(histograms on a fixed grid, order-free samples): delete the folder to mine again")
     t = load_tensors(folder / MINED_FILE)
     missing = [n for n in _FIELDS + ["tokens"] if n not in t]
     if missing:
         raise ValueError(f"{folder / MINED_FILE} lacks {', '.join(missing)}; delete the folder to mine again")
-    return Mined(t["tokens"].long(), *(t[n] for n in _FIELDS), meta=load_json(folder / MINED_META))
+    return Mined(t["tokens"].long(), *(t[n] for n in _FIELDS), meta=meta)
 
 
 @checked
@@ -99,11 +104,13 @@ def mine_dictionary(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.T
                     exclude: Exclusion | None = None, progress: bool = True) -> Mined:
     """Mine every feature of one member of `sae` on `tokens` [n_contexts, ctx_len] read at `hook` of `model`.
 
-    batch_size: contexts per forward pass (default: about 4096 tokens' worth). With `folder` (e.g. the member's
-    dictionary folder), the result is saved in `folder/mining-<key>/` and reused when the same dictionary weights,
-    model, settings and tokens come again. exclude: positions left out of the dictionary's inputs, as its cfg.json
-    records them (`activations.exclusion_of(cfg)`); see `mining.mine`. Raises ValueError when the hook is not the model's or its width
-    is not the dictionary's d_in, and for contexts longer than the model's n_ctx."""
+    batch_size: contexts per forward pass (default: about 4096 tokens' worth; the result depends on it only through
+    the float rounding of the batched forward pass). With `folder` (e.g. the member's dictionary folder), the result
+    is saved in `folder/mining-<key>/` and reused when the same dictionary weights, model, settings (the batch size
+    aside) and tokens come again in the same format (`mining.FORMAT` is part of the key: a cache mined by older code
+    is never reused). exclude: positions left out of the dictionary's inputs, as its cfg.json records them
+    (`activations.exclusion_of(cfg)`); see `mining.mine`. Raises ValueError when the hook is not the model's or its
+    width is not the dictionary's d_in, and for contexts longer than the model's n_ctx."""
     lm.check_hooks(model, [hook])
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
     if n_ctx is not None and tokens.shape[1] > n_ctx:
@@ -113,8 +120,9 @@ def mine_dictionary(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.T
     check_width(model, sae, hook, read_all)
     batch_size = batch_size or max(1, 4096 // tokens.shape[1])
     rec = lm.loaded(model)
-    settings = {"weights": _weights_digest(sae, member), "model": [rec.source, rec.revision] if rec else None,"hook": hook, "member": member, "batch_size": batch_size, "n_top": n_top, "n_random": n_random,
-                "per_bin": per_bin, "window": list(window) if window else None, "seed": seed,
+    settings = {"format": FORMAT, "weights": _weights_digest(sae, member),
+                "model": [rec.source, rec.revision] if rec else None, "hook": hook, "member": member, "n_top": n_top,
+                "n_random": n_random, "per_bin": per_bin, "window": list(window) if window else None, "seed": seed,
                 "d_sae": int(sae.d_sae), "shape": list(tokens.shape),
                 **({"exclude": exclude.to_json()} if exclude else {})}
     cache = resolve(folder) / f"mining-{_key(settings, tokens)}" if folder is not None else None

@@ -1,7 +1,11 @@
-"""The logit lens of a direction: what it writes to the logits when read straight through the final norm and the
-unembedding: (d ⊙ γ) W_U under RMSNorm (scale only), ((d − mean(d)) ⊙ γ) W_U under LayerNorm (its centring
-removes any component along the all-ones vector, as the model's own final LayerNorm does). Raw logit lens is dominated by tokens the model rarely saw (their
-unembedding rows barely trained), so `top_tokens` can leave out tokens rarer than a count in the corpus."""
+"""The logit lens of a direction: what it writes to the logits when read straight through the linear part of the
+final norm and the unembedding: ((d − mean(d)) ⊙ γ) W_U under LayerNorm (its centring removes any component along
+the all-ones vector, which the model's own final LayerNorm ignores too), (d ⊙ γ) W_U under RMSNorm (scale only, no
+centring). The norm's division by the residual's scale is left out: it is one positive factor per position, the same
+for every token's logit. Works for a TransformerBridge (the transformers model's own norm and head, nothing folded)
+and a HookedTransformer, also with the norm's scale folded into W_U ("LNPre"/"RMSPre": γ = 1 then) and a centred
+unembedding (which shifts every logit by one constant). Raw logit lens is dominated by tokens the model rarely saw
+(their unembedding rows barely trained), so `top_tokens` can leave out tokens rarer than a count in the corpus."""
 
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ def unembedding(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 @checked
 @torch.no_grad()
 def logit_lens(model: torch.nn.Module, direction: torch.Tensor) -> torch.Tensor:
-    """[d_vocab] logits the direction [d_model] writes: (direction ⊙ γ) @ W_U. Raises ValueError when the direction is
-    not d_model wide (a dictionary trained on another site needs that site's path to the logits)."""
+    """[d_vocab] logits the direction [d_model] writes through the final norm's linear part and the unembedding:
+    ((direction − its mean) ⊙ γ) @ W_U under LayerNorm, (direction ⊙ γ) @ W_U under RMSNorm (`centred_norm`). Raises
+    ValueError when the direction is not d_model wide (a dictionary trained on another site needs that site's path to
+    the logits) or not finite."""
     gamma, W_U = unembedding(model)
     check_tensor(direction, "direction", 1, finite=True, shape_hint="[d_model]")
     if direction.shape[0] != W_U.shape[0]:
@@ -41,9 +47,40 @@ def logit_lens(model: torch.nn.Module, direction: torch.Tensor) -> torch.Tensor:
     return (d * gamma.to(W_U)) @ W_U
 
 
+@checked
+@torch.no_grad()
+def logit_lens_matrix(model: torch.nn.Module, directions: torch.Tensor, token_counts: torch.Tensor | None = None,
+                      min_count: int = 0) -> torch.Tensor:
+    """[n, d_vocab] float32 on the CPU: `logit_lens` of every row of directions [n, d_model] (a dictionary's W_dec),
+    with the columns of tokens seen fewer than `min_count` times in `token_counts` [d_vocab] set to 0, so that rare
+    tokens (barely trained unembedding rows) head no list (as `top_tokens`). Raises ValueError for another width."""
+    gamma, W_U = unembedding(model)
+    check_tensor(directions, "directions", 2, finite=True, shape_hint="[n, d_model]")
+    if directions.shape[1] != W_U.shape[0]:
+        raise ValueError(f"directions have width {directions.shape[1]} but the model's residual stream is "
+                         f"{W_U.shape[0]} wide: the logit lens reads residual-stream directions only")
+    d = directions.to(W_U)
+    if centred_norm(model):
+        d = d - d.mean(1, keepdim=True)
+    out = ((d * gamma.to(W_U)) @ W_U).float().cpu()
+    if token_counts is not None and min_count > 0:
+        counts = torch.zeros(out.shape[1], dtype=torch.long)
+        c = torch.as_tensor(token_counts).long().cpu()[: out.shape[1]]
+        counts[: len(c)] = c
+        out[:, counts < min_count] = 0.0
+    return out
+
+
 def centred_norm(model) -> bool:
-    """True when the model's final norm is a LayerNorm (centres its input), False for RMSNorm or none, from
-    TransformerLens's ``cfg.normalization_type`` ("LN"/"LNPre" vs "RMS"/"RMSPre"/None)."""
+    """True when the model's final norm is a LayerNorm (centres its input), False for RMSNorm or none: from the final
+    norm's own class (a bridge's transformers module, e.g. GPT-NeoX's LayerNorm or LlamaRMSNorm; a HookedTransformer's
+    LayerNorm/LayerNormPre/RMSNorm/RMSNormPre), else TransformerLens's ``cfg.normalization_type`` ("LN"/"LNPre" vs
+    "RMS"/"RMSPre"/None)."""
+    ln = getattr(model, "ln_final", None)
+    inner = getattr(ln, "original_component", None)
+    name = type(ln if inner is None else inner).__name__ if ln is not None else ""
+    if "RMS" in name or "LayerNorm" in name:  # the module that runs decides, whatever a config says
+        return "RMS" not in name
     return str(getattr(getattr(model, "cfg", None), "normalization_type", None) or "").startswith("LN")
 
 

@@ -1,13 +1,16 @@
 """Feature mining: one streaming pass of a model over held-out text that keeps, for every direction of one or more
-encoders (an SAE's latents, neurons, PCA/ICA components, ...), what case studies and interpretability scores need —
-never the [tokens × directions] activation matrix.
-Per direction: the firing count, the power sums Σa, Σa², Σa³, Σa⁴ over all tokens (mean, variance, skew, kurtosis),
-a histogram on a geometric grid (`BINS_PER_OCTAVE` bins per factor 2, anchored at the direction's max in the first
-batch), the `n_top` contexts with the largest max activation and a window of per-token activations around that max,
-a seeded uniform sample of `n_random` contexts where the direction fires (same windows), and per histogram bin a
-seeded uniform sample of `per_bin` firing tokens with their windows (the quantile examples between 0 and the max are
-drawn from it). Memory: O(directions × (n_top + n_random + bins × per_bin) × window). The samples are bottom-k sketches: every candidate gets a uniform random key and each group keeps its k smallest
-keys, which is a uniform sample without replacement of everything the group ever saw, whatever the batch order."""
+encoders (an SAE's latents, neurons, PCA/ICA components, ...), what case studies and interpretability scores need,
+never the [tokens × directions] activation matrix. Per direction: the firing count, the power sums Σa, Σa², Σa³, Σa⁴
+over all tokens (mean, variance, skew, kurtosis), a histogram on one fixed geometric grid in activation units
+(`BINS_PER_OCTAVE` bins per factor 2 from 2^LOWEST_OCTAVE to 2^HIGHEST_OCTAVE, alike for every direction and run), the
+`n_top` contexts with the largest max activation (ties: the lower context index) and a window of per-token activations
+around that max, a seeded uniform sample of `n_random` contexts where the direction fires (same windows), and per
+histogram bin a seeded uniform sample of `per_bin` firing tokens with their windows (the quantile examples between 0
+and the max are drawn from it). Memory: O(directions × (n_top + n_random + N_BINS × per_bin) × window). The samples
+are bottom-k sketches: each candidate's key in [0, 1) is a hash of (seed, context index, position, direction) (of
+(seed, context, direction) for the context sample), each group keeps its k smallest: a uniform sample without
+replacement of all the group saw. So nothing kept depends on the batch size; reordering the contexts changes which
+tokens are sampled, not the counts, histogram, top values or (to rounding) moments."""
 
 from __future__ import annotations
 
@@ -22,12 +25,13 @@ from tqdm.auto import tqdm
 from ..activations import Exclusion
 from ..arguments import checked
 from ..checks import check_int
+from .sketch_keys import sketch_keys as _keys
 
 BINS_PER_OCTAVE = 4
-N_BINS = 64
-_OFFSET = 48  # bin of the anchor value: the grid spans anchor · 2^-12 .. anchor · 2^4
-
-
+LOWEST_OCTAVE, HIGHEST_OCTAVE = -16, 16  # bin 0 also takes the values below, the last bin those above
+N_BINS = (HIGHEST_OCTAVE - LOWEST_OCTAVE) * BINS_PER_OCTAVE
+_OFFSET = -LOWEST_OCTAVE * BINS_PER_OCTAVE  # the bin whose lower edge is 1.0
+FORMAT = 2  # of what `mine` keeps (meta "format"); 1 anchored the grid at each direction's max in the first batch
 @dataclass
 class Example:
     """A window of a context around one token: `tokens` and the direction's per-token `acts` (NaN past the context's
@@ -49,8 +53,7 @@ class Mined:
     tokens: torch.Tensor
     count: torch.Tensor          # [n] long: tokens where the direction fires (> 0)
     power_sums: torch.Tensor     # [n, 4] float64: Σa, Σa², Σa³, Σa⁴ over all tokens (zeros included)
-    anchor: torch.Tensor         # [n]: the value at bin _OFFSET of the histogram grid
-    hist: torch.Tensor           # [n, N_BINS] long: firing tokens per geometric bin
+    hist: torch.Tensor           # [n, N_BINS] long: firing tokens per bin of the fixed grid (bin_edges)
     top_value: torch.Tensor      # [n, n_top] descending; <= 0 where fewer contexts fire
     top_context: torch.Tensor    # [n, n_top] long, -1 where empty
     top_position: torch.Tensor   # [n, n_top] long
@@ -65,7 +68,6 @@ class Mined:
     sample_acts: torch.Tensor    # [n, N_BINS, per_bin, window]
     meta: dict = field(default_factory=dict)  # window (before, after) or None = whole context, timings, ...
 
-    # ----- statistics -----
     @property
     def n_tokens(self) -> int:
         """Tokens the statistics are over: those mined, less the excluded ones (meta's n_kept, where recorded)."""
@@ -87,8 +89,7 @@ class Mined:
     def moments(self) -> dict[str, torch.Tensor]:
         """mean, var, skew (third standardised moment), kurtosis (fourth, excess: 0 for a normal) of each
         direction's activation over all tokens, zeros included; NaN where the variance is 0. [n] each, float64."""
-        n = self.n_tokens
-        m1, m2, m3, m4 = (self.power_sums[:, i] / n for i in range(4))
+        m1, m2, m3, m4 = (self.power_sums[:, i] / self.n_tokens for i in range(4))
         var = (m2 - m1 ** 2).clamp_min(0)
         c3 = m3 - 3 * m1 * m2 + 2 * m1 ** 3
         c4 = m4 - 4 * m1 * m3 + 6 * m1 ** 2 * m2 - 3 * m1 ** 4
@@ -99,15 +100,13 @@ class Mined:
         return {"mean": m1, "var": var, "skew": skew, "kurtosis": kurt}
 
     def bin_edges(self, latent: int) -> torch.Tensor:
-        """[N_BINS + 1] the histogram's edges for one direction (bin 0 also holds everything below, the last bin
-        everything above)."""
-        i = torch.arange(N_BINS + 1, dtype=torch.float64)
-        return float(self.anchor[latent]) * torch.pow(2.0, (i - _OFFSET) / BINS_PER_OCTAVE)
+        """[N_BINS + 1] float64 edges of `hist[latent]`, 2^(LOWEST_OCTAVE + i / BINS_PER_OCTAVE) in activation units:
+        one grid for every direction (bin 0 also holds all below, the last all above). ValueError: bad latent."""
+        self._check(latent)
+        return torch.pow(2.0, (torch.arange(N_BINS + 1, dtype=torch.float64) - _OFFSET) / BINS_PER_OCTAVE)
 
-    # ----- examples -----
     def _check(self, latent: int) -> int:
-        check_int(latent, "latent", 0, self.n_directions - 1, f" (an index into the {self.n_directions} mined "
-                  f"directions)")
+        check_int(latent, "latent", 0, self.n_directions - 1, f" (an index into the {self.n_directions} directions)")
         return int(latent)
 
     def window_tokens(self, ctx: int, pos: int) -> tuple[list[int], int]:
@@ -120,15 +119,14 @@ class Mined:
         toks = torch.where(ok, self.tokens[ctx, idx.clamp(0, T - 1)].long(), torch.full_like(idx, -1))
         return toks.tolist(), before
 
+    def _example(self, c: int, p: int, v: float, acts: list[float]) -> Example:
+        toks, target = self.window_tokens(c, p)
+        return Example(c, p, v, toks, acts, target)
+
     def _examples(self, value, context, position, acts, latent) -> list[Example]:
-        out = []
-        for v, c, p, a in zip(value[latent].tolist(), context[latent].tolist(), position[latent].tolist(),
-                              acts[latent].tolist()):
-            if c < 0:
-                continue
-            toks, target = self.window_tokens(c, p)
-            out.append(Example(c, p, v, toks, a, target))
-        return out
+        return [self._example(c, p, v, a) for v, c, p, a in zip(value[latent].tolist(), context[latent].tolist(),
+                                                                 position[latent].tolist(), acts[latent].tolist())
+                if c >= 0]
 
     def top_examples(self, latent: int) -> list[Example]:
         """The contexts with the largest max activation, strongest first (fewer when fewer contexts fire)."""
@@ -140,21 +138,20 @@ class Mined:
         d = self._check(latent)
         return self._examples(self.random_value, self.random_context, self.random_position, self.random_acts, d)
 
-    def _quantile_picks(self, d: int, n_bins: int, per_bin: int, seed: int) -> list[tuple[float, float, list[int]]]:
-        """Per equal-width bin of (0, max]: (lo, hi, flat indices into the direction's sample slots)."""
-        top = float(self.max[d])
-        g = torch.Generator().manual_seed(seed)
-        vals, ctx = self.sample_value[d].flatten(), self.sample_context[d]
-        kept = (ctx >= 0).sum(-1).clamp_min(1)
-        weight = (self.hist[d].double() / kept).unsqueeze(-1).expand_as(ctx).flatten()
+    def _quantile_picks(self, d: int, n_bins: int, per_bin: int, seed: int) -> list[tuple[float, float, list]]:
+        """Per equal-width bin of (0, max]: (lo, hi, [(context, position, value, flat index into the sample slots)])."""
+        top, g = float(self.max[d]), torch.Generator().manual_seed(seed)
+        ctx, vals = self.sample_context[d], self.sample_value[d].flatten()
+        weight = (self.hist[d].double() / (ctx >= 0).sum(-1).clamp_min(1)).unsqueeze(-1).expand_as(ctx).flatten()
         ctx = ctx.flatten()
+        c, p, v = ctx.tolist(), self.sample_position[d].flatten().tolist(), vals.tolist()
         out = []
         for j in range(n_bins):
             lo, hi = top * j / n_bins, top * (j + 1) / n_bins
             idx = ((ctx >= 0) & (vals > lo) & (vals <= hi)).nonzero().squeeze(1)  # (lo, hi]: bins partition (0, max]
             if len(idx) > per_bin:
                 idx = idx[torch.multinomial(weight[idx], per_bin, replacement=False, generator=g)]
-            out.append((lo, hi, idx.tolist()))
+            out.append((lo, hi, [(c[i], p[i], v[i], i) for i in idx.tolist()]))
         return out
 
     def quantile_locations(self, latent: int, n_bins: int = 10, per_bin: int = 5, seed: int = 0
@@ -162,25 +159,16 @@ class Mined:
         """`n_bins` equal-width bins (lo, hi] between 0 and the max, each with up to `per_bin` firing tokens
         (context, position, value) drawn from the mining sample, each sampled token weighted by the number of firing
         tokens it stands for (its histogram bin's count over the samples kept there)."""
-        d = self._check(latent)
-        c, p, v = (t[d].flatten() for t in (self.sample_context, self.sample_position, self.sample_value))
-        return [(lo, hi, [(int(c[i]), int(p[i]), float(v[i])) for i in idx])
-                for lo, hi, idx in self._quantile_picks(d, n_bins, per_bin, seed)]
+        return [(lo, hi, [pick[:3] for pick in picks])
+                for lo, hi, picks in self._quantile_picks(self._check(latent), n_bins, per_bin, seed)]
 
     def quantile_examples(self, latent: int, n_bins: int = 10, per_bin: int = 5, seed: int = 0
                           ) -> list[tuple[float, float, list[Example]]]:
         """The same picks as `quantile_locations`, as Examples with the windows kept while mining."""
         d = self._check(latent)
-        c, p, v = (t[d].flatten() for t in (self.sample_context, self.sample_position, self.sample_value))
         acts = self.sample_acts[d].flatten(0, 1)
-        out = []
-        for lo, hi, idx in self._quantile_picks(d, n_bins, per_bin, seed):
-            exs = []
-            for i in idx:
-                toks, target = self.window_tokens(int(c[i]), int(p[i]))
-                exs.append(Example(int(c[i]), int(p[i]), float(v[i]), toks, acts[i].tolist(), target))
-            out.append((lo, hi, exs))
-        return out
+        return [(lo, hi, [self._example(c, p, v, acts[i].tolist()) for c, p, v, i in picks])
+                for lo, hi, picks in self._quantile_picks(d, n_bins, per_bin, seed)]
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
@@ -200,15 +188,14 @@ def _bottom_k(keys: torch.Tensor, payloads: list[torch.Tensor], groups: torch.Te
     order = order[torch.argsort(all_u[order], stable=True)]
     su = all_u[order]
     rank = torch.arange(len(su)) - torch.searchsorted(su, torch.arange(U))[su]
-    sel = order[rank < k]
-    r_u, r_rank = su[rank < k], rank[rank < k]
+    m = rank < k
+    sel, r_u, r_rank = order[m], su[m], rank[m]
     table = torch.full((U, k), math.inf, dtype=keys.dtype)
     table[r_u, r_rank] = all_k[sel]
     keys[touched] = table
     for old, new in zip(payloads, new_payloads):
         merged = torch.cat([old[touched].flatten(0, 1), new])
-        t = torch.full((U, k, *old.shape[2:]), -1, dtype=old.dtype) if not old.is_floating_point() else \
-            torch.full((U, k, *old.shape[2:]), math.nan, dtype=old.dtype)
+        t = torch.full((U, k, *old.shape[2:]), math.nan if old.is_floating_point() else -1, dtype=old.dtype)
         t[r_u, r_rank] = merged[sel]
         old[touched] = t
 
@@ -216,22 +203,23 @@ def _bottom_k(keys: torch.Tensor, payloads: list[torch.Tensor], groups: torch.Te
 class _Stream:
     """The running state of one encoder's directions (see the module docstring)."""
 
-    def __init__(self, n: int, n_top: int, n_random: int, per_bin: int, window: tuple[int, int] | None, T: int):
+    def __init__(self, n: int, n_top: int, n_random: int, per_bin: int, window: tuple[int, int] | None, T: int,
+                 seed: int):
         self.n, self.n_top, self.window, self.T = n, n_top, window, T
+        self.seed = (seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF)  # the seed as two 32-bit hash parts
         self.offsets = torch.arange(T) if window is None else torch.arange(-window[0], window[1] + 1)
         W = len(self.offsets)
         self.count = torch.zeros(n, dtype=torch.long)
         self.power = torch.zeros(4, n, dtype=torch.float64)
-        self.anchor: torch.Tensor | None = None
         self.hist = torch.zeros(n * N_BINS, dtype=torch.long)
         self.top_v = torch.full((n_top, n), -1.0)
         self.top_c = torch.full((n_top, n), -1, dtype=torch.long)
         self.top_p = torch.zeros((n_top, n), dtype=torch.long)
         self.top_a = torch.full((n_top, n, W), math.nan)
-        self.rnd_key = torch.full((n, n_random), math.inf)
+        self.rnd_key = torch.full((n, n_random), math.inf, dtype=torch.float64)
         self.rnd = [torch.full((n, n_random), -1.0), torch.full((n, n_random), -1, dtype=torch.long),
                     torch.zeros((n, n_random), dtype=torch.long), torch.full((n, n_random, W), math.nan)]
-        self.smp_key = torch.full((n * N_BINS, per_bin), math.inf)
+        self.smp_key = torch.full((n * N_BINS, per_bin), math.inf, dtype=torch.float64)
         self.smp = [torch.full((n * N_BINS, per_bin), -1.0), torch.full((n * N_BINS, per_bin), -1, dtype=torch.long),
                     torch.zeros((n * N_BINS, per_bin), dtype=torch.long),
                     torch.full((n * N_BINS, per_bin, W), math.nan)]
@@ -243,8 +231,8 @@ class _Stream:
         w = A[b[:, None], pos.clamp(0, self.T - 1), f[:, None]]
         return torch.where(ok, w, torch.full_like(w, math.nan))
 
-    def update(self, A: torch.Tensor, c0: int, gen: torch.Generator) -> None:
-        """A [B, T, n] non-negative activations of contexts c0 .. c0 + B - 1."""
+    def update(self, A: torch.Tensor, c0: int) -> None:
+        """A [B, T, n] non-negative activations of contexts c0 .. c0 + B - 1 (global indices: the keys hash them)."""
         B, T, n = A.shape
         flat = A.reshape(-1, n)
         rows, f = flat.nonzero(as_tuple=True)
@@ -253,47 +241,40 @@ class _Stream:
         vd = v.double()
         for i in range(4):
             self.power[i] += torch.bincount(f, weights=vd ** (i + 1), minlength=n)
-        if self.anchor is None:
-            first = flat.amax(0)
-            fallback = float(first.max()) if float(first.max()) > 0 else 1.0
-            self.anchor = torch.where(first > 0, first, torch.full_like(first, fallback))
-        bins = ((v / self.anchor[f]).log2() * BINS_PER_OCTAVE).floor().long().add_(_OFFSET).clamp_(0, N_BINS - 1)
-        g = f * N_BINS + bins
+        # log2 in float64: a value one float32 step off a bin edge stays on its own side
+        g = f * N_BINS + (vd.log2() * BINS_PER_OCTAVE).floor().clamp_(-_OFFSET, N_BINS - 1 - _OFFSET).long() + _OFFSET
         self.hist += torch.bincount(g, minlength=n * N_BINS)
-        keys = torch.rand(len(v), generator=gen)
-        keep = keys < self.smp_key[g, -1]
-        r, fk = rows[keep], f[keep]
-        _bottom_k(self.smp_key, self.smp, g[keep], keys[keep],
-                  [v[keep], c0 + r // T, r % T, self._windows(A, r // T, r % T, fk)])
+        if self.smp_key.shape[1]:  # per_bin=0: no quantile samples (notebook 07 reads top and random ones only)
+            keys = _keys(0, *self.seed, c0 + rows // T, rows % T, f)  # the token's: (context, position, direction)
+            keep = keys < self.smp_key[g, -1]
+            r = rows[keep]
+            _bottom_k(self.smp_key, self.smp, g[keep], keys[keep],
+                      [v[keep], c0 + r // T, r % T, self._windows(A, r // T, r % T, f[keep])])
 
         cmax, carg = A.max(dim=1)  # [B, n]: each context's max and where it is
         cand = torch.where(cmax > 0, cmax, torch.full_like(cmax, -1.0))
-        vals, sel = torch.cat([self.top_v, cand]).topk(self.n_top, dim=0)
-        new = sel >= self.n_top
-        old = sel.clamp(max=self.n_top - 1)
-        b_new = (sel - self.n_top).clamp(min=0)
+        # stable over (kept, then this batch in order): ties go to the lower context index, whatever the batch size
+        vals, sel = torch.cat([self.top_v, cand]).sort(dim=0, descending=True, stable=True)
+        vals, sel = vals[:self.n_top], sel[:self.n_top]
+        new, old, b_new = sel >= self.n_top, sel.clamp(max=self.n_top - 1), (sel - self.n_top).clamp(min=0)
         self.top_c = torch.where(new, c0 + b_new, self.top_c.gather(0, old))
         self.top_p = torch.where(new, carg.gather(0, b_new), self.top_p.gather(0, old))
         acts = self.top_a.gather(0, old.unsqueeze(-1).expand(-1, -1, self.top_a.shape[-1]))
         j, ff = new.nonzero(as_tuple=True)
-        if len(j):
-            bb = sel[j, ff] - self.n_top
-            acts[j, ff] = self._windows(A, bb, carg[bb, ff], ff)
+        bb = sel[j, ff] - self.n_top
+        acts[j, ff] = self._windows(A, bb, carg[bb, ff], ff)
         self.top_v, self.top_a = vals, acts
 
-        ckeys = torch.rand(B, n, generator=gen)
+        ckeys = _keys(1, *self.seed, torch.arange(c0, c0 + B)[:, None], torch.arange(n))  # [B, n]: the context's
         ok = (cmax > 0) & (ckeys < self.rnd_key[:, -1].unsqueeze(0))
         bb, ff = ok.nonzero(as_tuple=True)
-        if len(bb):
-            pp = carg[bb, ff]
-            _bottom_k(self.rnd_key, self.rnd, ff, ckeys[bb, ff],
-                      [cmax[bb, ff], c0 + bb, pp, self._windows(A, bb, pp, ff)])
+        pp = carg[bb, ff]
+        _bottom_k(self.rnd_key, self.rnd, ff, ckeys[bb, ff], [cmax[bb, ff], c0 + bb, pp, self._windows(A, bb, pp, ff)])
 
     def result(self, tokens: torch.Tensor, meta: dict) -> Mined:
         n = self.n
         top_c = torch.where(self.top_v > 0, self.top_c, torch.full_like(self.top_c, -1))
-        return Mined(tokens, self.count, self.power.T.contiguous(),
-                     self.anchor if self.anchor is not None else torch.ones(n), self.hist.view(n, N_BINS),
+        return Mined(tokens, self.count, self.power.T.contiguous(), self.hist.view(n, N_BINS),
                      self.top_v.T.contiguous(), top_c.T.contiguous(), self.top_p.T.contiguous(),
                      self.top_a.transpose(0, 1).contiguous(), *(t.contiguous() for t in self.rnd),
                      *(t.view(n, N_BINS, *t.shape[1:]) for t in self.smp), meta=dict(meta))
@@ -311,25 +292,26 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
     non-negative direction activations [rows, n])} in batches of `batch_size` contexts; return {name: Mined}.
 
     exclude: rows left out of the dictionaries' inputs (`activations.Exclusion`, its norm limit applied at each
-    encoder's hook): their activations count as 0 and statistics are over the kept tokens (meta n_kept). window: (tokens before, tokens after) kept around an example's max, or None for the whole context. Seeded: the
-    same inputs give the same samples. meta records the seconds spent reading, encoding and keeping statistics."""
-    for value, name in ((batch_size, "batch_size"), (n_top, "n_top"), (n_random, "n_random"), (per_bin, "per_bin")):
+    encoder's hook): their activations count as 0 and statistics are over the kept tokens (meta n_kept). window:
+    (tokens before, tokens after) kept around an example's max, or None for the whole context. Seeded: the same
+    contexts give the same result whatever the batch size. meta records the format and the seconds spent reading,
+    encoding and keeping statistics. Raises ValueError for non-integer tokens, no encoders or negative activations."""
+    for value, name in ((batch_size, "batch_size"), (n_top, "n_top"), (n_random, "n_random")):
         check_int(value, name, 1)
+    check_int(per_bin, "per_bin", 0)
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point:
         raise ValueError(f"tokens must be integer token ids [n_contexts, ctx_len], got "
                          f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
     if not encoders:
         raise ValueError("encoders is empty: give at least one {name: activations -> direction activations}")
     N, T = tokens.shape
-    gen = torch.Generator().manual_seed(seed)
     streams: dict[str, _Stream] = {}
     clock = {"read_seconds": 0.0, "encode_seconds": 0.0, "keep_seconds": 0.0}
     n_kept = dict.fromkeys(encoders, 0)  # frequencies and moments are over the kept tokens only
     for c0 in tqdm(range(0, N, batch_size), desc="mining", unit="batch", disable=not progress):
         t0 = time.perf_counter()
         xs = read(tokens[c0:c0 + batch_size])
-        t1 = time.perf_counter()
-        clock["read_seconds"] += t1 - t0
+        clock["read_seconds"] += time.perf_counter() - t0
         for name, (hook, encode) in encoders.items():
             x = xs[hook]
             t1 = time.perf_counter()
@@ -338,13 +320,13 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
             a = encode(x.reshape(x.shape[0] * T, -1)).float().reshape(x.shape[0], T, -1).cpu() * kept
             t2 = time.perf_counter()
             if name not in streams:
-                streams[name] = _Stream(a.shape[-1], n_top, n_random, per_bin, window, T)
+                streams[name] = _Stream(a.shape[-1], n_top, n_random, per_bin, window, T, seed)
             if bool((a < 0).any()):
                 raise ValueError(f"encoder {name!r} gave negative activations; pass non-negative ones (split a "
                                  f"signed direction into its positive and negative halves)")
-            streams[name].update(a, c0, gen)
+            streams[name].update(a, c0)
             clock["encode_seconds"] += t2 - t1
             clock["keep_seconds"] += time.perf_counter() - t2
-    meta = {"window": list(window) if window is not None else None, "n_top": n_top, "n_random": n_random,
-            "per_bin": per_bin, "seed": seed, "batch_size": batch_size, **clock}
+    meta = {"format": FORMAT, "window": list(window) if window is not None else None, "n_top": n_top,
+            "n_random": n_random, "per_bin": per_bin, "seed": seed, "batch_size": batch_size, **clock}
     return {name: s.result(tokens, {**meta, "n_kept": n_kept[name]}) for name, s in streams.items()}
