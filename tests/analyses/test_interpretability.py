@@ -1,13 +1,11 @@
 """Explain–simulate–score with known answers: a planted direction is named and predicted; noise and shuffled
 explanations score about zero; the pooled correlation is scipy's; the split never reuses a fragment; the bootstrap
-interval covers the true mean at its nominal rate; the baseline directions behave as defined."""
+interval covers the true mean at its nominal rate (the baseline directions: test_directions.py)."""
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import pearsonr
 
-from sparse_coding.analyses import directions as D
 from sparse_coding.analyses.interpretability import (MIN_FRAGMENTS, Record, TokenTableExplainer,
                                                      TokenTableSimulator, bootstrap_ci, pooled_correlation,
                                                      score_direction, split_fragments)
@@ -92,34 +90,3 @@ def test_bootstrap_interval_covers_the_true_mean_at_its_nominal_rate():
         hits += lo <= 2 / 7 <= hi
         assert se95 > 0
     assert 0.91 <= hits / 300 <= 0.98
-
-
-def test_baseline_directions():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2000, 6, generator=g) @ torch.randn(6, 6, generator=g)
-    assert torch.equal(D.neuron_encoder()(x), torch.relu(x))
-    r = D.random_encoder(6, 10, seed=1)(x)
-    assert r.shape == (2000, 10) and (r >= 0).all()
-    pca = D.pca_encoder(x)(x)
-    assert pca.shape == (2000, 12) and (pca >= 0).all()
-    assert ((pca[:, :6] > 0) & (pca[:, 6:] > 0)).sum() == 0  # a component is positive or negative, never both
-    top = D.pca_encoder(x, top_k=2)(x)
-    assert ((top > 0).sum(1) <= 2).all()
-    assert torch.allclose(top.max(1).values, pca.max(1).values)
-    ica = D.ica_encoder(x, seed=0)(x)
-    assert ica.shape == (2000, 12) and (ica >= 0).all()
-    with pytest.raises(ValueError, match="more rows"):
-        D.pca_encoder(x[:3])
-
-
-def test_plain_and_topk_baselines_share_one_fit():
-    """ICA/PCA and their top-K variants come from one fit of the same sample (a 576-dim ICA takes minutes)."""
-    from sparse_coding.analyses import directions as D
-
-    x = torch.randn(300, 6, generator=torch.Generator().manual_seed(0)) @ torch.randn(6, 6)
-    plain, topk = D.ica_encoder(x, seed=0), D.ica_encoder(x, top_k=2, seed=0)
-    assert len(D._FITS[id(x)]) == 1
-    h, k = plain(x[:5]), topk(x[:5])
-    assert ((k > 0).sum(1) <= 2).all() and torch.equal(k[k > 0], h[k > 0])  # the top 2 of the same activations
-    D.pca_encoder(x, seed=0), D.pca_encoder(x, top_k=2, seed=0)
-    assert len(D._FITS[id(x)]) == 2
