@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sparse_coding import lm
-from sparse_coding.analyses.ablation import edit_activation, feature_ablation, loss_with_features, token_ablation
+from sparse_coding.analyses.ablation import (edit_activation, feature_ablation, loss_with_features,
+                                             special_token_ids, token_ablation)
 from sparse_coding.analyses.features import sae_encoder
 from sparse_coding.dictionaries import make_sae
 
@@ -47,7 +48,7 @@ def planted(setup):
     """(sae, t, c): feature 0 fires exactly on token t (code c there), feature 1 never fires."""
     model, tokens = setup
     E = model.W_E.detach()
-    present = set(tokens[:, 1:].flatten().tolist()) - {0}  # 0 is the replacement token of token_ablation
+    present = set(tokens[:, 1:].flatten().tolist()) - {0}  # 0: the offline tokenizer's EOS/BOS
     best = None
     for t in sorted(present):
         u = E[t] / E[t].norm()
@@ -212,6 +213,82 @@ def test_token_ablation_of_the_planted_token(setup, planted):
     assert not bool(token_ablation(model, sae, EMBED, context, other, 0).any())
 
 
+def fed_tokens(monkeypatch, model) -> list[torch.Tensor]:
+    """A spy on every token batch the model is run on."""
+    seen, run = [], model.run_with_hooks
+
+    def spy(tokens, *args, **kwargs):
+        seen.append(tokens.detach().cpu().clone())
+        return run(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(model, "run_with_hooks", spy)
+    return seen
+
+
+def test_token_ablation_replaces_with_neutral_tokens_never_eos(setup, monkeypatch):
+    """Each of tokens 0..p is replaced by n_draws draws from the distribution: never a special (EOS/BOS) id nor the
+    token it replaces, only that one token changed, the context cut after p; the same seed gives the same drops."""
+    model, tokens = setup
+    special = special_token_ids(model)
+    assert 0 in special  # the offline tokenizer's EOS and BOS
+    counts = torch.bincount(tokens.flatten(), minlength=model.cfg.d_vocab).float()
+    counts[0] += 1e6  # EOS as the corpus' most common token: still never drawn
+    sae = make_sae("relu", d_in=model.cfg.d_model, d_sae=8, seed=1, pre_bias=False)
+    context, p, n = tokens[3], 9, 5
+    seen = fed_tokens(monkeypatch, model)
+    drop = token_ablation(model, sae, DEEP, context, p, 2, distribution=counts, n_draws=n, seed=7)
+    fed = torch.cat(seen)
+    assert drop.shape == (p + 1,) and fed.shape == (1 + (p + 1) * n, p + 1)
+    assert torch.equal(fed[0], context[:p + 1])
+    changed = fed[1:] != context[:p + 1]
+    assert bool((changed.sum(1) == 1).all())  # exactly one token replaced per variant, never by itself
+    assert torch.equal(changed.nonzero()[:, 1], torch.arange(p + 1).repeat_interleave(n))
+    new = fed[1:][changed]
+    assert not set(new.tolist()) & special and bool((counts[new] > 0).all())
+    again = token_ablation(model, sae, DEEP, context, p, 2, distribution=counts, n_draws=n, seed=7)
+    assert torch.equal(drop, again)
+    seen.clear()
+    token_ablation(model, sae, DEEP, context, p, 2, distribution=counts, n_draws=n, seed=8)
+    assert not torch.equal(torch.cat(seen), fed)  # another seed, other draws
+    # All the weight on one token: every replacement is that token.
+    one = torch.zeros(model.cfg.d_vocab)
+    u = next(t for t in range(1, model.cfg.d_vocab) if t not in special and t not in context[:p + 1].tolist())
+    one[u] = 1.0
+    seen.clear()
+    token_ablation(model, sae, DEEP, context, p, 2, distribution=one, n_draws=2)
+    assert set(torch.cat(seen)[1:][changed[::n].repeat_interleave(2, 0)].tolist()) == {u}
+
+
+def test_token_ablation_cannot_see_later_tokens(setup, planted):
+    """The feature at position p cannot see tokens after p (causal model): other later tokens, the same drops; at the
+    embedding it sees only its own token, so every earlier position drops by exactly 0."""
+    model, tokens = setup
+    sae = make_sae("relu", d_in=model.cfg.d_model, d_sae=8, seed=1, pre_bias=False)
+    context, p = tokens[5].clone(), 6
+    drop = token_ablation(model, sae, DEEP, context, p, 3, seed=2)
+    context[p + 1:] = torch.flip(context[p + 1:], [0]) + 1
+    assert torch.equal(token_ablation(model, sae, DEEP, context, p, 3, seed=2), drop)
+    sae_t, t, c = planted
+    ctx, pos = [int(v) for v in (tokens[:, 1:] == t).nonzero()[0]]
+    drop = token_ablation(model, sae_t, EMBED, tokens[ctx], pos + 1, 0, n_draws=3)
+    assert bool((drop[:pos + 1] == 0).all()) and float(drop[pos + 1]) == pytest.approx(c, rel=1e-5)
+
+
+def test_token_ablation_refuses_distributions_without_neutral_tokens(setup):
+    model, tokens = setup
+    sae = make_sae("relu", d_in=model.cfg.d_model, d_sae=8, seed=1, pre_bias=False)
+    only_eos = torch.zeros(model.cfg.d_vocab)
+    only_eos[0] = 5.0
+    with pytest.raises(ValueError, match="no weight outside the special tokens"):
+        token_ablation(model, sae, DEEP, tokens[0], 4, 0, distribution=only_eos)
+    only_self = torch.zeros(model.cfg.d_vocab)
+    only_self[int(tokens[0, 2])] = 1.0
+    with pytest.raises(ValueError, match="all its weight on the tokens being replaced"):
+        token_ablation(model, sae, DEEP, tokens[0], 4, 0, distribution=only_self)
+    with pytest.raises(ValueError, match="finite weights >= 0"):
+        token_ablation(model, sae, DEEP, tokens[0], 4, 0, distribution=-torch.ones(model.cfg.d_vocab))
+
+
 def test_loss_with_features_known_sets(setup):
     """With an exact SAE: all features kept = clean = spliced; none kept = zero ablation; {e_i halves} = x_i·e_i."""
     model, tokens = setup
@@ -259,3 +336,5 @@ def test_bad_input_errors(setup, planted):
         feature_ablation(model, sae, EMBED, tokens + 300, 0)
     with pytest.raises(ValueError, match=r"feature set 'bad' has indices outside \[0, 2\)"):
         loss_with_features(model, sae, EMBED, tokens, {"bad": [0, 2]})
+    with pytest.raises(ValueError, match="name 'all' is taken"):
+        loss_with_features(model, sae, EMBED, tokens, {"all": [0]})

@@ -1,5 +1,6 @@
 """What a feature does to the model: remove it at the hook, or move or clamp it, and measure the next-token
-log-probabilities; which input tokens cause it; and the loss when only part of the dictionary is kept.
+log-probabilities; which input tokens cause it (each one replaced by neutral tokens drawn from the corpus'
+unigram distribution); and the loss when only part of the dictionary is kept.
 
 All edits act on the activation x at the hook and leave the rest of it — the SAE's error term x − x̂ included —
 untouched (Cunningham et al. 2023, arXiv 2309.08600, Section 5):
@@ -138,37 +139,94 @@ def feature_ablation(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.
     return AblationEffect(latent, mode, change.cpu(), ce_clean / n_pred, ce_edit / n_pred, n_pos)
 
 
+def special_token_ids(model: Any) -> set[int]:
+    """The ids a neutral replacement must never be: the tokenizer's special tokens (EOS, BOS, padding, ...); id 0
+    (the offline model's EOS/BOS) when the model has no tokenizer."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return {0}
+    ids = {int(i) for i in (getattr(tok, "all_special_ids", None) or [])}
+    for attr in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        if getattr(tok, attr, None) is not None:
+            ids.add(int(getattr(tok, attr)))
+    return ids
+
+
+def neutral_tokens(model: Any, distribution: torch.Tensor | None, originals: torch.Tensor, n_draws: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """[len(originals), n_draws] token ids drawn from `distribution` (weights over the vocabulary, e.g. the corpus'
+    token counts; None: uniform over the tokenizer's tokens), never a special token (`special_token_ids`) and never
+    the original token of that row. ValueError when no such token has weight."""
+    d_vocab = int(model.cfg.d_vocab)
+    if distribution is None:
+        tok = getattr(model, "tokenizer", None)
+        n = min(d_vocab, len(tok)) if tok is not None and hasattr(tok, "__len__") else d_vocab
+        p = torch.zeros(d_vocab, dtype=torch.float64)
+        p[:n] = 1.0
+    else:
+        w = distribution.detach().double().cpu().flatten()
+        if len(w) > d_vocab or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError(f"distribution must hold {d_vocab} or fewer finite weights >= 0 (one per token id), "
+                             f"got {len(w)}")
+        p = torch.cat([w, w.new_zeros(d_vocab - len(w))])
+    special = [i for i in special_token_ids(model) if i < d_vocab]
+    p[special] = 0.0
+    if float(p.sum()) <= 0:
+        raise ValueError("distribution has no weight outside the special tokens: pass token counts of a corpus")
+    orig = originals.cpu().long()
+    draws = torch.multinomial(p, len(orig) * n_draws, replacement=True, generator=generator).view(len(orig), n_draws)
+    for _ in range(100):  # a token replaced by itself would hide its effect: redraw those
+        same = draws == orig[:, None]
+        if not bool(same.any()):
+            return draws
+        draws[same] = torch.multinomial(p, int(same.sum()), replacement=True, generator=generator)
+    raise ValueError("distribution puts (nearly) all its weight on the tokens being replaced: no neutral token")
+
+
 @checked
 @torch.no_grad()
 def token_ablation(model: torch.nn.Module, sae: Any, hook: str, context: torch.Tensor, position: int, latent: int, *,
-                   member: int = 0, mode: str = "replace", replacement: int | None = None) -> torch.Tensor:
-    """[position + 1]: how much the feature's activation at `position` of `context` [T] falls when each token
-    0..position is replaced (mode="replace", by `replacement`, default the tokenizer's EOS or 0) or dropped
-    (mode="drop": the tokens after it shift left). Positive = that token helps cause the feature."""
+                   member: int = 0, mode: str = "replace", distribution: torch.Tensor | None = None,
+                   n_draws: int = 8, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+    """[position + 1] float: how much the feature's activation at `position` of `context` [T] falls when each token
+    0..position is replaced (mode="replace") or dropped (mode="drop": the later tokens shift left). Positive = that
+    token helps cause the feature; units: the feature's activation.
+
+    "replace" puts a neutral token in: `n_draws` tokens drawn (seeded by `seed`) from `distribution` (weights over
+    the vocabulary, e.g. the corpus' unigram counts; None: uniform), never a special token nor the token replaced,
+    and the drop is averaged over the draws (resample ablation). An end-of-text token instead would insert a
+    document boundary, and the feature falls for every earlier token replaced (Cunningham et al. 2023, arXiv
+    2309.08600, Section 5, ablate input tokens one at a time). Tokens after `position` cannot reach it (the model
+    is causal), so the context is cut there. ValueError for positions or latents out of range, bad distributions."""
     check_choice(mode, "mode", ("replace", "drop"))
     context = check_tokens(model, context.reshape(1, -1))[0]
     T = context.shape[0]
     check_int(position, "position", 0, T - 1, f" (a position in the context of {T} tokens)")
     check_int(latent, "latent", 0, int(sae.d_sae) - 1, f" (the dictionary has {sae.d_sae} features)")
-    if replacement is None:
-        tok = getattr(model, "tokenizer", None)
-        replacement = int(getattr(tok, "eos_token_id", None) or 0)
-    variants, targets = [context], [position]
-    for i in range(position + 1):
-        if mode == "replace":
-            v = context.clone()
-            v[i] = replacement
-            variants.append(v)
-            targets.append(position)
-        else:
-            v = torch.cat([context[:i], context[i + 1:], context.new_tensor([replacement])])
-            variants.append(v)
-            targets.append(position - 1 if i < position else position)
-    batch = torch.stack(variants).to(model_device(model))
-    act = Splicer(model, hook, fast=False).activation(batch)
-    rows = act[torch.arange(len(variants)), torch.tensor(targets)]
-    a = sae_encoder(sae, member)(rows)[:, latent].float().cpu()
-    drop = a[0] - a[1:]
+    check_int(n_draws, "n_draws", 1)
+    ctx = context[:position + 1].cpu()
+    L = len(ctx)
+    draws = neutral_tokens(model, distribution, ctx, n_draws if mode == "replace" else 1,
+                           torch.Generator().manual_seed(seed))
+    if mode == "replace":
+        variants = ctx.repeat(L * n_draws, 1)
+        variants[torch.arange(L * n_draws), torch.arange(L).repeat_interleave(n_draws)] = draws.flatten()
+        targets = torch.full((L * n_draws,), L - 1)
+    else:  # dropped: the rest shifts left and a neutral token fills the end, where the target cannot see it
+        variants = torch.stack([torch.cat([ctx[:i], ctx[i + 1:], draws[i]]) for i in range(L)])
+        targets = torch.tensor([L - 2] * (L - 1) + [L - 1])
+    batch = torch.cat([ctx[None], variants])
+    targets = torch.cat([torch.tensor([L - 1]), targets])
+    # Eager attention holds [rows, heads, L, L]: about 4M entries per head per forward.
+    batch_size = batch_size or max(1, min(2 ** 22 // L ** 2, 2 ** 16 // L))
+    splicer, device, encode = Splicer(model, hook, fast=False), model_device(model), sae_encoder(sae, member)
+    a = []
+    for i in range(0, len(batch), batch_size):
+        act = splicer.activation(batch[i:i + batch_size].to(device))
+        rows = act[torch.arange(act.shape[0]), targets[i:i + batch_size].to(act.device)]
+        a.append(encode(rows)[:, latent].float().cpu())
+    a = torch.cat(a)
+    drop = a[0] - a[1:].view(L, -1).mean(1)
     if mode == "drop":
         drop[position] = a[0]  # dropping the token itself removes the feature's position entirely
     return drop
@@ -180,9 +238,11 @@ def loss_with_features(model: torch.nn.Module, sae: Any, hook: str, tokens: torc
                        member: int = 0, batch_size: int | None = None,
                        exclude: Exclusion | None = None) -> dict[str, float]:
     """Mean next-token cross-entropy (nats) of the clean model ("clean"), with the whole reconstruction x̂ spliced in
-    ("all"), and for each named feature set S with x̂_S + (x − x̂) — the features in S plus the SAE's error term,
-    i.e. every feature outside S ablated ("<name>"). exclude: positions left out of the SAE's inputs (its
-    cfg.json's), kept clean and left out of the means, as in `splicing.spliced_loss`."""
+    ("all", without the error term), and for each named feature set S with x̂_S + (x − x̂) = x − Σ_{i∉S} cᵢ·dᵢ —
+    the features in S plus the SAE's error term, i.e. every feature outside S ablated ("<name>"; every feature
+    kept gives x itself, the clean loss; none kept gives the error term plus b_dec). exclude: positions left out of
+    the SAE's inputs (its cfg.json's), kept clean and left out of the means, as in `splicing.spliced_loss`.
+    ValueError for indices outside [0, d_sae) and for a set named "clean" or "all"."""
     exclude = exclude or Exclusion()
     tokens = check_tokens(model, tokens)
     batch_size = batch_size or max(1, 1024 // tokens.shape[1])
@@ -191,6 +251,8 @@ def loss_with_features(model: torch.nn.Module, sae: Any, hook: str, tokens: torc
     encode = sae_encoder(sae, member)
     masks = {}
     for name, feats in keep.items():
+        if name in ("clean", "all"):
+            raise ValueError(f"feature set name {name!r} is taken by the clean / whole-reconstruction loss: rename it")
         m = torch.zeros(int(sae.d_sae), dtype=torch.bool)
         idx = torch.as_tensor(list(feats), dtype=torch.long)
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= sae.d_sae):

@@ -48,12 +48,28 @@ def _bars(ax, items: Sequence[tuple[str, float]], title: str, colour: str) -> No
     ax.set_yticks(range(len(vals)), labels, family="monospace", fontsize=7)
     ax.set_title(title, fontsize=9)
     ax.tick_params(axis="x", labelsize=7)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(4))  # a narrow panel: the default 0.25 steps run into each other
 
 
 @checked
 def plot_feature_cards(studies: Mapping[str, Mapping[str, Any]], n_examples: int = 5) -> "plt.Figure":
-    """One row per case study ({role: study}): histogram of activations (log-spaced bins, count log scale), the top
-    and some quantile examples as coloured tokens, the logit lens (up and down), the zero-ablation log-prob drops."""
+    """One row (card) per case study ({role: study}), titled with the role, the feature's index and its firing
+    frequency (% of tokens): the histogram of its activations over the occupied range of the mining grid's bins
+    (lowest to highest non-empty; log-spaced bins, count log scale, at most 4 round tick values), the top and some
+    quantile examples as coloured tokens, the logit lens (up and down), the zero-ablation log-prob drops."""
+    from matplotlib.ticker import NullFormatter
+
+    def log_ticks(a: float, b: float) -> list[float]:
+        # Round values (1-2-5, then 1-3, then 1 per decade, then every k-th) that fit in [a, b]: the grid's bins
+        # are a quarter octave wide, so matplotlib's own minor labels (2x10^-1, 3x10^-1, ...) collide.
+        decades = range(int(np.floor(np.log10(a))), int(np.ceil(np.log10(b))) + 1)
+        for mults in ((1, 2, 5), (1, 3), (1,)):
+            ticks = [m * 10.0 ** e for e in decades for m in mults if a <= m * 10.0 ** e <= b]
+            if len(ticks) <= 4:
+                break
+        ticks = ticks[::int(np.ceil(len(ticks) / 4))] if ticks else []
+        return ticks if len(ticks) >= 2 else [float(f"{t:.2g}") for t in np.geomspace(a, b, 4)[1:3]]
+
     n = len(studies)
     fig, axes = plt.subplots(n, 4, figsize=(20, 3.3 * n), squeeze=False,
                              gridspec_kw={"width_ratios": [1.1, 3.2, 1.1, 1.1]})
@@ -61,13 +77,19 @@ def plot_feature_cards(studies: Mapping[str, Mapping[str, Any]], n_examples: int
         edges, hist = np.asarray(s["edges"]), np.asarray(s["hist"])
         keep = hist > 0
         ax = row[0]
-        if keep.any():
+        if keep.any():  # the grid spans 2^-16 .. 2^16: only the occupied bins, or the card is all empty axis
             lo, hi = np.flatnonzero(keep)[[0, -1]]
             ax.stairs(hist[lo:hi + 1], edges[lo:hi + 2], fill=True, alpha=0.7)
             ax.set_xscale("log")
             ax.set_yscale("log")
-        ax.set_title(f"{role}: feature {s['feature']}\nfires on {s['frequency']:.2%} of tokens, skew "
-                     f"{s['skew']:.1f}, kurtosis {s['kurtosis']:.0f}", fontsize=9)
+            ax.set_xlim(edges[lo], edges[hi + 1])
+            ticks = log_ticks(edges[lo], edges[hi + 1])
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks], rotation=30, ha="right", fontsize=7)
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.tick_params(axis="y", which="both", labelsize=7)
+        pct = 100 * s["frequency"]
+        ax.set_title(f"{role}: feature {s['feature']}, fires on {pct:.3g}% of tokens\nskew {s['skew']:.1f}, "
+                     f"kurtosis {s['kurtosis']:.0f}", fontsize=9)
         ax.set_xlabel("activation", fontsize=8)
         ax = row[1]
         ax.axis("off")
@@ -112,33 +134,49 @@ def plot_ablation_effects(studies: Mapping[str, Mapping[str, Any]], k: int = 6) 
 @checked
 def plot_token_ablation(studies: Mapping[str, Mapping[str, Any]], last: int = 24) -> "plt.Figure":
     """Per case study: the feature's activation drop at its strongest token when each earlier token (of the last
-    `last`) is replaced, one bar per input token; the rightmost is the token itself."""
+    `last`) is replaced by neutral tokens drawn from the corpus' unigram distribution (the mean over the draws,
+    `ablation.token_ablation`), one bar per input token; the rightmost is the token itself."""
     fig, axes = plt.subplots(len(studies), 1, figsize=(12, 2.4 * len(studies)), squeeze=False)
     for ax, (role, s) in zip(axes[:, 0], studies.items()):
         drops = np.asarray(s["token_ablation"])[-last:]
         toks = [s["texts"][t] for t in s["token_ablation_tokens"]][-last:]
         ax.bar(range(len(drops)), drops, color=["tab:purple"] * (len(drops) - 1) + ["tab:orange"])
+        ax.axhline(0, color="k", lw=0.6)
         ax.set_xticks(range(len(toks)), toks, rotation=60, family="monospace", fontsize=7, ha="right")
         ax.set_ylabel("activation drop", fontsize=8)
-        ax.set_title(f"{role} f{s['feature']}: which input tokens cause it (activation {s['top'][0].value:.2f})",
-                     fontsize=9)
+        draws = s.get("token_ablation_draws")
+        ax.set_title(f"{role} f{s['feature']}: which input tokens cause it (activation {s['top'][0].value:.2f}; "
+                     f"each token replaced by corpus-frequency tokens, mean of {draws} draws)", fontsize=9)
     fig.tight_layout()
     return fig
 
 
 @checked
-def plot_loss_by_feature_set(loss: Mapping[str, float]) -> "plt.Figure":
-    """Next-token loss: clean, the whole reconstruction spliced in, only the high-MCS features + the error term, as
-    many random live features + the error term."""
-    names = ["loss_clean", "loss_spliced_all", "loss_spliced_high_mcs_only", "loss_spliced_random_same_count"]
-    labels = ["clean", "all features\n(reconstruction)", f"{loss['n_high_mcs']} high-MCS\nfeatures + error",
-              f"{loss['n_high_mcs']} random\nfeatures + error"]
-    vals = [loss[k] for k in names]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bars = ax.bar(labels, vals, color=["grey", "tab:blue", "tab:green", "tab:orange"])
+def plot_loss_by_feature_set(loss: Mapping[str, Any]) -> "plt.Figure":
+    """The fraction of the loss recovered (0: the error-only model, every feature ablated; 1: every feature kept,
+    i.e. the clean model; the error term kept throughout) by only the high-MCS features, by frequency-matched random
+    sets of the same size (their mean, error bars the 2.5-97.5 percentiles over the draws) and by every feature but
+    the high-MCS ones. The inputs are `studies.nb06_case_studies.loss_by_feature_set`'s."""
+    n, rnd = loss["n_high_mcs"], loss["loss_recovered_random_same_count"]
+    labels = [f"only the {n}\nhigh-MCS features", f"{n} random features\n(frequency-matched,\n{rnd['draws']} draws)",
+              f"all but the {n}\nhigh-MCS features"]
+    vals = [loss["loss_recovered_high_mcs_only"], rnd["mean"], loss["loss_recovered_without_high_mcs"]]
+    err = [[0, rnd["mean"] - rnd["low"], 0], [0, rnd["high"] - rnd["mean"], 0]]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    bars = ax.bar(labels, vals, yerr=err, capsize=6, color=["tab:green", "tab:orange", "tab:blue"])
     for b, v in zip(bars, vals):
-        ax.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=9)
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_ylim(min(vals) * 0.95, max(vals) * 1.05)
-    ax.set_title(f"Do the features another seed also found (MCS >= {loss['mcs_threshold']:g}) carry the loss?")
+        ax.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=9,
+                    xytext=(12, 2), textcoords="offset points")
+    ax.axhline(0, color="k", lw=0.8, ls="--")
+    ax.axhline(1, color="k", lw=0.8, ls="--")
+    ax.text(1.01, 0, f"error only\n({loss['loss_error_only']:.3f} nats)", transform=ax.get_yaxis_transform(),
+            va="center", fontsize=8)
+    ax.text(1.01, 1, f"all features\n({loss['loss_all_features_with_error']:.3f} nats)",
+            transform=ax.get_yaxis_transform(), va="center", fontsize=8)
+    data = [v for v in vals + [rnd["low"], rnd["high"]] if np.isfinite(v)]
+    ax.set_ylim(min([0.0] + data) - 0.05, max([1.0] + data) + 0.08)
+    ax.set_ylabel("fraction of loss recovered")
+    ax.set_title(f"Do the features a same-recipe, other-seed dictionary also found (MCS >= "
+                 f"{loss['mcs_threshold']:g}) carry the loss?", fontsize=10)
+    fig.tight_layout()
     return fig

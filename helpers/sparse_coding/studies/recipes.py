@@ -5,11 +5,13 @@ store (another layer, the step-0 model, another seed), and the paper's residual-
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 from .. import dictionaries
 from ..activations import ActivationStore, safe_name
 from ..activations.layout import revision_name
+from ..arguments import checked
 from ..files import load_json
 from ..paths import resolve
 
@@ -51,13 +53,68 @@ def train_recipe(store: ActivationStore, recipe: Mapping[str, Any], data_dir: st
                  n_tokens: int | None = None, device: str = "cpu", progress: bool = True):
     """One SAE of the recipe on `store` under `<data_dir>/07_interpretability/` (reused on rerun); its 1-member
     ensemble, taking raw activations."""
+    return _train_run(store, recipe, data_dir, SUBDIR, n_tokens=n_tokens, device=device, progress=progress).sae
+
+
+# Where the same-recipe reference of notebook 06 lives; notebook 07 passes the same subdir to reuse it.
+REFERENCE_SUBDIR = "06_case_studies"
+# The settings that make a recipe (everything but where its SAE is); the reference differs from the recipe only in
+# its seed.
+SUMMARY_KEYS = ("kind", "ratio", "hparams", "n_tokens", "batch_size", "lr", "seed")
+
+
+def _train_run(store: ActivationStore, recipe: Mapping[str, Any], data_dir: str | os.PathLike, subdir: str, *,
+               n_tokens: int | None, device: str, progress: bool):
     n = min(int(n_tokens or recipe["n_tokens"]), store.n_tokens)
     n -= n % recipe["batch_size"]
     # The recipe's training settings whole (an older sweep.json lists only the fields it changed), its data
     # settings on top.
     cfg = dictionaries.TrainSettings.from_json(dict(recipe["train"]))
-    run = dictionaries.train_lm_sweep(store, recipe["kind"], recipe["ratio"], dict(recipe["hparams"]), cfg,
-                                      data_dir=resolve(data_dir) / SUBDIR, seed=recipe["seed"], n_tokens=n,
-                                      batch_size=recipe["batch_size"], lr=recipe["lr"], device=device,
-                                      progress=progress)
-    return run.sae
+    return dictionaries.train_lm_sweep(store, recipe["kind"], recipe["ratio"], dict(recipe["hparams"]), cfg,
+                                       data_dir=resolve(data_dir) / subdir, seed=recipe["seed"], n_tokens=n,
+                                       batch_size=recipe["batch_size"], lr=recipe["lr"], device=device,
+                                       progress=progress)
+
+
+@checked
+def reference_recipe(recipe: Mapping[str, Any], seed: int | None = None) -> dict[str, Any]:
+    """The recipe with another seed (default: the recipe's seed + 1) and nothing else changed — kind, ratio,
+    hyperparameters, tokens, batch size, lr and schedule are the recipe's — and no SAE folder yet: the reference
+    that asks whether a dictionary's features are found again (MCS, Cunningham et al. 2023, arXiv 2309.08600,
+    Section 2). ValueError when `seed` is the recipe's own."""
+    s = int(recipe["seed"]) + 1 if seed is None else seed
+    if s == int(recipe["seed"]):
+        raise ValueError(f"seed={s} is the recipe's own seed: a reference needs another one")
+    train = dict(recipe["train"])
+    if "seed" in train:
+        train["seed"] = s  # the recorded settings say the seed train_recipe trains with
+    return {**recipe, "seed": s, "train": train, "folder": None}
+
+
+@checked
+def train_reference(store: ActivationStore, recipe: Mapping[str, Any], data_dir: str | os.PathLike,
+                    seed: int | None = None, *, subdir: str = REFERENCE_SUBDIR, device: str = "cpu",
+                    progress: bool = True) -> tuple[Any, Path]:
+    """(SAE, its member folder): the recipe trained again with another seed (`reference_recipe`) on `store`, the
+    recipe's own tokens and steps, under `<data_dir>/<subdir>/` (a rerun with the same arguments reuses it: notebook
+    07 finds notebook 06's). The SAE is a 1-member ensemble taking raw activations. ValueError when the store is at
+    another hook than the recipe's or holds fewer tokens than the recipe trained on (the reference would differ in
+    more than its seed)."""
+    ref = reference_recipe(recipe, seed)
+    hook = store.manifest.get("hook")
+    if hook != recipe["hook"]:
+        raise ValueError(f"the store is at {hook!r} but the recipe was trained at {recipe['hook']!r}: pass the "
+                         f"activation store of the recipe's hook")
+    if store.n_tokens < int(recipe["n_tokens"]):
+        raise ValueError(f"the store holds {store.n_tokens} tokens, fewer than the recipe's {recipe['n_tokens']}: "
+                         f"harvest at least that many (activations.ensure_activations(..., n_tokens))")
+    run = _train_run(store, ref, data_dir, subdir, n_tokens=None, device=device, progress=progress)
+    return run.sae, run.folder / dictionaries.member_name(0)
+
+
+@checked
+def reference_settings(recipe: Mapping[str, Any], seed: int | None = None) -> dict[str, dict[str, Any]]:
+    """{"dictionary": the recipe's settings, "reference": its same-recipe reference's} (SUMMARY_KEYS: kind, ratio,
+    hparams, n_tokens, batch_size, lr, seed), for the metrics: no folders (machine paths)."""
+    return {name: {k: r[k] for k in SUMMARY_KEYS}
+            for name, r in (("dictionary", recipe), ("reference", reference_recipe(recipe, seed)))}
