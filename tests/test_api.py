@@ -231,11 +231,13 @@ def test_valid_edge_values_are_taken(tmp_path):
 
     from sparse_coding import dictionaries, lm, plots
     from sparse_coding.analyses import hungarian_match
-    fig = plots.plot_controls({"sae": 0.5}, {"sae": 0.0}, 0.5, math.nan, "2")  # no step0 revision: NaN
+    iv = {"mean": 0.5, "low": 0.4, "high": 0.6}
+    nan_iv = {"mean": math.nan, "low": math.nan, "high": math.nan}  # a method with no scored direction
+    fig = plots.plot_controls({"sae": iv, "pca": nan_iv}, {"sae": 0.0, "pca": math.nan}, {"trained": iv}, "2")  # GGUF
     fig = plots.plot_score_vs_mcs(np.array([0.1, 0.2]), np.array([0.5, 0.6]), math.nan, "no reference")
     assert fig is not None
-    with pytest.raises(ValueError, match="step0 must be a finite number or NaN"):
-        plots.plot_controls({"sae": 0.5}, {"sae": 0.0}, 0.5, math.inf, "2")
+    with pytest.raises(ValueError, match="step0"):
+        plots.plot_controls({"sae": iv}, {"sae": 0.0}, {"step0": {**iv, "mean": math.inf}}, "2")
     assert dictionaries.state_dir("runs/topk-r2-s0") == Path("runs/topk-r2-s0.training")  # a str for a Path
     assert lm.hook_name("resid_post", np.int64(2)) == "blocks.2.hook_resid_post"  # numpy ints are ints
     a = torch.eye(3)

@@ -4,15 +4,18 @@ and single features: mining top examples, logit lens, ablations, baselines' dire
 
 from .ablation import AblationEffect, edit_activation, feature_ablation, loss_with_features, token_ablation
 from .directions import ica_encoder, neuron_encoder, pca_encoder, random_encoder
+from .detection import ceiling_score, context_maxima, detection_score, fuzzing_score, matched_negatives
 from .downstream import at_ce_increase, dictionary_similarity, downstream_loss, matched_ce_increase
 from .features import examples_at, load_mined, mine_dictionary, sae_encoder, save_mined
 from .interpretability import (Record, Score, Split, TokenTableExplainer, TokenTableSimulator, bootstrap_ci,
-                               pooled_correlation, score_direction, split_fragments)
+                               correlation_from_sums, document_sides, fragment_sums, pooled_correlation,
+                               score_direction, split_by_document, split_fragments)
 from .llm import CachedExplainer, CachedSimulator, ChatClient, LLMExplainer, LLMSimulator, llm_configured, scorers
-from .logit_lens import logit_lens, top_tokens, unembedding
+from .logit_lens import logit_lens, logit_lens_matrix, top_tokens, unembedding
 from .mining import Example, Mined, mine
 from .matching import MatchResult, hungarian_match
 from .similarity import MCSResult, max_cosine, mcs, mmcs
+from .paired import paired_difference
 from .null import NullBaseline, null_mcs_cdf, null_mcs_mean, null_mcs_quantile, random_null
 from .reconstruction import DENSE_THRESHOLD, density_histogram, log10_density, mean_l0, sparsity_stats
 from .recovery import (dead_features, expected_random_mmcs, mmcs_from_learned, mmcs_to_truth, mmcs_vs_larger,
@@ -35,6 +38,9 @@ __all__ = ["MatchResult", "hungarian_match", "MCSResult", "max_cosine", "mcs", "
            "load_mined", "mine_dictionary", "sae_encoder", "save_mined", "Record", "Score", "Split",
            "TokenTableExplainer", "TokenTableSimulator", "bootstrap_ci", "pooled_correlation", "score_direction",
            "split_fragments", "CachedExplainer", "CachedSimulator", "ChatClient", "LLMExplainer", "LLMSimulator",
-           "llm_configured", "logit_lens", "top_tokens", "unembedding", "Example", "Mined", "mine", "scorers",
+           "llm_configured", "logit_lens", "logit_lens_matrix", "top_tokens", "unembedding", "Example", "Mined", "mine",
+           "scorers",
            "mean_l0", "spearman", "at_ce_increase", "dictionary_similarity", "downstream_loss",
-           "matched_ce_increase"]
+           "matched_ce_increase", "ceiling_score", "context_maxima", "detection_score", "fuzzing_score",
+           "matched_negatives", "correlation_from_sums", "document_sides", "fragment_sums", "split_by_document",
+           "paired_difference"]

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
+import torch
 
 from ..arguments import checked
 
@@ -76,12 +77,14 @@ def _unquote(t: str) -> str:
 @checked
 class TokenTableExplainer:
     """Explanations like `fires on "·(" ≈9; "·print" then "·(" ≈6` (see the module docstring). `max_items` entries at
-    most; an entry is a token, or a token after a given previous token."""
+    most; an entry is a token, or (bigrams=True) a token after a given previous token."""
 
     name = "token-table"
 
-    def __init__(self, max_items: int = 8):
-        self.max_items = max_items
+    def __init__(self, max_items: int = 8, bigrams: bool = True):
+        self.max_items, self.bigrams = max_items, bigrams
+        # Part of the cache key (analyses.llm): a cached explanation is reused only by the same explainer version.
+        self.version = f"2:{max_items}:{int(bigrams)}"
 
     def explain(self, records: Sequence[Record]) -> str:
         scaled = scale_0_10(records)
@@ -93,7 +96,7 @@ class TokenTableExplainer:
         cands = {}
         for i in np.nonzero(y >= 2)[0]:
             cands.setdefault((None, toks[i]), None)
-            if prev[i] is not None:
+            if self.bigrams and prev[i] is not None:
                 cands.setdefault((prev[i], toks[i]), None)
         keys = list(cands)
         masks = np.array([[t == k[1] and (k[0] is None or p == k[0]) for t, p in zip(toks, prev)] for k in keys])
@@ -123,6 +126,7 @@ class TokenTableSimulator:
     largest strength among the entries it matches, else 0."""
 
     name = "token-table"
+    version = "2"
 
     def simulate(self, explanation: str, fragments: Sequence[Sequence[str]]) -> list[list[float]]:
         items = [(_unquote(p) if p else None, _unquote(t), float(v)) for p, t, v in _ITEM.findall(explanation)]
@@ -172,12 +176,74 @@ def split_fragments(ranked: Sequence[int], firing: Sequence[int]) -> Split | Non
     return Split(explain, top, rnd)
 
 
+@checked
+def document_sides(doc: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """[n_fragments] bool, True for the explanation side: every document's fragments go to one side (a seeded half
+    of the documents), so that no document is explained and tested — an identifier-specific direction would
+    otherwise be explained and tested on the same module. doc: [n_fragments] document index of each fragment."""
+    if not isinstance(doc, torch.Tensor) or doc.ndim != 1:
+        raise ValueError("doc must be a 1-D tensor of document indices, one per fragment (lm.document_fragments)")
+    ids = torch.unique(doc)
+    if len(ids) < 2:
+        raise ValueError(f"the fragments come from {len(ids)} document(s): a document-level split needs at least 2; "
+                         f"read more held-out text")
+    g = torch.Generator().manual_seed(seed)
+    explain_ids = ids[torch.randperm(len(ids), generator=g)[: len(ids) // 2]]
+    return torch.isin(doc, explain_ids)
+
+
+@checked
+def split_by_document(ranked_explain: Sequence[int], ranked_test: Sequence[int], firing_test: Sequence[int]
+                      ) -> Split | None:
+    """The protocol's split when explanation and test fragments come from different documents (`document_sides`):
+    explanation = ranks EXPLAIN_RANKS of the explanation side's ranking, top test = ranks TOP_RANKS of the test
+    side's, random test = N_RANDOM firing test-side fragments outside the top test set. None (skip) when either
+    side has fewer than MIN_FRAGMENTS firing fragments."""
+    if len(ranked_explain) < MIN_FRAGMENTS or len(ranked_test) < MIN_FRAGMENTS:
+        return None
+    overlap = set(ranked_explain) & (set(ranked_test) | set(firing_test))
+    if overlap:
+        raise ValueError(f"fragments {sorted(overlap)[:5]} are on both sides: pass explanation and test fragments "
+                         f"from disjoint document sets (document_sides)")
+    top = [ranked_test[i] for i in TOP_RANKS]
+    return Split([ranked_explain[i] for i in EXPLAIN_RANKS], top,
+                 [f for f in firing_test if f not in set(top)][:N_RANDOM])
+
+
 @dataclass
 class Score:
+    """One direction's scores, and per test fragment (top then random, as `fragments`) the sums a pooled
+    correlation is made of (`fragment_sums`), so that a bootstrap can reweight fragments."""
+
     explanation: str
     top: float
     random: float
     top_and_random: float
+    fragments: list[int] = field(default_factory=list)
+    sums: np.ndarray | None = None
+
+
+@checked
+def fragment_sums(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) -> np.ndarray:
+    """[n_fragments, 6]: per fragment n, Σt, Σp, Σt², Σp², Σtp (float64) — `correlation_from_sums` of their
+    column sums is `pooled_correlation` of the fragments."""
+    out = np.zeros((len(true), 6))
+    for i, (t, p) in enumerate(zip(true, pred)):
+        t, p = np.asarray(t, dtype=np.float64), np.asarray(p, dtype=np.float64)
+        out[i] = [t.size, t.sum(), p.sum(), (t * t).sum(), (p * p).sum(), (t * p).sum()]
+    return out
+
+
+@checked
+def correlation_from_sums(S: np.ndarray) -> np.ndarray:
+    """Pearson r from summed `fragment_sums` [..., 6] -> [...]; 0 where either side is constant (as
+    `pooled_correlation`), NaN where no token is left."""
+    n, st, sp, stt, spp, stp = np.moveaxis(np.asarray(S, dtype=np.float64), -1, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vt, vp = stt - st * st / n, spp - sp * sp / n
+        r = (stp - st * sp / n) / np.sqrt(vt * vp)
+        flat = (vt <= 1e-12 * np.maximum(stt, 1e-300)) | (vp <= 1e-12 * np.maximum(spp, 1e-300))
+    return np.where(n > 1, np.where(flat, 0.0, np.clip(r, -1, 1)), np.nan)
 
 
 @checked
@@ -192,7 +258,8 @@ def score_direction(records: dict[int, Record], split: Split, explainer: Explain
     p_rnd = simulator.simulate(text, [r.tokens for r in rnd]) if rnd else []
     true_top, true_rnd = [r.acts for r in top], [r.acts for r in rnd]
     return Score(text, pooled_correlation(true_top, p_top), pooled_correlation(true_rnd, p_rnd) if rnd else math.nan,
-                 pooled_correlation(true_top + true_rnd, p_top + p_rnd))
+                 pooled_correlation(true_top + true_rnd, p_top + p_rnd), list(split.top) + list(split.random),
+                 fragment_sums(true_top + true_rnd, p_top + p_rnd))
 
 
 @checked

@@ -73,8 +73,10 @@ def model_intro(name: str, metrics: dict) -> str:
                      f"and, at each layer, rows whose norm is over {m02['exclude'].get('norm_ratio', '?')}x the "
                      f"median (massive activations; 02's `first_position_norm_ratio`, `norm_limits` and "
                      f"`massive_rows_excluded`).")
-    for nn, key in (("05", "revisions"), ("07", "step0_control")):
-        note = metrics.get(nn, {}).get(key)
+    step0 = metrics.get("07", {}).get("step0_same_budget_score")
+    for nn, note in (("05", metrics.get("05", {}).get("revisions")),
+                     ("07", metrics.get("07", {}).get("step0_control") or
+                      (step0.get("step0") if isinstance(step0, dict) else None))):
         if isinstance(note, str) and note.startswith("none"):
             parts.append(f"Notebook {nn}: {note.removeprefix('none: ')}.")
     return " ".join(parts)

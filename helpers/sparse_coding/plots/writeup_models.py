@@ -43,6 +43,9 @@ def _kind_cell(m: Metrics, kind: str) -> Any:
 
 
 def _interp(m: Metrics) -> Any:
+    separated = _get(m, "07", "separated_from_sae")
+    if separated:  # what the paired intervals separate from the SAE, per layer
+        return "; ".join(f"L{layer}: {', '.join(lines)}" for layer, lines in separated.items())
     scores = _get(m, "07", "scores")
     if not scores:
         return None
@@ -101,7 +104,7 @@ ROWS: list[tuple[str, Callable[[Metrics], Any], str | None]] = [
     ("reached 0.9 self-similarity, later below 0.6", lambda m: (
         {k: v.get("share_reached_0.9_then_below_0.6") for k, v in (_get(m, "05", "conditions") or {}).items()}
         or None), "share_reached_0.9_then_below_0.6"),
-    ("interpretability, mean score by layer (top 4 methods)", _interp, "interpretability_ordering"),
+    ("interpretability: methods against the SAE, paired intervals", _interp, "interpretability_ordering"),
     ("case-study features (06)", _studies, None),
 ]
 

@@ -10,6 +10,7 @@ import math
 from typing import Any, Callable, Mapping
 
 from .writeup_e2e import E2E_COMPARISONS, answer_08
+from .writeup_interp import answer_06, answer_07
 
 Metrics = Mapping[str, Mapping[str, Any]]  # notebook number -> its metrics
 
@@ -140,20 +141,12 @@ def _answer_05(m: Metrics) -> str:
             f"(1:1 match ≥ 0.9) by revision: {_f(_get(m, '05', 'final_features_present_by_step'))}.")
 
 
-def _answer_06(m: Metrics) -> str:
-    studies = _get(m, "06", "case_studies") or []
-    picked = "; ".join(f"{s.get('role')}: feature {s.get('feature')} (logit lens top "
-                       f"{', '.join(map(repr, (s.get('logit_lens_top') or [])[:3]))})" for s in studies)
-    return (f"Features picked by rule: {picked or MISSING}. On 06's own held-out contexts (not 03's text, so its "
-            f"clean loss differs): loss {_f(_get(m, '06', 'loss_clean'))} clean, "
-            f"{_f(_get(m, '06', 'loss_spliced_all'))} with the whole reconstruction, "
-            f"{_f(_get(m, '06', 'loss_spliced_high_mcs_only'))} keeping only the {_f(_get(m, '06', 'n_high_mcs'))} "
-            f"high-MCS features (plus the error), {_f(_get(m, '06', 'loss_spliced_random_same_count'))} keeping as "
-            f"many random ones.")
-
-
 def _scored_ordering(m: Metrics, sep: str = "; ", prefix: str = "layer ") -> str | None:
-    """Each layer's methods by mean score, ">" only where the 95 % intervals separate them (`ranked`)."""
+    """Each layer's comparisons with the SAE that the paired intervals separate (`separated_from_sae`), or, for a
+    run from before those, the methods by mean score with ">" only where the 95 % intervals separate them."""
+    separated = _get(m, "07", "separated_from_sae")
+    if separated:
+        return sep.join(f"{prefix}{layer}: {', '.join(lines)}" for layer, lines in separated.items())
     scores = _get(m, "07", "scores")
     if scores:
         return sep.join(f"{prefix}{layer}: {ranked(methods)}" for layer, methods in scores.items())
@@ -161,21 +154,9 @@ def _scored_ordering(m: Metrics, sep: str = "; ", prefix: str = "layer ") -> str
     return None if not order else sep.join(f"{prefix}{layer}: {' > '.join(ms)}" for layer, ms in order.items())
 
 
-def _answer_07(m: Metrics) -> str:
-    scores = _get(m, "07", "scores") or {}
-    partial = [f"L{layer} {k} {v.get('n_scored')}/{v.get('n_scored', 0) + v.get('n_skipped', 0)}"
-               for layer, methods in scores.items() for k, v in methods.items() if v.get("n_skipped")]
-    return (f"Ordering by mean score (top-and-random simulation, {_f(_get(m, '07', 'explainer'))} explainer; "
-            f"\">\" between neighbours only where their 95 % intervals do not overlap, \"≈\" where they do): "
-            f"{_scored_ordering(m) or MISSING}. Shuffled explanations score "
-            f"{_f(_get(m, '07', 'shuffled_explanation_mean'))}."
-            + (f" Directions scored of those picked, where some were skipped (firing on fewer than 20 fragments): "
-               f"{', '.join(partial)}." if partial else ""))
-
-
 ANSWERS: dict[str, Callable[[Metrics], str]] = {
     "00": _answer_00, "01": _answer_01, "02": _answer_02, "03": _answer_03, "04": _answer_04, "05": _answer_05,
-    "06": _answer_06, "07": _answer_07, "08": answer_08}
+    "06": answer_06, "07": answer_07, "08": answer_08}
 
 
 def _ordering_07(m: Metrics) -> str | None:

@@ -10,16 +10,18 @@ simulated and scored (`analyses.interpretability`)."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .. import dictionaries, lm
+from .. import activations, dictionaries, lm
 from ..analyses import directions as D
 from ..analyses.features import sae_encoder
-from ..analyses.interpretability import Record, bootstrap_ci, score_direction, split_fragments
+from ..analyses.detection import ceiling_score, context_maxima, detection_score, fuzzing_score, matched_negatives
+from ..analyses.interpretability import Record, document_sides, score_direction, split_by_document
 from ..analyses.mining import Mined, mine
 from ..analyses.similarity import mcs
 from ..analyses.statistics import spearman
@@ -32,95 +34,118 @@ METHODS = ("sae", "sae_paper", "neurons", "random", "pca", "ica", "pca_topk", "i
 
 def layer_encoders(sae_best: Any, sae_paper: Any, sample: torch.Tensor, top_k: int, seed: int = 0
                    ) -> dict[str, Any]:
-    """{method: encoder} for one layer (see METHODS); PCA and ICA fitted on `sample` [rows, d]."""
-    d = int(sample.shape[1])
-    return {"sae": sae_encoder(sae_best), "sae_paper": sae_encoder(sae_paper), "neurons": D.neuron_encoder(),
-            "random": D.random_encoder(d, d, seed=seed), "pca": D.pca_encoder(sample, seed=seed),
+    """{method: encoder} for one layer (see METHODS): every baseline centred on `sample` [rows, d] and split into
+    both signs (`analyses.directions`), PCA and ICA fitted on it, top-K on whitened scores."""
+    return {"sae": sae_encoder(sae_best), "sae_paper": sae_encoder(sae_paper), "neurons": D.neuron_encoder(sample),
+            "random": D.random_encoder(sample, seed=seed), "pca": D.pca_encoder(sample, seed=seed),
             "ica": D.ica_encoder(sample, seed=seed), "pca_topk": D.pca_encoder(sample, top_k=top_k, seed=seed),
             "ica_topk": D.ica_encoder(sample, top_k=top_k, seed=seed)}
 
 
-def mine_methods(model, encoders: Mapping[str, tuple[str, Any]], fragments: torch.Tensor, *, n_random: int = 15,
-                 batch_size: int = 64, seed: int = 0, exclude: Any = None, progress: bool = True) -> dict[str, Mined]:
-    """One pass of `model` over the fragments for every {name: (hook, encoder)}: whole fragments as windows, the
-    top 20 fragments and `n_random` random firing fragments per direction. exclude: positions left out of the
-    dictionaries' inputs (the stores' `exclusion`; each fragment's first token is the model's position 0)."""
+def fit_info(encoders: Mapping[str, tuple[str, Any]]) -> dict[str, dict]:
+    """{"layer/method": the encoder's fit record (ICA iterations and convergence, PCA variance, ...)}."""
+    return {k: dict(getattr(enc, "info", {})) for k, (_, enc) in encoders.items() if getattr(enc, "info", None)}
+
+
+@dataclass
+class Sides:
+    """One method's mining results on the explanation side and on the test side (`document_sides`), with each
+    side's fragment indices into the pool and the test fragments' per-direction maxima [n_test, n]."""
+
+    explain: Mined
+    test: Mined
+    explain_index: torch.Tensor
+    test_index: torch.Tensor
+    test_maxima: torch.Tensor
+
+    def frequency(self) -> torch.Tensor:
+        """[n] firing frequency over both sides' kept tokens."""
+        n = self.explain.meta.get("n_kept", self.explain.n_tokens) + self.test.meta.get("n_kept", self.test.n_tokens)
+        return (self.explain.count + self.test.count).double() / max(1, n)
+
+
+def mine_sides(model, encoders: Mapping[str, tuple[str, Any]], fragments: torch.Tensor, doc: torch.Tensor, *,
+               n_random: int = 15, batch_size: int = 64, seed: int = 0, exclude: Any = None,
+               progress: bool = True) -> dict[str, Sides]:
+    """Split the pool by document (`analyses.document_sides`) and mine every {name: (hook, encoder)} on each side
+    (whole fragments as windows, the top 20 and `n_random` random firing fragments per direction), plus each test
+    fragment's max per direction (for the detection score's silent contexts). exclude: positions left out of the
+    dictionaries' inputs (each fragment's first token is the model's position 0)."""
     hooks = sorted({h for h, _ in encoders.values()})
     read = lm.hook_reader(model, hooks)
     dev = next(model.parameters()).device
-    return mine(lambda tb: read(tb.to(dev)), encoders, fragments, batch_size=batch_size, n_top=20,
-                n_random=n_random, per_bin=1, window=None, seed=seed, exclude=exclude, progress=progress)
+    reader = lambda tb: read(tb.to(dev))  # noqa: E731
+    sides = document_sides(doc, seed)
+    ie, it = sides.nonzero().squeeze(1), (~sides).nonzero().squeeze(1)
+    mined = [mine(reader, encoders, fragments[i], batch_size=batch_size, n_top=20, n_random=n_random, per_bin=0,
+                  window=None, seed=seed, exclude=exclude, progress=progress) for i in (ie, it)]
+    maxima = context_maxima(reader, encoders, fragments[it], batch_size=batch_size, exclude=exclude)
+    return {k: Sides(mined[0][k], mined[1][k], ie, it, maxima[k]) for k in encoders}
 
 
-def direction_records(mined: Mined, latent: int, texts: Sequence[str]) -> tuple[dict[int, Record], list, list]:
-    """(records by fragment, fragments ranked by max activation, random firing fragments) of one direction."""
-    records, ranked, firing = {}, [], []
-    for e in mined.top_examples(latent):
-        records[e.context] = Record([texts[t] for t in e.tokens], [float(a) for a in e.acts])
-        ranked.append(e.context)
-    for e in mined.random_examples(latent):
-        records.setdefault(e.context, Record([texts[t] for t in e.tokens], [float(a) for a in e.acts]))
-        firing.append(e.context)
-    return records, ranked, firing
+def _records(mined: Mined, latent: int, texts: Sequence[str], index: torch.Tensor, random: bool = False
+             ) -> tuple[dict[int, Record], list[int]]:
+    records, order = {}, []
+    for e in (mined.random_examples(latent) if random else mined.top_examples(latent)):
+        g = int(index[e.context])
+        records[g] = Record([texts[t] for t in e.tokens], [float(a) for a in e.acts])
+        order.append(g)
+    return records, order
 
 
-def score_method(mined: Mined, texts: Sequence[str], explainer, simulator, *, n_directions: int = 150,
-                 seed: int = 0, shuffled: bool = False) -> tuple[pd.DataFrame, int]:
-    """(one row per scored direction: latent (its index), explanation, top, random, top_and_random; the number skipped) for
-    a seeded sample of `n_directions` live directions. shuffled=True scores each direction with the explanation of
-    the next sampled one (the shuffled-explanation control)."""
-    live = (mined.count > 0).nonzero().squeeze(1)
+def prepare(sides: Sides, latent: int, texts: Sequence[str]) -> tuple[dict[int, Record], Any]:
+    """(records by pool fragment, the document-level split or None) of one direction."""
+    rec_e, ranked_e = _records(sides.explain, latent, texts, sides.explain_index)
+    rec_t, ranked_t = _records(sides.test, latent, texts, sides.test_index)
+    rec_r, firing_t = _records(sides.test, latent, texts, sides.test_index, random=True)
+    return {**rec_r, **rec_t, **rec_e}, split_by_document(ranked_e, ranked_t, firing_t)
+
+
+def score_method(sides: Sides, texts: Sequence[str], explainer, simulator, fragments: torch.Tensor,
+                 doc: torch.Tensor, *, n_directions: int = 150, seed: int = 0, shuffled: bool = False
+                 ) -> tuple[pd.DataFrame, int]:
+    """(one row per scored direction, the number skipped) for a seeded sample of `n_directions` live directions.
+    Row: latent, frequency, explanation, top / random / top_and_random (explain-simulate-score), ceiling (the best
+    token-table fit on the test fragments), detection and fuzzing (balanced accuracy), sums and docs (per test
+    fragment, for the paired bootstrap). shuffled=True uses the next sampled direction's explanation: the control."""
+    freq = sides.frequency()
+    live = (freq > 0).nonzero().squeeze(1)
     g = torch.Generator().manual_seed(seed)
     sample = live[torch.randperm(len(live), generator=g)[:n_directions]].tolist()
-    rows, skipped, prepared = [], 0, []
-    for d in sample:
-        records, ranked, firing = direction_records(mined, d, texts)
-        split = split_fragments(ranked, firing)
-        if split is None:
-            skipped += 1
-            continue
-        prepared.append((d, records, split))
-    texts_of = {}
-    if shuffled and len(prepared) > 1:
-        for i, (d, records, split) in enumerate(prepared):
-            nd, nrec, nsplit = prepared[(i + 1) % len(prepared)]
-            texts_of[d] = explainer.explain([nrec[j] for j in nsplit.explain])
+    prepared = [(d, *prepare(sides, d, texts)) for d in sample]
+    skipped = sum(split is None for _, _, split in prepared)
+    prepared = [p for p in prepared if p[2] is not None]
+    text_of = {}
+    for i, (d, records, split) in enumerate(prepared):
+        src = prepared[(i + 1) % len(prepared)] if shuffled and len(prepared) > 1 else (d, records, split)
+        text_of[d] = explainer.explain([src[1][j] for j in src[2].explain])
+    rows = []
     for d, records, split in prepared:
-        s = score_direction(records, split, explainer, simulator, explanation=texts_of.get(d))
-        rows.append({"latent": d, "explanation": s.explanation, "top": s.top, "random": s.random,
-                     "top_and_random": s.top_and_random})
+        s = score_direction(records, split, explainer, simulator, explanation=text_of[d])
+        test = [records[f] for f in s.fragments]
+        silent = sides.test_index[(sides.test_maxima[:, d] == 0)].tolist()
+        neg = matched_negatives(s.fragments, silent, doc, seed + d)
+        rows.append({"latent": d, "frequency": float(freq[d]), "explanation": s.explanation, "top": s.top,
+                     "random": s.random, "top_and_random": s.top_and_random, "ceiling": ceiling_score(test),
+                     "detection": detection_score(text_of[d], simulator, [r.tokens for r in test],
+                                                  [[texts[t] for t in fragments[f].tolist()] for f in neg]),
+                     "fuzzing": fuzzing_score(text_of[d], simulator, test, seed + d),
+                     "sums": s.sums, "docs": [int(doc[f]) for f in s.fragments]})
     return pd.DataFrame(rows), skipped
 
 
-def summarize(table: pd.DataFrame, skipped: int, seed: int = 0) -> dict[str, float]:
-    """score_mean / score_ci_low / score_ci_high (bootstrap 95 % over directions) / score_se95 (1.96·SE) of the
-    top-and-random score, the top-only and random-only means, n_scored, n_skipped."""
-    vals = table["top_and_random"].tolist() if len(table) else []
-    mean, lo, hi, se95 = bootstrap_ci(vals, seed=seed)
-    return {"score_mean": mean, "score_ci_low": lo, "score_ci_high": hi, "score_se95": se95,
-            "top_mean": float(table["top"].mean()) if len(table) else float("nan"),
-            "random_mean": float(table["random"].mean()) if len(table) else float("nan"),
-            "n_scored": int(len(table)), "n_skipped": int(skipped)}
-
-
-def ordering(scores: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, list[str]]:
-    """Per layer, the methods sorted by mean score, best first."""
-    return {layer: sorted(ms, key=lambda m: -np.nan_to_num(ms[m]["score_mean"], nan=-9)) for layer, ms in scores.items()}
-
-
-def score_methods(mined: Mapping[str, Mined], texts: Sequence[str], explainer, simulator, *, n_directions: int,
-                  seed: int = 0) -> tuple[dict, dict, dict]:
-    """Every mined method ("layer/method" keys) scored: (scores {layer: {method: summarize(...)}}, tables {key: one
-    row per scored direction}, shuffled {key: mean score when each direction is simulated from another direction's
-    explanation: the control}). With the offline explainer, or an LLM's through `analyses.scorers`."""
-    scores, tables, shuffled = {}, {}, {}
-    for key, m in mined.items():
-        layer, method = key.split("/")
-        tables[key], skipped = score_method(m, texts, explainer, simulator, n_directions=n_directions, seed=seed)
-        scores.setdefault(layer, {})[method] = summarize(tables[key], skipped, seed)
-        sh, _ = score_method(m, texts, explainer, simulator, n_directions=n_directions, seed=seed, shuffled=True)
-        shuffled[key] = float(sh["top_and_random"].mean()) if len(sh) else float("nan")
-    return scores, tables, shuffled
+def score_methods(sides: Mapping[str, Sides], texts: Sequence[str], explainer, simulator, fragments: torch.Tensor,
+                  doc: torch.Tensor, *, n_directions: int, seed: int = 0) -> tuple[dict, dict]:
+    """Every mined method ("layer/method" keys) scored with its own explanations and with shuffled ones:
+    (tables {key: score_method rows}, shuffled {key: rows under the shuffled-explanation control})."""
+    tables, shuffled = {}, {}
+    for key, s in sides.items():
+        tables[key], skipped = score_method(s, texts, explainer, simulator, fragments, doc,
+                                            n_directions=n_directions, seed=seed)
+        tables[key].attrs["skipped"] = skipped
+        shuffled[key], _ = score_method(s, texts, explainer, simulator, fragments, doc, n_directions=n_directions,
+                                        seed=seed, shuffled=True)
+    return tables, shuffled
 
 
 def score_vs_mcs(sae: Any, reference: str | os.PathLike | None, table: pd.DataFrame) -> tuple[np.ndarray, float]:
@@ -129,6 +154,36 @@ def score_vs_mcs(sae: Any, reference: str | os.PathLike | None, table: pd.DataFr
     if reference is None or not len(table):
         return np.full(len(table), np.nan), float("nan")
     res = mcs(sae.W_dec.detach()[0], dictionaries.load_sae(reference).W_dec.detach()[0])
-    feature_mcs = res.a_to_b[table["latent"].values].numpy()
+    feature_mcs = res.a_to_b[torch.as_tensor(table["latent"].to_numpy(copy=True))].numpy()
     return feature_mcs, spearman(table["top_and_random"].values, feature_mcs)
 
+
+
+def step0_control(model: str, recipe: Mapping[str, Any], trained: pd.DataFrame, fragments: torch.Tensor,
+                  doc: torch.Tensor, texts: Sequence[str], explainer, simulator, data_dir: str | os.PathLike, *,
+                  n_tokens: int | None = None, n_directions: int = 150, seed: int = 0, n_boot: int = 2000,
+                  exclude: Any = None, device: str = "cpu") -> dict[str, Any]:
+    """The recipe trained on the randomly initialised model (revision step0) at the recipe's hook with the same
+    token budget (`n_tokens`, default the recipe's own), mined and scored like the trained model's SAE (`trained`,
+    its score_method table): {"trained", "step0": {"mean", "low", "high", "n"}, "difference": paired interval of
+    step0 − trained, "n_tokens", "trained_n_tokens"}; without "step0" for a model with no step0 revision (GGUF)."""
+    from .nb07_summary import interval, paired
+
+    budget = int(n_tokens or recipe["n_tokens"])
+    out = {"trained": interval(trained["top_and_random"] if len(trained) else []), "n_tokens": budget,
+           "trained_n_tokens": int(recipe["n_tokens"])}
+    if lm.is_gguf(model):  # a GGUF file holds the final weights only: no random-init revision to compare
+        out["step0"] = "none: the model has no step0 (random-init) revision"
+        return out
+    hook = recipe["hook"]
+    store0 = activations.revision_store(model, "step0", hook, budget, data_dir=data_dir, device=device, seed=seed,
+                                        exclude=exclude)  # the trained model's exclusion
+    sae0 = train_recipe(store0, recipe, data_dir, n_tokens=budget, device=device)
+    tl0 = lm.load_model(lm.model_source(model, data_dir), "step0", device=device)
+    sides0 = mine_sides(tl0, {"0/step0": (hook, sae_encoder(sae0))}, fragments, doc, seed=seed,
+                        exclude=store0.exclusion)  # its own norm limit
+    table0, _ = score_method(sides0["0/step0"], texts, explainer, simulator, fragments, doc,
+                             n_directions=n_directions, seed=seed)
+    out["step0"] = interval(table0["top_and_random"] if len(table0) else [])
+    out["difference"] = paired({"0/step0": table0, "0/trained": trained}, "trained", seed, n_boot)["0"]["step0"]
+    return out

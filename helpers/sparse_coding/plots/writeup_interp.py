@@ -1,0 +1,146 @@
+"""The write-up's words for notebooks 06 and 07, built only from their metrics: what the paired intervals separate,
+what they do not, what the controls say, and what the token-table scorer can and cannot see. Nothing here types a
+number."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+Metrics = Mapping[str, Mapping[str, Any]]
+MISSING = "not measured in this run"
+
+
+def _get(metrics: Metrics, nn: str, *path: str) -> Any:
+    node: Any = metrics.get(nn, {})
+    for p in path:
+        if not isinstance(node, Mapping) or p not in node:
+            return None
+        node = node[p]
+    return node
+
+
+def _n(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return MISSING
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _iv(iv: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """'0.713 [0.679, 0.744], n 150' of an {"mean", "low", "high", "n"} interval."""
+    if not isinstance(iv, Mapping) or iv.get("mean") is None:
+        return MISSING
+    n = f", n {iv['n']}" if "n" in iv else ""
+    return f"{_n(iv['mean'], digits)} [{_n(iv.get('low'), digits)}, {_n(iv.get('high'), digits)}]{n}"
+
+
+def _per_layer(block: Mapping[str, Mapping[str, Any]] | None, methods: tuple[str, ...]) -> str:
+    if not block:
+        return MISSING
+    return "; ".join(f"layer {L}: " + ", ".join(f"{m} {_iv(ms.get(m))}" for m in methods if m in ms)
+                     for L, ms in block.items())
+
+
+def _separated(m: Metrics) -> str:
+    diffs = _get(m, "07", "paired_difference_to_sae") or {}
+    if not diffs:
+        return MISSING
+    parts = []
+    for L, ds in diffs.items():
+        above = [k for k, d in ds.items() if d.get("separated") and d.get("low", 0) > 0]
+        below = [k for k, d in ds.items() if d.get("separated") and d.get("high", 0) < 0]
+        tied = [k for k, d in ds.items() if not d.get("separated")]
+        parts.append(f"layer {L}: SAE above {', '.join(below) or 'none'}; below {', '.join(above) or 'none'}; "
+                     f"not separated from {', '.join(tied) or 'none'}")
+    return "; ".join(parts)
+
+
+def _neuron_pairs(m: Metrics) -> str:
+    diffs = _get(m, "07", "paired_difference_to_neurons") or {}
+    out = []
+    for L, ds in diffs.items():
+        tied = [k for k, d in ds.items() if not d.get("separated")]
+        if tied:
+            out.append(f"layer {L}: {', '.join(tied)}")
+    return "; ".join(out) or "none"
+
+
+def _frequency(m: Metrics) -> str:
+    sbf = _get(m, "07", "score_by_frequency") or {}
+    if not sbf:
+        return MISSING
+    edges = next(iter(sbf.values()))["edges"]
+    totals = [sum(v["n"][i] for v in sbf.values()) for i in range(len(edges) - 1)]
+    i = max(range(len(totals)), key=totals.__getitem__)
+    means = ", ".join(f"{k} {_n(v['mean'][i])} (n {v['n'][i]})" for k, v in sbf.items() if v["n"][i])
+    return f"among directions firing on {edges[i]:g} to {edges[i + 1]:g} of tokens (the most populated bin): {means}"
+
+
+def _step0(m: Metrics) -> str:
+    s = _get(m, "07", "step0_same_budget_score")
+    if not isinstance(s, Mapping):
+        return MISSING
+    if not isinstance(s.get("step0"), Mapping):
+        return f"trained {_iv(s.get('trained'))}; step0: {s.get('step0') or MISSING}"
+    d = s.get("difference") or {}
+    verdict = ("separated" if d.get("separated") else "not separated")
+    return (f"the recipe trained on the trained model {_iv(s['trained'])} vs on the untrained (step0) model "
+            f"{_iv(s['step0'])}, both on {_n(s.get('n_tokens'))} tokens; paired difference step0 − trained "
+            f"{_iv(d)} ({verdict})")
+
+
+def answer_07(m: Metrics) -> str:
+    """Notebook 07's answer: scores with intervals, what the paired intervals separate, the ceiling, detection and
+    fuzzing, the controls, frequency, and what the scorer can see."""
+    main = ("sae", "sae_paper", "neurons", "random", "pca", "ica", "pca_topk", "ica_topk")
+    scores = _get(m, "07", "scores") or {}
+    score_iv = {L: {k: {"mean": v.get("score_mean"), "low": v.get("score_ci_low"), "high": v.get("score_ci_high"),
+                        "n": v.get("n_scored")} for k, v in ms.items()} for L, ms in scores.items()}
+    shuffled = _get(m, "07", "shuffled") or {}
+    sh_det = [v.get("detection") for v in shuffled.values() if v.get("detection") == v.get("detection")]
+    return (f"Explain–simulate–score ({_n(_get(m, '07', 'explainer'))} explainer; explanation and test fragments "
+            f"from different documents; mean [95 % interval], n directions): {_per_layer(score_iv, main)}. "
+            f"**What the paired intervals separate** (each method minus the SAE, the same resampled test documents "
+            f"for both): {_separated(m)}. Pairs of baselines not separated from the neuron basis: {_neuron_pairs(m)}. "
+            f"**Ceiling** (the best token/bigram table fitted on each direction's own test fragments): "
+            f"{_per_layer(_get(m, '07', 'ceiling_score'), ('sae', 'neurons', 'pca', 'ica'))}. "
+            f"**Detection** (balanced accuracy, activating vs silent contexts; chance 0.5): "
+            f"{_per_layer(_get(m, '07', 'detection'), ('sae', 'sae_paper', 'neurons', 'pca_topk', 'ica_topk'))}. "
+            f"**Fuzzing** (firing vs random tokens of the same context): "
+            f"{_per_layer(_get(m, '07', 'fuzzing'), ('sae', 'sae_paper', 'neurons', 'pca_topk', 'ica_topk'))}. "
+            f"**Controls**: shuffled explanations score {_n(_get(m, '07', 'shuffled_explanation_mean'))} "
+            f"(detection {_n(sum(sh_det) / len(sh_det)) if sh_det else MISSING}); {_step0(m)}. "
+            f"**Frequency**: {_frequency(m)}. **What this scorer can see**: an explanation here is a table of "
+            f"tokens and previous tokens, so a direction that depends on longer context, or on meaning rather than "
+            f"token identity, scores low however interpretable it is; the ceiling bounds what such a table can "
+            f"reach on each direction's own test text, and a method's score is read against it, not against 1.")
+
+
+def answer_06(m: Metrics) -> str:
+    """Notebook 06's answer: the features picked (with frequencies), the same-recipe reference, and the loss
+    recovered with part of the dictionary against frequency-matched random draws."""
+    studies = _get(m, "06", "case_studies") or []
+    picked = "; ".join(f"{s.get('role')}: feature {s.get('feature')} (fires on {_n(100 * s['frequency'], 2)} % of "
+                       f"tokens; logit lens top {', '.join(map(repr, (s.get('logit_lens_top') or [])[:3]))})"
+                       for s in studies if s.get("frequency") is not None)
+    ref = _get(m, "06", "reference_recipe") or {}
+    rnd = _get(m, "06", "loss_recovered_random_same_count") or {}
+    high, without = _get(m, "06", "loss_recovered_high_mcs_only"), _get(m, "06", "loss_recovered_without_high_mcs")
+    verdict = MISSING
+    if isinstance(high, (int, float)) and rnd.get("low") is not None:
+        verdict = ("above every interval of the random draws" if high > rnd["high"] else
+                   "below the random draws' interval" if high < rnd["low"] else
+                   "inside the random draws' interval: not separated from frequency-matched random features")
+    diff = [k for k in ("kind", "ratio", "hparams", "n_tokens", "lr", "batch_size")
+            if isinstance(ref.get("dictionary"), Mapping) and isinstance(ref.get("reference"), Mapping)
+            and ref["dictionary"].get(k) != ref["reference"].get(k)]
+    return (f"Features picked by rule (every role but 'dense' fires on under 5 % of tokens): {picked or MISSING}. "
+            + ("Reference dictionary: the same recipe from another seed"
+               + (f" (settings that differ besides the seed: {', '.join(diff)})" if diff else "")
+               if ref else "Reference dictionary: another seed's dictionary of the same size (a user's folder: "
+                           "its recipe is not checked)") +
+            f"; {_n(_get(m, '06', 'n_high_mcs'))} of {_n(_get(m, '06', 'n_live'))} live features have MCS ≥ "
+            f"{_n(_get(m, '06', 'mcs_threshold'), 2)} against it. **Fraction of loss recovered** (0 = every feature "
+            f"ablated with the error term kept, 1 = every feature kept with the error term, i.e. the clean model): "
+            f"keeping only the high-MCS features {_n(high)}, {verdict} ({_iv(rnd)} over {_n(rnd.get('draws'))} "
+            f"frequency-matched random draws of the same size); removing only them keeps {_n(without)}.")
