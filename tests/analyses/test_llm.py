@@ -280,3 +280,16 @@ def test_caches_wrap_the_offline_explainer_and_simulator(tmp_path):
     changed = [Record(r.tokens, [a * 2 for a in r.acts]) for r in recs]  # other activations: another key
     cex.explain(changed)
     assert ex.calls == 2
+
+
+def test_scorers_cache_an_llm_but_not_the_offline_pair(tmp_path, monkeypatch):
+    ex, sim = llm.scorers("offline", tmp_path)
+    assert isinstance(ex, TokenTableExplainer) and isinstance(sim, TokenTableSimulator)
+    monkeypatch.setenv("SC_LLM_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("SC_LLM_MODEL", "m")
+    monkeypatch.setenv("SC_LLM_API_KEY", KEY)
+    ex, sim = llm.scorers("auto", tmp_path)
+    assert isinstance(ex, llm.CachedExplainer) and isinstance(sim, llm.CachedSimulator)
+    assert isinstance(llm.scorers("offline", tmp_path)[0], TokenTableExplainer)  # offline forces it
+    with pytest.raises(ValueError, match="'auto'"):
+        llm.scorers("gpt", tmp_path)

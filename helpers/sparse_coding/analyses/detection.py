@@ -14,21 +14,22 @@ activation exceeds `THRESHOLD` (on the explanation records' 0-10 scale); a set o
 explanation's when at least half of them exceed it. delphi asks an LLM these yes/no questions directly; reading them
 off the simulation keeps one interface for both explainers (a named deviation).
 
-The ceiling: the best explanation of the token-table form, fitted on the test fragments themselves — each token
-predicted by the mean activation of its (previous token, token) pair in those fragments, the conditional mean that
-maximises the correlation any function of that pair can reach."""
+The ceiling: the explanation of the token-table form (at most 8 entries, each a token or a previous token then a
+token) fitted on the test fragments themselves by the same greedy explainer, and scored on them: what an explanation
+of this form could reach on those fragments (a table of every bigram would just memorise them)."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..activations import Exclusion
 from ..arguments import checked
-from .interpretability import Record, Simulator, pooled_correlation
+from .interpretability import (Explainer, Record, Simulator, Split, TokenTableExplainer, TokenTableSimulator, _pooled,
+                               score_direction)
 
 THRESHOLD = 0.5
 
@@ -48,8 +49,32 @@ def detection_score(explanation: str, simulator: Simulator, positives: Sequence[
     if not len(positives) or not len(negatives):
         return math.nan
     pred = simulator.simulate(explanation, [list(p) for p in positives] + [list(n) for n in negatives])
-    said = [max(p, default=0.0) > threshold for p in pred]
-    return _balanced(said[:len(positives)], said[len(positives):])
+    return _detection(pred[:len(positives)], pred[len(positives):], threshold)
+
+
+def _detection(positive, negative, threshold: float) -> float:
+    return _balanced([max(p, default=0.0) > threshold for p in positive],
+                     [max(p, default=0.0) > threshold for p in negative])
+
+
+@checked
+def detection_from_predictions(positive: Sequence[Sequence[float]], negative: Sequence[Sequence[float]],
+                               threshold: float = THRESHOLD) -> float:
+    """`detection_score` from simulated activations already made (per context, per token)."""
+    return _detection(positive, negative, threshold)
+
+
+def _marks(records: Sequence[Record], seed: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Per usable record (index, its m most active tokens, m seeded random silent tokens)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, r in enumerate(records):
+        acts = np.asarray(r.acts, dtype=np.float64)
+        on, off = np.nonzero(acts > 0)[0], np.nonzero(~(acts > 0))[0]
+        m = min(len(on), len(off))
+        if m:
+            out.append((i, on[np.argsort(-acts[on], kind="stable")[:m]], rng.choice(off, m, replace=False)))
+    return out
 
 
 @checked
@@ -58,41 +83,58 @@ def fuzzing_score(explanation: str, simulator: Simulator, records: Sequence[Reco
     """Balanced accuracy of telling, in each activating record, its m most active tokens (m = min(firing tokens,
     silent tokens)) from m seeded random tokens where the direction is 0, from `explanation` alone. Records with no
     firing or no silent token are left out; NaN when none is left."""
-    rng = np.random.default_rng(seed)
-    marks = []
-    for r in records:
-        acts = np.asarray(r.acts, dtype=np.float64)
-        on, off = np.nonzero(acts > 0)[0], np.nonzero(~(acts > 0))[0]
-        m = min(len(on), len(off))
-        if m == 0:
-            continue
-        marks.append((r, on[np.argsort(-acts[on], kind="stable")[:m]], rng.choice(off, m, replace=False)))
-    if not marks:
+    if not _marks(records, seed):
         return math.nan
-    pred = simulator.simulate(explanation, [list(r.tokens) for r, _, _ in marks])
-    said_pos, said_neg = [], []
-    for p, (_, on, off) in zip(pred, marks):
-        p = np.asarray(p, dtype=np.float64)
-        said_pos.append(float((p[on] > threshold).mean()) >= 0.5)
-        said_neg.append(float((p[off] > threshold).mean()) >= 0.5)
-    return _balanced(said_pos, said_neg)
+    return _fuzzing(records, simulator.simulate(explanation, [list(r.tokens) for r in records]), seed, threshold)
 
 
 @checked
-def ceiling_score(records: Sequence[Record], context: str = "bigram") -> float:
-    """Pooled correlation between the records' activations and the mean activation of each token's (previous
-    token, token) pair within the same records (context="bigram"; "unigram": of the token alone): what an
-    explanation of the token-table form could reach on these fragments. Raises ValueError for another context."""
+def fuzzing_from_predictions(records: Sequence[Record], predictions: Sequence[Sequence[float]], seed: int = 0,
+                             threshold: float = THRESHOLD) -> float:
+    """`fuzzing_score` from simulated activations already made for the records (per record, per token)."""
+    return _fuzzing(records, predictions, seed, threshold)
+
+
+def _fuzzing(records, predictions, seed: int, threshold: float) -> float:
+    said_pos, said_neg = [], []
+    for i, on, off in _marks(records, seed):
+        p = np.asarray(predictions[i], dtype=np.float64)
+        said_pos.append(float((p[on] > threshold).mean()) >= 0.5)
+        said_neg.append(float((p[off] > threshold).mean()) >= 0.5)
+    return _balanced(said_pos, said_neg) if said_pos else math.nan
+
+
+@checked
+def ceiling_score(records: Sequence[Record], context: str = "bigram", max_items: int = 8) -> float:
+    """What an explanation of the token-table form could reach on these records: the `TokenTableExplainer` (at most
+    `max_items` entries; context="unigram": single tokens only) fitted on the records themselves, simulated on them
+    and correlated (pooled over tokens). Raises ValueError for another context."""
     if context not in ("bigram", "unigram"):
         raise ValueError(f"context must be 'bigram' or 'unigram', got {context!r}")
-    keys = [(r.tokens[i - 1] if i and context == "bigram" else None, t) for r in records for i, t in enumerate(r.tokens)]
-    y = np.asarray([a for r in records for a in r.acts], dtype=np.float64)
-    if len(keys) != len(y):
-        raise ValueError("every record needs one activation per token")
-    ids = {}
-    inv = np.asarray([ids.setdefault(k, len(ids)) for k in keys], dtype=np.int64)
-    means = np.bincount(inv, weights=y, minlength=len(ids)) / np.bincount(inv, minlength=len(ids))
-    return pooled_correlation([y], [means[inv]])
+    return _ceiling(records, context, max_items)
+
+
+def _ceiling(records, context: str = "bigram", max_items: int = 8) -> float:
+    text = TokenTableExplainer(max_items, bigrams=context == "bigram").explain(records)
+    return _pooled([r.acts for r in records], TokenTableSimulator().simulate(text, [r.tokens for r in records]))
+
+
+@checked
+def evaluate_direction(records: Mapping[int, Record], split: Split, explainer: Explainer, simulator: Simulator,
+                       negatives: Sequence[Sequence[str]] = (), explanation: str | None = None, seed: int = 0,
+                       threshold: float = THRESHOLD, ceiling: bool = True) -> dict[str, Any]:
+    """Everything notebook 07 scores of one direction from one explanation and one simulation call: {"explanation",
+    "top", "random", "top_and_random" (`score_direction`), "ceiling" (`ceiling_score` of the test records),
+    "detection" (test records vs `negatives`, NaN without negatives), "fuzzing", "fragments" (the test fragments),
+    "sums" ([n_test, 6] `fragment_sums`)}. explanation: another direction's, for the shuffled control (which needs
+    no ceiling: ceiling=False leaves it NaN)."""
+    s = score_direction(records, split, explainer, simulator, explanation, negatives)
+    test = [records[f] for f in s.fragments]
+    pred = s.predictions
+    return {"explanation": s.explanation, "top": s.top, "random": s.random, "top_and_random": s.top_and_random,
+            "ceiling": _ceiling(test) if ceiling else math.nan,
+            "detection": _detection(pred[:len(test)], pred[len(test):], threshold) if negatives else math.nan,
+            "fuzzing": _fuzzing(test, pred[:len(test)], seed, threshold), "fragments": s.fragments, "sums": s.sums}
 
 
 @checked

@@ -99,7 +99,13 @@ class TokenTableExplainer:
             if self.bigrams and prev[i] is not None:
                 cands.setdefault((prev[i], toks[i]), None)
         keys = list(cands)
-        masks = np.array([[t == k[1] and (k[0] is None or p == k[0]) for t, p in zip(toks, prev)] for k in keys])
+        ids: dict[str, int] = {}
+        tok_id = np.array([ids.setdefault(t, len(ids)) for t in toks])
+        prev_id = np.array([-1 if p is None else ids.setdefault(p, len(ids)) for p in prev])
+        key_tok = np.array([ids[k[1]] for k in keys])
+        key_prev = np.array([-1 if k[0] is None else ids[k[0]] for k in keys])
+        # [keys, tokens]: the token matches and so does the previous one where the entry names it
+        masks = (tok_id[None] == key_tok[:, None]) & ((key_prev[:, None] == -1) | (prev_id[None] == key_prev[:, None]))
         strength = np.array([y[m].mean() for m in masks])
         chosen, pred = [], np.zeros_like(y)
         for _ in range(self.max_items):
@@ -140,8 +146,7 @@ class TokenTableSimulator:
         return out
 
 
-@checked
-def pooled_correlation(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) -> float:
+def _pooled(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) -> float:
     """Pearson correlation over all tokens of all fragments; 0 when either side is constant (a simulator that
     predicts nothing explains nothing)."""
     t = np.concatenate([np.asarray(a, dtype=np.float64) for a in true]) if len(true) else np.zeros(0)
@@ -151,6 +156,13 @@ def pooled_correlation(true: Sequence[Sequence[float]], pred: Sequence[Sequence[
     if t.size < 2 or t.std() == 0 or p.std() == 0:
         return 0.0
     return float(np.corrcoef(t, p)[0, 1])
+
+
+@checked
+def pooled_correlation(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) -> float:
+    """Pearson correlation over all tokens of all fragments; 0 when either side is constant (a simulator that
+    predicts nothing explains nothing). Raises ValueError when the two cover different numbers of tokens."""
+    return _pooled(true, pred)
 
 
 @dataclass
@@ -221,10 +233,10 @@ class Score:
     top_and_random: float
     fragments: list[int] = field(default_factory=list)
     sums: np.ndarray | None = None
+    predictions: list[list[float]] = field(default_factory=list)
 
 
-@checked
-def fragment_sums(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) -> np.ndarray:
+def _sums(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) -> np.ndarray:
     """[n_fragments, 6]: per fragment n, Σt, Σp, Σt², Σp², Σtp (float64) — `correlation_from_sums` of their
     column sums is `pooled_correlation` of the fragments."""
     out = np.zeros((len(true), 6))
@@ -232,6 +244,13 @@ def fragment_sums(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float
         t, p = np.asarray(t, dtype=np.float64), np.asarray(p, dtype=np.float64)
         out[i] = [t.size, t.sum(), p.sum(), (t * t).sum(), (p * p).sum(), (t * p).sum()]
     return out
+
+
+@checked
+def fragment_sums(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) -> np.ndarray:
+    """[n_fragments, 6]: per fragment n, Σt, Σp, Σt², Σp², Σtp (float64) — `correlation_from_sums` of their
+    column sums is `pooled_correlation` of the fragments."""
+    return _sums(true, pred)
 
 
 @checked
@@ -248,18 +267,20 @@ def correlation_from_sums(S: np.ndarray) -> np.ndarray:
 
 @checked
 def score_direction(records: dict[int, Record], split: Split, explainer: Explainer, simulator: Simulator,
-                    explanation: str | None = None) -> Score:
+                    explanation: str | None = None, negatives: Sequence[Sequence[str]] = ()) -> Score:
     """Explain from the split's explanation records (or use `explanation`, e.g. another direction's for the
-    shuffled control), simulate the test records from the text alone, and correlate."""
+    shuffled control), simulate the test records from the text alone, and correlate. `negatives` (token texts of
+    contexts where the direction is 0, for `analyses.detection`) are simulated in the same call; the predictions
+    are kept in `Score.predictions` (top, random, then negatives)."""
     text = explainer.explain([records[i] for i in split.explain]) if explanation is None else explanation
     top = [records[i] for i in split.top]
     rnd = [records[i] for i in split.random]
-    p_top = simulator.simulate(text, [r.tokens for r in top])
-    p_rnd = simulator.simulate(text, [r.tokens for r in rnd]) if rnd else []
+    pred = simulator.simulate(text, [r.tokens for r in top + rnd] + [list(n) for n in negatives])
+    p_top, p_rnd = pred[:len(top)], pred[len(top):len(top) + len(rnd)]
     true_top, true_rnd = [r.acts for r in top], [r.acts for r in rnd]
-    return Score(text, pooled_correlation(true_top, p_top), pooled_correlation(true_rnd, p_rnd) if rnd else math.nan,
-                 pooled_correlation(true_top + true_rnd, p_top + p_rnd), list(split.top) + list(split.random),
-                 fragment_sums(true_top + true_rnd, p_top + p_rnd))
+    return Score(text, _pooled(true_top, p_top), _pooled(true_rnd, p_rnd) if rnd else math.nan,
+                 _pooled(true_top + true_rnd, p_top + p_rnd), list(split.top) + list(split.random),
+                 _sums(true_top + true_rnd, p_top + p_rnd), pred)
 
 
 @checked

@@ -326,14 +326,14 @@ class CachedSimulator(_Cache):
 
 @checked
 def scorers(llm: str, cache_dir: str | os.PathLike) -> tuple[Any, Any]:
-    """(explainer, simulator) for interpretability scores, both caching their answers under cache_dir: an LLM's
-    (`ChatClient.from_env`) when llm="auto" and one is configured (`llm_configured`), else the offline token-table
-    pair (llm="offline" forces it). Raises ValueError for another llm."""
+    """(explainer, simulator) for interpretability scores: an LLM's (`ChatClient.from_env`), caching its answers
+    under cache_dir (keyed by name, version and input), when llm="auto" and one is configured (`llm_configured`),
+    else the offline token-table pair, uncached (llm="offline" forces it). Raises ValueError for another llm."""
     if llm not in ("auto", "offline"):
         raise ValueError(f"llm must be 'auto' (an LLM when configured, else offline) or 'offline', got {llm!r}")
     if llm == "auto" and llm_configured():
         client = ChatClient.from_env()
         explainer, simulator = LLMExplainer(client), LLMSimulator(client)
-    else:
-        explainer, simulator = TokenTableExplainer(), TokenTableSimulator()
-    return CachedExplainer(explainer, cache_dir), CachedSimulator(simulator, cache_dir)
+        return CachedExplainer(explainer, cache_dir), CachedSimulator(simulator, cache_dir)
+    # The offline pair costs less than its cache would (hashing and writing a file per call): not cached.
+    return TokenTableExplainer(), TokenTableSimulator()

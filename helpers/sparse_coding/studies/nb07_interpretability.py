@@ -16,12 +16,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .. import activations, dictionaries, lm
 from ..analyses import directions as D
 from ..analyses.features import sae_encoder
-from ..analyses.detection import ceiling_score, context_maxima, detection_score, fuzzing_score, matched_negatives
-from ..analyses.interpretability import Record, document_sides, score_direction, split_by_document
+from ..analyses.detection import context_maxima, evaluate_direction, matched_negatives
+from ..analyses.interpretability import Record, document_sides, split_by_document
 from ..analyses.mining import Mined, mine
 from ..analyses.similarity import mcs
 from ..analyses.statistics import spearman
@@ -102,12 +103,13 @@ def prepare(sides: Sides, latent: int, texts: Sequence[str]) -> tuple[dict[int, 
 
 
 def score_method(sides: Sides, texts: Sequence[str], explainer, simulator, fragments: torch.Tensor,
-                 doc: torch.Tensor, *, n_directions: int = 150, seed: int = 0, shuffled: bool = False
-                 ) -> tuple[pd.DataFrame, int]:
+                 doc: torch.Tensor, *, n_directions: int = 150, seed: int = 0, shuffled: bool = False,
+                 explanations: Mapping[int, str] | None = None) -> tuple[pd.DataFrame, int]:
     """(one row per scored direction, the number skipped) for a seeded sample of `n_directions` live directions.
     Row: latent, frequency, explanation, top / random / top_and_random (explain-simulate-score), ceiling (the best
     token-table fit on the test fragments), detection and fuzzing (balanced accuracy), sums and docs (per test
-    fragment, for the paired bootstrap). shuffled=True uses the next sampled direction's explanation: the control."""
+    fragment, for the paired bootstrap). shuffled=True uses the next sampled direction's explanation: the control.
+    explanations: {latent: text} already written (the unshuffled pass's), reused instead of explaining again."""
     freq = sides.frequency()
     live = (freq > 0).nonzero().squeeze(1)
     g = torch.Generator().manual_seed(seed)
@@ -115,36 +117,35 @@ def score_method(sides: Sides, texts: Sequence[str], explainer, simulator, fragm
     prepared = [(d, *prepare(sides, d, texts)) for d in sample]
     skipped = sum(split is None for _, _, split in prepared)
     prepared = [p for p in prepared if p[2] is not None]
-    text_of = {}
-    for i, (d, records, split) in enumerate(prepared):
-        src = prepared[(i + 1) % len(prepared)] if shuffled and len(prepared) > 1 else (d, records, split)
-        text_of[d] = explainer.explain([src[1][j] for j in src[2].explain])
+    known = explanations or {}
+    own = {d: known[d] if d in known else explainer.explain([records[j] for j in split.explain])
+           for d, records, split in prepared}
+    order = [d for d, _, _ in prepared]
+    text_of = {d: own[order[(i + 1) % len(order)]] for i, d in enumerate(order)} if shuffled and len(order) > 1 \
+        else own
     rows = []
     for d, records, split in prepared:
-        s = score_direction(records, split, explainer, simulator, explanation=text_of[d])
-        test = [records[f] for f in s.fragments]
+        test_ids = list(split.top) + list(split.random)
         silent = sides.test_index[(sides.test_maxima[:, d] == 0)].tolist()
-        neg = matched_negatives(s.fragments, silent, doc, seed + d)
-        rows.append({"latent": d, "frequency": float(freq[d]), "explanation": s.explanation, "top": s.top,
-                     "random": s.random, "top_and_random": s.top_and_random, "ceiling": ceiling_score(test),
-                     "detection": detection_score(text_of[d], simulator, [r.tokens for r in test],
-                                                  [[texts[t] for t in fragments[f].tolist()] for f in neg]),
-                     "fuzzing": fuzzing_score(text_of[d], simulator, test, seed + d),
-                     "sums": s.sums, "docs": [int(doc[f]) for f in s.fragments]})
+        neg = [[texts[t] for t in fragments[f].tolist()] for f in matched_negatives(test_ids, silent, doc, seed + d)]
+        e = evaluate_direction(records, split, explainer, simulator, neg, text_of[d], seed + d, ceiling=not shuffled)
+        rows.append({"latent": d, "frequency": float(freq[d]), **{k: v for k, v in e.items() if k != "fragments"},
+                     "docs": [int(doc[f]) for f in e["fragments"]]})
     return pd.DataFrame(rows), skipped
 
 
 def score_methods(sides: Mapping[str, Sides], texts: Sequence[str], explainer, simulator, fragments: torch.Tensor,
-                  doc: torch.Tensor, *, n_directions: int, seed: int = 0) -> tuple[dict, dict]:
+                  doc: torch.Tensor, *, n_directions: int, seed: int = 0, progress: bool = True) -> tuple[dict, dict]:
     """Every mined method ("layer/method" keys) scored with its own explanations and with shuffled ones:
     (tables {key: score_method rows}, shuffled {key: rows under the shuffled-explanation control})."""
     tables, shuffled = {}, {}
-    for key, s in sides.items():
+    for key, s in tqdm(sides.items(), desc="scoring", unit="method", disable=not progress):
         tables[key], skipped = score_method(s, texts, explainer, simulator, fragments, doc,
                                             n_directions=n_directions, seed=seed)
         tables[key].attrs["skipped"] = skipped
+        own = dict(zip(tables[key]["latent"], tables[key]["explanation"])) if len(tables[key]) else None
         shuffled[key], _ = score_method(s, texts, explainer, simulator, fragments, doc, n_directions=n_directions,
-                                        seed=seed, shuffled=True)
+                                        seed=seed, shuffled=True, explanations=own)
     return tables, shuffled
 
 
@@ -159,31 +160,36 @@ def score_vs_mcs(sae: Any, reference: str | os.PathLike | None, table: pd.DataFr
 
 
 
-def step0_control(model: str, recipe: Mapping[str, Any], trained: pd.DataFrame, fragments: torch.Tensor,
+def step0_control(tl, model: str, recipe: Mapping[str, Any], trained: pd.DataFrame, store: Any, fragments: torch.Tensor,
                   doc: torch.Tensor, texts: Sequence[str], explainer, simulator, data_dir: str | os.PathLike, *,
                   n_tokens: int | None = None, n_directions: int = 150, seed: int = 0, n_boot: int = 2000,
                   exclude: Any = None, device: str = "cpu") -> dict[str, Any]:
-    """The recipe trained on the randomly initialised model (revision step0) at the recipe's hook with the same
-    token budget (`n_tokens`, default the recipe's own), mined and scored like the trained model's SAE (`trained`,
-    its score_method table): {"trained", "step0": {"mean", "low", "high", "n"}, "difference": paired interval of
-    step0 − trained, "n_tokens", "trained_n_tokens"}; without "step0" for a model with no step0 revision (GGUF)."""
+    """The recipe trained on the randomly initialised model (revision step0) and on the trained model (`tl`, its
+    `store` at the recipe's hook) with the same token budget `n_tokens` (default the recipe's own: then 03's SAE, scored in
+    `trained`, is the trained side), each mined on its own model and scored alike: {"trained", "step0": {"mean",
+    "low", "high", "n"}, "difference": paired interval of step0 − trained, "n_tokens", "recipe_n_tokens"};
+    "step0" a sentence for a model with no step0 revision (a GGUF file)."""
     from .nb07_summary import interval, paired
 
     budget = int(n_tokens or recipe["n_tokens"])
+    hook = recipe["hook"]
+
+    def scored(tl, sae, exclusion) -> pd.DataFrame:
+        sides = mine_sides(tl, {"0/x": (hook, sae_encoder(sae))}, fragments, doc, seed=seed, exclude=exclusion)
+        return score_method(sides["0/x"], texts, explainer, simulator, fragments, doc, n_directions=n_directions,
+                            seed=seed)[0]
+
+    if budget != int(recipe["n_tokens"]):  # the trained model's SAE at the same budget as step0's
+        trained = scored(tl, train_recipe(store, recipe, data_dir, n_tokens=budget, device=device), exclude)
     out = {"trained": interval(trained["top_and_random"] if len(trained) else []), "n_tokens": budget,
-           "trained_n_tokens": int(recipe["n_tokens"])}
+           "recipe_n_tokens": int(recipe["n_tokens"])}
     if lm.is_gguf(model):  # a GGUF file holds the final weights only: no random-init revision to compare
         out["step0"] = "none: the model has no step0 (random-init) revision"
         return out
-    hook = recipe["hook"]
     store0 = activations.revision_store(model, "step0", hook, budget, data_dir=data_dir, device=device, seed=seed,
                                         exclude=exclude)  # the trained model's exclusion
-    sae0 = train_recipe(store0, recipe, data_dir, n_tokens=budget, device=device)
     tl0 = lm.load_model(lm.model_source(model, data_dir), "step0", device=device)
-    sides0 = mine_sides(tl0, {"0/step0": (hook, sae_encoder(sae0))}, fragments, doc, seed=seed,
-                        exclude=store0.exclusion)  # its own norm limit
-    table0, _ = score_method(sides0["0/step0"], texts, explainer, simulator, fragments, doc,
-                             n_directions=n_directions, seed=seed)
+    table0 = scored(tl0, train_recipe(store0, recipe, data_dir, n_tokens=budget, device=device), store0.exclusion)
     out["step0"] = interval(table0["top_and_random"] if len(table0) else [])
     out["difference"] = paired({"0/step0": table0, "0/trained": trained}, "trained", seed, n_boot)["0"]["step0"]
     return out
