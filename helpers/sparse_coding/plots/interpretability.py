@@ -40,8 +40,8 @@ def _grouped(ax, scores: Mapping[str, Mapping[str, Any]], methods: Sequence[str]
 def plot_scores_by_layer(scores: Mapping[str, Mapping[str, Any]], methods: Sequence[str], explainer: str,
                          ceiling: Mapping[str, Mapping[str, Any]] | None = None) -> "plt.Figure":
     """Mean top-and-random score per method (bars) and layer (groups), 95 % bootstrap intervals over directions;
-    with `ceiling` ({layer: {method: {"mean"}}}) a black tick per bar at the best token-table fit on the same test
-    fragments."""
+    with `ceiling` ({layer: {method: {"mean"}}}) a black tick per bar at the 8-entry token table fitted on the same
+    test fragments."""
     fig, ax = plt.subplots(figsize=(12, 4.5))
     _grouped(ax, scores, methods, "score_mean", "score_ci_low", "score_ci_high")
     if ceiling:
@@ -51,7 +51,7 @@ def plot_scores_by_layer(scores: Mapping[str, Mapping[str, Any]], methods: Seque
                 if m in ceiling.get(L, {}):
                     x = i + (j - (len(methods) - 1) / 2) * width
                     ax.plot([x - width / 2, x + width / 2], [ceiling[L][m]["mean"]] * 2, color="k", lw=1.5,
-                            label="ceiling (best token table on the test fragments)" if i == j == 0 else None)
+                            label="ceiling (token table fitted on the test fragments)" if i == j == 0 else None)
     ax.set(ylabel="interpretability score (Pearson r)",
            title=f"Explain-simulate-score per method and layer ({explainer} explainer; 95 % intervals)")
     ax.legend(fontsize=8, ncol=4, loc="upper right")

@@ -41,6 +41,16 @@ def _per_layer(block: Mapping[str, Mapping[str, Any]] | None, methods: tuple[str
                      for L, ms in block.items())
 
 
+def _with_control(m: Metrics, key: str, methods: tuple[str, ...]) -> str:
+    """Per layer, each method's {key} interval beside its mean under shuffled explanations (the control)."""
+    block, shuffled = _get(m, "07", key) or {}, _get(m, "07", "shuffled") or {}
+    if not block:
+        return MISSING
+    return "; ".join(f"layer {L}: " + ", ".join(
+        f"{k} {_iv(ms.get(k))} (shuffled {_n((shuffled.get(f'{L}/{k}') or {}).get(key))})" for k in methods if k in ms)
+        for L, ms in block.items())
+
+
 def _separated(m: Metrics) -> str:
     diffs = _get(m, "07", "paired_difference_to_sae") or {}
     if not diffs:
@@ -89,6 +99,29 @@ def _step0(m: Metrics) -> str:
             f"{_iv(d)} ({verdict})")
 
 
+BASELINES = ("neurons", "random", "pca", "ica", "pca_topk", "ica_topk")
+
+
+def _summary_07(m: Metrics) -> str:
+    """One sentence of what is separated, built from the keys: where the SAE is above every baseline, whether the
+    step0 control separates, which methods' detection fails its shuffled control."""
+    diffs = _get(m, "07", "paired_difference_to_sae") or {}
+    above = [L for L, ds in diffs.items()
+             if all(ds.get(b, {}).get("separated") and ds[b].get("high", 0) < 0 for b in BASELINES if b in ds)]
+    s = _get(m, "07", "step0_same_budget_score") or {}
+    d = s.get("difference") if isinstance(s, Mapping) else None
+    step0 = ("the step0 control is not run" if not isinstance(d, Mapping) else
+             "the score does not separate the recipe on the trained model from the same recipe on the untrained "
+             "one at the same token budget" if not d.get("separated") else
+             "the score separates the trained model's SAE from the untrained model's at the same token budget")
+    shuffled = _get(m, "07", "shuffled") or {}
+    failing = sorted({k.split("/")[1] for k, v in shuffled.items()
+                      if isinstance(v.get("detection"), float) and v["detection"] > 0.6})
+    return (f"In short: the SAE's score is above every baseline's, separated by paired intervals, at layer(s) "
+            f"{', '.join(above) or 'none'}; {step0}; detection with a wrong explanation stays above 0.6 for "
+            f"{', '.join(failing) or 'no method'}, so detection does not measure explanations there. ")
+
+
 def answer_07(m: Metrics) -> str:
     """Notebook 07's answer: scores with intervals, what the paired intervals separate, the ceiling, detection and
     fuzzing, the controls, frequency, and what the scorer can see."""
@@ -98,18 +131,21 @@ def answer_07(m: Metrics) -> str:
                         "n": v.get("n_scored")} for k, v in ms.items()} for L, ms in scores.items()}
     shuffled = _get(m, "07", "shuffled") or {}
     sh_det = [v.get("detection") for v in shuffled.values() if v.get("detection") == v.get("detection")]
-    return (f"Explain–simulate–score ({_n(_get(m, '07', 'explainer'))} explainer; explanation and test fragments "
+    return (_summary_07(m) + f"Explain–simulate–score ({_n(_get(m, '07', 'explainer'))} explainer; explanation and test fragments "
             f"from different documents; mean [95 % interval], n directions): {_per_layer(score_iv, main)}. "
             f"**What the paired intervals separate** (each method minus the SAE, the same resampled test documents "
             f"for both): {_separated(m)}. Pairs of baselines not separated from the neuron basis: {_neuron_pairs(m)}. "
-            f"**Ceiling** (the best token/bigram table fitted on each direction's own test fragments): "
+            f"**Ceiling** (the 8-entry token table fitted by the same explainer on each direction's own test "
+            f"fragments): "
             f"{_per_layer(_get(m, '07', 'ceiling_score'), ('sae', 'neurons', 'pca', 'ica'))}. "
-            f"**Detection** (balanced accuracy, activating vs silent contexts; chance 0.5): "
-            f"{_per_layer(_get(m, '07', 'detection'), ('sae', 'sae_paper', 'neurons', 'pca_topk', 'ica_topk'))}. "
+            f"**Detection** (balanced accuracy, activating vs silent contexts; chance 0.5; in brackets its value "
+            f"with another direction's explanation, the control — a method whose control is far above 0.5 is told "
+            f"apart by something other than its explanation, e.g. silent contexts being unusual for a dense "
+            f"direction): {_with_control(m, 'detection', ('sae', 'sae_paper', 'neurons', 'pca', 'ica_topk'))}. "
             f"**Fuzzing** (firing vs random tokens of the same context): "
-            f"{_per_layer(_get(m, '07', 'fuzzing'), ('sae', 'sae_paper', 'neurons', 'pca_topk', 'ica_topk'))}. "
+            f"{_with_control(m, 'fuzzing', ('sae', 'sae_paper', 'neurons', 'pca', 'ica_topk'))}. "
             f"**Controls**: shuffled explanations score {_n(_get(m, '07', 'shuffled_explanation_mean'))} "
-            f"(detection {_n(sum(sh_det) / len(sh_det)) if sh_det else MISSING}); {_step0(m)}. "
+            f"(detection {_n(sum(sh_det) / len(sh_det)) if sh_det else MISSING} over every method); {_step0(m)}. "
             f"**Frequency**: {_frequency(m)}. **What this scorer can see**: an explanation here is a table of "
             f"tokens and previous tokens, so a direction that depends on longer context, or on meaning rather than "
             f"token identity, scores low however interpretable it is; the ceiling bounds what such a table can "
@@ -128,7 +164,7 @@ def answer_06(m: Metrics) -> str:
     high, without = _get(m, "06", "loss_recovered_high_mcs_only"), _get(m, "06", "loss_recovered_without_high_mcs")
     verdict = MISSING
     if isinstance(high, (int, float)) and rnd.get("low") is not None:
-        verdict = ("above every interval of the random draws" if high > rnd["high"] else
+        verdict = ("above the random draws' interval" if high > rnd["high"] else
                    "below the random draws' interval" if high < rnd["low"] else
                    "inside the random draws' interval: not separated from frequency-matched random features")
     diff = [k for k in ("kind", "ratio", "hparams", "n_tokens", "lr", "batch_size")
