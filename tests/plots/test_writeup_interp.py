@@ -26,8 +26,10 @@ def test_answer_07_states_only_what_is_separated():
     text = W.answer_07(_m07(False))
     assert "SAE above neurons" in text and "not separated from ica" in text
     assert "at layer(s) none" in text  # ica is not separated: the SAE is not above every baseline
+    assert W.answer_07({"07": {"explainer": "x"}}).startswith("Explain")  # no paired keys: no summary drawn
     assert "does not separate the recipe on the trained model" in text
     assert "above 0.6 for neurons" in text and "(shuffled 0.800)" in text
+    assert "favours the untrained model" in text
     assert W.MISSING in text  # no fuzzing, ceiling or frequency keys in this run
     assert "separates the trained model's SAE" in W.answer_07(_m07(True))
 
@@ -41,6 +43,9 @@ def test_answer_06_reads_the_random_draws():
     text = W.answer_06(m)
     assert "not separated from frequency-matched random features" in text and "20 frequency-matched" in text
     assert "fires on 1.00 % of tokens" in text and "same recipe from another seed" in text
+    assert "density limit: not measured" in text and "only 3 high-MCS" in text
+    m["06"]["max_density"] = 0.05
+    assert "under 5.0 % of tokens" in W.answer_06(m)
     m["06"]["loss_recovered_high_mcs_only"] = 0.5
-    assert "above the random draws' interval" in W.answer_06(m)
+    assert "above the random draws' range" in W.answer_06(m)
     assert W.MISSING in W.answer_06({})

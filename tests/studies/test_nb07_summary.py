@@ -34,7 +34,7 @@ def test_paired_and_separated_ordering():
     to_sae = S.paired(tables, "sae", n_boot=300)
     assert set(to_sae["0"]) == {"neurons", "pca"}
     assert to_sae["0"]["neurons"]["separated"] and to_sae["0"]["neurons"]["high"] < 0
-    # pca has the same noise as the SAE: whatever the draw, its interval must be the one that can cover 0
+    assert to_sae["0"]["pca"]["low"] > to_sae["0"]["neurons"]["high"]  # pca, as noisy as the SAE, lies nearer 0
     lines = S.separated_ordering(scores, to_sae)["0"]
     assert "sae > neurons" in lines
     iv = S.column(tables, "detection")["0"]["sae"]
@@ -55,3 +55,11 @@ def test_score_by_frequency_bins_by_hand():
     assert math.isnan(out["sae"]["mean"][0])
     pts = S.frequency_points({"0/sae": t})
     assert len(pts["sae"][0]) == 6
+
+
+def test_paired_by_frequency_keeps_only_matched_directions():
+    sae, ica = _table(5, 0.2, n=30, freq=0.02), _table(6, 3.0, n=30, freq=0.2)  # 0.02-0.06 vs 0.2-0.6
+    out = S.paired_by_frequency({"0/sae": sae, "0/ica": ica}, n_boot=200, min_n=5)
+    assert out == {}  # no bin holds both: nothing is compared
+    both = S.paired_by_frequency({"0/sae": sae, "0/ica": _table(7, 3.0, n=30, freq=0.02)}, n_boot=200, min_n=5)
+    assert list(both) == ["0.01-0.1"] and both["0.01-0.1"]["ica"]["separated"]

@@ -36,14 +36,19 @@ def logit_lens(model: torch.nn.Module, direction: torch.Tensor) -> torch.Tensor:
     ((direction − its mean) ⊙ γ) @ W_U under LayerNorm, (direction ⊙ γ) @ W_U under RMSNorm (`centred_norm`). Raises
     ValueError when the direction is not d_model wide (a dictionary trained on another site needs that site's path to
     the logits) or not finite."""
-    gamma, W_U = unembedding(model)
     check_tensor(direction, "direction", 1, finite=True, shape_hint="[d_model]")
-    if direction.shape[0] != W_U.shape[0]:
-        raise ValueError(f"direction has width {direction.shape[0]} but the model's residual stream is "
+    return _lens(model, direction[None], "direction")[0]
+
+
+def _lens(model: torch.nn.Module, directions: torch.Tensor, name: str) -> torch.Tensor:
+    """[n, d_vocab] in W_U's dtype and device: the lens of directions [n, d_model] (checked by the caller)."""
+    gamma, W_U = unembedding(model)
+    if directions.shape[1] != W_U.shape[0]:
+        raise ValueError(f"{name} has width {directions.shape[1]} but the model's residual stream is "
                          f"{W_U.shape[0]} wide: the logit lens reads residual-stream directions only")
-    d = direction.to(W_U)
+    d = directions.to(W_U)
     if centred_norm(model):
-        d = d - d.mean()
+        d = d - d.mean(1, keepdim=True)
     return (d * gamma.to(W_U)) @ W_U
 
 
@@ -54,15 +59,8 @@ def logit_lens_matrix(model: torch.nn.Module, directions: torch.Tensor, token_co
     """[n, d_vocab] float32 on the CPU: `logit_lens` of every row of directions [n, d_model] (a dictionary's W_dec),
     with the columns of tokens seen fewer than `min_count` times in `token_counts` [d_vocab] set to 0, so that rare
     tokens (barely trained unembedding rows) head no list (as `top_tokens`). Raises ValueError for another width."""
-    gamma, W_U = unembedding(model)
     check_tensor(directions, "directions", 2, finite=True, shape_hint="[n, d_model]")
-    if directions.shape[1] != W_U.shape[0]:
-        raise ValueError(f"directions have width {directions.shape[1]} but the model's residual stream is "
-                         f"{W_U.shape[0]} wide: the logit lens reads residual-stream directions only")
-    d = directions.to(W_U)
-    if centred_norm(model):
-        d = d - d.mean(1, keepdim=True)
-    out = ((d * gamma.to(W_U)) @ W_U).float().cpu()
+    out = _lens(model, directions, "directions").float().cpu()
     if token_counts is not None and min_count > 0:
         counts = torch.zeros(out.shape[1], dtype=torch.long)
         c = torch.as_tensor(token_counts).long().cpu()[: out.shape[1]]

@@ -82,13 +82,24 @@ def plot_top_vs_random(top: Mapping[str, Mapping[str, Any]], random: Mapping[str
 
 @checked
 def plot_detection_fuzzing(detection: Mapping[str, Mapping[str, Any]], fuzzing: Mapping[str, Mapping[str, Any]],
-                           methods: Sequence[str]) -> "plt.Figure":
+                           methods: Sequence[str], control: Mapping[str, Mapping[str, float]] | None = None
+                           ) -> "plt.Figure":
     """Detection (left) and fuzzing (right) balanced accuracy per method and layer (arXiv 2410.13928), 95 %
-    intervals; chance is 0.5."""
+    intervals; chance is 0.5. control ({"layer/method": {"detection", "fuzzing"}}): the same scores with another
+    direction's explanation, drawn as a black tick on each bar — a bar is read against its tick, not against 0.5."""
     fig, axes = plt.subplots(1, 2, figsize=(15, 4.2), sharey=True)
-    for ax, ivs, name in ((axes[0], detection, "detection: activating vs silent contexts"),
-                          (axes[1], fuzzing, "fuzzing: firing vs random tokens")):
+    for ax, ivs, key, name in ((axes[0], detection, "detection", "detection: activating vs silent contexts"),
+                               (axes[1], fuzzing, "fuzzing: firing vs random tokens")):
         _grouped_iv(ax, ivs, methods)
+        if control:
+            width = 0.8 / len(methods)
+            for i, L in enumerate(ivs):
+                for j, m in enumerate(methods):
+                    v = (control.get(f"{L}/{m}") or {}).get(key)
+                    if v is not None and v == v:
+                        x = i + (j - (len(methods) - 1) / 2) * width
+                        ax.plot([x - width / 2, x + width / 2], [v, v], color="k", lw=1.5,
+                                label="with another direction's explanation" if i == j == 0 else None)
         ax.axhline(0.5, color="grey", ls="--", lw=0.8)
         ax.set_title(name)
         ax.set_ylim(0, 1.05)

@@ -7,17 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-Metrics = Mapping[str, Mapping[str, Any]]
-MISSING = "not measured in this run"
+from .writeup_base import MISSING, Metrics, get as _get
 
-
-def _get(metrics: Metrics, nn: str, *path: str) -> Any:
-    node: Any = metrics.get(nn, {})
-    for p in path:
-        if not isinstance(node, Mapping) or p not in node:
-            return None
-        node = node[p]
-    return node
 
 
 def _n(v: Any, digits: int = 3) -> str:
@@ -76,6 +67,18 @@ def _neuron_pairs(m: Metrics) -> str:
 
 
 def _frequency(m: Metrics) -> str:
+    """The SAE against each method at matched firing frequency (`paired_by_frequency`), else the binned means."""
+    by_bin = _get(m, "07", "paired_difference_to_sae_by_frequency")
+    if by_bin:
+        parts = []
+        for rng, ds in by_bin.items():
+            above = [k for k, d in ds.items() if d.get("separated") and d.get("high", 0) < 0]
+            below = [k for k, d in ds.items() if d.get("separated") and d.get("low", 0) > 0]
+            tied = [k for k, d in ds.items() if not d.get("separated")]
+            parts.append(f"among directions firing on {rng.replace('-', ' to ')} of tokens (layers pooled; n SAE "
+                         f"{next(iter(ds.values())).get('n_b')}): SAE above {', '.join(above) or 'none'}; below "
+                         f"{', '.join(below) or 'none'}; not separated from {', '.join(tied) or 'none'}")
+        return "; ".join(parts)
     sbf = _get(m, "07", "score_by_frequency") or {}
     if not sbf:
         return MISSING
@@ -94,9 +97,16 @@ def _step0(m: Metrics) -> str:
         return f"trained {_iv(s.get('trained'))}; step0: {s.get('step0') or MISSING}"
     d = s.get("difference") or {}
     verdict = ("separated" if d.get("separated") else "not separated")
-    return (f"the recipe trained on the trained model {_iv(s['trained'])} vs on the untrained (step0) model "
-            f"{_iv(s['step0'])}, both on {_n(s.get('n_tokens'))} tokens; paired difference step0 − trained "
-            f"{_iv(d)} ({verdict})")
+    lean = ("the point estimate favours the untrained model" if (d.get("mean") or 0) > 0 else
+            "the point estimate favours the trained model")
+    layer = s.get("layer")
+    full = _get(m, "07", "scores", str(layer), "sae", "score_mean") if layer is not None else None
+    return (f"at layer {_n(layer)}, the recipe trained on the trained model {_iv(s['trained'])} vs on the untrained "
+            f"(step0) model {_iv(s['step0'])}, both on {_n(s.get('n_tokens'))} tokens; paired difference step0 − "
+            f"trained {_iv(d)} ({verdict}; {lean}). 03's SAE of the same recipe on {_n(s.get('recipe_n_tokens'))} "
+            f"tokens scores {_n(full)}: more training raises the score, but at equal training this scorer does not "
+            f"tell a trained model's features from an untrained model's — an untrained model's residual stream "
+            f"already carries token identity, which is what a token table reads")
 
 
 BASELINES = ("neurons", "random", "pca", "ica", "pca_topk", "ica_topk")
@@ -105,21 +115,25 @@ BASELINES = ("neurons", "random", "pca", "ica", "pca_topk", "ica_topk")
 def _summary_07(m: Metrics) -> str:
     """One sentence of what is separated, built from the keys: where the SAE is above every baseline, whether the
     step0 control separates, which methods' detection fails its shuffled control."""
-    diffs = _get(m, "07", "paired_difference_to_sae") or {}
-    above = [L for L, ds in diffs.items()
-             if all(ds.get(b, {}).get("separated") and ds[b].get("high", 0) < 0 for b in BASELINES if b in ds)]
+    diffs = _get(m, "07", "paired_difference_to_sae")
+    if not diffs:
+        return ""
+    above = [L for L, ds in diffs.items() if any(b in ds for b in BASELINES)
+             and all(ds[b].get("separated") and ds[b].get("high", 0) < 0 for b in BASELINES if b in ds)]
     s = _get(m, "07", "step0_same_budget_score") or {}
     d = s.get("difference") if isinstance(s, Mapping) else None
-    step0 = ("the step0 control is not run" if not isinstance(d, Mapping) else
+    step0 = (f"the step0 control: {MISSING}" if not isinstance(d, Mapping) else
              "the score does not separate the recipe on the trained model from the same recipe on the untrained "
              "one at the same token budget" if not d.get("separated") else
              "the score separates the trained model's SAE from the untrained model's at the same token budget")
-    shuffled = _get(m, "07", "shuffled") or {}
-    failing = sorted({k.split("/")[1] for k, v in shuffled.items()
+    shuffled = _get(m, "07", "shuffled")
+    failing = sorted({k.split("/")[1] for k, v in (shuffled or {}).items()
                       if isinstance(v.get("detection"), float) and v["detection"] > 0.6})
-    return (f"In short: the SAE's score is above every baseline's, separated by paired intervals, at layer(s) "
-            f"{', '.join(above) or 'none'}; {step0}; detection with a wrong explanation stays above 0.6 for "
-            f"{', '.join(failing) or 'no method'}, so detection does not measure explanations there. ")
+    control = (MISSING if shuffled is None else ", ".join(failing) or "no method")
+    return (f"In short: the SAE's mean score is above every baseline's, separated by paired intervals, at layer(s) "
+            f"{', '.join(above) or 'none'} — but its directions fire far more rarely than the baselines' (see "
+            f"Frequency: at matched frequency the comparison is narrower); {step0}; detection with a wrong "
+            f"explanation stays above 0.6 for {control}, so detection does not measure explanations there. ")
 
 
 def answer_07(m: Metrics) -> str:
@@ -129,27 +143,26 @@ def answer_07(m: Metrics) -> str:
     scores = _get(m, "07", "scores") or {}
     score_iv = {L: {k: {"mean": v.get("score_mean"), "low": v.get("score_ci_low"), "high": v.get("score_ci_high"),
                         "n": v.get("n_scored")} for k, v in ms.items()} for L, ms in scores.items()}
-    shuffled = _get(m, "07", "shuffled") or {}
-    sh_det = [v.get("detection") for v in shuffled.values() if v.get("detection") == v.get("detection")]
     return (_summary_07(m) + f"Explain–simulate–score ({_n(_get(m, '07', 'explainer'))} explainer; explanation and test fragments "
             f"from different documents; mean [95 % interval], n directions): {_per_layer(score_iv, main)}. "
             f"**What the paired intervals separate** (each method minus the SAE, the same resampled test documents "
             f"for both): {_separated(m)}. Pairs of baselines not separated from the neuron basis: {_neuron_pairs(m)}. "
             f"**Ceiling** (the 8-entry token table fitted by the same explainer on each direction's own test "
             f"fragments): "
-            f"{_per_layer(_get(m, '07', 'ceiling_score'), ('sae', 'neurons', 'pca', 'ica'))}. "
+            f"{_per_layer(_get(m, '07', 'ceiling_score'), main)}. "
             f"**Detection** (balanced accuracy, activating vs silent contexts; chance 0.5; in brackets its value "
             f"with another direction's explanation, the control — a method whose control is far above 0.5 is told "
             f"apart by something other than its explanation, e.g. silent contexts being unusual for a dense "
-            f"direction): {_with_control(m, 'detection', ('sae', 'sae_paper', 'neurons', 'pca', 'ica_topk'))}. "
-            f"**Fuzzing** (firing vs random tokens of the same context): "
-            f"{_with_control(m, 'fuzzing', ('sae', 'sae_paper', 'neurons', 'pca', 'ica_topk'))}. "
-            f"**Controls**: shuffled explanations score {_n(_get(m, '07', 'shuffled_explanation_mean'))} "
-            f"(detection {_n(sum(sh_det) / len(sh_det)) if sh_det else MISSING} over every method); {_step0(m)}. "
+            f"direction; n: directions with silent contexts to draw): {_with_control(m, 'detection', main)}. "
+            f"**Fuzzing** (in each activating test context, its most active tokens vs as many random silent "
+            f"tokens): {_with_control(m, 'fuzzing', main)}. "
+            f"**Controls**: shuffled explanations score {_n(_get(m, '07', 'shuffled_explanation_mean'))}; "
+            f"{_step0(m)}. "
             f"**Frequency**: {_frequency(m)}. **What this scorer can see**: an explanation here is a table of "
             f"tokens and previous tokens, so a direction that depends on longer context, or on meaning rather than "
-            f"token identity, scores low however interpretable it is; the ceiling bounds what such a table can "
-            f"reach on each direction's own test text, and a method's score is read against it, not against 1.")
+            f"token identity, scores low however interpretable it is; the ceiling (a greedy 8-entry fit, so an "
+            f"approximation) shows what such a table reaches on each direction's own test text, and a method's "
+            f"score is read against it, not against 1.")
 
 
 def answer_06(m: Metrics) -> str:
@@ -159,24 +172,31 @@ def answer_06(m: Metrics) -> str:
     picked = "; ".join(f"{s.get('role')}: feature {s.get('feature')} (fires on {_n(100 * s['frequency'], 2)} % of "
                        f"tokens; logit lens top {', '.join(map(repr, (s.get('logit_lens_top') or [])[:3]))})"
                        for s in studies if s.get("frequency") is not None)
+    density = _get(m, "06", "max_density")
+    rule = (f"every role but 'dense' fires on under {_n(100 * density, 1)} % of tokens" if density is not None
+            else f"density limit: {MISSING}")
     ref = _get(m, "06", "reference_recipe") or {}
     rnd = _get(m, "06", "loss_recovered_random_same_count") or {}
     high, without = _get(m, "06", "loss_recovered_high_mcs_only"), _get(m, "06", "loss_recovered_without_high_mcs")
+    n_high = _get(m, "06", "n_high_mcs")
     verdict = MISSING
     if isinstance(high, (int, float)) and rnd.get("low") is not None:
-        verdict = ("above the random draws' interval" if high > rnd["high"] else
-                   "below the random draws' interval" if high < rnd["low"] else
-                   "inside the random draws' interval: not separated from frequency-matched random features")
+        verdict = ("above the random draws' range" if high > rnd["high"] else
+                   "below the random draws' range" if high < rnd["low"] else
+                   "inside the random draws' range: not separated from frequency-matched random features")
     diff = [k for k in ("kind", "ratio", "hparams", "n_tokens", "lr", "batch_size")
             if isinstance(ref.get("dictionary"), Mapping) and isinstance(ref.get("reference"), Mapping)
             and ref["dictionary"].get(k) != ref["reference"].get(k)]
-    return (f"Features picked by rule (every role but 'dense' fires on under 5 % of tokens): {picked or MISSING}. "
+    weak = (f" With only {n_high} high-MCS features the comparison is weak either way."
+            if isinstance(n_high, int) and n_high < 10 else "")
+    return (f"Features picked by rule ({rule}): {picked or MISSING}. "
             + ("Reference dictionary: the same recipe from another seed"
                + (f" (settings that differ besides the seed: {', '.join(diff)})" if diff else "")
                if ref else "Reference dictionary: another seed's dictionary of the same size (a user's folder: "
                            "its recipe is not checked)") +
-            f"; {_n(_get(m, '06', 'n_high_mcs'))} of {_n(_get(m, '06', 'n_live'))} live features have MCS ≥ "
+            f"; {_n(n_high)} of {_n(_get(m, '06', 'n_live'))} live features have MCS ≥ "
             f"{_n(_get(m, '06', 'mcs_threshold'), 2)} against it. **Fraction of loss recovered** (0 = every feature "
             f"ablated with the error term kept, 1 = every feature kept with the error term, i.e. the clean model): "
-            f"keeping only the high-MCS features {_n(high)}, {verdict} ({_iv(rnd)} over {_n(rnd.get('draws'))} "
-            f"frequency-matched random draws of the same size); removing only them keeps {_n(without)}.")
+            f"keeping only the high-MCS features {_n(high)}, {verdict} (mean {_n(rnd.get('mean'))}, 2.5-97.5 "
+            f"percentile range [{_n(rnd.get('low'))}, {_n(rnd.get('high'))}] over {_n(rnd.get('draws'))} "
+            f"frequency-matched random sets of the same size); removing only them keeps {_n(without)}.{weak}")

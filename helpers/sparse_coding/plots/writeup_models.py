@@ -9,7 +9,8 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .writeup_text import MISSING, Metrics, _f, _get, ranked
+from .writeup_base import MISSING, Metrics, get as _get
+from .writeup_text import _f, ranked
 
 KINDS = ("relu", "topk", "batchtopk", "jumprelu")
 

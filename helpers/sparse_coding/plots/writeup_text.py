@@ -9,10 +9,10 @@ import json
 import math
 from typing import Any, Callable, Mapping
 
+from .writeup_base import MISSING, Metrics, get as _get
 from .writeup_e2e import E2E_COMPARISONS, answer_08
 from .writeup_interp import answer_06, answer_07
 
-Metrics = Mapping[str, Mapping[str, Any]]  # notebook number -> its metrics
 
 QUESTIONS = {
     "00": "Can a small language model with Pythia's architecture, trained here offline, stand in for Pythia-70M?",
@@ -31,16 +31,6 @@ QUESTIONS = {
           "what do they give up?",
 }
 
-MISSING = "not measured in this run"
-
-
-def _get(metrics: Metrics, nn: str, *path: str) -> Any:
-    node: Any = metrics.get(nn, {})
-    for p in path:
-        if not isinstance(node, Mapping) or p not in node:
-            return None
-        node = node[p]
-    return node
 
 
 def _f(value: Any, digits: int = 3) -> str:

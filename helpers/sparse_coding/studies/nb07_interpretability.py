@@ -182,7 +182,7 @@ def step0_control(tl, model: str, recipe: Mapping[str, Any], trained: pd.DataFra
     if budget != int(recipe["n_tokens"]):  # the trained model's SAE at the same budget as step0's
         trained = scored(tl, train_recipe(store, recipe, data_dir, n_tokens=budget, device=device), exclude)
     out = {"trained": interval(trained["top_and_random"] if len(trained) else []), "n_tokens": budget,
-           "recipe_n_tokens": int(recipe["n_tokens"])}
+           "recipe_n_tokens": int(recipe["n_tokens"]), "layer": int(lm.hook_layer(hook))}
     if lm.is_gguf(model):  # a GGUF file holds the final weights only: no random-init revision to compare
         out["step0"] = "none: the model has no step0 (random-init) revision"
         return out

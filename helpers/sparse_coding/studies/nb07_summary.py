@@ -122,3 +122,25 @@ def frequency_points(tables: Mapping[str, pd.DataFrame]) -> dict[str, tuple[np.n
             f += t["frequency"].tolist()
             s += t["top_and_random"].tolist()
     return {m: (np.asarray(f), np.asarray(s)) for m, (f, s) in out.items()}
+
+
+def paired_by_frequency(tables: Mapping[str, pd.DataFrame], reference: str = "sae", edges=FREQ_EDGES,
+                        seed: int = 0, n_boot: int = 2000, min_n: int = 10) -> dict[str, dict[str, dict]]:
+    """{"lo-hi" frequency bin: {method: paired_difference(method − reference)}} with every layer's directions
+    pooled and only those firing within the bin kept on both sides: the comparison at matched firing frequency.
+    Bins where either side has fewer than `min_n` directions are left out."""
+    pooled: dict[str, pd.DataFrame] = {}
+    for key, t in tables.items():
+        m = key.split("/")[1]
+        pooled[m] = pd.concat([pooled[m], t]) if m in pooled and len(t) else (t if len(t) else pooled.get(m, t))
+    out: dict[str, dict[str, dict]] = {}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = {m: t[(t["frequency"] >= lo) & (t["frequency"] < hi)] if len(t) else t for m, t in pooled.items()}
+        ref = inside.get(reference)
+        if ref is None or len(ref) < min_n:
+            continue
+        for m, t in inside.items():
+            if m != reference and len(t) >= min_n:
+                out.setdefault(f"{lo:g}-{hi:g}", {})[m] = paired_difference(
+                    list(t["sums"]), list(t["docs"]), list(ref["sums"]), list(ref["docs"]), n_boot=n_boot, seed=seed)
+    return out
