@@ -213,6 +213,21 @@ def test_token_ablation_of_the_planted_token(setup, planted):
     assert not bool(token_ablation(model, sae, EMBED, context, other, 0).any())
 
 
+def test_token_ablation_window_edits_only_the_last_tokens(setup, planted):
+    """window=w gives the full run's last w drops (the same draws) and NaN before them, at a fraction of the cost."""
+    model, tokens = setup
+    sae, t, c = planted
+    context = tokens[0]
+    pos = context.shape[0] - 1
+    for mode in ("replace", "drop"):
+        full = token_ablation(model, sae, "blocks.0.hook_resid_post", context, pos, 0, mode=mode, n_draws=3)
+        part = token_ablation(model, sae, "blocks.0.hook_resid_post", context, pos, 0, mode=mode, n_draws=3, window=4)
+        assert part.shape == full.shape and bool(part[:-4].isnan().all())
+        torch.testing.assert_close(part[-4:], full[-4:], rtol=1e-4, atol=1e-4)  # batched differently
+    with pytest.raises(ValueError, match="window"):
+        token_ablation(model, sae, EMBED, context, pos, 0, window=0)
+
+
 def fed_tokens(monkeypatch, model) -> list[torch.Tensor]:
     """A spy on every token batch the model is run on."""
     seen, run = [], model.run_with_hooks

@@ -11,6 +11,7 @@ untouched (Cunningham et al. 2023, arXiv 2309.08600, Section 5):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -187,10 +188,12 @@ def neutral_tokens(model: Any, distribution: torch.Tensor | None, originals: tor
 @torch.no_grad()
 def token_ablation(model: torch.nn.Module, sae: Any, hook: str, context: torch.Tensor, position: int, latent: int, *,
                    member: int = 0, mode: str = "replace", distribution: torch.Tensor | None = None,
-                   n_draws: int = 8, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+                   n_draws: int = 8, seed: int = 0, batch_size: int | None = None,
+                   window: int | None = None) -> torch.Tensor:
     """[position + 1] float: how much the feature's activation at `position` of `context` [T] falls when each token
     0..position is replaced (mode="replace") or dropped (mode="drop": the later tokens shift left). Positive = that
-    token helps cause the feature; units: the feature's activation.
+    token helps cause the feature; units: the feature's activation. window: only the last `window` tokens up to
+    `position` are edited (NaN before them), which bounds the cost at (window × n_draws) forward passes.
 
     "replace" puts a neutral token in: `n_draws` tokens drawn (seeded by `seed`) from `distribution` (weights over
     the vocabulary, e.g. the corpus' unigram counts; None: uniform), never a special token nor the token replaced,
@@ -204,17 +207,21 @@ def token_ablation(model: torch.nn.Module, sae: Any, hook: str, context: torch.T
     check_int(position, "position", 0, T - 1, f" (a position in the context of {T} tokens)")
     check_int(latent, "latent", 0, int(sae.d_sae) - 1, f" (the dictionary has {sae.d_sae} features)")
     check_int(n_draws, "n_draws", 1)
+    if window is not None:
+        check_int(window, "window", 1)
     ctx = context[:position + 1].cpu()
     L = len(ctx)
+    lo = 0 if window is None else max(0, L - window)
+    E = L - lo  # edited positions lo .. L-1
     draws = neutral_tokens(model, distribution, ctx, n_draws if mode == "replace" else 1,
-                           torch.Generator().manual_seed(seed))
+                           torch.Generator().manual_seed(seed))[lo:]
     if mode == "replace":
-        variants = ctx.repeat(L * n_draws, 1)
-        variants[torch.arange(L * n_draws), torch.arange(L).repeat_interleave(n_draws)] = draws.flatten()
-        targets = torch.full((L * n_draws,), L - 1)
+        variants = ctx.repeat(E * n_draws, 1)
+        variants[torch.arange(E * n_draws), torch.arange(lo, L).repeat_interleave(n_draws)] = draws.flatten()
+        targets = torch.full((E * n_draws,), L - 1)
     else:  # dropped: the rest shifts left and a neutral token fills the end, where the target cannot see it
-        variants = torch.stack([torch.cat([ctx[:i], ctx[i + 1:], draws[i]]) for i in range(L)])
-        targets = torch.tensor([L - 2] * (L - 1) + [L - 1])
+        variants = torch.stack([torch.cat([ctx[:i], ctx[i + 1:], draws[i - lo]]) for i in range(lo, L)])
+        targets = torch.tensor([L - 2] * (E - 1) + [L - 1])
     batch = torch.cat([ctx[None], variants])
     targets = torch.cat([torch.tensor([L - 1]), targets])
     # Eager attention holds [rows, heads, L, L]: about 4M entries per head per forward.
@@ -226,7 +233,8 @@ def token_ablation(model: torch.nn.Module, sae: Any, hook: str, context: torch.T
         rows = act[torch.arange(act.shape[0]), targets[i:i + batch_size].to(act.device)]
         a.append(encode(rows)[:, latent].float().cpu())
     a = torch.cat(a)
-    drop = a[0] - a[1:].view(L, -1).mean(1)
+    drop = torch.full((L,), math.nan)
+    drop[lo:] = a[0] - a[1:].view(E, -1).mean(1)
     if mode == "drop":
         drop[position] = a[0]  # dropping the token itself removes the feature's position entirely
     return drop

@@ -10,6 +10,7 @@ same size matched in firing frequency (high-MCS features are frequent ones) and 
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -125,11 +126,12 @@ def pick_features(mined: Mined, model, sae: Any, texts: Sequence[str], seed: int
 def case_study(model, sae: Any, hook: str, mined: Mined, feature: int, texts: Sequence[str], *,
                token_counts: torch.Tensor | None = None, n_contexts: int = 20, n_quantile_bins: int = 10,
                per_bin: int = 3, steer: float = 2.0, seed: int = 0, exclude: Any = None,
-               n_token_draws: int = 8) -> dict[str, Any]:
+               n_token_draws: int = 8, token_window: int | None = 32) -> dict[str, Any]:
     """Everything shown for one feature: moments, histogram, top and quantile examples, logit lens (rare tokens
     left out), the zero / less-than-rank-one / clamp(steer × max) ablation effects over its top contexts, and the
     token ablation of its strongest context (each earlier token replaced by `n_token_draws` neutral tokens drawn
-    from `token_counts`, the corpus' unigram counts, `ablation.token_ablation`). exclude: positions left out of the
+    from `token_counts`, the corpus' unigram counts, `ablation.token_ablation`; only the `token_window` tokens up to
+    the example's, NaN before). exclude: positions left out of the
     SAE's inputs (never edited)."""
     f = check_feature(mined, feature)
     tops = mined.top_examples(f)
@@ -143,7 +145,7 @@ def case_study(model, sae: Any, hook: str, mined: Mined, feature: int, texts: Se
                for mode in ("zero", "rank_one", "clamp")}
     first = tops[0]
     drops = token_ablation(model, sae, hook, mined.tokens[first.context], first.position, f,
-                           distribution=token_counts, n_draws=n_token_draws, seed=seed)
+                           distribution=token_counts, n_draws=n_token_draws, seed=seed, window=token_window)
     m = {k: float(v[f]) for k, v in mined.moments().items()}
     return {"feature": f, "frequency": float(mined.frequency()[f]), "max": float(mined.max[f]), **m,
             "edges": mined.bin_edges(f), "hist": mined.hist[f], "top": tops, "quantiles": quant,
@@ -157,7 +159,7 @@ def tied_top(values: torch.Tensor, rtol: float = 1e-6) -> list[int]:
     """Every index whose value is within rtol × |max| of the max (at least the argmax), in order: an argmax alone
     would break ties by position and hide them."""
     v = torch.as_tensor(values).double().flatten()
-    top = float(v.max())
+    top = float(v.nan_to_num(-math.inf).max())  # NaN: a position not edited (outside the token window)
     return (v >= top - rtol * abs(top)).nonzero().squeeze(1).tolist()
 
 
