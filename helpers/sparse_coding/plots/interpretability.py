@@ -89,7 +89,7 @@ def plot_detection_fuzzing(detection: Mapping[str, Mapping[str, Any]], fuzzing: 
     direction's explanation, drawn as a black tick on each bar — a bar is read against its tick, not against 0.5."""
     fig, axes = plt.subplots(1, 2, figsize=(15, 4.2), sharey=True)
     for ax, ivs, key, name in ((axes[0], detection, "detection", "detection: activating vs silent contexts"),
-                               (axes[1], fuzzing, "fuzzing: firing vs random tokens")):
+                               (axes[1], fuzzing, "fuzzing", "fuzzing: most active vs random silent tokens")):
         _grouped_iv(ax, ivs, methods)
         if control:
             width = 0.8 / len(methods)
