@@ -63,3 +63,14 @@ def test_paired_by_frequency_keeps_only_matched_directions():
     assert out == {}  # no bin holds both: nothing is compared
     both = S.paired_by_frequency({"0/sae": sae, "0/ica": _table(7, 3.0, n=30, freq=0.02)}, n_boot=200, min_n=5)
     assert list(both) == ["0.01-0.1"] and both["0.01-0.1"]["ica"]["separated"]
+
+
+def test_save_tables_round_trips_the_rows(tmp_path):
+    import json
+    t = _table(8, 0.5, n=3)
+    t.loc[0, "detection"] = float("nan")
+    path = S.save_tables({"0/sae": t}, {"0/sae": t.iloc[:0]}, tmp_path / "rows.json")
+    back = json.loads(path.read_text())
+    assert len(back["own"]["0/sae"]) == 3 and back["shuffled"]["0/sae"] == []
+    assert back["own"]["0/sae"][0]["detection"] is None and "sums" not in back["own"]["0/sae"][0]
+    assert back["own"]["0/sae"][1]["top"] == pytest.approx(t["top"][1])

@@ -144,3 +144,14 @@ def paired_by_frequency(tables: Mapping[str, pd.DataFrame], reference: str = "sa
                 out.setdefault(f"{lo:g}-{hi:g}", {})[m] = paired_difference(
                     list(t["sums"]), list(t["docs"]), list(ref["sums"]), list(ref["docs"]), n_boot=n_boot, seed=seed)
     return out
+
+
+def save_tables(tables: Mapping[str, pd.DataFrame], shuffled: Mapping[str, pd.DataFrame], path) -> Any:
+    """Every scored direction's row (its explanation and scores; the fragment sums left out) of both passes as
+    JSON at `path` ({"layer/method": [row, ...]}, NaN as null), so that a reader can audit any summary number."""
+    from ..files import save_json
+
+    def rows(t: pd.DataFrame) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "sums"} for r in t.to_dict("records")] if len(t) else []
+    return save_json(path, {"own": {k: rows(t) for k, t in tables.items()},
+                            "shuffled": {k: rows(t) for k, t in shuffled.items()}})
