@@ -64,9 +64,11 @@ SUMMARY_KEYS = ("kind", "ratio", "hparams", "n_tokens", "batch_size", "lr", "see
 
 
 def _train_run(store: ActivationStore, recipe: Mapping[str, Any], data_dir: str | os.PathLike, subdir: str, *,
-               n_tokens: int | None, device: str, progress: bool):
-    n = min(int(n_tokens or recipe["n_tokens"]), store.n_tokens)
-    n -= n % recipe["batch_size"]
+               n_tokens: int | None, device: str, progress: bool, clip: bool = True):
+    n = int(n_tokens or recipe["n_tokens"])
+    if clip:  # at most one pass over the store; clip=False keeps the recipe's own count (passes wrap, as 03's did)
+        n = min(n, store.n_tokens)
+        n -= n % recipe["batch_size"]
     # The recipe's training settings whole (an older sweep.json lists only the fields it changed), its data
     # settings on top.
     cfg = dictionaries.TrainSettings.from_json(dict(recipe["train"]))
@@ -98,17 +100,15 @@ def train_reference(store: ActivationStore, recipe: Mapping[str, Any], data_dir:
     """(SAE, its member folder): the recipe trained again with another seed (`reference_recipe`) on `store`, the
     recipe's own tokens and steps, under `<data_dir>/<subdir>/` (a rerun with the same arguments reuses it: notebook
     07 finds notebook 06's). The SAE is a 1-member ensemble taking raw activations. ValueError when the store is at
-    another hook than the recipe's or holds fewer tokens than the recipe trained on (the reference would differ in
-    more than its seed)."""
+    another hook than the recipe's (the reference would differ in more than its seed)."""
     ref = reference_recipe(recipe, seed)
     hook = store.manifest.get("hook")
     if hook != recipe["hook"]:
         raise ValueError(f"the store is at {hook!r} but the recipe was trained at {recipe['hook']!r}: pass the "
                          f"activation store of the recipe's hook")
-    if store.n_tokens < int(recipe["n_tokens"]):
-        raise ValueError(f"the store holds {store.n_tokens} tokens, fewer than the recipe's {recipe['n_tokens']}: "
-                         f"harvest at least that many (activations.ensure_activations(..., n_tokens))")
-    run = _train_run(store, ref, data_dir, subdir, n_tokens=None, device=device, progress=progress)
+    # The recipe's own token count even where the store holds fewer rows (exclusions, e.g. SmolLM2's position 0):
+    # 03 trained on that count too, wrapping around the store.
+    run = _train_run(store, ref, data_dir, subdir, n_tokens=None, device=device, progress=progress, clip=False)
     return run.sae, run.folder / dictionaries.member_name(0)
 
 
