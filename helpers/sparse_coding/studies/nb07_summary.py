@@ -129,10 +129,10 @@ def paired_by_frequency(tables: Mapping[str, pd.DataFrame], reference: str = "sa
     """{"lo-hi" frequency bin: {method: paired_difference(method − reference)}} with every layer's directions
     pooled and only those firing within the bin kept on both sides: the comparison at matched firing frequency.
     Bins where either side has fewer than `min_n` directions are left out."""
-    pooled: dict[str, pd.DataFrame] = {}
+    parts: dict[str, list[pd.DataFrame]] = {}
     for key, t in tables.items():
-        m = key.split("/")[1]
-        pooled[m] = pd.concat([pooled[m], t]) if m in pooled and len(t) else (t if len(t) else pooled.get(m, t))
+        parts.setdefault(key.split("/")[1], []).append(t)
+    pooled = {m: pd.concat([t for t in ts if len(t)]) if any(len(t) for t in ts) else ts[0] for m, ts in parts.items()}
     out: dict[str, dict[str, dict]] = {}
     for lo, hi in zip(edges[:-1], edges[1:]):
         inside = {m: t[(t["frequency"] >= lo) & (t["frequency"] < hi)] if len(t) else t for m, t in pooled.items()}
