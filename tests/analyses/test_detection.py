@@ -145,9 +145,12 @@ def test_paired_interval_separates_a_clearly_better_method():
 
 
 def test_context_maxima_match_the_encoded_activations():
+    from sparse_coding.analyses.mining import mine
     tokens = torch.arange(24).reshape(4, 6)
     read = lambda tb: {"h": torch.nn.functional.one_hot(tb, 24).float()}  # noqa: E731
     enc = {"m": ("h", lambda x: torch.relu(x[:, :3]))}
-    mx = det.context_maxima(read, enc, tokens, batch_size=3)["m"]
+    mx = mine(read, enc, tokens, batch_size=3, per_bin=0, window=None, progress=False,
+              keep_context_max=True)["m"].context_max
     assert mx.shape == (4, 3)
     assert mx[0].tolist() == [1, 1, 1] and mx[1:].sum() == 0
+    assert mine(read, enc, tokens, progress=False)["m"].context_max is None  # only when asked

@@ -4,7 +4,7 @@ side, and the shuffled control scores each direction with another direction's ex
 
 import torch
 
-from sparse_coding.analyses import TokenTableExplainer, TokenTableSimulator, context_maxima, document_sides, mine
+from sparse_coding.analyses import TokenTableExplainer, TokenTableSimulator, document_sides, mine
 from sparse_coding.studies import nb07_interpretability as study
 
 V, T = 12, 8
@@ -21,9 +21,8 @@ def _sides(fragments, doc):
     sides = document_sides(doc, 0)
     ie, it = sides.nonzero().squeeze(1), (~sides).nonzero().squeeze(1)
     mined = [mine(read, enc, fragments[i], batch_size=16, n_top=20, n_random=15, per_bin=0, window=None,
-                  progress=False) for i in (ie, it)]
-    mx = context_maxima(read, enc, fragments[it], batch_size=16)["0/onehot"]
-    return study.Sides(mined[0]["0/onehot"], mined[1]["0/onehot"], ie, it, mx)
+                  progress=False, keep_context_max=True) for i in (ie, it)]
+    return study.Sides(mined[0]["0/onehot"], mined[1]["0/onehot"], ie, it, mined[1]["0/onehot"].context_max)
 
 
 def test_records_map_back_to_their_fragments_and_sides_never_share_a_document():

@@ -4,7 +4,7 @@ and single features: mining top examples, logit lens, ablations, baselines' dire
 
 from .ablation import AblationEffect, edit_activation, feature_ablation, loss_with_features, token_ablation
 from .directions import ica_encoder, neuron_encoder, pca_encoder, random_encoder
-from .detection import (ceiling_score, context_maxima, detection_from_predictions, detection_score,
+from .detection import (ceiling_score, detection_from_predictions, detection_score,
                         evaluate_direction, fuzzing_from_predictions, fuzzing_score, matched_negatives)
 from .downstream import at_ce_increase, dictionary_similarity, downstream_loss, matched_ce_increase
 from .features import examples_at, load_mined, mine_dictionary, sae_encoder, save_mined
@@ -42,7 +42,7 @@ __all__ = ["MatchResult", "hungarian_match", "MCSResult", "max_cosine", "mcs", "
            "llm_configured", "logit_lens", "logit_lens_matrix", "top_tokens", "unembedding", "Example", "Mined", "mine",
            "scorers",
            "mean_l0", "spearman", "at_ce_increase", "dictionary_similarity", "downstream_loss",
-           "matched_ce_increase", "ceiling_score", "context_maxima", "detection_score", "fuzzing_score", "detection_from_predictions",
+           "matched_ce_increase", "ceiling_score", "detection_score", "fuzzing_score", "detection_from_predictions",
            "evaluate_direction",
            "fuzzing_from_predictions",
            "matched_negatives", "correlation_from_sums", "document_sides", "fragment_sums", "split_by_document",

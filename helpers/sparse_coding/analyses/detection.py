@@ -21,12 +21,11 @@ of this form could reach on those fragments (a table of every bigram would just 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from ..activations import Exclusion
 from ..arguments import checked
 from .interpretability import (Explainer, Record, Simulator, Split, TokenTableExplainer, TokenTableSimulator, _pooled,
                                score_direction)
@@ -135,30 +134,6 @@ def evaluate_direction(records: Mapping[int, Record], split: Split, explainer: E
             "ceiling": _ceiling(test) if ceiling else math.nan,
             "detection": _detection(pred[:len(test)], pred[len(test):], threshold) if negatives else math.nan,
             "fuzzing": _fuzzing(test, pred[:len(test)], seed, threshold), "fragments": s.fragments, "sums": s.sums}
-
-
-@checked
-@torch.no_grad()
-def context_maxima(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
-                   encoders: Mapping[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]], tokens: torch.Tensor,
-                   *, batch_size: int = 64, exclude: Exclusion | None = None) -> dict[str, torch.Tensor]:
-    """{name: [n_contexts, n] float32} each direction's max activation over each context of `tokens`
-    [n_contexts, ctx_len] (excluded positions count as 0, as in `analyses.mining.mine`), for drawing contexts where
-    a direction is 0. read/encoders as for `mine`."""
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point:
-        raise ValueError("tokens must be integer token ids [n_contexts, ctx_len]")
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
-    for c0 in range(0, tokens.shape[0], batch_size):
-        tb = tokens[c0:c0 + batch_size]
-        xs = read(tb)
-        for name, (hook, encode) in encoders.items():
-            x = xs[hook]
-            B, T = x.shape[:2]
-            a = encode(x.reshape(B * T, -1)).float().reshape(B, T, -1).cpu()
-            if exclude:
-                a = a * exclude.keep(tb, x, hook)[..., None].float().cpu()
-            out[name].append(a.amax(1))
-    return {name: torch.cat(v) for name, v in out.items()}
 
 
 @checked

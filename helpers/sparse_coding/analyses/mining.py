@@ -67,6 +67,7 @@ class Mined:
     sample_position: torch.Tensor
     sample_acts: torch.Tensor    # [n, N_BINS, per_bin, window]
     meta: dict = field(default_factory=dict)  # window (before, after) or None = whole context, timings, ...
+    context_max: torch.Tensor | None = None  # [n_contexts, n] each context's max (mine(keep_context_max=True))
 
     @property
     def n_tokens(self) -> int:
@@ -206,6 +207,7 @@ class _Stream:
     def __init__(self, n: int, n_top: int, n_random: int, per_bin: int, window: tuple[int, int] | None, T: int,
                  seed: int):
         self.n, self.n_top, self.window, self.T = n, n_top, window, T
+        self.context_max: list[torch.Tensor] | None = None  # a list to keep each batch's [B, n] maxima
         self.seed = (seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF)  # the seed as two 32-bit hash parts
         self.offsets = torch.arange(T) if window is None else torch.arange(-window[0], window[1] + 1)
         W = len(self.offsets)
@@ -252,6 +254,8 @@ class _Stream:
                       [v[keep], c0 + r // T, r % T, self._windows(A, r // T, r % T, f[keep])])
 
         cmax, carg = A.max(dim=1)  # [B, n]: each context's max and where it is
+        if self.context_max is not None:
+            self.context_max.append(cmax)
         cand = torch.where(cmax > 0, cmax, torch.full_like(cmax, -1.0))
         # stable over (kept, then this batch in order): ties go to the lower context index, whatever the batch size
         vals, sel = torch.cat([self.top_v, cand]).sort(dim=0, descending=True, stable=True)
@@ -277,7 +281,8 @@ class _Stream:
         return Mined(tokens, self.count, self.power.T.contiguous(), self.hist.view(n, N_BINS),
                      self.top_v.T.contiguous(), top_c.T.contiguous(), self.top_p.T.contiguous(),
                      self.top_a.transpose(0, 1).contiguous(), *(t.contiguous() for t in self.rnd),
-                     *(t.view(n, N_BINS, *t.shape[1:]) for t in self.smp), meta=dict(meta))
+                     *(t.view(n, N_BINS, *t.shape[1:]) for t in self.smp), meta=dict(meta),
+                     context_max=torch.cat(self.context_max) if self.context_max is not None else None)
 
 
 @checked
@@ -286,14 +291,16 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
          encoders: Mapping[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]], tokens: torch.Tensor, *,
          batch_size: int = 32, n_top: int = 20, n_random: int = 5, per_bin: int = 4,
          window: tuple[int, int] | None = (12, 4), seed: int = 0, exclude: Exclusion | None = None,
-         progress: bool = True) -> dict[str, Mined]:
+         progress: bool = True, keep_context_max: bool = False) -> dict[str, Mined]:
     """Stream `tokens` [n_contexts, ctx_len] through `read` (tokens [B, T] -> {hook: activations [B, T, d]}, e.g.
     `lm.hook_reader`, one forward pass for every hook) and every encoder {name: (hook, activations [rows, d] ->
     non-negative direction activations [rows, n])} in batches of `batch_size` contexts; return {name: Mined}.
 
     exclude: rows left out of the dictionaries' inputs (`activations.Exclusion`, its norm limit applied at each
     encoder's hook): their activations count as 0 and statistics are over the kept tokens (meta n_kept). window:
-    (tokens before, tokens after) kept around an example's max, or None for the whole context. Seeded: the same
+    (tokens before, tokens after) kept around an example's max, or None for the whole context. keep_context_max:
+    also keep every context's max per direction (`Mined.context_max`, e.g. to draw contexts where a direction is
+    0). Seeded: the same
     contexts give the same result whatever the batch size. meta records the format and the seconds spent reading,
     encoding and keeping statistics. Raises ValueError for non-integer tokens, no encoders or negative activations."""
     for value, name in ((batch_size, "batch_size"), (n_top, "n_top"), (n_random, "n_random")):
@@ -321,6 +328,7 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
             t2 = time.perf_counter()
             if name not in streams:
                 streams[name] = _Stream(a.shape[-1], n_top, n_random, per_bin, window, T, seed)
+                streams[name].context_max = [] if keep_context_max else None
             if bool((a < 0).any()):
                 raise ValueError(f"encoder {name!r} gave negative activations; pass non-negative ones (split a "
                                  f"signed direction into its positive and negative halves)")

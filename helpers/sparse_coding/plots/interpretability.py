@@ -45,17 +45,24 @@ def plot_scores_by_layer(scores: Mapping[str, Mapping[str, Any]], methods: Seque
     fig, ax = plt.subplots(figsize=(12, 4.5))
     _grouped(ax, scores, methods, "score_mean", "score_ci_low", "score_ci_high")
     if ceiling:
-        width = 0.8 / len(methods)
-        for i, L in enumerate(scores):
-            for j, m in enumerate(methods):
-                if m in ceiling.get(L, {}):
-                    x = i + (j - (len(methods) - 1) / 2) * width
-                    ax.plot([x - width / 2, x + width / 2], [ceiling[L][m]["mean"]] * 2, color="k", lw=1.5,
-                            label="ceiling (token table fitted on the test fragments)" if i == j == 0 else None)
+        _ticks(ax, list(scores), methods, lambda L, m: (ceiling.get(L, {}).get(m) or {}).get("mean"),
+               "ceiling (token table fitted on the test fragments)")
     ax.set(ylabel="interpretability score (Pearson r)",
            title=f"Explain-simulate-score per method and layer ({explainer} explainer; 95 % intervals)")
     ax.legend(fontsize=8, ncol=4, loc="upper right")
     return fig
+
+
+def _ticks(ax, layers: Sequence[str], methods: Sequence[str], value, label: str) -> None:
+    """A black tick across each bar of `_grouped` at value(layer, method) (None or NaN: no tick), labelled once."""
+    width, first = 0.8 / len(methods), True
+    for i, L in enumerate(layers):
+        for j, m in enumerate(methods):
+            v = value(L, m)
+            if v is not None and v == v:
+                x = i + (j - (len(methods) - 1) / 2) * width
+                ax.plot([x - width / 2, x + width / 2], [v, v], color="k", lw=1.5, label=label if first else None)
+                first = False
 
 
 def _grouped_iv(ax, ivs: Mapping[str, Mapping[str, Mapping[str, float]]], methods: Sequence[str]) -> None:
@@ -92,14 +99,8 @@ def plot_detection_fuzzing(detection: Mapping[str, Mapping[str, Any]], fuzzing: 
                                (axes[1], fuzzing, "fuzzing", "fuzzing: most active vs random silent tokens")):
         _grouped_iv(ax, ivs, methods)
         if control:
-            width = 0.8 / len(methods)
-            for i, L in enumerate(ivs):
-                for j, m in enumerate(methods):
-                    v = (control.get(f"{L}/{m}") or {}).get(key)
-                    if v is not None and v == v:
-                        x = i + (j - (len(methods) - 1) / 2) * width
-                        ax.plot([x - width / 2, x + width / 2], [v, v], color="k", lw=1.5,
-                                label="with another direction's explanation" if i == j == 0 else None)
+            _ticks(ax, list(ivs), methods, lambda L, m: (control.get(f"{L}/{m}") or {}).get(key),
+                   "with another direction's explanation")
         ax.axhline(0.5, color="grey", ls="--", lw=0.8)
         ax.set_title(name)
         ax.set_ylim(0, 1.05)

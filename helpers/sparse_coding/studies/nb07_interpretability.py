@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .. import activations, dictionaries, lm
 from ..analyses import directions as D
 from ..analyses.features import sae_encoder
-from ..analyses.detection import context_maxima, evaluate_direction, matched_negatives
+from ..analyses.detection import evaluate_direction, matched_negatives
 from ..analyses.interpretability import Record, document_sides, split_by_document
 from ..analyses.mining import Mined, mine
 from ..analyses.similarity import mcs
@@ -69,9 +69,9 @@ def mine_sides(model, encoders: Mapping[str, tuple[str, Any]], fragments: torch.
                n_random: int = 15, batch_size: int = 64, seed: int = 0, exclude: Any = None,
                progress: bool = True) -> dict[str, Sides]:
     """Split the pool by document (`analyses.document_sides`) and mine every {name: (hook, encoder)} on each side
-    (whole fragments as windows, the top 20 and `n_random` random firing fragments per direction), plus each test
-    fragment's max per direction (for the detection score's silent contexts). exclude: positions left out of the
-    dictionaries' inputs (each fragment's first token is the model's position 0)."""
+    (whole fragments as windows, the top 20 and `n_random` random firing fragments per direction); the test side's
+    pass also keeps each fragment's max per direction (for the detection score's silent contexts). exclude:
+    positions left out of the dictionaries' inputs (each fragment's first token is the model's position 0)."""
     hooks = sorted({h for h, _ in encoders.values()})
     read = lm.hook_reader(model, hooks)
     dev = next(model.parameters()).device
@@ -79,9 +79,9 @@ def mine_sides(model, encoders: Mapping[str, tuple[str, Any]], fragments: torch.
     sides = document_sides(doc, seed)
     ie, it = sides.nonzero().squeeze(1), (~sides).nonzero().squeeze(1)
     mined = [mine(reader, encoders, fragments[i], batch_size=batch_size, n_top=20, n_random=n_random, per_bin=0,
-                  window=None, seed=seed, exclude=exclude, progress=progress) for i in (ie, it)]
-    maxima = context_maxima(reader, encoders, fragments[it], batch_size=batch_size, exclude=exclude)
-    return {k: Sides(mined[0][k], mined[1][k], ie, it, maxima[k]) for k in encoders}
+                  window=None, seed=seed, exclude=exclude, progress=progress, keep_context_max=test)
+             for i, test in ((ie, False), (it, True))]
+    return {k: Sides(mined[0][k], mined[1][k], ie, it, mined[1][k].context_max) for k in encoders}
 
 
 def _records(mined: Mined, latent: int, texts: Sequence[str], index: torch.Tensor, random: bool = False
