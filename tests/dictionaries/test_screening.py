@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparse_coding.dictionaries import make_sae, screening
-from sparse_coding.dictionaries.screening import _radius, bf16_screen, screened_topk, screens
+from sparse_coding.dictionaries.screening import bf16_screen, screen_radius, screened_topk, screens
 
 
 def _case(seed: int, E: int, B: int, d: int, n: int, col_scale: float = 1.0, bias: float = 0.0,
@@ -45,7 +45,7 @@ def test_the_bound_holds_on_hard_inputs():
         x, W, b = _case(seed, 2, 512, 200, 2048, col_scale=2.0, bias=5.0, heavy=True)
         screen, xa = bf16_screen(x, W, b)
         pre = torch.baddbmm(b.unsqueeze(1).double(), x.double(), W.double())
-        slack = _radius(x, xa, W, b).unsqueeze(-1) + screening._UP * screen.float().abs()
+        slack = screen_radius(x, xa, W, b).unsqueeze(-1) + screening._UP * screen.float().abs()
         err = (screen.double() - pre).abs()
         assert bool((err <= slack).all())
         assert err.max() > 0.01 * slack.max()  # the check is not vacuous: the screen does round

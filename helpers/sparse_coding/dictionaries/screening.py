@@ -1,6 +1,7 @@
 """Exact top-k of float32 pre-activations through a bfloat16 screen: the TopK encoder's one dense matmul at
-bfloat16 speed (several times float32's on CPUs with AMX tiles), with the same picks as float32 (TopK: Gao et al.
-2024, arXiv 2406.04093).
+bfloat16 speed (several times float32's on CPUs with AMX tiles, about twice with AVX-512 BF16), with the same picks
+as float32 (TopK: Gao et al. 2024, arXiv 2406.04093). Chosen (`screens`) where a bfloat16 matmul, timed once per
+process (`bf16_matmul_speedup`), runs at least 1.3 times float32's rate.
 
 The screen x̃·W̃_j + b̃_j (x, W and b rounded to bfloat16, the bias as one more input of the matmul, products summed
 in float32, the result rounded to bfloat16) is within a bound of the float32 pre-activations that follows from the
@@ -30,40 +31,77 @@ _DENSE_ABOVE = 16
 _U = 2.0 ** -8  # bfloat16's unit roundoff (8 significant bits, round to nearest)
 _UP = _U / (1 - _U)
 
-# None: screen where bfloat16 matmuls are fast (a CPU with AMX tiles); True / False force it (tests, comparisons).
+# None: screen where a bfloat16 matmul runs at least _MIN_SPEEDUP times float32's rate here (`bf16_matmul_speedup`,
+# timed once per process); True / False force it (tests, comparisons).
 SCREEN: bool | None = None
+
+# The screen replaces the float32 matmul [B, d_in] x [d_in, n] (time M) and the float32 top-k pass over its [B, n]
+# output (P) by the bfloat16 matmul (width d_in + 1 padded to 32: about M / speedup) and its own passes (Q: casting
+# W and x, the bound, the group max and compare over the [B, n] bfloat16 screen, rescoring a few k per row), so it
+# pays where speedup > M / (M + P - Q). Q - P does not grow with d_in while M does: the wider the matmul, the nearer
+# 1 the speedup it needs. Timed on an Intel Xeon with AMX (2 threads, B 4096, k 32), Q - P was 0.23 M at d_in 512,
+# n 16384 (break-even at speedup 1.30; the screen ran 2.1x float32 there at the speedup of 6-8 its tiles give) and
+# 0.5 M at the smallest shapes `screens` admits (d_in 256, n 256·k: break-even near 2). On an AMD EPYC with
+# AVX-512 BF16 and no AMX (bfloat16 dot products at most double the float32 FMA rate: speedup 2 or less)
+# bench_screen measured the screen 1.46x-1.85x float32, so its passes cost less there next to the matmul than on
+# the Xeon. Without bfloat16 hardware torch emulates bfloat16 matmuls at a fraction of float32's rate (speedup
+# well under 1). 1.3 keeps every CPU with bfloat16 instructions (about 2 and up) and none without (under 1), with
+# room for the noise of a one-off timing, and is where the screen breaks even at the common d_in 512, n 16384 on a
+# machine whose passes are as costly as the Xeon's. (On such a machine with a speedup between 1.3 and 2, the
+# smallest shapes admitted would gain little or lose a little; the AMD's cheaper passes did not.)
+_MIN_SPEEDUP = 1.3
+_TIMED = (1024, 544, 4096)  # B, width (d_in 512 + the bias, padded to 32), n: the screen's matmul at a small batch
+
+
+def _time_bf16_speedup() -> float:
+    """float32 time / bfloat16 time of one [1024, 544] x [544, 4096] matmul on this CPU at torch's thread count,
+    each in the layout the screen gives it (float32 W [d_in, n]; bfloat16 W as rows of latents, transposed), into a
+    kept output: one warm-up call each (kernel set-up, paid by the first real matmul anyway), then the least of 3
+    alternating timings (the whole 0.1-0.3 s on 2 busy cores with AMX). Stops early where bfloat16 takes over twice
+    float32's time (emulated: far below any threshold). 0.0 where this build cannot multiply bfloat16 matrices."""
+    B, width, n = _TIMED
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.rand(B, width, generator=g) - 0.5, torch.rand(n, width, generator=g) - 0.5  # cheaper than randn
+    try:
+        a16, w16 = a.bfloat16(), w.bfloat16()
+        out16 = torch.mm(a16, w16.t())
+    except (RuntimeError, NotImplementedError):
+        return 0.0
+    wt = w.t().contiguous()
+    out = torch.mm(a, wt)
+    f32 = bf16 = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        torch.mm(a, wt, out=out)
+        t1 = time.perf_counter()
+        torch.mm(a16, w16.t(), out=out16)
+        t2 = time.perf_counter()
+        f32, bf16 = min(f32, t1 - t0), min(bf16, t2 - t1)
+        if bf16 > 2 * f32:
+            break
+    return f32 / bf16 if bf16 > 0 else 0.0
 
 
 @functools.lru_cache(maxsize=1)
+def bf16_matmul_speedup() -> float:
+    """How many times float32's rate a bfloat16 matmul runs at on this CPU (float32 time / bfloat16 time at the
+    screen's shape, see `_time_bf16_speedup`): timed on the first call, then kept for the process. 0.0 where
+    bfloat16 matmuls raise. `screens` screens where it is at least _MIN_SPEEDUP (1.3)."""
+    return float(_time_bf16_speedup())
+
+
 def _bf16_matmul_is_fast() -> bool:
-    """Whether bfloat16 matmuls run in AMX tiles here: the CPU has them (Linux: amx_bf16 in /proc/cpuinfo's flags)
-    and, timed once, a bfloat16 matmul takes under half the float32 one's time. Without the tiles (AVX-512 BF16
-    only, or the kernel refusing them) bfloat16 matmuls are slower than float32 ones, and screening would cost."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    if "amx_bf16" not in flags:
-        return False
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(1024, 512, generator=g), torch.randn(512, 4096, generator=g)  # small ones time noise
-
-    def best(x: torch.Tensor, y: torch.Tensor) -> float:
-        times = []
-        for _ in range(6):  # the first few calls set the kernels up
-            t0 = time.perf_counter()
-            torch.mm(x, y)
-            times.append(time.perf_counter() - t0)
-        return min(times[3:])
-
-    return best(a.bfloat16(), b.bfloat16()) * 2 < best(a, b)
+    """Whether a bfloat16 matmul is fast enough here for the screen to pay: `bf16_matmul_speedup()` at least
+    _MIN_SPEEDUP, whatever the CPU's instructions (AMX tiles, AVX-512 BF16 or others); measured, not read from
+    flags."""
+    return bf16_matmul_speedup() >= _MIN_SPEEDUP
 
 
 def screens(x: torch.Tensor, n: int, k: int) -> bool:
-    """Whether the top k of [·, n] float32 pre-activations of x are found through the screen: float32 on a CPU
-    whose bfloat16 matmuls are fast (or `SCREEN` forcing it), n large next to k (at least 256·k latents: few
-    candidates per pick) and d_in at least 256 (a smaller matmul saves less than the screen's own passes cost)."""
+    """Whether the top k of [·, n] float32 pre-activations of x are found through the screen: float32 on the CPU,
+    where a bfloat16 matmul runs at least _MIN_SPEEDUP times float32's rate (`bf16_matmul_speedup`; or `SCREEN`
+    forcing it either way), n large next to k (at least 256·k latents: few candidates per pick) and d_in at least
+    256 (a smaller matmul saves less than the screen's own passes cost)."""
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return False
     if SCREEN is not None:
@@ -108,7 +146,7 @@ def screened_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, sor
     if W.shape != (E, d, n) or b.shape != (E, n):
         raise ValueError(f"screened_topk: W {tuple(W.shape)} and b {tuple(b.shape)} do not fit x {tuple(x.shape)}")
     screen, xa = bf16_screen(x, W, b, workspace)
-    radius = _radius(x, xa, W, b)
+    radius = screen_radius(x, xa, W, b)
     s = 8 if n % 8 == 0 and n // 8 >= k else 1
     m = n // s
     group_max = torch.amax(screen.unflatten(-1, (s, m)), -2, out=workspace("screen_max", E, B, m, dtype=screen.dtype))
@@ -116,11 +154,7 @@ def screened_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, sor
     if not bool((torch.isfinite(kth).all() & torch.isfinite(radius).all())):
         return _dense_topk(x, W, b, k, sorted)  # NaN or inf inputs: float32 gives torch.topk's own answer
     lower = kth - radius - _UP * kth.abs()  # the k-th largest float32 pre-activation is at least this
-    # The smallest screen whose upper bound (screen + radius + u'|screen|) reaches `lower`, less the float32 rounding
-    # of these lines, then rounded down to bfloat16 (lowered by u first: round to nearest moves it by at most that).
-    y = lower - radius
-    threshold = torch.where(y >= 0, y / (1 + _UP), y / (1 - _UP)) - 1e-6 * (kth.abs() + 2 * radius)
-    threshold = (threshold - threshold.abs() * (1.01 * _U)).to(torch.bfloat16).view(E * B)
+    threshold = screen_floor(lower, radius, kth).view(E * B)
     rows, groups = (group_max.view(E * B, m) >= threshold.unsqueeze(-1)).nonzero(as_tuple=True)
     members = screen.view(E * B, s, m)[rows, :, groups]  # [N, s]: each passing group's latents g, g + m, ...
     i, r = (members >= threshold[rows].unsqueeze(-1)).nonzero(as_tuple=True)
@@ -129,6 +163,16 @@ def screened_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, sor
         # rescoring that many one by one costs more than the dense float32 pass.
         return _dense_topk(x, W, b, k, sorted)
     return _rescore_top(x, W, b, rows[i], groups[i] + r * m, k, sorted)
+
+
+def screen_floor(lower: torch.Tensor, radius: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """[E, B] bfloat16: the smallest screen whose upper bound (screen + radius + u'|screen|) reaches `lower` [E, B],
+    less the float32 rounding of these lines (ref [E, B]: a value of the size involved, e.g. lower itself), then
+    rounded down to bfloat16 (lowered by u first: round to nearest moves it by at most that). Every latent whose
+    float32 pre-activation is at least `lower` has a screen at least this."""
+    y = lower - radius
+    threshold = torch.where(y >= 0, y / (1 + _UP), y / (1 - _UP)) - 1e-6 * (ref.abs() + 2 * radius)
+    return (threshold - threshold.abs() * (1.01 * _U)).to(torch.bfloat16)
 
 
 def bf16_screen(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, workspace: Workspace = _no_workspace
@@ -154,7 +198,7 @@ def _kth_lower(group_max: torch.Tensor, k: int) -> torch.Tensor:
     return group_max.topk(k, dim=-1, sorted=False).values.amin(-1).float()
 
 
-def _radius(x: torch.Tensor, xa: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def screen_radius(x: torch.Tensor, xa: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[E, B]: a bound on |screen - pre| apart from the screen's own rounding to bfloat16 (u'|screen|). With δ what
     rounding to bfloat16 took, x·W_j + b_j - (x̃·W̃_j + b̃_j) = δx·W_j + x̃·δW_j + δb_j, so
     ‖δx‖·max‖W_j‖ + ‖x̃‖·u·max‖W_j‖ + u·max|b_j|, plus 2γ(‖x‖·max‖W_j‖ + max|b_j|) for the float32 sums of the
@@ -174,23 +218,30 @@ def _radius(x: torch.Tensor, xa: torch.Tensor, W: torch.Tensor, b: torch.Tensor)
     return 1.01 * ((dx_norm + _U * (1 + _U) * x_norm) * w_max + _U * b_max + sums + flush)
 
 
-def _rescore_top(x, W, b, rows, cols, k, sorted):
-    """The top k per row of the float32 pre-activations at the candidates (rows, cols): rows ascending (row e·B+b
-    of the flattened [E·B] rows), cols the latents."""
+def rescore(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 pre-activations [N] x W + b at (rows, cols): rows [N] ascending (row e·B+b of the flattened
+    [E·B] rows of x [E, B, d_in]), cols [N] latents; one sampled matmul. Also returns the CSR row pointer [E·B+1]."""
     E, B, d = x.shape
     n = W.shape[-1]
     counts = torch.bincount(rows, minlength=E * B)
     crow = torch.zeros(E * B + 1, dtype=torch.long, device=x.device)
     torch.cumsum(counts, 0, out=crow[1:])
-    member = rows // B
     table = W.mT.reshape(E * n, d)  # rows of Wᵀ: latent j of member e at e·n + j
-    gcols = cols + member * n
+    gcols = cols + (rows // B) * n
     pattern = _csr_matrix(crow, gcols, x.new_zeros(gcols.shape[0]), (E * B, E * n))
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the operations used here are tested
         warnings.simplefilter("ignore", UserWarning)
         dots = torch.sparse.sampled_addmm(pattern, x.reshape(E * B, d), table.t(), beta=0.0).values()
-    pre = dots + b.reshape(-1)[gcols]
-    width = int(counts.max())
+    return dots + b.reshape(-1)[gcols], crow
+
+
+def _rescore_top(x, W, b, rows, cols, k, sorted):
+    """The top k per row of the float32 pre-activations at the candidates (rows, cols): rows ascending (row e·B+b
+    of the flattened [E·B] rows), cols the latents."""
+    E, B, d = x.shape
+    pre, crow = rescore(x, W, b, rows, cols)
+    width = int((crow[1:] - crow[:-1]).max())
     slot = torch.arange(rows.shape[0], device=x.device) - crow[rows]
     padded = pre.new_full((E * B, width), float("-inf")).index_put_((rows, slot), pre)
     values, j = padded.topk(k, dim=-1, sorted=sorted)
