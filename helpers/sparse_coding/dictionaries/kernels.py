@@ -27,16 +27,27 @@ class ReLUStep(torch.autograd.Function):
     Autograd computes the same numbers, but on CPU it hands the ReLU backward a transposed-layout gradient (slow
     elementwise passes over [E, B, d_sae]) and adds the L1 gradient as a separate broadcast pass; here the L1
     gradient is the bias of the one baddbmm that computes the code gradient, and every [E, B, d_sae] tensor stays
-    contiguous, so a step costs little beyond its 5 matmuls."""
+    contiguous, so a step costs little beyond its 5 matmuls.
+
+    buffers: a dict the caller keeps from step to step (None: fresh tensors), holding the two [E, B, d_sae] tensors
+    (codes, code gradient) between steps: on CPU a fresh tensor that large is mapped and unmapped on every step and
+    page-faults on first write (a visible share of benchmarks/bench_ensemble.py's step). The forward takes the codes
+    buffer out of the dict and the backward puts it back once done with it, so the codes of a graph not yet
+    backpropagated (two forwards, one backward) are never overwritten, and a graph dropped unused takes its buffer
+    with it. The caller must not keep the returned codes past the next step (kinds.relu hands out a checked copy)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_eff, W_dec, b_dec):
-        codes = torch.baddbmm(b_eff.unsqueeze(1), x, W_enc).clamp_min_(0)
+    def forward(ctx, x, W_enc, b_eff, W_dec, b_dec, buffers=None):
+        shape = (*x.shape[:2], W_enc.shape[-1])
+        buf = None if buffers is None else _step_buffer(buffers, "codes", shape, W_enc, take=True)
+        codes = torch.baddbmm(b_eff.unsqueeze(1), x, W_enc, out=buf).clamp_min_(0)
+        # x̂ stays fresh: callers keep it (a differentiable output), and it is only d_in/d_sae of the codes' size.
         x_hat = torch.baddbmm(b_dec.unsqueeze(1), codes, W_dec)
         # One pass over the codes gives both the L1 norm (codes >= 0) and which latents fired.
         per_latent = codes.sum(1)
         l1 = per_latent.sum(-1) / codes.shape[1]
         ctx.save_for_backward(x, W_enc, W_dec, codes)
+        ctx.buffers = buffers
         ctx.mark_non_differentiable(codes, per_latent)
         ctx.set_materialize_grads(False)
         return x_hat, l1, codes, per_latent
@@ -45,14 +56,18 @@ class ReLUStep(torch.autograd.Function):
     def backward(ctx, g_xhat, g_l1, _g_codes, _g_per_latent):
         x, W_enc, W_dec, codes = ctx.saved_tensors
         E, B, n = codes.shape
+        buffers = ctx.buffers
         bias = ((g_l1 / B).view(E, 1, 1) if g_l1 is not None else codes.new_zeros(1, 1, 1)).expand(E, B, n)
+        buf = None if buffers is None else _step_buffer(buffers, "g_codes", codes.shape, codes)
         if g_xhat is None:
-            g_codes = bias.contiguous()
+            g_codes = bias.contiguous() if buf is None else buf.copy_(bias)
         else:
-            g_codes = torch.baddbmm(bias, g_xhat, W_dec.transpose(1, 2))
+            g_codes = torch.baddbmm(bias, g_xhat, W_dec.transpose(1, 2), out=buf)
         # In place: g_codes is ours, and a fresh [E, B, d_sae] buffer costs page faults on every step.
         g_pre = relu_grad_(g_codes, codes)
         need = ctx.needs_input_grad
+        # The weight gradients stay fresh: autograd moves them into .grad (the trainer sets .grad to None each
+        # step), and a tensor kept here as well would make it copy them instead.
         g_x = torch.bmm(g_pre, W_enc.transpose(1, 2)) if need[0] else None
         g_W_enc = torch.bmm(x.transpose(1, 2), g_pre) if need[1] else None
         g_b_eff = g_pre.sum(1) if need[2] else None
@@ -60,7 +75,22 @@ class ReLUStep(torch.autograd.Function):
         if g_xhat is not None:
             g_W_dec = torch.bmm(codes.transpose(1, 2), g_xhat) if need[3] else None
             g_b_dec = g_xhat.sum(1) if need[4] else None
-        return g_x, g_W_enc, g_b_eff, g_W_dec, g_b_dec
+        if buffers is not None:
+            buffers["codes"] = codes.detach()  # free for the next forward to overwrite
+        return g_x, g_W_enc, g_b_eff, g_W_dec, g_b_dec, None
+
+
+def _step_buffer(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], like: torch.Tensor,
+                 take: bool = False) -> torch.Tensor:
+    """buffers[name] if it has this shape and like's dtype and device, else a new one; left in buffers unless
+    take (then the caller puts it back when done with it)."""
+    buf = buffers.pop(name, None)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = None  # free the old one before allocating
+        buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+    if not take:
+        buffers[name] = buf
+    return buf
 
 
 def _threshold_backward():

@@ -6,13 +6,30 @@ growing the decoder. Saved as SAELens "standard".
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ...checks import check_coef
 from ..base import EnsembleSAE, register_sae
 from ..kernels import ReLUStep
+
+
+def _copy_on_read(codes: torch.Tensor, counter: dict) -> Callable[[], torch.Tensor]:
+    """codes living in a step buffer -> what SAEOutput builds its codes from on first read: a copy, so that codes a
+    caller keeps do not change under it when the next step rewrites the buffer. The trainer reads them (for its log)
+    within the step; a read after a later forward pass (which may have rewritten the buffer) raises instead of
+    returning another batch's codes."""
+    count = counter["_forwards"] = counter.get("_forwards", 0) + 1  # counter: the SAE's __dict__
+
+    def read() -> torch.Tensor:
+        if counter.get("_forwards") != count:
+            raise RuntimeError("these codes were overwritten by a later forward pass: a ReLU SAE in training mode "
+                               "reuses their buffer from step to step. Read out.codes before the next forward pass, "
+                               "or run in eval mode (sae.eval()) or under torch.no_grad")
+        return codes.clone()
+
+    return read
 
 
 @register_sae("relu")
@@ -42,9 +59,24 @@ class ReLUSAE(EnsembleSAE):
     def _forward(self, x: torch.Tensor):
         if type(self).activation is not ReLUSAE.activation or type(self).kind_losses is not ReLUSAE.kind_losses:
             return super()._forward(x)  # a subclass with its own maths takes the generic path
+        buffers = self._step_buffers()
         x_hat, l1, codes, per_latent = ReLUStep.apply(self.expand(x), self.encoder_weight(), self.encoder_bias(),
-                                                      self.W_dec, self.b_dec)
-        return x_hat, codes, per_latent > 0, {"l1": self.member_param("l1_coef") * l1}
+                                                      self.W_dec, self.b_dec, buffers)
+        return (x_hat, codes if buffers is None else _copy_on_read(codes, self.__dict__), per_latent > 0,
+                {"l1": self.member_param("l1_coef") * l1})
+
+    def _step_buffers(self) -> dict[str, torch.Tensor] | None:
+        """In training with autograd on, the dict where `ReLUStep` keeps its [E, B, d_sae] tensors from step to step:
+        fresh ones cost page faults on every step (large CPU allocations are mapped and unmapped each time). None in
+        eval mode or under torch.no_grad, where nothing is kept; eval() drops them."""
+        if not (self.training and torch.is_grad_enabled()):
+            return None
+        return self.__dict__.setdefault("_workspaces", {})
+
+    def train(self, mode: bool = True) -> "ReLUSAE":
+        if not mode:
+            self.__dict__.pop("_workspaces", None)
+        return super().train(mode)
 
 
 @register_sae("relu_bias_decay")
