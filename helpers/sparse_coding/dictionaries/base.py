@@ -113,6 +113,14 @@ class SAEOutput:
         c = self.codes_or_fn
         return c() if callable(c) else c
 
+    @property
+    def l0(self) -> torch.Tensor:
+        """[E]: nonzero codes per row, averaged over the batch; from the picks when the codes are lazy and unbuilt."""
+        count = getattr(self.codes_or_fn, "l0", None)
+        if count is not None and "codes" not in vars(self):
+            return count()
+        return (self.codes != 0).sum(-1).float().mean(-1)
+
 
 @checked
 class EnsembleSAE(nn.Module):

@@ -8,10 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from ...checks import check_number
 from ..base import register_sae
+from ..picks import DenseSource, ScreenSource, batch_top
+from ..screening import screens
 from .jumprelu import checked_threshold
 from .topk import TopKSAE
 
@@ -20,8 +21,8 @@ from .topk import TopKSAE
 class BatchTopKSAE(TopKSAE):
     """BatchTopK (Bussmann et al. 2024): per member, the k·B largest ReLU'd pre-activations of the batch survive.
 
-    Training decodes through only the kept latents (one embedding_bag over all members' kept entries, grouped by
-    row). Each training forward also updates the member's inference threshold: the smallest kept positive
+    Training runs TopK's sparse step (`TopKSAE._sparse_forward`): the kept entries are found among each row's few
+    largest (`picks.batch_top`), and the gradients and the decoder touch only them, padded per row. Each training forward also updates the member's inference threshold: the smallest kept positive
     activation, averaged with rate threshold_lr (as SAELens; the first update takes the value as it is instead of
     averaging it with the starting 0, so short runs are not biased low). In eval mode codes are
     z·H(z − threshold), a JumpReLU with one threshold per member; before any training step the threshold is 0
@@ -49,7 +50,8 @@ class BatchTopKSAE(TopKSAE):
     # -- training: top k·B over the batch --
     def batch_select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per member, the k·B largest ReLU'd entries of pre [E, B, n]: values [E, K] and flat indices
-        row·n + latent [E, K], K = max(k)·B; a member with a smaller k has zeros past its own k·B."""
+        row·n + latent [E, K], K = max(k)·B; a member with a smaller k has zeros past its own k·B. The dense
+        reference of the training step's choice (`activation`)."""
         E, B, n = pre.shape
         K = min(self.k_max * B, B * n)
         ragged = len({h["k"] for h in self.hparams}) > 1
@@ -60,20 +62,23 @@ class BatchTopKSAE(TopKSAE):
             values = values * (ranks < self.member_param("k").view(-1, 1) * B).to(values.dtype)
         return values, idx
 
-    def batch_decode(self, values: torch.Tensor, idx: torch.Tensor, B: int) -> torch.Tensor:
-        """Σ over each row's kept entries of value · W_dec[latent] -> [E, B, d_in] (no b_dec). One embedding_bag
-        over all members: entries are sorted by (member, row) so each row's entries form one bag."""
-        E, K = idx.shape
-        n = self.d_sae
-        member = torch.arange(E, device=idx.device).view(E, 1)
-        key, order = (idx + member * (B * n)).view(-1).sort()  # global (member, row, latent), grouped by bag
-        bag = key // n  # = member·B + row
-        latent = (key // (B * n)) * n + key % n  # = member·n + latent: a row of W_dec flattened to [E·n, d]
-        counts = torch.bincount(bag, minlength=E * B)
-        offsets = counts.cumsum(0) - counts
-        out = nn.functional.embedding_bag(latent, self.W_dec.reshape(E * n, self.d_in), offsets,
-                                          mode="sum", per_sample_weights=values.reshape(-1)[order])
-        return out.view(E, B, self.d_in)
+    def _main_picks(self, xs, W, bias, dense_pre):
+        """The batch's k·B largest entries per member (`picks.batch_top`: gathered above a level estimated from a
+        sample, through the screen where it pays), in row slices of k picks."""
+        B, n = xs.shape[-2], self.d_sae
+        pre = None
+        if screens(xs, n, self.k_max):
+            source = ScreenSource(xs, W, bias, self._workspace)
+        else:
+            pre = dense_pre()
+            source = DenseSource(pre)
+        return pre, batch_top(source, self.member_param("k"), self.k_max, B, n, width=self.k_max)
+
+    def _main_values(self, picked: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        return torch.relu(picked) * keep
+
+    def _picked(self, values: torch.Tensor) -> None:
+        self._update_threshold(values.reshape(values.shape[0], -1))
 
     @torch.no_grad()
     def _update_threshold(self, values: torch.Tensor) -> None:
@@ -96,20 +101,11 @@ class BatchTopKSAE(TopKSAE):
         return torch.zeros(E, B * n, device=pre.device, dtype=pre.dtype).scatter(-1, idx, values).view(E, B, n)
 
     def _forward(self, x: torch.Tensor):
-        pre = self._pre(x)
-        E, B, n = pre.shape
         if not self.training:
+            pre = self._pre(x)
             codes = self._jump(pre)
-            return self._decode(codes), codes, self.fired(codes), {"aux": pre.new_zeros(E)}
-        values, idx = self.batch_select(pre)
-        x_hat = self.batch_decode(values, idx, B) + self.b_dec.unsqueeze(1)
-        aux = self._aux(x, pre, x_hat)
-        with torch.no_grad():
-            v = values.detach()
-            self._update_threshold(v)
-            fired = torch.zeros(E, n, device=pre.device, dtype=pre.dtype).scatter_add_(1, idx % n, v) > 0
-            codes = torch.zeros(E, B * n, device=pre.device, dtype=pre.dtype).scatter_(1, idx, v).view(E, B, n)
-        return x_hat, codes, fired, {"aux": aux}
+            return self._decode(codes), codes, self.fired(codes), {"aux": pre.new_zeros(self.n_members)}
+        return self._sparse_forward(x)
 
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         state = super().member_state(i)

@@ -22,6 +22,10 @@ from torch import nn
 
 from ...checks import check_coef, check_positive
 from ..base import EnsembleSAE, register_sae
+from ..kernels import SparseDecode, SparseEncode
+from ..picks import SparseCodes, above, screened_above, slice_rows, sum_slices
+from ..screening import screens
+from ..workspace import Workspaces
 
 
 def checked_threshold(state: dict[str, torch.Tensor], d_sae: int) -> torch.Tensor:
@@ -77,8 +81,45 @@ class _JumpReLUFunction(torch.autograd.Function):
         return g_pre, g_theta, None
 
 
+# Picks per row slice: about the mean L0 of a sparse JumpReLU, so slices are mostly full; also the L0 at which the
+# screen's size rule (`screening.screens`) is asked whether it pays.
+SLICE = 32
+
+
+class _SparseJump(torch.autograd.Function):
+    """`_JumpReLUFunction` on the entries of pre that may matter only: picked [E, S, K] (pre at the latents of the
+    row slices of `picks.Picks`), theta_at [E, S, K] (each pick's θ, differentiable), eps [E], keep [E, S, K] (False
+    on padding), B the batch's rows. Every active entry (pre > θ) and every entry within ε/2 of θ must be among the
+    picks: the others have neither a code nor a threshold gradient. Returns codes [E, S, K] and L0 [E] (mean active
+    latents per row); the same estimator, so the same gradients as the dense function."""
+
+    @staticmethod
+    def forward(ctx, picked, theta_at, eps, keep, B):
+        active = (picked > theta_at) & keep
+        codes = picked * active
+        l0 = active.sum((1, 2)).to(picked.dtype) / B
+        ctx.B = B
+        ctx.save_for_backward(picked, theta_at, eps, keep, active)
+        ctx.set_materialize_grads(False)
+        return codes, l0
+
+    @staticmethod
+    def backward(ctx, g_codes, g_l0):
+        picked, th, eps, keep, active = ctx.saved_tensors
+        E, B = picked.shape[0], ctx.B
+        g_pre = g_codes * active if g_codes is not None and ctx.needs_input_grad[0] else None
+        g_theta = None
+        if ctx.needs_input_grad[1]:
+            window = (((picked - th).abs() < 0.5 * eps.view(E, 1, 1)) & keep).to(picked.dtype)
+            drive = th * g_codes if g_codes is not None else torch.zeros_like(picked)
+            if g_l0 is not None:
+                drive = drive + (g_l0 / B).view(E, 1, 1)
+            g_theta = -(window * drive) / eps.view(E, 1, 1)
+        return g_pre, g_theta, None, None, None
+
+
 @register_sae("jumprelu")
-class JumpReLUSAE(EnsembleSAE):
+class JumpReLUSAE(Workspaces, EnsembleSAE):
     """JumpReLU + L0 (Rajamanoharan et al. 2024). Per member: l0_coef (λ), bandwidth (ε), init_threshold (θ₀),
     threshold_lr_mult (log θ is stored divided by it, so Adam moves log θ that many times faster than lr: short runs
     need it for the L0 penalty to move the thresholds at all; 1 is the paper's setting).
@@ -128,11 +169,44 @@ class JumpReLUSAE(EnsembleSAE):
         return {"l0_loss": self.member_param("l0_coef") * self._jump(pre)[1]}
 
     def _forward(self, x: torch.Tensor):
-        # The generic maths, with one jump pass giving codes, L0 and firing together. The loss term is not called
-        # "l0": the trainer's log already has an "l0" column (active latents per row); this is λ·L0.
-        pre = self._pre(x)
-        codes, l0, counts = self._jump(pre)
-        return self._decode(codes), codes, counts > 0, {"l0_loss": self.member_param("l0_coef") * l0}
+        # The loss term is not called "l0": the trainer's log already has an "l0" column (active latents per row);
+        # this is λ·L0.
+        if not (self.training and torch.is_grad_enabled()):  # the generic maths, one jump pass for codes and L0
+            pre = self._pre(x)
+            codes, l0, counts = self._jump(pre)
+            return self._decode(codes), codes, counts > 0, {"l0_loss": self.member_param("l0_coef") * l0}
+        return self._sparse_forward(x)
+
+    def _sparse_forward(self, x: torch.Tensor):
+        """The training step through the entries above θ − ε/2 only (every active one and every one the threshold's
+        gradient hears from): the encoder's dense forward runs without autograd, the gradients and the decoder
+        touch the picks only (`kernels.SparseEncode`, `kernels.SparseDecode`), as TopK's step."""
+        E, B, n = self.n_members, x.shape[-2], self.d_sae
+        W = self.encoder_weight()
+        xs = self.expand(x)
+        theta = self.threshold()
+        eps = self.member_param("bandwidth")
+        with torch.no_grad():
+            bias = self.encoder_bias()
+            # A little below θ − ε/2, so that no entry the window test (|pre − θ| < ε/2, rounded) admits is missed;
+            # the extra picks get no code and no gradient.
+            floor = theta.detach() - 0.5 * eps.view(E, 1) * (1 + 1e-3) - 1e-6 * theta.detach().abs()
+            if screens(xs, n, SLICE):
+                picks = screened_above(xs, W, bias, floor, SLICE, self._workspace)
+            else:
+                picks = above(torch.baddbmm(bias.unsqueeze(1), xs, W, out=self._workspace("pre", E, B, n)), floor,
+                              SLICE)
+            picked, idx, keep, rows = picks
+        b_dec = self.b_dec if self.pre_bias else None
+        picked = SparseEncode.apply(slice_rows(xs, rows), W, self.b_enc, b_dec, idx, picked)
+        theta_at = theta.gather(1, idx.view(E, -1)).view_as(picked)
+        codes, l0 = _SparseJump.apply(picked, theta_at, eps, keep, B)
+        x_hat = sum_slices(SparseDecode.apply(self.W_dec, codes, idx), rows, B) + self.b_dec.unsqueeze(1)
+        with torch.no_grad():
+            v = codes.detach()
+            fired = torch.zeros(E, n, device=self.device, dtype=self.dtype).scatter_add_(
+                1, idx.reshape(E, -1), (v != 0).to(v.dtype).reshape(E, -1)) > 0
+        return x_hat, SparseCodes(v, idx, n, rows, B), fired, {"l0_loss": self.member_param("l0_coef") * l0}
 
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         state = super().member_state(i)

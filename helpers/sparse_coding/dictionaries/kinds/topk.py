@@ -10,7 +10,9 @@ import torch
 from ...checks import check_coef, check_int
 from ..base import DEFAULT_DEAD_WINDOW, EnsembleSAE, register_sae
 from ..kernels import SparseDecode, SparseEncode, topk_rows
+from ..picks import Picks, SparseCodes, slice_rows, sum_slices
 from ..screening import screened_topk, screens
+from ..workspace import Workspaces
 
 # AuxK trains the sub-dictionary of the dead latents (their columns gathered, dense matmuls over them) while at most
 # 1/AUX_GATHER_BELOW of d_sae is dead; past that, masked sparse passes over all latents cost about the same.
@@ -24,7 +26,7 @@ def _columns(W: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 
 
 @register_sae("topk")
-class TopKSAE(EnsembleSAE):
+class TopKSAE(Workspaces, EnsembleSAE):
     """TopK (Gao et al. 2024): keep each row's k largest ReLU'd pre-activations; AuxK makes dead latents model the
     residual error so they get gradient again.
 
@@ -114,25 +116,6 @@ class TopKSAE(EnsembleSAE):
         touched, forward and backward: k·d_in multiply-adds per row instead of d_sae·d_in."""
         return SparseDecode.apply(self.W_dec, values, idx)
 
-    def _workspace(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-        """In training, a buffer kept from step to step (the pre-activations [E, B, d_sae], the group maxima of
-        `topk_rows`): a fresh one costs page faults on every step (large CPU allocations are mapped and unmapped
-        each time). None in eval mode; eval() drops them."""
-        if not self.training:
-            return None
-        dtype = dtype or self.dtype
-        cache = self.__dict__.setdefault("_workspaces", {})
-        buf = cache.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != self.device:
-            cache.pop(name, None)  # free the old one first
-            buf = cache[name] = torch.empty(*shape, device=self.device, dtype=dtype)
-        return buf
-
-    def train(self, mode: bool = True) -> "TopKSAE":
-        if not mode:
-            self.__dict__.pop("_workspaces", None)
-        return super().train(mode)
-
     def _dead_for_aux(self) -> torch.Tensor | None:
         """[E, d_sae] dead latents when AuxK has work this step, else None."""
         if self.aux_k_max == 0 or not self.training:
@@ -176,10 +159,34 @@ class TopKSAE(EnsembleSAE):
         rows = cols.unsqueeze(-1).expand(*cols.shape, self.d_in)
         return _columns(W, cols), self.b_enc.gather(1, cols), self.W_dec.gather(1, rows)
 
+    def _main_picks(self, xs: torch.Tensor, W: torch.Tensor, bias: torch.Tensor,
+                    dense_pre: Callable[[], torch.Tensor]) -> tuple[torch.Tensor | None, Picks]:
+        """The step's choice, without autograd: (the dense pre-activations [E, B, d_sae] if computed, else None;
+        the picks: pre-activations, latents and keep mask [E, S, K], rows [E, S] or None when S = B, one per row,
+        and every pick kept). TopK: each row's k largest, through the screen where it pays."""
+        pre = None
+        if screens(xs, self.d_sae, self.k_max):
+            picked, idx = self._screened_top(xs, W, bias, self.k_max)
+        else:
+            pre = dense_pre()
+            picked, idx = self._top(pre, self.k_max, "k")
+        return pre, Picks(picked, idx, None, None)
+
+    def _main_values(self, picked: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Codes [E, B, K] of the picks (differentiable in picked)."""
+        return self._finish(picked, self.k_max, "k")
+
+    def _picked(self, values: torch.Tensor) -> None:
+        """Called with the step's codes at its picks [E, B, K] (no autograd); BatchTopK's threshold follows them."""
+
     def _forward(self, x: torch.Tensor):
         if type(self).activation is not TopKSAE.activation or type(self).kind_losses is not TopKSAE.kind_losses:
             return super()._forward(x)  # a subclass with its own maths takes the generic path
-        E, B, n, k = self.n_members, x.shape[-2], self.d_sae, self.k_max
+        return self._sparse_forward(x)
+
+    def _sparse_forward(self, x: torch.Tensor):
+        """The training step through the chosen entries only (`_main_picks`), AuxK included."""
+        E, B, n = self.n_members, x.shape[-2], self.d_sae
         W = self.encoder_weight()
         xs = self.expand(x)
         dead = self._dead_for_aux()
@@ -193,41 +200,41 @@ class TopKSAE(EnsembleSAE):
             def sub_pre(cols: torch.Tensor) -> torch.Tensor:  # the columns cols [E, m] of dense_pre()
                 return torch.baddbmm(bias.gather(1, cols).unsqueeze(1), xs, _columns(W, cols))
 
-            if screens(xs, n, k):
-                pre = None
-                picked, idx = self._screened_top(xs, W, bias, k)
-            else:
-                pre = dense_pre()
-                picked, idx = self._top(pre, k, "k")
+            pre, main = self._main_picks(xs, W, bias, dense_pre)
+            picked, idx, keep, rows = main
+            K = idx.shape[-1]
+            # AuxK's picks join the main ones in one set of sparse passes when both index the same rows of all
+            # latents; picks in row slices (`picks.Picks`) or among the dead columns only take passes of their own.
+            joined = False
             if dead is not None:
                 aux_picked, aux_idx, cols = self._aux_top(pre, dead, dense_pre, sub_pre)
-                if cols is None:  # picks among all latents: one set of sparse passes with the main ones
+                joined = cols is None and rows is None
+                if joined:
                     picked, idx = torch.cat([picked, aux_picked], -1), torch.cat([idx, aux_idx], -1)
             del pre
         # Gradients reach W, b_enc and b_dec through the chosen entries only.
         b_dec = self.b_dec if self.pre_bias else None
-        picked = SparseEncode.apply(xs, W, self.b_enc, b_dec, idx, picked)
-        values, main_idx = self._finish(picked[..., :k], k, "k"), idx[..., :k]
-        x_hat = self.sparse_decode(values, main_idx) + self.b_dec.unsqueeze(1)
+        picked = SparseEncode.apply(xs if rows is None else slice_rows(xs, rows), W, self.b_enc, b_dec, idx, picked)
+        values, main_idx = self._main_values(picked[..., :K], keep), idx[..., :K]
+        x_hat = self.sparse_decode(values, main_idx)
+        x_hat = (x_hat if rows is None else sum_slices(x_hat, rows, B)) + self.b_dec.unsqueeze(1)
         if dead is None:
             aux = x_hat.new_zeros(E)
         else:
             W_aux, b_aux, W_dec_aux = self._aux_dictionary(W, cols)
-            if cols is None:
-                aux_picked, aux_idx = picked[..., k:], idx[..., k:]
+            if joined:
+                aux_picked, aux_idx = picked[..., K:], idx[..., K:]
             else:
                 aux_picked = SparseEncode.apply(xs, W_aux, b_aux, b_dec, aux_idx, aux_picked)
             aux_values = self._finish(aux_picked, aux_idx.shape[-1], "aux_k")
             aux = self._aux_loss(x, x_hat, aux_values, aux_idx, dead, W_dec_aux)
         with torch.no_grad():
             v = values.detach()
+            self._picked(v)
             fired = torch.zeros(E, n, device=self.device, dtype=self.dtype).scatter_add_(
                 1, main_idx.reshape(E, -1), v.reshape(E, -1)) > 0
-
-        def dense() -> torch.Tensor:  # built only if read: the training step never needs it
-            return torch.zeros(E, B, n, device=v.device, dtype=v.dtype).scatter_(-1, main_idx, v)
-
-        return x_hat, dense, fired, {"aux": aux}
+        # The dense codes are built only if read: the training step never needs them.
+        return x_hat, SparseCodes(v, main_idx, n, rows, B), fired, {"aux": aux}
 
     def kind_losses(self, x, pre, codes, x_hat):
         return {"aux": self._aux(x, pre, x_hat)}

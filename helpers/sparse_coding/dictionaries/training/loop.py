@@ -72,7 +72,7 @@ def _batch(source: BatchSource, step: int, sae: EnsembleSAE) -> torch.Tensor:
 def _log_row(sae: EnsembleSAE, x: torch.Tensor, out: SAEOutput, run: dict[str, Any], loss: torch.Tensor,
              terms: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     row = {"loss": loss, "mse": out.mse, **terms, "fvu": FVU().update(x, out.x_hat).value(),
-           "l0": (out.codes != 0).sum(-1).float().mean(-1),
+           "l0": out.l0,
            # update_firing_ already counted this batch, so the window includes it.
            "dead_frac": sae.dead_mask(min(run["dead_window"], run["tokens_seen"])).float().mean(-1),
            **out.losses}
