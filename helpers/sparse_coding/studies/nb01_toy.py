@@ -162,32 +162,48 @@ def run_toy_sweep(data: ToyData, kind: str, values, per_true_grid, steps: int, l
     batch_size = _check_positive_int(batch_size, "batch_size")
     n_eval = _check_positive_int(n_eval, "n_eval")
     t0 = time.time()
-    truth = data.features
     x_eval, _ = eval_batch(data, n_eval, seed)
-    param = SPARSITY[kind]
     if stream is None:
         stream = draw_stream(data, batch_size, steps, seed)
     elif stream.ndim != 3 or stream.shape[0] < steps or stream.shape[2] != data.cfg.d:
         raise ValueError(f"stream must be [>= steps={steps}, batch, d={data.cfg.d}] (draw_stream), got "
                          f"{tuple(stream.shape)}")
-    rows, dictionaries, histories = [], {}, []
-    for lr in lrs:
-        for i, per_true in enumerate(per_true_grid):
-            n = max(1, round(per_true * data.cfg.n_features))
-            if param == "k" and values[-1] > n:
-                raise ValueError(f"k={values[-1]} exceeds the dictionary size {n} at per_true={per_true:g}")
-            # A different init seed per size: with one seed the smaller dictionary's initial decoder would be a
-            # prefix of the larger one's, and "reappears in a larger dictionary" would partly measure a shared start.
-            sae = make_sae(kind, d_in=data.cfg.d, d_sae=n, tied=tied, seed=seed + 1000 * i, device=data.device,
-                           **{param: values}, **fixed)
-            hist = _train(sae, stream, steps, lr, seed, progress, resample_every)
-            histories.append(hist.assign(per_true=per_true, lr=lr))
-            scores = _score_ensemble(sae, truth, x_eval)
-            dictionaries[(per_true, lr)] = sae.decoder_directions().cpu()
-            for m, v in enumerate(values):
-                rows.append({"kind": kind, "per_true": per_true, "lr": lr, "d_sae": n, param: v,
-                             **{k: float(s[m]) for k, s in scores.items()}})
-    table = pd.DataFrame(rows)
+    parts = [train_cell(data, kind, values, per_true, i, lr, stream, steps=steps, seed=seed, x_eval=x_eval,
+                        tied=tied, progress=progress, resample_every=resample_every, **fixed)
+             for lr in lrs for i, per_true in enumerate(per_true_grid)]
+    return assemble(kind, values, per_true_grid, lrs, parts, time.time() - t0)
+
+
+def train_cell(data: ToyData, kind: str, values: list, per_true: float, size_index: int, lr: float,
+               stream: torch.Tensor, steps: int, seed: int, x_eval: torch.Tensor, tied: bool = False,
+               progress: bool = False, resample_every: int | None = None, **fixed
+               ) -> tuple[list[dict], torch.Tensor, pd.DataFrame]:
+    """One grid cell: the ensemble of `values` at one dictionary size (per_true, the size_index-th of the grid) and
+    lr, trained on stream and scored on x_eval: (one table row per member, its decoder directions [E, n, d], its
+    training log). Checked arguments (run_toy_sweep checks them)."""
+    param = SPARSITY[kind]
+    n = max(1, round(per_true * data.cfg.n_features))
+    if param == "k" and values[-1] > n:
+        raise ValueError(f"k={values[-1]} exceeds the dictionary size {n} at per_true={per_true:g}")
+    # A different init seed per size: with one seed the smaller dictionary's initial decoder would be a
+    # prefix of the larger one's, and "reappears in a larger dictionary" would partly measure a shared start.
+    sae = make_sae(kind, d_in=data.cfg.d, d_sae=n, tied=tied, seed=seed + 1000 * size_index, device=data.device,
+                   **{param: values}, **fixed)
+    hist = _train(sae, stream, steps, lr, seed, progress, resample_every)
+    scores = _score_ensemble(sae, data.features, x_eval)
+    rows = [{"kind": kind, "per_true": per_true, "lr": lr, "d_sae": n, param: v,
+             **{k: float(s[m]) for k, s in scores.items()}} for m, v in enumerate(values)]
+    return rows, sae.decoder_directions().cpu(), hist.assign(per_true=per_true, lr=lr)
+
+
+def assemble(kind: str, values: list, per_true_grid: list[float], lrs: list[float],
+             parts: list[tuple[list[dict], torch.Tensor, pd.DataFrame]], seconds: float) -> ToySweepResult:
+    """A kind's `ToySweepResult` from its cells (`train_cell`'s results, ordered lr-major then size), with each
+    member's MMCS against the next larger dictionary of the same lr."""
+    param = SPARSITY[kind]
+    cells = [(lr, p) for lr in lrs for p in per_true_grid]
+    table = pd.DataFrame([row for rows, _, _ in parts for row in rows])
+    dictionaries = {(p, lr): D for (lr, p), (_, D, _) in zip(cells, parts)}
     table["mmcs_vs_larger"] = np.nan
     if len(per_true_grid) > 1:
         for lr in lrs:
@@ -197,7 +213,7 @@ def run_toy_sweep(data: ToyData, kind: str, values, per_true_grid, steps: int, l
                     at = (table.per_true == per_true) & (table.lr == lr) & (table[param] == v)
                     table.loc[at, "mmcs_vs_larger"] = float(vals[m])
     return ToySweepResult(kind, values, per_true_grid, lrs, table, dictionaries,
-                          pd.concat(histories, ignore_index=True), time.time() - t0)
+                          pd.concat([h for _, _, h in parts], ignore_index=True), seconds)
 
 
 def run_baselines(data: ToyData, n_samples: int = 8192, ksvd_iter: int = 10, ica_samples: int = 4096,
