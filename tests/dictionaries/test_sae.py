@@ -379,7 +379,7 @@ def test_topk_rows_through_group_maxima_equals_torch_topk(k, sorted_):
 
 @pytest.mark.parametrize("use_aten", [True, False])
 def test_relu_grad_is_the_relu_backward_on_both_paths(use_aten):
-    from sparse_coding.dictionaries.kernels import relu_grad_
+    from sparse_coding.dictionaries.relu_step import relu_grad_
 
     g = torch.Generator().manual_seed(0)
     codes = torch.randn(3, 50, 40, generator=g).clamp_min_(0)

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..arguments import checked
 from ..checks import check_bool, check_device, check_dtype, check_int
+from .kernels import SquaredError
 
 SAE_KINDS: dict[str, type["EnsembleSAE"]] = {}
 
@@ -282,7 +283,7 @@ class EnsembleSAE(nn.Module):
         own (scaled) units, so the loss coefficients mean the same at any activation scale."""
         xs = self.scale_in(self.check_input(x))
         x_hat, codes, fired, losses = self._forward(xs)
-        mse = (x_hat - xs).pow(2).sum(-1).mean(-1)
+        mse = SquaredError.apply(x_hat, xs)
         if self.input_scale != 1.0:
             x_hat = x_hat / self.input_scale
         return SAEOutput(x_hat, mse, losses, fired, codes)

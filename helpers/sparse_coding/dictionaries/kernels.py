@@ -1,6 +1,6 @@
 """The hand-written autograd functions behind the fast training steps (each tested against plain autograd).
 
-- `ReLUStep`: a ReLU SAE's forward and backward in a few batched matmuls (kinds.relu).
+- `ReLUStep` (in `relu_step`): a ReLU SAE's forward and backward in a few batched matmuls (kinds.relu).
 - `SparseEncode`, `SparseDecode`: gradients that touch only the chosen latents of a TopK-style code, so only the
   encoder forward stays dense (kinds.topk, kinds.batchtopk; Gao et al. 2024, arXiv 2406.04093). On the CPU their
   sparse passes are single calls on torch CSR matrices (`torch.addmm`, `torch.sparse.sampled_addmm`): one
@@ -16,101 +16,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-
-
-class ReLUStep(torch.autograd.Function):
-    """ReLU SAE forward and backward by hand: x [E, B, d_in], W_enc [E, d_in, d_sae], b_eff [E, d_sae] (b_enc with
-    the pre-bias folded in), W_dec [E, d_sae, d_in], b_dec [E, d_in] -> x̂ [E, B, d_in], the per-member mean L1 of
-    the codes [E], the codes [E, B, d_sae] and their per-latent sums [E, d_sae] (the last two not differentiable:
-    use `encode` for gradients with respect to codes).
-
-    Autograd computes the same numbers, but on CPU it hands the ReLU backward a transposed-layout gradient (slow
-    elementwise passes over [E, B, d_sae]) and adds the L1 gradient as a separate broadcast pass; here the L1
-    gradient is the bias of the one baddbmm that computes the code gradient, and every [E, B, d_sae] tensor stays
-    contiguous, so a step costs little beyond its 5 matmuls.
-
-    buffers: a dict the caller keeps from step to step (None: fresh tensors), holding the two [E, B, d_sae] tensors
-    (codes, code gradient) between steps: on CPU a fresh tensor that large is mapped and unmapped on every step and
-    page-faults on first write (a visible share of benchmarks/bench_ensemble.py's step). The forward takes the codes
-    buffer out of the dict and the backward puts it back once done with it, so the codes of a graph not yet
-    backpropagated (two forwards, one backward) are never overwritten, and a graph dropped unused takes its buffer
-    with it. The caller must not keep the returned codes past the next step (kinds.relu hands out a checked copy)."""
-
-    @staticmethod
-    def forward(ctx, x, W_enc, b_eff, W_dec, b_dec, buffers=None):
-        shape = (*x.shape[:2], W_enc.shape[-1])
-        buf = None if buffers is None else _step_buffer(buffers, "codes", shape, W_enc, take=True)
-        codes = torch.baddbmm(b_eff.unsqueeze(1), x, W_enc, out=buf).clamp_min_(0)
-        # x̂ stays fresh: callers keep it (a differentiable output), and it is only d_in/d_sae of the codes' size.
-        x_hat = torch.baddbmm(b_dec.unsqueeze(1), codes, W_dec)
-        # One pass over the codes gives both the L1 norm (codes >= 0) and which latents fired.
-        per_latent = codes.sum(1)
-        l1 = per_latent.sum(-1) / codes.shape[1]
-        ctx.save_for_backward(x, W_enc, W_dec, codes)
-        ctx.buffers = buffers
-        ctx.mark_non_differentiable(codes, per_latent)
-        ctx.set_materialize_grads(False)
-        return x_hat, l1, codes, per_latent
-
-    @staticmethod
-    def backward(ctx, g_xhat, g_l1, _g_codes, _g_per_latent):
-        x, W_enc, W_dec, codes = ctx.saved_tensors
-        E, B, n = codes.shape
-        buffers = ctx.buffers
-        bias = ((g_l1 / B).view(E, 1, 1) if g_l1 is not None else codes.new_zeros(1, 1, 1)).expand(E, B, n)
-        buf = None if buffers is None else _step_buffer(buffers, "g_codes", codes.shape, codes)
-        if g_xhat is None:
-            g_codes = bias.contiguous() if buf is None else buf.copy_(bias)
-        else:
-            g_codes = torch.baddbmm(bias, g_xhat, W_dec.transpose(1, 2), out=buf)
-        # In place: g_codes is ours, and a fresh [E, B, d_sae] buffer costs page faults on every step.
-        g_pre = relu_grad_(g_codes, codes)
-        need = ctx.needs_input_grad
-        # The weight gradients stay fresh: autograd moves them into .grad (the trainer sets .grad to None each
-        # step), and a tensor kept here as well would make it copy them instead.
-        g_x = torch.bmm(g_pre, W_enc.transpose(1, 2)) if need[0] else None
-        g_W_enc = torch.bmm(x.transpose(1, 2), g_pre) if need[1] else None
-        g_b_eff = g_pre.sum(1) if need[2] else None
-        g_W_dec = g_b_dec = None
-        if g_xhat is not None:
-            g_W_dec = torch.bmm(codes.transpose(1, 2), g_xhat) if need[3] else None
-            g_b_dec = g_xhat.sum(1) if need[4] else None
-        if buffers is not None:
-            buffers["codes"] = codes.detach()  # free for the next forward to overwrite
-        return g_x, g_W_enc, g_b_eff, g_W_dec, g_b_dec, None
-
-
-def _step_buffer(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], like: torch.Tensor,
-                 take: bool = False) -> torch.Tensor:
-    """buffers[name] if it has this shape and like's dtype and device, else a new one; left in buffers unless
-    take (then the caller puts it back when done with it)."""
-    buf = buffers.pop(name, None)
-    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
-        buf = None  # free the old one before allocating
-        buf = torch.empty(shape, dtype=like.dtype, device=like.device)
-    if not take:
-        buffers[name] = buf
-    return buf
-
-
-def _threshold_backward():
-    try:
-        return torch.ops.aten.threshold_backward.grad_input
-    except (AttributeError, RuntimeError):
-        return None
-
-
-# ATen's ReLU-backward operator (part of the documented Core ATen opset): one pass, no mask tensor. Written as
-# masked_fill_(codes <= 0, 0) it builds a bool mask, several times slower at the toy ensemble's shape (what
-# benchmarks/bench_ensemble.py times); the fallback, for a build without the operator, is the fastest public form.
-_THRESHOLD_BACKWARD = _threshold_backward()
-
-
-def relu_grad_(grad: torch.Tensor, codes: torch.Tensor, use_aten: bool = True) -> torch.Tensor:
-    """grad where codes > 0, else 0, in place (the ReLU backward). grad, codes: same shape, codes = ReLU output."""
-    if use_aten and _THRESHOLD_BACKWARD is not None:
-        return _THRESHOLD_BACKWARD(grad, codes, 0, grad_input=grad)
-    return grad.mul_(codes.sign())
 
 
 # Off the CPU, or in half precision (which torch's CPU sparse matmuls lack), the sparse passes run as chunked
@@ -333,3 +238,26 @@ def topk_rows(pre: torch.Tensor, k: int, sorted: bool,
     return values, cand.gather(-1, j)
 
 
+
+
+class SquaredError(torch.autograd.Function):
+    """The reconstruction loss ‖x̂ − x‖² summed over d_in, averaged over the batch: x_hat [E, B, d_in], x [B, d_in]
+    (every member's) or [E, B, d_in] -> [E]. One difference pass and one norm reduction forward, one scaling pass
+    backward: written as (x̂ − x).pow(2).sum(-1).mean(-1), autograd makes two more passes over [E, B, d_in] each way
+    (a visible share of a small ensemble's step, benchmarks/bench_ensemble.py)."""
+
+    @staticmethod
+    def forward(ctx, x_hat, x):
+        diff = x_hat - x
+        ctx.save_for_backward(diff)
+        ctx.shared = x.dim() == 2
+        return torch.linalg.vector_norm(diff, dim=-1).square().mean(-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        (diff,) = ctx.saved_tensors
+        g_hat = diff * (2 * g / diff.shape[1]).view(-1, 1, 1)
+        g_x = None
+        if ctx.needs_input_grad[1]:
+            g_x = -(g_hat.sum(0) if ctx.shared else g_hat)
+        return (g_hat if ctx.needs_input_grad[0] else None), g_x

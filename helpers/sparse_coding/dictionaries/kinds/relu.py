@@ -12,7 +12,7 @@ import torch
 
 from ...checks import check_coef
 from ..base import EnsembleSAE, register_sae
-from ..kernels import ReLUStep
+from ..relu_step import ReLUStep
 
 
 def _copy_on_read(codes: torch.Tensor, counter: dict) -> Callable[[], torch.Tensor]:
@@ -60,8 +60,8 @@ class ReLUSAE(EnsembleSAE):
         if type(self).activation is not ReLUSAE.activation or type(self).kind_losses is not ReLUSAE.kind_losses:
             return super()._forward(x)  # a subclass with its own maths takes the generic path
         buffers = self._step_buffers()
-        x_hat, l1, codes, per_latent = ReLUStep.apply(self.expand(x), self.encoder_weight(), self.encoder_bias(),
-                                                      self.W_dec, self.b_dec, buffers)
+        x_hat, l1, codes, per_latent = ReLUStep.apply(self.expand(x), self.encoder_weight(), self.b_enc, self.W_dec,
+                                                      self.b_dec, self.pre_bias, buffers)
         return (x_hat, codes if buffers is None else _copy_on_read(codes, self.__dict__), per_latent > 0,
                 {"l1": self.member_param("l1_coef") * l1})
 

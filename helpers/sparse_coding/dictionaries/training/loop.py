@@ -62,7 +62,8 @@ def _batch(source: BatchSource, step: int, sae: EnsembleSAE) -> torch.Tensor:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"batch at step {step} must be [batch, d_in={sae.d_in}], got {got}")
     x = x.to(device=sae.device, dtype=sae.dtype, non_blocking=True)
-    if not bool(torch.isfinite(x).all()):
+    # One reduction without a bool temporary: min and max are NaN if any entry is, ±inf if any entry is.
+    if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
         raise ValueError(f"batch at step {step} contains NaN or inf; clean the activations (or drop those rows) "
                          "before training")
     return x
