@@ -17,7 +17,7 @@ import sparse_coding.analyses.features as features_module
 from sparse_coding import lm
 from sparse_coding.analyses.features import load_mined, mine_dictionary, save_mined
 from sparse_coding.analyses.mining import BINS_PER_OCTAVE, FORMAT, N_BINS, mine
-from sparse_coding.analyses.sketch_keys import sketch_keys as _keys
+from sparse_coding.analyses.sketch_keys import hash_states, keys_of, sketch_keys as _keys
 from sparse_coding.dictionaries import make_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -169,6 +169,20 @@ def test_keys_are_uniform_float64_without_ties_or_overflow():
     assert abs(float(k.mean()) - 0.5) < 2e-3 and abs(float((k < 0.1).double().mean()) - 0.1) < 2e-3
     big = _keys(0, 2 ** 32 - 1, 2 ** 32 - 1, torch.tensor([2 ** 32 - 1, 2 ** 31]), 2 ** 32 - 1, 2 ** 32 - 1)
     assert bool(((big >= 0) & (big < 1)).all())
+
+
+def test_hash_states_continue_the_keys_exactly():
+    """The miner hashes a token's (seed, context, position) once and only the direction per firing pair, and rules
+    pairs out on the first hash state alone: both must give exactly sketch_keys' keys and never rule out a key
+    below the threshold (key in [h1 / 2^32, (h1 + 1) / 2^32))."""
+    g = torch.Generator().manual_seed(0)
+    c, p, f = (torch.randint(0, 2 ** 32, (4096,), generator=g) for _ in range(3))
+    ref = _keys(0, 7, 2 ** 32 - 1, c, p, f)
+    token = hash_states(c, p, states=hash_states(0, 7, 2 ** 32 - 1))
+    assert torch.equal(keys_of(hash_states(f, states=token)), ref)
+    (h1,) = hash_states(f, states=token[:1])
+    lo = h1.double() * 2.0 ** -32
+    assert bool(((lo <= ref) & (ref < lo + 2.0 ** -32)).all())
 
 
 # ---------------------------------------------------------------------------------------------- the cache format
