@@ -10,7 +10,8 @@ Blocks of 3 calls alternate between the two, 3 rounds or more; a ratio is the me
 (float32 time / screen time), with their [min, max]. Also reported: the candidates rescored per row (median) and
 whether `screening.screens` picks the screen at that shape on this machine (the thresholds it uses are set from
 these ratios). Reports `screen_vs_float32` and `screen_vs_float32_spread` (objects keyed by shape),
-`screen_candidates_per_row` and `screen_chosen`, with `screen_bench_cpu`.
+`screen_candidates_per_row` and `screen_chosen`, with `screen_bench_cpu` and `screen_bf16_matmul_speedup` (float32
+matmul time over bfloat16's: what `screens` decides on).
 Then the public `TopKSAE.encode` under torch.no_grad at d_in=512, d_sae=16384, k=32 (eval mode, dense codes out, as
 harvesting calls it), with the screen as `screens` decides vs held off (`screening.SCREEN = False`), interleaved
 the same way: `encode_screen_vs_float32` (+ `_spread`; 1 where the screen is not chosen here).
@@ -110,7 +111,8 @@ def encode_ratio(rounds: int) -> tuple[float, list[float]]:
 def main() -> None:
     rounds = max(3, round(3 * SCALE))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}, "
-          f"fast bfloat16 matmuls here: {screening._bf16_matmul_is_fast()}")
+          f"bfloat16 matmul {screening.bf16_matmul_speedup():.2f}x float32's here (the screen runs at >= "
+          f"{screening._MIN_SPEEDUP}x)")
     results = {}
     for d, n, k in SHAPES:
         key = f"d{d}_n{n}_k{k}"
@@ -128,6 +130,7 @@ def main() -> None:
         "screen_vs_float32_spread": {key: r["spread"] for key, r in results.items()},
         "screen_candidates_per_row": {key: r["candidates"] for key, r in results.items()},
         "screen_chosen": {key: r["chosen"] for key, r in results.items()},
+        "screen_bf16_matmul_speedup": round(screening.bf16_matmul_speedup(), 3),
         "screen_bench_cpu": cpu_model(),
         "screen_bench_load_average": round(os.getloadavg()[0], 2),
     })

@@ -17,10 +17,13 @@
     step, goal >= 5), and beside it the floor (`Floor`: the float32 encoder matmul, Adam and the decoder
     constraint, which a step that computes every pre-activation in float32 does): `topk_vs_dense_bound` = dense /
     floor, the most `topk_vs_dense` can be that way, and `topk_floor_fraction` = floor / TopK step (goal >= 0.83:
-    the TopK step within 20 % of that floor). On a CPU with AMX tiles the TopK step runs its dense pass as a
-    bfloat16 screen instead (dictionaries.screening; the picks stay float32's) and can beat that floor; its own
-    floor (the screen, Adam, the constraint) then gives `topk_screen_floor_fraction` = screen floor / TopK step.
-    `train_bench_topk_screened` records whether it screened.
+    the TopK step within 20 % of that floor). Where a bfloat16 matmul measures fast enough (`screening.screens`)
+    the TopK step runs its dense pass as a bfloat16 screen instead (the picks stay float32's) and can beat that
+    floor; its own floor (the screen, Adam, the constraint) then gives `topk_screen_floor_fraction` = screen floor /
+    TopK step. `train_bench_topk_screened` records whether it screened. BatchTopK (k=32) and JumpReLU (its
+    thresholds set so that L0 ≈ 32 on these inputs at the start of every block: matched L0) run the same sparse step
+    and are timed beside them: `batchtopk_vs_dense`, `jumprelu_vs_dense` (dense step / the kind's step, goal >= 3), each kind's L0 at the end
+    of its last block in `train_bench_l0`.
 (c) AuxK's cost (Gao et al.): the same TopK SAE stepped with 5 % of its latents held dead (AuxK runs on every step)
     and with none dead. Reports `topk_auxk5_step_ratio` (the first step over the second; 1 would be free).
 
@@ -80,6 +83,7 @@ class Ours:
         self.opt = adam(self.sae, LR, (0.9, 0.999))
         self.pool = pool
         self.step = 0
+        self.l0 = float("nan")
 
     def block(self, steps: int) -> list[float]:
         stamps: list[float] = []
@@ -91,9 +95,27 @@ class Ours:
 
         # Two extra steps: the first (logged) is dropped, the last one's request closes the timing of the one before.
         # input_scale given: "auto" would draw 16 batches first to estimate it, and time those draws as steps.
-        train_sae(self.sae, batch, steps=steps + 2, lr=LR, progress=False, log_every=50, optimizer=self.opt,
-                  input_scale=1.0)
+        log = train_sae(self.sae, batch, steps=steps + 2, lr=LR, progress=False, log_every=50, optimizer=self.opt,
+                        input_scale=1.0)
+        self.l0 = float(log["l0"].iloc[-1])
         return [b - a for a, b in zip(stamps, stamps[1:])][1:]  # drop the block's first (logged) step
+
+
+class MatchedJumpReLU(Ours):
+    """A JumpReLU SAE whose thresholds (one value for every latent) are set before every block to keep K·BATCH
+    entries of the first batch: L0 ≈ K, as TopK's, at every timed step (Adam's first steps move the encoder enough
+    to halve the L0 within a few blocks otherwise)."""
+
+    def __init__(self, pool: list[torch.Tensor]):
+        super().__init__("jumprelu", N_TOPK, pool, l0_coef=1.0)
+
+    def block(self, steps: int) -> list[float]:
+        with torch.no_grad():
+            pre = self.sae.pre_activations(self.pool[0])
+            theta = pre.flatten().topk(K * BATCH).values.min()
+            del pre
+            self.sae.log_threshold.fill_(float(theta.log()))
+        return super().block(steps)
 
 
 class Buffers:
@@ -251,8 +273,14 @@ def main() -> None:
     floors = {"floor": Floor(topk, screened=False).block}
     if screened:
         floors["screen_floor"] = Floor(topk, screened=True).block
-    b = compare({"topk": topk.block, "dense": dense.block} | floors, rounds=rounds, steps=3)
-    del topk, dense, floors
+    batchtopk, jumprelu = Ours("batchtopk", N_TOPK, pool, k=K), MatchedJumpReLU(pool)
+    b = compare({"topk": topk.block, "dense": dense.block, "batchtopk": batchtopk.block, "jumprelu": jumprelu.block}
+                | floors, rounds=rounds, steps=3)
+    l0 = {name: round(o.l0, 1) for name, o in (("dense", dense), ("topk", topk), ("batchtopk", batchtopk),
+                                                ("jumprelu", jumprelu))}
+    del topk, dense, floors, batchtopk, jumprelu
+    batchtopk_vs_dense = median_and_spread(b["rounds"]["dense"], b["rounds"]["batchtopk"])
+    jumprelu_vs_dense = median_and_spread(b["rounds"]["dense"], b["rounds"]["jumprelu"])
     topk_vs_dense, topk_vs_dense_spread = median_and_spread(b["rounds"]["dense"], b["rounds"]["topk"])
     topk_bound, topk_bound_spread = median_and_spread(b["rounds"]["dense"], b["rounds"]["floor"])
     topk_floor_fraction, topk_floor_fraction_spread = median_and_spread(b["rounds"]["floor"], b["rounds"]["topk"])
@@ -284,12 +312,17 @@ def main() -> None:
          f"goal >= 5; bound dense/floor {topk_bound:.2f}x spread {topk_bound_spread}"),
         ("", "floor / TopK step", f"{topk_floor_fraction:.2f}  spread {topk_floor_fraction_spread}",
          "goal >= 0.83 (TopK within 20 % of its floor)"),
+        ("", f"BatchTopK k=32, median of {b['batchtopk_n']} steps", f"{b['batchtopk'] * 1e3:.0f} ms",
+         f"vs dense {batchtopk_vs_dense[0]:.2f}x spread {batchtopk_vs_dense[1]} (goal >= 3)"),
+        ("", f"JumpReLU at L0 {l0['jumprelu']:g}, median of {b['jumprelu_n']} steps", f"{b['jumprelu'] * 1e3:.0f} ms",
+         f"vs dense {jumprelu_vs_dense[0]:.2f}x spread {jumprelu_vs_dense[1]} (goal >= 3)"),
+        ("", "L0 (last logged step)", str(l0), ""),
     ] + ([
         ("", f"screen floor: bfloat16 screen + Adam + decoder constraint, median of {b['screen_floor_n']}",
          f"{b['screen_floor'] * 1e3:.0f} ms", tok(b["screen_floor"])),
         ("", "screen floor / TopK step", f"{screen_fraction[0]:.2f}  spread {screen_fraction[1]}",
-         "the TopK step screens (AMX): what its sparse parts still cost"),
-    ] if screened else [("", "TopK step does not screen (no fast bfloat16 matmul here)", "", "")]) + [
+         "the TopK step screens (fast bfloat16 matmuls): what its sparse parts still cost"),
+    ] if screened else [("", "TopK step does not screen (bfloat16 matmuls not fast enough here)", "", "")]) + [
         ("(c) TopK, AuxK", "", "", ""),
         ("", f"5 % of latents dead / none dead, medians of {c['dead5_n']} steps",
          f"{auxk5:.2f}  spread {auxk5_spread}", f"{c['dead5'] * 1e3:.0f} ms vs {c['none'] * 1e3:.0f} ms"),
@@ -315,6 +348,12 @@ def main() -> None:
         "topk_screen_floor_fraction": round(screen_fraction[0], 3) if screened else None,
         "topk_screen_floor_fraction_spread": screen_fraction[1] if screened else None,
         "train_bench_topk_screen_floor_tokens_per_s": round(BATCH / b["screen_floor"]) if screened else None,
+        "batchtopk_vs_dense": round(batchtopk_vs_dense[0], 3),
+        "batchtopk_vs_dense_spread": batchtopk_vs_dense[1],
+        "jumprelu_vs_dense": round(jumprelu_vs_dense[0], 3),
+        "jumprelu_vs_dense_spread": jumprelu_vs_dense[1],
+        "train_bench_l0": l0,
+        "train_bench_step_seconds": {name: round(b[name], 4) for name in ("dense", "topk", "batchtopk", "jumprelu")},
         "topk_auxk5_step_ratio": round(auxk5, 3),
         "topk_auxk5_step_ratio_spread": auxk5_spread,
         "train_bench_rounds": rounds,

@@ -21,12 +21,14 @@ from .topk import TopKSAE
 class BatchTopKSAE(TopKSAE):
     """BatchTopK (Bussmann et al. 2024): per member, the k·B largest ReLU'd pre-activations of the batch survive.
 
-    Training runs TopK's sparse step (`TopKSAE._sparse_forward`): the kept entries are found among each row's few
-    largest (`picks.batch_top`), and the gradients and the decoder touch only them, padded per row. Each training forward also updates the member's inference threshold: the smallest kept positive
-    activation, averaged with rate threshold_lr (as SAELens; the first update takes the value as it is instead of
-    averaging it with the starting 0, so short runs are not biased low). In eval mode codes are
-    z·H(z − threshold), a JumpReLU with one threshold per member; before any training step the threshold is 0
-    (a plain ReLU). Members may have different k (the top max(k)·B are taken once, sorted, and each keeps its own)."""
+    Training runs TopK's sparse step (`TopKSAE._sparse_forward`): the kept entries are gathered above a level
+    estimated from a sample of the batch's pre-activations (`picks.batch_top`; exact, through the bfloat16 screen
+    where it pays), and the gradients and the decoder touch only them, in row slices of k. Each training forward
+    also updates the member's inference threshold: the smallest kept positive activation, averaged with rate
+    threshold_lr (as SAELens; the first update takes the value as it is instead of averaging it with the starting 0,
+    so short runs are not biased low). In eval mode codes are z·H(z − threshold), a JumpReLU with one threshold per
+    member; before any training step the threshold is 0 (a plain ReLU). Members may have different k (each keeps
+    its own k·B)."""
 
     architecture = "jumprelu"
     member_keys = ("k", "aux_k", "aux_coef", "threshold_lr")

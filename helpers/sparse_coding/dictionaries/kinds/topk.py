@@ -36,9 +36,10 @@ class TopKSAE(Workspaces, EnsembleSAE):
     The forward pass is sparse everywhere but the encoder matmul: that runs without autograd, the k chosen entries
     per row (and AuxK's aux_k) are picked, and the gradients reach the weights through those entries only
     (`SparseEncode`, `SparseDecode`): per row O(K·d_in) work instead of O(d_sae·d_in) for the
-    encoder gradient, the decoder forward and both decoder gradients. On a CPU with AMX tiles and a wide enough
-    dictionary the encoder matmul itself runs as a bfloat16 screen whose picks are float32's (`screening`). The
-    dense codes in the output are built only if read (`SAEOutput.codes`)."""
+    encoder gradient, the decoder forward and both decoder gradients. On a CPU whose bfloat16 matmuls measure fast
+    enough and with a wide enough dictionary the encoder matmul itself runs as a bfloat16 screen whose picks are
+    float32's (`screening`). The dense codes in the output are built only if read (`SAEOutput.codes`). BatchTopK
+    runs the same step on its own picks (`_main_picks`, `_main_values`)."""
 
     architecture = "topk"
     member_keys = ("k", "aux_k", "aux_coef")
