@@ -26,7 +26,7 @@ import time
 import sparse_coding  # noqa: F401  (before torch: its OpenMP settings apply, as in the notebooks)
 import torch
 
-from bench_train import Buffers, data_pool
+from train_parts import Buffers, data_pool
 from rounds import cpu_model, median_and_spread
 from sparse_coding.dictionaries import make_sae, screening
 from sparse_coding.dictionaries.kernels import topk_rows

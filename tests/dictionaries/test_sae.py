@@ -255,10 +255,12 @@ def test_relu_hand_backward_matches_autograd(tied, pre_bias, shared):
     grads = []
     for forward in (ReLUSAE._forward, EnsembleSAE._forward):
         sae.zero_grad()
-        out = run_with(sae, x, forward)
+        xg = x.clone().requires_grad_()  # the input gradient too (the hand backward computes it when asked)
+        out = run_with(sae, xg, forward)
         (out.loss * torch.tensor([1.0, 2.0], dtype=torch.float64)).sum().backward()
         grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
         grads[-1]["loss"] = out.loss.detach()
+        grads[-1]["x"] = xg.grad.clone()
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-10, atol=1e-12, msg=name)
 

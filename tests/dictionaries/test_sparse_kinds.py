@@ -11,7 +11,8 @@ from sparse_coding.dictionaries import kernels, make_sae, picks
 from sparse_coding.dictionaries.kinds import topk as topk_module
 from sparse_coding.dictionaries.kinds.batchtopk import BatchTopKSAE
 from sparse_coding.dictionaries.kinds.jumprelu import JumpReLUSAE
-from sparse_coding.dictionaries.picks import DenseSource, ScreenSource, SparseCodes, above, batch_top, chunk_rows
+from sparse_coding.dictionaries.picks import (DenseSource, ScreenSource, SparseCodes, above, batch_top, chunk_rows,
+                                             screened_above)
 from sparse_coding.dictionaries.training import train_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,8 +103,12 @@ def test_batchtopk_sparse_step_equals_dense(with_dead, tied, pre_bias, shared, k
 
 @pytest.mark.parametrize("tied,pre_bias,shared", [(False, True, True), (True, True, False), (False, False, False)])
 @pytest.mark.parametrize("dense_below", [0, 1000])
-def test_jumprelu_sparse_step_equals_dense(tied, pre_bias, shared, dense_below, monkeypatch):
+@pytest.mark.parametrize("csr", [True, False])
+def test_jumprelu_sparse_step_equals_dense(tied, pre_bias, shared, dense_below, csr, monkeypatch):
     monkeypatch.setattr(kernels, "DENSE_BELOW", dense_below)
+    monkeypatch.setattr(picks, "DENSE_SHARE", 1)  # the sparse step even with many picks (a small dictionary)
+    if not csr:
+        monkeypatch.setattr(kernels, "_csr_path", lambda t: False)
     sae = make_sae("jumprelu", d_in=10, d_sae=30, l0_coef=[0.5, 2.0], bandwidth=[0.3, 0.8],
                    init_threshold=[0.5, 1.0], threshold_lr_mult=[1.0, 3.0], seed=[5, 6], tied=tied, pre_bias=pre_bias,
                    dtype=F64)
@@ -111,13 +116,24 @@ def test_jumprelu_sparse_step_equals_dense(tied, pre_bias, shared, dense_below, 
     sae.train()
     x = torch.randn(*(() if shared else (2,)), 17, 10, generator=torch.Generator().manual_seed(1), dtype=F64)
     weights = torch.tensor([1.0, 2.5], dtype=F64)
+    assert isinstance(JumpReLUSAE._forward(sae, sae.check_input(x))[1], SparseCodes)  # the sparse step ran
     sparse, dense = _step(sae, x, JumpReLUSAE._forward, weights), _step(sae, x, _jumprelu_dense, weights)
     # The estimator's support was exercised: some entries inside the window, some thresholds with a gradient.
     assert int((sparse["log_threshold"] != 0).sum()) > 10
     _assert_same(sparse, dense)
 
 
-def test_jumprelu_entries_at_the_window_edge_are_not_missed():
+def test_jumprelu_takes_the_dense_maths_when_most_entries_are_picks():
+    """Thresholds far below the pre-activations (early training): the dense maths runs, with the same numbers."""
+    sae = make_sae("jumprelu", d_in=10, d_sae=30, init_threshold=1e-3, seed=0, dtype=F64)
+    sae.train()
+    x = torch.randn(17, 10, generator=torch.Generator().manual_seed(1), dtype=F64)
+    assert torch.is_tensor(JumpReLUSAE._forward(sae, sae.check_input(x))[1])  # dense codes: the dense path
+    weights = torch.ones(1, dtype=F64)
+    _assert_same(_step(sae, x, JumpReLUSAE._forward, weights), _step(sae, x, _jumprelu_dense, weights))
+
+
+def test_jumprelu_entries_at_the_window_edge_are_not_missed(monkeypatch):
     """An entry just inside θ − ε/2 feeds θ's gradient; one just outside does not: the picks must agree with the
     dense window test even where rounding decides it."""
     sae = make_sae("jumprelu", d_in=4, d_sae=6, bandwidth=0.5, init_threshold=1.0, seed=0, dtype=F64)
@@ -127,6 +143,7 @@ def test_jumprelu_entries_at_the_window_edge_are_not_missed():
         sae.W_enc[0, 0, :] = 1.0
         sae.b_enc.zero_()
         sae.b_dec.zero_()
+    monkeypatch.setattr(picks, "DENSE_SHARE", 1)
     theta = float(sae.threshold().detach()[0, 0])
     edge = theta - 0.25
     x = torch.zeros(4, 4, dtype=F64)
@@ -145,14 +162,15 @@ def test_training_with_resampling_equals_dense(kind, kw, monkeypatch):
     g = torch.Generator().manual_seed(0)
     data = torch.randn(96, 8, generator=g, dtype=F64) * torch.rand(96, 1, generator=g, dtype=F64) * 3
     dense = {"batchtopk": _batchtopk_dense, "jumprelu": _jumprelu_dense}[kind]
+    monkeypatch.setattr(picks, "DENSE_SHARE", 1)
     runs = []
     for forward in (None, dense):
         sae = make_sae(kind, d_in=8, d_sae=64, seed=[0, 1, 2], dtype=F64, **kw)
-        if forward is not None:
-            monkeypatch.setattr(type(sae), "_forward", lambda self, x, f=forward: f(self, x))
-        log = train_sae(sae, data, steps=12, batch_size=16, lr=3e-3, resample_every=4, resample_until=1.0,
-                        dead_window=16, progress=False, log_every=1, input_scale=1.0)
-        monkeypatch.undo()
+        with monkeypatch.context() as m:
+            if forward is not None:
+                m.setattr(type(sae), "_forward", lambda self, x, f=forward: f(self, x))
+            log = train_sae(sae, data, steps=12, batch_size=16, lr=3e-3, resample_every=4, resample_until=1.0,
+                            dead_window=16, progress=False, log_every=1, input_scale=1.0)
         runs.append((sae, log))
     (a, log_a), (b, log_b) = runs
     assert log_a["resampled"].max() > 0  # resampling happened
@@ -224,13 +242,20 @@ def test_chunk_rows_and_sparse_codes():
     assert torch.equal(dense, want)  # padding adds 0 even where it shares latent 0 and row 0 with real picks
     torch.testing.assert_close(codes.l0(), (dense != 0).sum(-1).float().mean(-1))
     pre = torch.tensor([[[0.1, 0.5, -1.0], [0.7, 0.2, 0.9]]])
-    chosen = above(pre, torch.tensor([[0.0, 0.4, 0.8]]), width=8)
+    assert above(pre, torch.tensor([[0.0, 0.4, 0.8]]), width=8) is None  # 4 of 6 entries: the dense maths is cheaper
+    assert above(pre.masked_fill(pre > 0.8, float("nan")), torch.zeros(1, 3), width=8) is None  # not finite
+    picks.DENSE_SHARE, share = 1, picks.DENSE_SHARE
+    try:
+        chosen = above(pre, torch.tensor([[0.0, 0.4, 0.8]]), width=8)
+    finally:
+        picks.DENSE_SHARE = share
     assert sorted(chosen.idx[0, 0][chosen.keep[0, 0]].tolist()) == [0, 1]
     assert sorted(chosen.idx[0, 1][chosen.keep[0, 1]].tolist()) == [0, 2]
 
 
-def test_training_log_l0_from_picks_equals_dense_codes():
+def test_training_log_l0_from_picks_equals_dense_codes(monkeypatch):
     """The trainer's l0 column comes from the picks (no dense codes built) and equals the dense count."""
+    monkeypatch.setattr(picks, "DENSE_SHARE", 1)
     for kind, kw in (("topk", {"k": 3}), ("batchtopk", {"k": 3}), ("jumprelu", {"init_threshold": 0.2})):
         sae = make_sae(kind, d_in=8, d_sae=32, seed=0, **kw)
         sae.train()
@@ -238,3 +263,55 @@ def test_training_log_l0_from_picks_equals_dense_codes():
         l0 = out.l0
         assert "codes" not in vars(out)
         torch.testing.assert_close(l0, (out.codes != 0).sum(-1).float().mean(-1))
+
+
+def test_screened_above_is_the_float32_above(monkeypatch):
+    """Through the bfloat16 screen (the floor folded into the bias) the entries above their floors are the float32
+    ones, with their float32 values (to a few ulps), also for entries far closer to a floor than the screen's
+    rounding (1e-4 against ~1e-2)."""
+    monkeypatch.setattr(picks, "DENSE_SHARE", 1)
+    E, B, d, n = 2, 48, 64, 256
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(E, B, d, generator=g) * torch.rand(E, B, 1, generator=g) * 3
+    W = torch.randn(E, d, n, generator=g) / d ** 0.5
+    b = torch.randn(E, n, generator=g) * 0.1
+    pre = torch.baddbmm(b.unsqueeze(1), x, W)
+    floor = torch.full((E, n), 1.5)
+    floor[:, :8] = pre[:, 0, :8] - 1e-4  # entries a hair above their floors
+    floor[:, 8:16] = pre[:, 1, 8:16] + 1e-4  # and a hair below
+    want = torch.zeros(E, B, n, dtype=torch.bool).index_put_(torch.nonzero(pre > floor.unsqueeze(1), as_tuple=True),
+                                                            torch.tensor(True))
+    got = screened_above(x, W, b, floor, width=4, workspace=lambda name, *shape, dtype=None: None)
+    rows = got.rows.unsqueeze(-1).expand_as(got.idx)
+    mask = torch.zeros(E, B, n, dtype=torch.bool)
+    for e in range(E):
+        mask[e, rows[e][got.keep[e]], got.idx[e][got.keep[e]]] = True
+    assert torch.equal(mask, want)
+    for e in range(E):
+        torch.testing.assert_close(got.values[e][got.keep[e]], pre[e][rows[e][got.keep[e]], got.idx[e][got.keep[e]]])
+
+
+@pytest.mark.parametrize("kind,kw", [("batchtopk", {"k": [3, 5]}),
+                                     ("jumprelu", {"init_threshold": [1.0, 1.5], "bandwidth": 0.3})])
+def test_screened_step_equals_the_float32_step(kind, kw, monkeypatch):
+    """float32, with the screen forced on and off: the same picks, so the same step up to float32 rounding (dot
+    products summed in another order); the screen really ran."""
+    from sparse_coding.dictionaries import screening
+
+    monkeypatch.setattr(picks, "DENSE_SHARE", 1)
+    ran = []
+    for name in ("bf16_screen",):
+        real = getattr(picks, name)
+        monkeypatch.setattr(picks, name, lambda *a, _real=real, **k: ran.append(1) or _real(*a, **k))
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(2)) * 2
+    results = []
+    for screen in (True, False):
+        monkeypatch.setattr(screening, "SCREEN", screen)
+        sae = make_sae(kind, d_in=32, d_sae=256, seed=[0, 1], **kw)
+        sae.train()
+        results.append([_step(sae, x, type(sae)._forward, torch.tensor([1.0, 2.0])) for _ in range(2)])
+    assert ran  # the screened path was taken
+    for a, b in zip(*results):
+        assert set(a) == set(b)
+        for name in b:
+            torch.testing.assert_close(a[name], b[name].to(a[name].dtype), rtol=1e-4, atol=1e-5, msg=name)

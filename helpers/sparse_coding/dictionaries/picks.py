@@ -61,10 +61,24 @@ def sum_slices(out: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
     return out.new_zeros(E, B, d).scatter_add(1, rows.unsqueeze(-1).expand(E, S, d), out)
 
 
-def above(pre: torch.Tensor, floor: torch.Tensor, width: int) -> Picks:
-    """Entries of pre [E, B, n] strictly above floor [E, n] (per member and latent), as `Picks`."""
+# Past 1/DENSE_SHARE of all entries as picks (e.g. a JumpReLU early in training, its thresholds still low), the
+# dense maths is cheaper than sparse passes over the picks, and their row slices ([E, S, d_in]) would be large.
+DENSE_SHARE = 8
+
+
+def _too_many(count: int, E: int, B: int, n: int) -> bool:
+    return count * DENSE_SHARE > E * B * n
+
+
+def above(pre: torch.Tensor, floor: torch.Tensor, width: int) -> Picks | None:
+    """Entries of pre [E, B, n] strictly above floor [E, n] (per member and latent), as `Picks`; None when more
+    than 1/DENSE_SHARE of all entries are (the dense maths is then the cheaper) or pre holds NaN or inf."""
     E, B, n = pre.shape
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(pre))).all()):
+        return None
     rows, cols = (pre > floor.unsqueeze(1)).view(E * B, n).nonzero(as_tuple=True)
+    if _too_many(rows.numel(), E, B, n):
+        return None
     return chunk_rows(rows, cols, pre.view(E * B, n)[rows, cols], E, B, width)
 
 
@@ -73,15 +87,20 @@ def screened_above(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, floor: tor
     """`above` of the float32 pre-activations x W + b (x [E, B, d_in], W [E, d_in, n], b, floor [E, n]; float32)
     without computing them densely: the screen of x W + (b − floor) (`screening.bf16_screen`, the floor folded into
     the bias, so one bound per row covers every latent) keeps every entry that may be above its floor, and those are
-    rescored exactly in float32 (values to a few ulps of the dense matmul's: dot products summed in another order)."""
+    rescored exactly in float32 (values to a few ulps of the dense matmul's: dot products summed in another order).
+    None, as `above`, when too many entries may be above their floors or an input is not finite."""
     E, B, _ = x.shape
     n = W.shape[-1]
     shifted = b - floor
     screen, xa = bf16_screen(x, W, shifted, workspace)
     radius = screen_radius(x, xa, W, shifted)
+    if not bool(torch.isfinite(radius).all()):
+        return None
     zero = torch.zeros_like(radius)
     least = screen_floor(zero, radius, zero).view(E * B, 1)  # every entry at or above its floor reaches this
     rows, cols = (screen.view(E * B, n) >= least).nonzero(as_tuple=True)
+    if _too_many(rows.numel(), E, B, n):
+        return None
     values, _ = rescore(x, W, b, rows, cols)
     keep = values > floor.reshape(-1)[cols + (rows // B) * n]
     return chunk_rows(rows[keep], cols[keep], values[keep], E, B, width)
@@ -94,9 +113,11 @@ class DenseSource:
         self.pre = pre
 
     def sample(self, stride: int) -> torch.Tensor:
+        """[E, ~B·n / stride]: every stride-th pre-activation of each member."""
         return self.pre.view(self.pre.shape[0], -1)[:, ::stride]
 
     def at_least(self, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every entry at least its member's level [E]: rows [N] ascending (member·B + row), latents, values."""
         E, B, n = self.pre.shape
         rows, cols = (self.pre >= level.view(E, 1, 1)).view(E * B, n).nonzero(as_tuple=True)
         return rows, cols, self.pre.view(E * B, n)[rows, cols]
@@ -115,10 +136,16 @@ class ScreenSource:
         return self.screen.view(self.screen.shape[0], -1)[:, ::stride].float()
 
     def at_least(self, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every entry whose float32 pre-activation is at least its member's level [E]: rows [N] ascending (member·B
+        + row), latents [N], float32 values [N]. Where the screen cannot tell (an input not finite, or more than
+        1/DENSE_SHARE of all entries within its bound of the level) the float32 pass decides instead."""
         E, B, n = self.screen.shape
         lower = level.view(E, 1).expand(E, B)
         floor = screen_floor(lower, self.radius, lower).view(E * B, 1)
         rows, cols = (self.screen.view(E * B, n) >= floor).nonzero(as_tuple=True)
+        if not bool(torch.isfinite(self.radius).all()) or _too_many(rows.numel(), E, B, n):
+            pre = torch.baddbmm(self.b.unsqueeze(1), self.x, self.W)
+            return DenseSource(pre).at_least(level)
         values, _ = rescore(self.x, self.W, self.b, rows, cols)
         keep = values >= level.repeat_interleave(B)[rows]
         return rows[keep], cols[keep], values[keep]

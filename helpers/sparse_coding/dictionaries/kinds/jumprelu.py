@@ -171,16 +171,22 @@ class JumpReLUSAE(Workspaces, EnsembleSAE):
     def _forward(self, x: torch.Tensor):
         # The loss term is not called "l0": the trainer's log already has an "l0" column (active latents per row);
         # this is λ·L0.
-        if not (self.training and torch.is_grad_enabled()):  # the generic maths, one jump pass for codes and L0
-            pre = self._pre(x)
-            codes, l0, counts = self._jump(pre)
-            return self._decode(codes), codes, counts > 0, {"l0_loss": self.member_param("l0_coef") * l0}
+        if not (self.training and torch.is_grad_enabled()):
+            return self._dense_forward(x)
         return self._sparse_forward(x)
+
+    def _dense_forward(self, x: torch.Tensor):
+        """The generic maths, one jump pass giving codes, L0 and firing together."""
+        pre = self._pre(x)
+        codes, l0, counts = self._jump(pre)
+        return self._decode(codes), codes, counts > 0, {"l0_loss": self.member_param("l0_coef") * l0}
 
     def _sparse_forward(self, x: torch.Tensor):
         """The training step through the entries above θ − ε/2 only (every active one and every one the threshold's
         gradient hears from): the encoder's dense forward runs without autograd, the gradients and the decoder
-        touch the picks only (`kernels.SparseEncode`, `kernels.SparseDecode`), as TopK's step."""
+        touch the picks only (`kernels.SparseEncode`, `kernels.SparseDecode`), as TopK's step. Where more than
+        1/`picks.DENSE_SHARE` of the entries are above their floors (early in training, thresholds still low), or
+        the pre-activations are not finite, the dense maths runs instead (the same numbers)."""
         E, B, n = self.n_members, x.shape[-2], self.d_sae
         W = self.encoder_weight()
         xs = self.expand(x)
@@ -196,7 +202,9 @@ class JumpReLUSAE(Workspaces, EnsembleSAE):
             else:
                 picks = above(torch.baddbmm(bias.unsqueeze(1), xs, W, out=self._workspace("pre", E, B, n)), floor,
                               SLICE)
-            picked, idx, keep, rows = picks
+        if picks is None:  # many entries above their floors (thresholds still low), or NaN/inf: the dense maths
+            return self._dense_forward(x)
+        picked, idx, keep, rows = picks
         b_dec = self.b_dec if self.pre_bias else None
         picked = SparseEncode.apply(slice_rows(xs, rows), W, self.b_enc, b_dec, idx, picked)
         theta_at = theta.gather(1, idx.view(E, -1)).view_as(picked)
