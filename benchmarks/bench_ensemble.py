@@ -35,7 +35,7 @@ from sparse_coding.paths import repo_root
 from sparse_coding.dictionaries import EnsembleSAE, ReLUSAE, make_sae
 from sparse_coding.activations import ToyConfig, ToyData
 from sparse_coding.dictionaries import train_sae
-from sparse_coding.dictionaries.training import adam
+from train_parts import Blocks
 
 E = 16
 SCALE = float(os.environ.get("BENCH_SCALE", "1"))
@@ -75,33 +75,18 @@ def shape_a() -> tuple[float, float, int]:
     return statistics.median(t_ens), E * statistics.median(t_single), steps, spread(rounds)
 
 
-class Block:
+class Block(Blocks):
     """One 16-member ensemble trained through `train_sae` in blocks of steps on a pool of pre-drawn toy batches
     (drawing is the sampler's cost, not the step's); the optimizer carries over, so the blocks continue one run."""
 
     def __init__(self, d: int, n: int, batch: int, autograd: bool = False):
         data = ToyData(ToyConfig(d=d, n_features=n, mean_active=5, seed=0))
         g = data.generator(0)
-        self.pool = [data.sample(batch, g)[0] for _ in range(4)]
-        self.sae = make_sae("relu", d_in=d, d_sae=n, l1_coef=[10 ** (-3 + 2 * i / E) for i in range(E)],
-                            seed=list(range(E)))
+        sae = make_sae("relu", d_in=d, d_sae=n, l1_coef=[10 ** (-3 + 2 * i / E) for i in range(E)],
+                       seed=list(range(E)))
         if autograd:
-            self.sae.__class__ = AutogradReLU
-        self.opt = adam(self.sae, 1e-3, (0.9, 0.999))
-        self.step = 0
-
-    def block(self, steps: int) -> list[float]:
-        """Per-step seconds (from one batch request to the next), the block's first (logged) step dropped."""
-        stamps: list[float] = []
-
-        def batch(s: int) -> torch.Tensor:
-            stamps.append(time.perf_counter())
-            self.step += 1
-            return self.pool[self.step % len(self.pool)]
-
-        train_sae(self.sae, batch, steps=steps + 2, lr=1e-3, progress=False, log_every=50, optimizer=self.opt,
-                  input_scale=1.0)
-        return [b - a for a, b in zip(stamps, stamps[1:])][1:]
+            sae.__class__ = AutogradReLU
+        super().__init__(sae, [data.sample(batch, g)[0] for _ in range(4)], lr=1e-3)
 
 
 def shape_b() -> tuple[float, list[float], float, float, float, int]:

@@ -27,16 +27,14 @@ def data_pool(d: int, batch: int, n_batches: int = 4, seed: int = 0) -> list[tor
     return out
 
 
-class Ours:
-    """One SAE trained through `train_sae` in blocks; the optimizer is carried over so blocks continue one run."""
+class Blocks:
+    """An SAE trained through `train_sae` in timed blocks of steps on a pool of batches; the optimizer is carried
+    over, so the blocks continue one run. `block(steps)` returns per-step seconds (from one batch request to the
+    next), the block's first (logged) step dropped; `l0` is the last logged step's."""
 
-    def __init__(self, kind: str, d_sae: int, pool: list[torch.Tensor], **hp):
-        # Each block is a short train_sae run; its default dead window (a tenth of the run, at least one batch) would
-        # count every latent silent in the last batch as dead and make AuxK search nearly all of them. The steady
-        # state of a long run is what is timed, with Gao et al.'s 10M-token window (the earlier default).
-        self.sae = make_sae(kind, d_in=D, d_sae=d_sae, seed=0, dead_window=10_000_000, **hp)
-        self.opt = adam(self.sae, LR, (0.9, 0.999))
-        self.pool = pool
+    def __init__(self, sae, pool: list[torch.Tensor], lr: float):
+        self.sae, self.pool, self.lr = sae, pool, lr
+        self.opt = adam(sae, lr, (0.9, 0.999))
         self.step = 0
         self.l0 = float("nan")
 
@@ -50,10 +48,20 @@ class Ours:
 
         # Two extra steps: the first (logged) is dropped, the last one's request closes the timing of the one before.
         # input_scale given: "auto" would draw 16 batches first to estimate it, and time those draws as steps.
-        log = train_sae(self.sae, batch, steps=steps + 2, lr=LR, progress=False, log_every=50, optimizer=self.opt,
-                        input_scale=1.0)
+        log = train_sae(self.sae, batch, steps=steps + 2, lr=self.lr, progress=False, log_every=50,
+                        optimizer=self.opt, input_scale=1.0)
         self.l0 = float(log["l0"].iloc[-1])
-        return [b - a for a, b in zip(stamps, stamps[1:])][1:]  # drop the block's first (logged) step
+        return [b - a for a, b in zip(stamps, stamps[1:])][1:]
+
+
+class Ours(Blocks):
+    """One SAE of `kind` at d_in D, trained in timed blocks at LR (see `Blocks`)."""
+
+    def __init__(self, kind: str, d_sae: int, pool: list[torch.Tensor], **hp):
+        # Each block is a short train_sae run; its default dead window (a tenth of the run, at least one batch) would
+        # count every latent silent in the last batch as dead and make AuxK search nearly all of them. The steady
+        # state of a long run is what is timed, with Gao et al.'s 10M-token window (the earlier default).
+        super().__init__(make_sae(kind, d_in=D, d_sae=d_sae, seed=0, dead_window=10_000_000, **hp), pool, LR)
 
 
 class MatchedJumpReLU(Ours):
