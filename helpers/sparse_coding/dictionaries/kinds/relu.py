@@ -13,6 +13,7 @@ import torch
 from ...checks import check_coef
 from ..base import EnsembleSAE, register_sae
 from ..relu_step import ReLUStep
+from ..workspace import Workspaces
 
 
 def _copy_on_read(codes: torch.Tensor, counter: dict) -> Callable[[], torch.Tensor]:
@@ -33,7 +34,7 @@ def _copy_on_read(codes: torch.Tensor, counter: dict) -> Callable[[], torch.Tens
 
 
 @register_sae("relu")
-class ReLUSAE(EnsembleSAE):
+class ReLUSAE(Workspaces, EnsembleSAE):
     """ReLU + L1. Per member: l1_coef (default 1.0, for inputs normalised to E‖x‖² = d_in as train_sae does by
     default: it recovers planted dictionaries at d_in from 32 to 256, tests/dictionaries/test_defaults.py)."""
 
@@ -71,12 +72,7 @@ class ReLUSAE(EnsembleSAE):
         eval mode or under torch.no_grad, where nothing is kept; eval() drops them."""
         if not (self.training and torch.is_grad_enabled()):
             return None
-        return self.__dict__.setdefault("_workspaces", {})
-
-    def train(self, mode: bool = True) -> "ReLUSAE":
-        if not mode:
-            self.__dict__.pop("_workspaces", None)
-        return super().train(mode)
+        return self.__dict__.setdefault("_workspaces", {})  # the `Workspaces` dict: eval() drops it
 
 
 @register_sae("relu_bias_decay")
