@@ -78,6 +78,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def _remove(path: Path) -> None:
+    """Delete `path` whatever it is (a folder, a file, a link: the link, not its target); nothing if absent."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `final`; when the block ends without an error it replaces `final`.
@@ -95,10 +103,10 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     try:
         yield tmp
         if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
+            _remove(old)
+            os.replace(final, old)  # the old version stays whole under `.name.old` until the new one is in place
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, final)
     except BaseException:

@@ -12,6 +12,7 @@ mining read it from there or from a dictionary's cfg.json and apply the limit to
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -39,6 +40,29 @@ class Exclusion:
     token_ids: tuple[int, ...] = ()
     norm_ratio: float | None = None
     max_norm: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self):
+        # The same rules as from_json, and the same normal form (sorted tuples without repeats): an exclusion built
+        # here and one read back from a manifest compare equal, and a store written with it can be opened.
+        def ids(name: str) -> tuple[int, ...]:
+            v = getattr(self, name)
+            if isinstance(v, (str, bytes)) or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool)
+                                                      and x >= 0 for x in v):
+                raise ValueError(f"Exclusion {name} must be ints >= 0, got {v!r}")
+            return tuple(sorted({int(x) for x in v}))
+
+        ratio = self.norm_ratio
+        if ratio is not None and not (isinstance(ratio, numbers.Real) and not isinstance(ratio, bool)
+                                      and math.isfinite(ratio) and ratio > 1):
+            raise ValueError(f"Exclusion norm_ratio must be a number over 1 or None, got {ratio!r}")
+        limits = dict(self.max_norm)
+        if not all(isinstance(h, str) and isinstance(v, numbers.Real) and not isinstance(v, bool)
+                   and math.isfinite(v) and v > 0 for h, v in limits.items()):
+            raise ValueError(f"Exclusion max_norm must be (hook name, positive norm) pairs, got {self.max_norm!r}")
+        for name, value in (("positions", ids("positions")), ("token_ids", ids("token_ids")),
+                            ("norm_ratio", None if ratio is None else float(ratio)),
+                            ("max_norm", tuple(sorted((h, float(v)) for h, v in limits.items())))):
+            object.__setattr__(self, name, value)
 
     def __bool__(self) -> bool:
         return bool(self.positions or self.token_ids or self.norm_ratio or self.max_norm)

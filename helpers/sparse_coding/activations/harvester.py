@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import threading
@@ -102,9 +103,9 @@ def harvest(model: torch.nn.Module, tokens: torch.Tensor, hooks: Sequence[str], 
             forward on the same weights (fused attention, nothing after the last needed layer); False, or any other
             model or hook, uses the bridge's own hook points with ``stop_at_layer``. Both give the same values.
 
-    Returns {hook: folder}. A folder whose manifest is complete with the same settings is left as is; a partial
-    one resumes after its last complete chunk; one with different settings is an error (delete it or change
-    out_root)."""
+    Returns {hook: folder}. A folder whose manifest is complete with the same settings (the same text among them:
+    the manifest's tokens_sha1) is left as is; a partial one resumes after its last complete chunk; one with
+    different settings is an error (delete it or change out_root), as is a hook named twice."""
     cfg = HarvestSettings.build(settings, **({"n_tokens": n_tokens} if n_tokens is not None else {}), **fields)
     n_tokens, chunk_rows, batch_size, dtype = cfg.n_tokens, cfg.chunk_rows, cfg.batch_size, cfg.dtype
     ctx_len, corpus, seed, fast, exclude = cfg.ctx_len, cfg.corpus, cfg.seed, cfg.fast, cfg.exclude
@@ -112,6 +113,9 @@ def harvest(model: torch.nn.Module, tokens: torch.Tensor, hooks: Sequence[str], 
     if isinstance(hooks, str) or not hooks or not all(isinstance(h, str) for h in hooks):
         raise ValueError(f"hooks must be a non-empty list of hook names, e.g. ['blocks.0.hook_resid_post'], got "
                          f"{hooks!r}")
+    repeated = sorted({h for h in hooks if list(hooks).count(h) > 1})
+    if repeated:
+        raise ValueError(f"hooks lists {repeated} more than once; name each hook once")
     if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex():
         raise ValueError(f"tokens must be an integer tensor of token ids [n_contexts, ctx_len] (or a 1-D stream), "
                          f"got {type(tokens).__name__ if not isinstance(tokens, torch.Tensor) else tokens.dtype}")
@@ -151,6 +155,9 @@ def harvest(model: torch.nn.Module, tokens: torch.Tensor, hooks: Sequence[str], 
                     "chunk_contexts": ctx_per_chunk, "format": FORMAT_VERSION}
         if model_id is not None:
             settings["model_id"] = str(model_id)
+        # Which text: a resumed or reused store must hold these tokens' activations, not another text's.
+        text = tokens[:need_ctx].cpu().to(torch.int64).numpy().tobytes()
+        settings["tokens_sha1"] = hashlib.sha1(text).hexdigest()[:16]
         for h in run.hooks:
             if exclusion:  # absent when nothing is left out, so earlier harvests keep matching
                 settings["exclude"] = exclusion.for_hook(h).to_json()
@@ -160,9 +167,9 @@ def harvest(model: torch.nn.Module, tokens: torch.Tensor, hooks: Sequence[str], 
             mpath = folder / MANIFEST
             if mpath.exists():
                 m = load_json(mpath)
-                # A manifest from before model ids were recorded matches any id.
-                diff = {k: (m.get(k), v) for k, v in settings.items()
-                        if m.get(k) != v and not (k == "model_id" and m.get(k) is None) and k != "exclude"}
+                # A manifest from before model ids (token digests) were recorded matches any id (digest).
+                diff = {k: (m.get(k), v) for k, v in settings.items() if m.get(k) != v and k != "exclude"
+                        and not (k in ("model_id", "tokens_sha1") and m.get(k) is None)}
                 if not Exclusion.from_json(m.get("exclude")).same_as(exclusion.for_hook(h)):
                     diff["exclude"] = (m.get("exclude"), settings.get("exclude"))
                 if diff:

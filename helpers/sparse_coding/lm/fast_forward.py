@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..arguments import checked
-from .hooks import parse_hook
+from .hooks import check_token_ids, parse_hook
 from .load import loaded
 
 
@@ -115,6 +115,7 @@ class NeoXFastPath:
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         p, F_ = self.p, torch.nn.functional
+        tokens = check_token_ids(tokens, p["gpt_neox.embed_in.weight"].shape[0])
         B, T = tokens.shape
         d, H, hd = self.cfg.hidden_size, self.n_heads, self.head
         h = F_.embedding(tokens, p["gpt_neox.embed_in.weight"]).reshape(B * T, d)

@@ -135,3 +135,21 @@ def default_layers(model_or_n: "torch.nn.Module | int") -> list[int]:
     if n <= MAX_ALL_LAYERS:
         return list(range(n))
     return sorted({depth_layer(n, f) for f in DEFAULT_DEPTHS})
+
+
+@checked
+def check_token_ids(tokens: torch.Tensor, d_vocab: int | None) -> torch.Tensor:
+    """tokens [B, T] as int64, after checking they are integer token ids in [0, d_vocab) (d_vocab None: not
+    checked); ValueError naming tokens and the fix. Every hook reader runs it on each batch: an id past the
+    vocabulary would otherwise fail inside the embedding lookup ("index out of range in self")."""
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point \
+            or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be integer token ids [n_contexts, ctx_len], got {got}")
+    if tokens.numel() and d_vocab is not None:
+        lo, hi = (int(v) for v in torch.aminmax(tokens))
+        if lo < 0 or hi >= d_vocab:
+            raise ValueError(f"token ids must lie in [0, {d_vocab}) for this model, got range [{lo}, {hi}]; were "
+                             f"they made by another tokenizer?")
+    return tokens.long()
+

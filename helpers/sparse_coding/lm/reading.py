@@ -9,7 +9,7 @@ import torch
 
 from ..arguments import checked
 from .fast_forward import NeoXFastPath
-from .hooks import check_hooks, hook_layer, hook_point, n_layers
+from .hooks import check_hooks, check_token_ids, hook_layer, hook_point, n_layers
 
 
 class _StopForward(Exception):
@@ -45,6 +45,7 @@ class HookReader:
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = check_token_ids(tokens, getattr(getattr(self.model, "cfg", None), "d_vocab", None))
         self.out, self._remaining = {}, set(self.hooks)
         handles = [self.points[h].register_forward_hook(self._make_hook(h)) for h in self.hooks]
         try:
