@@ -63,6 +63,13 @@ def tiny_lm(tmp_path_factory):
     return root, log, lm.offline_dir(root / "data")
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tiny_lm, one_thread):
+    """(the tiny model loaded, its training contexts [n, 16], its folder), once per module."""
+    _, _, folder = tiny_lm
+    return lm.load_model(folder), lm.validation_contexts(folder, split="train"), folder
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Path of a headless Chromium (Debian's package), installed with apt-get when missing and possible; the test

@@ -238,8 +238,8 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 def test_nan_loss_stops_with_the_last_good_checkpoint_intact(tmp_path):
     x = planted_data(800)
 
-    def source(step):  # finite, but squares overflow float32 from step 23 on
-        return x[32 * step:32 * step + 32] * (1e25 if step >= 23 else 1.0)
+    def source(step):  # finite, but squares overflow float32 from step 23 on (25 batches, then again from the start)
+        return x[32 * (step % 25):32 * (step % 25) + 32] * (1e25 if step >= 23 else 1.0)
 
     sae = make_sae("relu", d_in=16, d_sae=24, l1_coef=[0.05, 0.1], seed=[0, 1])
     with pytest.raises(TrainingDiverged, match=r"at step 23 for member\(s\) \[0, 1\].*state\.safetensors, step 20\) is intact"):

@@ -1,28 +1,27 @@
 """Sparse autoencoders as batched ensembles: the base class every kind builds on, its typed output, and the registry.
 
 An ensemble holds E members that share d_in and d_sae but differ in per-member hyperparameters (L1 coefficient, k,
-seed, ...). Their weights are stacked along a leading member axis and computed with batched matmuls, so a sweep of
-16 small SAEs costs about one kernel launch per layer instead of 16. Members never interact: the loss is a sum of
-per-member losses and Adam is per-element, so member i trains exactly as it would alone.
-
-Weights are stored in SAELens's orientation (W_enc [E, d_in, d_sae], W_dec [E, d_sae, d_in]), so `member_state(i)`
-is a plain slice:
+seed, ...), stacked along a leading member axis and computed with batched matmuls (a sweep of 16 small SAEs costs
+about one kernel launch per layer). Members never interact: the loss is a sum of per-member losses and Adam is
+per-element, so member i trains exactly as it would alone. Weights are in SAELens's orientation (W_enc [E, d_in,
+d_sae], W_dec [E, d_sae, d_in]), so `member_state(i)` is a plain slice:
 
     codes = act(x W_enc + b_enc − b_dec W_enc)      (the b_dec term only with pre_bias)
     x̂     = codes W_dec + b_dec
 
-The pre-bias is applied as `− b_dec W_enc` instead of `(x − b_dec) W_enc`: the same maths, but x needs no gradient,
-so autograd skips a full [B, d_in] x [d_in, d_sae] matmul per member that would only feed the tiny b_dec gradient.
+The pre-bias is applied as `− b_dec W_enc`, not `(x − b_dec) W_enc`: the same maths, but x needs no gradient, so
+autograd skips a [B, d_in] x [d_in, d_sae] matmul per member that would only feed the tiny b_dec gradient.
 
 An SAE can carry an input scale s (`input_scale`, set by `train_sae`, 1 by default): it sees s·x, so that its
-hyperparameters mean the same at any activation scale (E‖s·x‖² = d_in, see `training.estimate_input_scale`), yet
-`encode`, `decode` and `forward` take and return raw activations, and `member_state` folds s into the weights (what
-is saved takes raw activations with scale 1).
+hyperparameters mean the same at any activation scale (E‖s·x‖² = d_in, `training.estimate_input_scale`); `encode`,
+`decode` and `forward` take and return raw activations, and `member_state` folds s into the weights (scale 1).
 
 A kind subclasses `EnsembleSAE`, registers with `@register_sae(name)` and defines `activation` (pre-activations ->
-codes) and, if it has any, `kind_losses`; a kind with a faster training step overrides `_forward` (which works on
-scaled inputs, with `_pre` and `_decode`) and returns the same four things. The forward pass always returns an `SAEOutput`: the base computes the MSE once, the kind adds its own
-loss terms (as SAELens's TrainStepOutput). This module knows no kind: `dictionaries.factory` imports them."""
+codes), if it has any, `kind_losses`, and if its codes meet thresholds, `scale_thresholds_(factor [E, d_sae])`
+(multiply them by factor as the codes are: `training.rescale`); a kind with a faster training step overrides
+`_forward` (on scaled inputs, with `_pre` and `_decode`) and returns the same four things. The forward pass returns
+an `SAEOutput`: the base computes the MSE once, the kind adds its own loss terms (as SAELens's TrainStepOutput).
+This module knows no kind: `dictionaries.factory` imports them."""
 
 from __future__ import annotations
 
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,35 +39,21 @@ from .kernels import SquaredError
 
 SAE_KINDS: dict[str, type["EnsembleSAE"]] = {}
 
-# Tokens without firing before a latent counts as dead (Gao et al. 2024, arXiv 2406.04093, use 10M); `train_sae`
-# picks a shorter window for short runs unless told otherwise.
+# Tokens without firing before a latent counts as dead (Gao et al. 2024, arXiv 2406.04093); short train_sae runs
+# use fewer (TrainSettings.dead_window).
 DEFAULT_DEAD_WINDOW = 10_000_000
 
 
 @checked
 def register_sae(name: str) -> Callable[[type["EnsembleSAE"]], type["EnsembleSAE"]]:
     """Class decorator: make an SAE kind available to `make_sae(name, ...)`."""
-
     def deco(cls: type["EnsembleSAE"]) -> type["EnsembleSAE"]:
         if name in SAE_KINDS and SAE_KINDS[name] is not cls:
             raise ValueError(f"SAE kind {name!r} is already registered to {SAE_KINDS[name].__name__}")
         cls.kind = name
         SAE_KINDS[name] = cls
         return cls
-
     return deco
-
-
-def broadcast(hparams: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-member dicts from scalars and lists: lists fix the member count, scalars repeat."""
-    lengths = {name: len(v) for name, v in hparams.items() if isinstance(v, (list, tuple))}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"per-member lists must have one length (the number of members), got "
-                         f"{', '.join(f'{k}: {n}' for k, n in lengths.items())}")
-    n = next(iter(lengths.values()), 1)
-    if n == 0:
-        raise ValueError(f"per-member lists are empty ({', '.join(lengths)}): give at least one value")
-    return [{name: (v[i] if isinstance(v, (list, tuple)) else v) for name, v in hparams.items()} for i in range(n)]
 
 
 def init_decoder(d_in: int, d_sae: int, seed: int) -> torch.Tensor:
@@ -94,10 +80,10 @@ def fold_input_scale(state: dict[str, torch.Tensor], input_scale: float) -> dict
 class SAEOutput:
     """One forward pass of an ensemble, filled the same way by every kind.
 
-    x_hat [E, B, d_in]; mse [E] (mean over the batch of ‖x − x̂‖², summed over d_in); losses: the kind's extra loss
-    terms, each [E] and already weighted (relu: l1; topk/batchtopk: aux; jumprelu: l0_loss); loss [E] = mse + their
-    sum; fired [E, d_sae] bool: latents nonzero on at least one row; codes [E, B, d_sae], built on first read when
-    the kind passed a function (TopK's training step never needs them densely)."""
+    x_hat [E, B, d_in]; mse [E] (mean over the batch of ‖x − x̂‖², summed over d_in); losses: the kind's extra
+    loss terms, each [E] and already weighted (relu: l1; topk/batchtopk: aux; jumprelu: l0_loss); loss [E] = mse +
+    their sum; fired [E, d_sae] bool: latents nonzero on at least one row; codes [E, B, d_sae], built on first read
+    when the kind passed a function (TopK's training step never needs them densely)."""
 
     x_hat: torch.Tensor
     mse: torch.Tensor
@@ -144,8 +130,7 @@ class EnsembleSAE(nn.Module):
         return {}
 
     def __init__(self, d_in: int, d_sae: int, hparams: Sequence[dict[str, Any]], tied: bool = False,
-                 pre_bias: bool = True, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 pre_bias: bool = True, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         check_int(d_in, "d_in", 1, hint=" (the activation width)")
         check_int(d_sae, "d_sae", 1, hint=" (the dictionary size)")
@@ -155,6 +140,7 @@ class EnsembleSAE(nn.Module):
         self.tied, self.pre_bias = check_bool(tied, "tied"), check_bool(pre_bias, "pre_bias")
         self.dead_window: int | None = None  # tokens; see DEFAULT_DEAD_WINDOW
         self.input_scale = 1.0  # the SAE sees input_scale · x (module docstring)
+        self.fitted = False  # weights from training or a file: train_sae's input_scale "auto" keeps their scale
         self.hparams = [dict(h) for h in hparams]
         for h in self.hparams:
             self.validate_member(h)
@@ -195,9 +181,7 @@ class EnsembleSAE(nn.Module):
         return f"kind={self.kind}, n_members={self.n_members}, d_in={self.d_in}, d_sae={self.d_sae}, tied={self.tied}"
 
     def validate_member(self, h: dict[str, Any]) -> None:
-        seed = h.get("seed")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int (or a list of ints, one per member), got {seed!r}")
+        h["seed"] = check_int(h.get("seed"), "seed", 0, 2**63 - 1, " (or a list of such ints, one per member)")
 
     def member_param(self, key: str) -> torch.Tensor:
         """A per-member hyperparameter as an [E] tensor on the SAE's device."""
@@ -215,14 +199,21 @@ class EnsembleSAE(nn.Module):
         return self.b_enc - torch.bmm(self.b_dec.unsqueeze(1), self.encoder_weight()).squeeze(1)
 
     def check_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, d_in] (every member sees it) or [E, B, d_in], moved to the SAE's device and dtype."""
+        """x [B, d_in] (every member sees it) or [E, B, d_in], floating point, B >= 1, moved to the SAE's device and
+        dtype. Raises ValueError naming x, what it must be and what it is."""
+        want = f"[batch, {self.d_in}] or [{self.n_members}, batch, {self.d_in}]"
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"x must be a torch.Tensor of shape [batch, d_in], got {type(x).__name__}")
+            raise ValueError(f"x must be a torch.Tensor of shape {want}, got {type(x).__name__}")
         if x.ndim not in (2, 3) or x.shape[-1] != self.d_in:
-            raise ValueError(f"x has shape {tuple(x.shape)}: expected [batch, {self.d_in}] or "
-                             f"[{self.n_members}, batch, {self.d_in}] (d_in={self.d_in}, got width {x.shape[-1]})")
+            raise ValueError(f"x has shape {tuple(x.shape)}: expected {want}" + (
+                f" (d_in={self.d_in}, got width {x.shape[-1]})" if x.ndim in (2, 3) else
+                " (for one row r, pass r[None])" if x.ndim == 1 else ""))
         if x.ndim == 3 and x.shape[0] != self.n_members:
             raise ValueError(f"x has {x.shape[0]} member slices but the ensemble has n_members={self.n_members}")
+        if x.shape[-2] == 0:
+            raise ValueError(f"x has 0 rows (shape {tuple(x.shape)}): give at least one row of activations")
+        if not x.is_floating_point():
+            raise ValueError(f"x must hold floating-point activations, got {x.dtype}; convert it with .float()")
         return x.to(device=self.device, dtype=self.dtype)
 
     def expand(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,8 +246,11 @@ class EnsembleSAE(nn.Module):
         return self.activation(self.pre_activations(x))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [E, B, d_sae] -> x̂ [E, B, d_in] in raw units."""
-        x_hat = self._decode(codes)
+        """codes [E, B, d_sae] (floating point; moved to the SAE's device and dtype) -> x̂ [E, B, d_in], raw units."""
+        if not isinstance(codes, torch.Tensor) or not codes.is_floating_point():
+            raise ValueError(f"codes must be a floating-point torch.Tensor [{self.n_members}, batch, {self.d_sae}], "
+                             f"got {getattr(codes, 'dtype', type(codes).__name__)}: convert with .float()")
+        x_hat = self._decode(codes.to(device=self.device, dtype=self.dtype))
         return x_hat / self.input_scale if self.input_scale != 1.0 else x_hat
 
     def kind_losses(self, x: torch.Tensor, pre: torch.Tensor, codes: torch.Tensor, x_hat: torch.Tensor
@@ -306,8 +300,7 @@ class EnsembleSAE(nn.Module):
         the renormalisation after the step would undo anyway, and it would leak into Adam's moments."""
         g = self.W_dec.grad
         if self.unit_norm_decoder and g is not None:
-            # Row dots by einsum (a batched matmul: linalg.vecdot and (g * W).sum build an [E, d_sae, d_in] temporary)
-            # and one fused in-place update.
+            # Row dots by einsum (linalg.vecdot and (g * W).sum build an [E, d_sae, d_in] temporary), one fused update.
             g.addcmul_(torch.einsum("end,end->en", g, self.W_dec).unsqueeze(-1), self.W_dec, value=-1)
 
     # ----- dead latents -----
@@ -321,10 +314,14 @@ class EnsembleSAE(nn.Module):
         return self.tokens_since_fired >= window
 
     # ----- interop -----
+    def check_member(self, i: int) -> int:
+        """A member index in [-n_members, n_members) as an int; ValueError naming i otherwise."""
+        return check_int(i, "member index i", -self.n_members, self.n_members - 1, " (out of range for n_members="
+                         f"{self.n_members})")
+
     def member_state(self, i: int) -> dict[str, torch.Tensor]:
         """Member i's weights in SAELens's layout (detached copies) for raw activations: the input scale folded in."""
-        if not -self.n_members <= i < self.n_members:
-            raise ValueError(f"member index i={i} out of range for n_members={self.n_members}")
+        i = self.check_member(i)
         state = {"W_enc": self.encoder_weight().detach()[i].clone(), "b_enc": self.b_enc.detach()[i].clone(),
                  "W_dec": self.W_dec.detach()[i].clone(), "b_dec": self.b_dec.detach()[i].clone()}
         return fold_input_scale(state, self.input_scale)
@@ -332,18 +329,22 @@ class EnsembleSAE(nn.Module):
     @torch.no_grad()
     def load_member_state_(self, i: int, state: dict[str, torch.Tensor]) -> None:
         """Inverse of `member_state`: copy one member's SAELens-layout weights (for raw activations) in; W_enc is
-        ignored when tied. Needs input_scale 1 (what member_state gives takes raw activations)."""
+        ignored when tied; tensors or NumPy arrays, floating point and finite. Needs input_scale 1 (what member_state
+        gives takes raw activations). Marks the SAE `fitted`. Raises ValueError naming i or the entry of state."""
+        i = self.check_member(i)
         if self.input_scale != 1.0:
             raise ValueError(f"load_member_state_ needs an SAE with input_scale 1, this one has {self.input_scale}")
-        expected = {"W_enc": (self.d_in, self.d_sae), "b_enc": (self.d_sae,), "W_dec": (self.d_sae, self.d_in),
-                    "b_dec": (self.d_in,)}
+        d, n, tensors = self.d_in, self.d_sae, {}
+        expected = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
         for name, shape in expected.items():
             if name not in state:
                 raise ValueError(f"state is missing {name!r} (needs {', '.join(expected)})")
-            if tuple(state[name].shape) != shape:
-                raise ValueError(f"state[{name!r}] has shape {tuple(state[name].shape)}, expected {shape}")
-        if not self.tied:
-            self.W_enc[i].copy_(state["W_enc"])
-        self.b_enc[i].copy_(state["b_enc"])
-        self.W_dec[i].copy_(state["W_dec"])
-        self.b_dec[i].copy_(state["b_dec"])
+            t = tensors[name] = torch.as_tensor(state[name]) if isinstance(state[name], np.ndarray) else state[name]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
+                got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"state[{name!r}] must be a floating-point tensor of shape {shape}, got {got}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"state[{name!r}] contains NaN or inf: the weights are damaged (or diverged)")
+        for name in expected if not self.tied else ("b_enc", "W_dec", "b_dec"):
+            getattr(self, name)[i].copy_(tensors[name])
+        self.fitted = True

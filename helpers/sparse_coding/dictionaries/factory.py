@@ -9,7 +9,19 @@ import torch
 from ..arguments import checked
 from ..checks import check_int, check_positive
 from . import kinds  # noqa: F401  (importing the kinds registers them)
-from .base import SAE_KINDS, EnsembleSAE, broadcast
+from .base import SAE_KINDS, EnsembleSAE
+
+
+def broadcast(hparams: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-member dicts from scalars and lists: lists fix the member count, scalars repeat."""
+    lengths = {name: len(v) for name, v in hparams.items() if isinstance(v, (list, tuple))}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"per-member lists must have one length (the number of members), got "
+                         f"{', '.join(f'{k}: {n}' for k, n in lengths.items())}")
+    n = next(iter(lengths.values()), 1)
+    if n == 0:
+        raise ValueError(f"per-member lists are empty ({', '.join(lengths)}): give at least one value")
+    return [{name: (v[i] if isinstance(v, (list, tuple)) else v) for name, v in hparams.items()} for i in range(n)]
 
 
 def resolve_hparams(cls: type[EnsembleSAE], d_in: int, given: dict[str, Any]) -> dict[str, Any]:
@@ -42,9 +54,10 @@ def make_sae(kind: str, d_in: int, d_sae: int | None = None, *, ratio: float | N
 
     Per-member hyperparameters (seed and the kind's own: relu l1_coef; topk k, aux_k, aux_coef; jumprelu l0_coef,
     bandwidth, init_threshold, threshold_lr_mult; batchtopk k, aux_k, aux_coef, threshold_lr) may be scalars or
-    lists; lists fix the number of members and must agree in length, scalars repeat. Give the dictionary size as
-    d_sae or as ratio (d_sae = round(ratio · d_in)). dead_window (any kind): tokens without firing before a latent
-    counts as dead (AuxK and the dead-feature metric; None lets `train_sae` choose).
+    lists; lists fix the number of members and must agree in length, scalars repeat; each seed is an integer (NumPy's
+    too) in [0, 2**63). Give the dictionary size as d_sae or as ratio (d_sae = round(ratio · d_in)). dead_window
+    (any kind): tokens without firing before a latent counts as dead (AuxK and the dead-feature metric; None lets
+    `train_sae` choose).
     Raises ValueError naming the argument for an unknown kind, a bad size or hyperparameter."""
     if kind not in SAE_KINDS:
         raise ValueError(f"unknown SAE kind {kind!r}; known kinds: {', '.join(sorted(SAE_KINDS))}")

@@ -116,6 +116,15 @@ class BatchTopKSAE(TopKSAE):
         return state
 
     @torch.no_grad()
+    def scale_thresholds_(self, factor: torch.Tensor) -> None:
+        """Each member's threshold times its factor (factor [E, d_sae], one value per member: `training.rescale`)."""
+        f = factor.to(self.threshold.dtype)
+        if not torch.allclose(f, f[:, :1].expand_as(f), rtol=1e-6, atol=0):
+            raise ValueError("factor must be the same for every latent of a member: a batchtopk SAE has one threshold "
+                             "per member")
+        self.threshold.mul_(f[:, 0])
+
+    @torch.no_grad()
     def load_member_state_(self, i: int, state: dict[str, torch.Tensor]) -> None:
         t = checked_threshold(state, self.d_sae)
         if not bool((t == t[0]).all()):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,14 +34,14 @@ def checked_threshold(state: dict[str, torch.Tensor], d_sae: int) -> torch.Tenso
     if "threshold" not in state:
         raise ValueError("state is missing 'threshold' (a JumpReLU-style SAE needs W_enc, b_enc, W_dec, b_dec and "
                          "threshold)")
-    t = state["threshold"]
-    if tuple(t.shape) != (d_sae,):
-        raise ValueError(f"state['threshold'] has shape {tuple(t.shape)}, expected {(d_sae,)}")
+    t = torch.as_tensor(state["threshold"]) if isinstance(state["threshold"], np.ndarray) else state["threshold"]
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != (d_sae,):
+        got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"state['threshold'] must be a floating-point tensor of shape {(d_sae,)}, got {got}")
     if bool((t < 0).any()) or not bool(torch.isfinite(t).all()):
         raise ValueError("state['threshold'] must be finite and >= 0 (a negative threshold would let negative "
                          "pre-activations through)")
     return t
-
 
 
 class _JumpReLUFunction(torch.autograd.Function):
@@ -220,6 +221,12 @@ class JumpReLUSAE(Workspaces, EnsembleSAE):
         state = super().member_state(i)
         state["threshold"] = self.threshold().detach()[i]
         return state
+
+    @torch.no_grad()
+    def scale_thresholds_(self, factor: torch.Tensor) -> None:
+        """θ times factor [E, d_sae] (> 0), as the codes are scaled by it (`training.rescale`)."""
+        mult = self.member_param("threshold_lr_mult").to(torch.float64).view(-1, 1)
+        self.log_threshold.add_((factor.to(torch.float64).log() / mult).to(self.dtype))
 
     @torch.no_grad()
     def load_member_state_(self, i: int, state: dict[str, torch.Tensor]) -> None:

@@ -36,8 +36,8 @@ from ...arguments import checked
 from ...activations.store import ActivationStore
 from ...files import load_json, load_tensors
 from ...paths import resolve
-from ..base import EnsembleSAE, broadcast
-from ..factory import make_sae
+from ..base import EnsembleSAE
+from ..factory import broadcast, make_sae
 from ..saelens_io import save_sweep
 from .loop import train_sae
 from .sources import Batches
@@ -142,7 +142,7 @@ def train_distributed(kind: str, d_in: int, batches: Batches, hparams: Mapping[s
         else:
             state = sub.state_dict()
         full.load_state_dict(state)
-        full.dead_window, full.input_scale = sub.dead_window, sub.input_scale
+        full.dead_window, full.input_scale, full.fitted = sub.dead_window, sub.input_scale, sub.fitted
         full.eval()
         hist = hist.sort_values(["step", "member"], kind="stable").reset_index(drop=True)
         if out is not None and rank == 0:

@@ -29,6 +29,7 @@ from ..base import DEFAULT_DEAD_WINDOW, EnsembleSAE, SAEOutput
 from ..metrics import FVU
 from .optim import adam
 from .resample import member_generators, resample_dead_
+from .rescale import fit_scale_
 from .schedules import Schedules, log_spaced_steps
 from .settings import TrainSettings, snapshot_set
 from .e2e import SplicedObjective
@@ -56,14 +57,33 @@ class _Divergence:
                 f"Lower lr, add warmup_steps, or check the inputs' scale (estimate_input_scale) and resume")
 
 
+class _Rollback:
+    """Gives the SAE back as it came (input scale, the weights `fit_scale_` rewrote, train/eval mode, `fitted`) when
+    training fails before its first step changed anything; the loop sets `stepped` after that step."""
+
+    def __init__(self, sae: EnsembleSAE):
+        self.sae, self.undo, self.stepped = sae, None, False
+        self.before = (sae.input_scale, sae.training, getattr(sae, "fitted", False))
+
+    def __enter__(self) -> "_Rollback":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if error is not None and not self.stepped:
+            if self.undo is not None:
+                self.undo()
+            self.sae.input_scale, training, self.sae.fitted = self.before
+            self.sae.train(training)
+
+
 def _batch(source: BatchSource, step: int, sae: EnsembleSAE) -> torch.Tensor:
     x = source(step)
-    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != sae.d_in:
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != sae.d_in or x.shape[0] == 0:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"batch at step {step} must be [batch, d_in={sae.d_in}], got {got}")
+        raise ValueError(f"batch at step {step} must be [batch >= 1, d_in={sae.d_in}], got {got}")
     x = x.to(device=sae.device, dtype=sae.dtype, non_blocking=True)
     # One reduction without a bool temporary: min and max are NaN if any entry is, ±inf if any entry is.
-    if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
         raise ValueError(f"batch at step {step} contains NaN or inf; clean the activations (or drop those rows) "
                          "before training")
     return x
@@ -113,8 +133,15 @@ def train_sae(sae: EnsembleSAE, batches: Batches, settings: TrainSettings | None
     batches: a dataset tensor [rows, d_in] (rows sampled with `seed` and `batch_size`), an ActivationStore
     (shuffled epoch after epoch; seekable, the best source for resumable runs), a callable step -> [B, d_in] or an
     iterable of [B, d_in] (see sources.BatchSource). The SAE sees input_scale · x (stored on the SAE, which still
-    takes raw activations, and folded into saved weights); "auto" estimates E‖s·x‖² = d_in from the source
-    (`estimate_input_scale` with the run's seed), so the default coefficients fit any activation scale.
+    takes raw activations, and folded into saved weights). Input scale "auto": for a new SAE (from make_sae), s with
+    E‖s·x‖² = d_in estimated from the source (`estimate_input_scale` with the run's seed), so the default
+    coefficients fit any activation scale; for an SAE that has weights (`sae.fitted`: trained before, or loaded,
+    its scale folded into its weights), the scale its weights work at, nothing estimated: a loaded SAE's scale is
+    unfolded from its decoder rows back into input_scale. A number is the scale to train at; an SAE with weights
+    has them rewritten for it. Either way such an SAE computes the same function when training starts: decoder
+    rows not of unit norm are folded into the codes (`training.rescale`; refused for a TopK or BatchTopK SAE whose
+    rows differ in norm within a member, as that would change its picks). A call that fails before its first step
+    leaves the SAE as it came (scale, weights, train/eval mode), unless it resumed a saved state into it.
     callback(step, sae) runs after each logged step. optimizer: one to continue with (default a fresh Adam).
     state_dir: where snapshots and the resumable state go; resume: continue from state_dir's state (its settings
     must equal this call's, state_every and snapshot_steps aside).
@@ -126,8 +153,9 @@ def train_sae(sae: EnsembleSAE, batches: Batches, settings: TrainSettings | None
     the later layers' MSE for "e2e+ds"); the model's weights never change.
 
     Returns a DataFrame, one row per (logged step, member): step, member, loss, mse, fvu, l0, dead_frac, the kind's
-    loss terms (l1, aux, l0_loss, ...), kl and downstream_mse in e2e modes (unweighted), `resampled` when resampling, and the member's hyperparameters. `step` is
-    the step whose batch was measured, before its update; the last step is always logged. Raises
+    loss terms (l1, aux, l0_loss, ...), kl and downstream_mse in e2e modes (unweighted), `resampled` when
+    resampling, and the member's hyperparameters. `step` is the step whose batch was measured, before its update;
+    the last step is always logged. Raises
     TrainingDiverged (a FloatingPointError) naming the step and member when a loss becomes NaN/inf, and ValueError
     for a bad setting (naming it), a float16 SAE (Adam's second moments underflow in float16: train in float32 or
     bfloat16, then cast) or a source that is not batches."""
@@ -143,17 +171,24 @@ def train_sae(sae: EnsembleSAE, batches: Batches, settings: TrainSettings | None
     resample_every, resample_until = cfg.resample_every, cfg.resample_until
     objective = _objective(cfg, batches, model, hook_name, exclude)
     source = BatchSource(batches if objective is None else objective, cfg.batch_size, cfg.seed)
-    scale = source.estimate_scale(cfg.seed) if cfg.input_scale == "auto" else float(cfg.input_scale)
-    # What a resume compares: the settings (where and how often the state is written aside), the source's kind and
-    # the scale actually used.
-    settings_json = {**cfg.resume_key(), "source": source.kind, "input_scale": float(scale)}
-    if objective is not None:
-        settings_json["contexts"] = objective.key()
-    sae.input_scale = float(scale)
-    opt = optimizer or adam(sae, cfg.lr, cfg.betas)
-    schedules = Schedules(sae, opt, cfg.lr, steps, cfg.warmup_steps, cfg.decay, cfg.decay_frac, cfg.coef_warmup_steps)
-    generators = member_generators(sae, cfg.seed) if resample_every else []
+    if source.width is not None and source.width != sae.d_in:
+        raise ValueError(f"batches have width {source.width} but the SAE has d_in={sae.d_in}: pass activations of "
+                         f"the width it encodes (or make an SAE with d_in={source.width})")
     with ExitStack() as locks:
+        rollback = locks.enter_context(_Rollback(sae))
+        if getattr(sae, "fitted", False):
+            rollback.undo = fit_scale_(sae, None if cfg.input_scale == "auto" else float(cfg.input_scale))
+        else:
+            sae.input_scale = float(source.estimate_scale(cfg.seed) if cfg.input_scale == "auto" else cfg.input_scale)
+        # What a resume compares: the settings (where and how often the state is written aside), the source's kind
+        # and the scale actually used.
+        settings_json = {**cfg.resume_key(), "source": source.kind, "input_scale": float(sae.input_scale)}
+        if objective is not None:
+            settings_json["contexts"] = objective.key()
+        opt = optimizer or adam(sae, cfg.lr, cfg.betas)
+        schedules = Schedules(sae, opt, cfg.lr, steps, cfg.warmup_steps, cfg.decay, cfg.decay_frac,
+                              cfg.coef_warmup_steps)
+        generators = member_generators(sae, cfg.seed) if resample_every else []
         if state_dir is not None:  # two trainings into one folder would interleave their states
             locks.enter_context(folder_lock(state_dir, f"train_sae {sae.kind} x{sae.n_members}"))
         saved = None if state_dir is None else TrainingState(
@@ -169,6 +204,7 @@ def train_sae(sae: EnsembleSAE, batches: Batches, settings: TrainSettings | None
         if meta is not None:
             run = {k: meta[k] for k in run}
             sae.dead_window = run["dead_window"]
+            rollback.stepped = sae.fitted = True  # the SAE now holds the saved run's state
         guard = _Divergence(sae, saved.describe_last_good if saved is not None else lambda: "no training state was "
                             "written")
         if saved is not None and start == 0 and 0 in saved.snapshot_at:
@@ -191,6 +227,7 @@ def train_sae(sae: EnsembleSAE, batches: Batches, settings: TrainSettings | None
                 loss.sum().backward()
                 sae.project_decoder_grad_()
                 opt.step()
+                rollback.stepped = sae.fitted = True
                 sae.normalize_decoder_()
                 sae.update_firing_(out.fired, x.shape[0])
                 run["tokens_seen"] += x.shape[0]

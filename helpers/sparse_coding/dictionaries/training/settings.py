@@ -39,7 +39,8 @@ class TrainSettings:
     decay: None, "linear" or "cosine": the lr decays to 0 over the last `decay_frac` of the steps.
     decay_frac: the share of the steps that decay, in (0, 1].
     coef_warmup_steps: the sparsity coefficient ramps up linearly over this many steps (Conerly et al. 2024).
-    input_scale: a positive number, or "auto" (E‖s·x‖² = d_in estimated from the source: `estimate_input_scale`).
+    input_scale: a positive number, or "auto": for a new SAE, E‖s·x‖² = d_in estimated from the source
+        (`estimate_input_scale`); for one with weights (trained or loaded), the scale they work at (see train_sae).
     resample_every: resample dead latents every so many steps (None: never), while step < resample_until · steps.
     resample_until: the share of the run during which resampling happens, in [0, 1].
     snapshot_steps: with a state_dir, the steps whose weights are kept: "log" (0, 1, 2, 4, ..., steps), a list, None.

@@ -26,8 +26,9 @@ class BatchSource:
 
     - a dataset tensor [rows, d_in]: rows sampled with the training seed and batch_size (default
       min(DEFAULT_BATCH_SIZE, rows); a rerun sees the same);
-    - an ActivationStore (batch_size by default as for a tensor): shuffled as `store.batches(batch_size, seed, drop_last=True)`, epoch after epoch
-      (`activations.row_order`), so any step's batch is computable directly and a resume needs only the step;
+    - an ActivationStore (batch_size by default as for a tensor): shuffled as `store.batches(batch_size, seed,
+      drop_last=True)`, epoch after epoch (`activations.row_order`), so any step's batch is computable directly and a
+      resume needs only the step;
     - a callable step -> batch (must be a pure function of the step for a resume to equal an uninterrupted run);
     - an iterable of batches (replayed from its start on resume).
     `state()` / `restore(state, step)` carry what a resume needs."""
@@ -68,6 +69,13 @@ class BatchSource:
             except TypeError:
                 raise ValueError(f"batches must be a dataset tensor, an ActivationStore, a callable step -> batch "
                                  f"or an iterable of batches, got {type(batches).__name__}") from None
+
+    @property
+    def width(self) -> int | None:
+        """The batches' width (d_in) where it is known without reading one: a dataset tensor's or a store's."""
+        if self.kind == "tensor":
+            return int(self.data.shape[1])
+        return int(self.store.d) if self.kind == "store" else None
 
     def __call__(self, step: int) -> torch.Tensor:
         if self.kind == "tensor":
@@ -145,7 +153,9 @@ def estimate_input_scale(batches: Batches, n_batches: int = 16, batch_size: int 
             raise ValueError(f"batch {step} must be a [batch, d_in] tensor")
         total += float(x.double().pow(2).sum())
         rows, d = rows + x.shape[0], x.shape[1]
-    mean_sq = total / max(rows, 1)
+    if rows == 0:
+        raise ValueError("batches gave 0 rows: give batches of at least one row, [batch >= 1, d_in]")
+    mean_sq = total / rows
     if not math.isfinite(mean_sq) or mean_sq <= 0:
         raise ValueError(f"mean squared norm of the inputs is {mean_sq!r}: the activations are all zero or contain "
                          "NaN/inf; clean them before estimating the scale")

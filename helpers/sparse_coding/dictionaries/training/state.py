@@ -130,12 +130,17 @@ class TrainingState:
         tensors, meta = loaded
         ours = canonical({"config": self.sae.config, "settings": self.settings})
         diff = [f"{part}.{k}" for part in ours for k in sorted(set(ours[part]) | set(meta[part]))
-                if ours[part].get(k) != meta[part].get(k)]
+                if ours[part].get(k) != meta[part].get(k) and not (k == "input_scale" and _close(ours[part].get(k),
+                                                                                              meta[part].get(k)))]
         if canonical(self.sae.hparams) != meta["hparams"]:
             diff.append("hparams")
         if diff:
             raise ValueError(f"{self.folder} holds a run with other settings ({', '.join(diff)}); pass resume=False "
                              f"to start over there, or use another state_dir")
+        # The saved run's scale: an SAE reloaded from a save of this run gets it back from its decoder rows, equal
+        # to the estimate up to the last bits (`training.rescale`), and the saved weights are in the saved scale.
+        scale = float(meta["settings"].get("input_scale", self.input_scale))
+        self.input_scale = self.settings["input_scale"] = self.sae.input_scale = scale
         with torch.no_grad():
             for name, t in self.sae.state_dict().items():
                 t.copy_(tensors[f"sae.{name}"])
@@ -171,3 +176,9 @@ class TrainingState:
                                              "snapshots": snapshot_steps(self.folder), "settings": self.settings,
                                              "input_scale": self.input_scale})
         self.last_good = done
+
+
+def _close(a: Any, b: Any, rel: float = 1e-6) -> bool:
+    """Two input scales equal to float rounding (an estimate against the same scale recovered from saved weights)."""
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= rel * max(abs(a), abs(b))
+
