@@ -152,6 +152,26 @@ def test_cache_makes_a_repeated_call_free_and_holds_no_key(server, client, tmp_p
     assert KEY not in _files_text(tmp_path) and "fake-model" in _files_text(tmp_path)
 
 
+def test_cache_keys_the_endpoint_as_well_as_the_model_name(server, client, tmp_path):
+    """One model name served by two endpoints can be two models: the second server's answer is not read from the
+    first one's cache entries (the key holds the base URL; the files do not)."""
+    other = FakeLLM()
+    try:
+        recs = _records(5)
+        first = llm.CachedExplainer(llm.LLMExplainer(client), tmp_path)
+        first.explain(recs)
+        second = llm.CachedExplainer(llm.LLMExplainer(llm.ChatClient(other.url, "fake-model", KEY, timeout=5)),
+                                     tmp_path)
+        second.explain(recs)
+        assert (second.hits, second.misses, len(other.requests)) == (0, 1, 1)
+        again = llm.CachedExplainer(llm.LLMExplainer(llm.ChatClient(server.url + "/", "fake-model", KEY)), tmp_path)
+        again.explain(recs)  # the same endpoint written with a trailing slash: a hit
+        assert again.hits == 1 and len(server.requests) == 1
+        assert len(list(tmp_path.rglob("*.json"))) == 2 and server.url not in _files_text(tmp_path)
+    finally:
+        other.stop()
+
+
 @pytest.mark.parametrize("mode, message", [("notjson", "not JSON: 'Sure! The activations"),
                                            ("wronglen", "gave 1 activations for 3 tokens")])
 def test_malformed_reply_is_a_clear_error_and_not_cached(server, client, tmp_path, mode, message):

@@ -7,7 +7,8 @@ untouched (Cunningham et al. 2023, arXiv 2309.08600, Section 5):
 - "zero": x − cᵢ·dᵢ at every position where feature i fires (cᵢ its activation, dᵢ its decoder row);
 - "rank_one" (the paper's less-than-rank-one ablation): x − t·dᵢ/‖dᵢ‖ with the smallest t ≥ 0 that turns the
   feature off (found by bisection), so the rest of the code moves as little as possible;
-- "clamp": x + (v − cᵢ)·dᵢ, setting the feature's activation to v (e.g. a multiple of its max: steering)."""
+- "clamp": x + (v − cᵢ)·dᵢ, setting the feature's activation to v (e.g. a multiple of its max: steering).
+The SAE encodes in eval mode and is given back in the train/eval mode it came in with."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..arguments import checked
 from ..activations import Exclusion
 from ..checks import check_choice, check_int, check_number
 from .features import sae_encoder
+from .reconstruction import in_eval_mode
 from .splicing import Splicer, check_tokens, model_device, next_token_logprobs
 
 
@@ -71,12 +73,14 @@ def _rank_one_shift(encode, x: torch.Tensor, u: torch.Tensor, latent: int, iters
 
 
 @checked
+@in_eval_mode
 def edit_activation(sae: Any, x: torch.Tensor, latent: int, mode: str = "zero", value: float | None = None,
                     member: int = 0, where: str = "firing") -> tuple[torch.Tensor, torch.Tensor]:
     """(edited x [rows, d], bool [rows] of the rows edited) for one feature (see the module docstring); `where`:
     "firing" rows only, or "all" rows (clamp only: steering everywhere)."""
     check_choice(mode, "mode", ("zero", "rank_one", "clamp"))
     check_choice(where, "where", ("firing", "all"))
+    check_int(latent, "latent", 0, int(sae.d_sae) - 1, f" (the dictionary has d_sae={sae.d_sae} features)")
     encode = sae_encoder(sae, member)
     c = encode(x)[:, latent].to(x.dtype)
     d = sae.member_state(member)["W_dec"][latent].to(device=x.device, dtype=x.dtype)  # raw units
@@ -96,14 +100,15 @@ def edit_activation(sae: Any, x: torch.Tensor, latent: int, mode: str = "zero", 
 
 
 @checked
+@in_eval_mode
 @torch.no_grad()
-def feature_ablation(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.Tensor, latent: int, *, mode: str = "zero",
-                     value: float | None = None, member: int = 0, where: str = "firing",
+def feature_ablation(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.Tensor, latent: int, *,
+                     mode: str = "zero", value: float | None = None, member: int = 0, where: str = "firing",
                      batch_size: int | None = None, exclude: Exclusion | None = None) -> AblationEffect:
-    """Edit the feature of index `latent` at `hook` in every context of tokens [n_contexts, T] and measure the change in next-token
-    log-probabilities at the edited positions and in the loss. A feature that never fires there changes nothing
-    (exactly: the edit is not applied anywhere). exclude: positions left out of the SAE's inputs (its cfg.json's):
-    never edited, and the predictions made there are left out of the loss."""
+    """Edit the feature of index `latent` at `hook` in every context of tokens [n_contexts, T] and measure the change
+    in next-token log-probabilities at the edited positions and in the loss. A feature that never fires there
+    changes nothing (exactly: the edit is not applied anywhere). exclude: positions left out of the SAE's inputs
+    (its cfg.json's): never edited, and the predictions made there are left out of the loss."""
     exclude = exclude or Exclusion()
     check_int(latent, "latent", 0, int(sae.d_sae) - 1, f" (the dictionary has {sae.d_sae} features)")
     tokens = check_tokens(model, tokens)
@@ -185,6 +190,7 @@ def neutral_tokens(model: Any, distribution: torch.Tensor | None, originals: tor
 
 
 @checked
+@in_eval_mode
 @torch.no_grad()
 def token_ablation(model: torch.nn.Module, sae: Any, hook: str, context: torch.Tensor, position: int, latent: int, *,
                    member: int = 0, mode: str = "replace", distribution: torch.Tensor | None = None,
@@ -202,7 +208,13 @@ def token_ablation(model: torch.nn.Module, sae: Any, hook: str, context: torch.T
     2309.08600, Section 5, ablate input tokens one at a time). Tokens after `position` cannot reach it (the model
     is causal), so the context is cut there. ValueError for positions or latents out of range, bad distributions."""
     check_choice(mode, "mode", ("replace", "drop"))
-    context = check_tokens(model, context.reshape(1, -1))[0]
+    if isinstance(context, torch.Tensor) and context.ndim == 2 and context.shape[0] == 1:
+        context = context[0]  # one context as a batch of one (tokens[i:i + 1])
+    if not isinstance(context, torch.Tensor) or context.ndim != 1:
+        got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+        raise ValueError(f"context must be one context, a 1-D tensor of token ids [T], got shape {got}; pass "
+                         f"tokens[i] for context i (contexts are never joined)")
+    context = check_tokens(model, context[None])[0]
     T = context.shape[0]
     check_int(position, "position", 0, T - 1, f" (a position in the context of {T} tokens)")
     check_int(latent, "latent", 0, int(sae.d_sae) - 1, f" (the dictionary has {sae.d_sae} features)")
@@ -241,8 +253,10 @@ def token_ablation(model: torch.nn.Module, sae: Any, hook: str, context: torch.T
 
 
 @checked
+@in_eval_mode
 @torch.no_grad()
-def loss_with_features(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.Tensor, keep: Mapping[str, Sequence[int]], *,
+def loss_with_features(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.Tensor,
+                       keep: Mapping[str, Sequence[int]], *,
                        member: int = 0, batch_size: int | None = None,
                        exclude: Exclusion | None = None) -> dict[str, float]:
     """Mean next-token cross-entropy (nats) of the clean model ("clean"), with the whole reconstruction x̂ spliced in
@@ -289,8 +303,14 @@ def loss_with_features(model: torch.nn.Module, sae: Any, hook: str, tokens: torc
         _, ce = next_token_logprobs(logits, tb)
         sums["clean"] += float(ce[scored].double().sum())
         n_pred += int(scored.sum())
+        if not bool(scored.any()):
+            continue  # nothing to score in this batch: the spliced passes would add 0
         sums["all"] += loss(x_hat)
         for name, m in masks.items():
             removed = (codes * (~m).to(codes.dtype).to(codes.device)) @ W
             sums[name] += loss(x - removed.to(x.dtype))
+    if n_pred == 0:
+        raise ValueError(f"exclude={exclude} leaves no prediction to score in these {tuple(tokens.shape)} contexts "
+                         f"(every position is excluded, e.g. by its max_norm); exclude fewer positions or pass "
+                         f"longer contexts")
     return {k: v / n_pred for k, v in sums.items()}

@@ -17,6 +17,7 @@ simulator with the same interface live in `analyses.llm`."""
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
@@ -55,12 +56,18 @@ class Simulator(Protocol):
     def simulate(self, explanation: str, fragments: Sequence[Sequence[str]]) -> list[list[float]]: ...
 
 
+def _known(a: float) -> bool:
+    """False for a NaN activation (a mined window's token past its context's edge): no activation is known there."""
+    return a == a
+
+
 def scale_0_10(records: Sequence[Record]) -> list[list[int]]:
-    """Activations as integers 0-10 relative to the records' max (negatives clipped), as OpenAI's explainer sees them."""
-    top = max((max(r.acts) for r in records if r.acts), default=0.0)
-    if top <= 0:
+    """Activations as integers 0-10 relative to the records' max (negatives clipped), as OpenAI's explainer sees them;
+    NaN (past a context's edge in a mined window) counts as no activation, 0."""
+    top = max((a for r in records for a in r.acts if _known(a)), default=0.0)
+    if not top > 0:
         return [[0] * len(r.acts) for r in records]
-    return [[int(round(10 * max(0.0, a) / top)) for a in r.acts] for r in records]
+    return [[int(round(10 * max(0.0, a) / top)) if _known(a) else 0 for a in r.acts] for r in records]
 
 
 def _quote(t: str) -> str:
@@ -91,6 +98,8 @@ class TokenTableExplainer:
         toks = [t for r in records for t in r.tokens]
         prev = [p for r in records for p in [None] + r.tokens[:-1]]
         y = np.array([a for s in scaled for a in s], dtype=np.float64)
+        # NaN tokens (past a context's edge) carry no activation: left out of the fit, still a previous token.
+        w = np.array([_known(a) for r in records for a in r.acts], dtype=np.float64)
         if not len(y) or y.max() <= 0:
             return "fires on nothing in these examples"
         cands = {}
@@ -106,13 +115,13 @@ class TokenTableExplainer:
         key_prev = np.array([-1 if k[0] is None else ids[k[0]] for k in keys])
         # [keys, tokens]: the token matches and so does the previous one where the entry names it
         masks = (tok_id[None] == key_tok[:, None]) & ((key_prev[:, None] == -1) | (prev_id[None] == key_prev[:, None]))
-        strength = np.array([y[m].mean() for m in masks])
+        strength = np.array([y[m].sum() / max(w[m].sum(), 1.0) for m in masks])  # 0 for a key seen only at NaN
         chosen, pred = [], np.zeros_like(y)
         for _ in range(self.max_items):
             trial = np.maximum(pred[None], masks * strength[:, None])
-            err = ((trial - y[None]) ** 2).sum(1)
+            err = (w * (trial - y[None]) ** 2).sum(1)
             best = int(err.argmin())
-            if err[best] >= ((pred - y) ** 2).sum() - 1e-9:
+            if err[best] >= (w * (pred - y) ** 2).sum() - 1e-9:
                 break
             chosen.append(best)
             pred = trial[best]
@@ -146,9 +155,21 @@ class TokenTableSimulator:
         return out
 
 
+def _check_aligned(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) -> None:
+    """ValueError unless pred holds one fragment per fragment of true, each with one value per token."""
+    if len(pred) != len(true):
+        raise ValueError(f"pred has {len(pred)} fragments but true has {len(true)}: pass one list of predictions "
+                         f"per fragment, in the fragments' order (the simulator's output for exactly these tokens)")
+    for i, (t, p) in enumerate(zip(true, pred)):
+        if np.size(p) != np.size(t):
+            raise ValueError(f"pred[{i}] has {np.size(p)} values but fragment {i} of true has {np.size(t)} tokens: "
+                             f"pass one predicted activation per token of each fragment")
+
+
 def _pooled(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) -> float:
     """Pearson correlation over all tokens of all fragments; 0 when either side is constant (a simulator that
     predicts nothing explains nothing)."""
+    _check_aligned(true, pred)
     t = np.concatenate([np.asarray(a, dtype=np.float64) for a in true]) if len(true) else np.zeros(0)
     p = np.concatenate([np.asarray(a, dtype=np.float64) for a in pred]) if len(pred) else np.zeros(0)
     if t.shape != p.shape:
@@ -161,7 +182,8 @@ def _pooled(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) ->
 @checked
 def pooled_correlation(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) -> float:
     """Pearson correlation over all tokens of all fragments; 0 when either side is constant (a simulator that
-    predicts nothing explains nothing). Raises ValueError when the two cover different numbers of tokens."""
+    predicts nothing explains nothing). Raises ValueError unless pred has one fragment per fragment of true and
+    one value per token of each."""
     return _pooled(true, pred)
 
 
@@ -178,7 +200,12 @@ class Split:
 def split_fragments(ranked: Sequence[int], firing: Sequence[int]) -> Split | None:
     """The protocol's split from the fragments ranked by max activation (descending, at least MIN_FRAGMENTS) and a
     random order of the fragments where the direction fires; None (skip) when fewer than MIN_FRAGMENTS fire. The
-    random set avoids every explanation fragment (and the top test set, so the three never overlap)."""
+    random set avoids every explanation fragment (and the top test set, so the three never overlap). ValueError
+    when `ranked` or `firing` repeats a fragment."""
+    for name, idx in (("ranked", ranked), ("firing", firing)):
+        if len(set(idx)) != len(idx):
+            raise ValueError(f"{name} repeats fragment indices ({len(idx) - len(set(idx))} repeats): pass each "
+                             f"fragment once (e.g. the ranking of distinct fragments, not of tokens)")
     if len(ranked) < MIN_FRAGMENTS:
         return None
     explain = [ranked[i] for i in EXPLAIN_RANKS]
@@ -239,6 +266,7 @@ class Score:
 def _sums(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) -> np.ndarray:
     """[n_fragments, 6]: per fragment n, Σt, Σp, Σt², Σp², Σtp (float64) — `correlation_from_sums` of their
     column sums is `pooled_correlation` of the fragments."""
+    _check_aligned(true, pred)
     out = np.zeros((len(true), 6))
     for i, (t, p) in enumerate(zip(true, pred)):
         t, p = np.asarray(t, dtype=np.float64), np.asarray(p, dtype=np.float64)
@@ -249,7 +277,8 @@ def _sums(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) -> n
 @checked
 def fragment_sums(true: Sequence[Sequence[float]], pred: Sequence[Sequence[float]]) -> np.ndarray:
     """[n_fragments, 6]: per fragment n, Σt, Σp, Σt², Σp², Σtp (float64) — `correlation_from_sums` of their
-    column sums is `pooled_correlation` of the fragments."""
+    column sums is `pooled_correlation` of the fragments. ValueError unless pred lines up with true fragment by
+    fragment and token by token."""
     return _sums(true, pred)
 
 
@@ -287,7 +316,9 @@ def score_direction(records: dict[int, Record], split: Split, explainer: Explain
 def bootstrap_ci(scores: Sequence[float], level: float = 0.95, n_boot: int = 2000, seed: int = 0
                  ) -> tuple[float, float, float, float]:
     """(mean, low, high, 1.96·SE) of the mean score: a percentile bootstrap over directions at `level`, and the
-    normal interval's half-width for comparison with the paper's 1.96·SE."""
+    normal interval's half-width for comparison with the paper's 1.96·SE. level is a share in (0, 1), e.g. 0.95."""
+    if isinstance(level, bool) or not isinstance(level, numbers.Real) or not 0 < level < 1:
+        raise ValueError(f"level must be a share in (0, 1), e.g. 0.95 for a 95% interval, got {level!r}")
     s = np.asarray([v for v in scores if v == v], dtype=np.float64)
     if s.size == 0:
         return math.nan, math.nan, math.nan, math.nan

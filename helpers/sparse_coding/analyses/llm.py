@@ -13,7 +13,8 @@ needs no logprobs: per fragment it sends the explanation and the indexed tokens 
 `{"activations": [one integer 0-10 per token]}`, parsed strictly (a ValueError quoting the reply otherwise).
 
 `CachedExplainer` / `CachedSimulator` store each answer as a JSON file keyed by a sha256 of the wrapped object's
-name and its inputs (`<cache_dir>/{explain,simulate}/<2 hex>/<sha256>.json`, written atomically); a hit makes no
+name, its endpoint (an LLM's base URL: one model name can mean different models on different servers) and its
+inputs (`<cache_dir>/{explain,simulate}/<2 hex>/<sha256>.json`, written atomically); a hit makes no
 call, and a failed call stores nothing."""
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ class LLMExplainer:
     version = "1"  # part of the cache key: bump when the prompt changes
 
     def __init__(self, client: ChatClient):
-        self.client, self.name = client, f"llm:{client.model}"
+        # endpoint: part of the cache key, as one model name can mean different models on different servers
+        self.client, self.name, self.endpoint = client, f"llm:{client.model}", client.base_url
 
     def __repr__(self) -> str:
         return f"LLMExplainer({self.client!r})"
@@ -237,7 +239,7 @@ class LLMSimulator:
     version = "1"
 
     def __init__(self, client: ChatClient):
-        self.client, self.name = client, f"llm:{client.model}"
+        self.client, self.name, self.endpoint = client, f"llm:{client.model}", client.base_url
 
     def __repr__(self) -> str:
         return f"LLMSimulator({self.client!r})"
@@ -253,6 +255,9 @@ class LLMSimulator:
 
 def _digest(kind: str, inner: Any, payload: Any) -> str:
     key = {"kind": kind, "name": inner.name, "version": getattr(inner, "version", None), "input": jsonable(payload)}
+    endpoint = getattr(inner, "endpoint", None)
+    if endpoint is not None:  # (absent from the keys of explainers without one, so theirs stay as they were)
+        key["endpoint"] = endpoint
     return hashlib.sha256(json.dumps(key, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
 
 

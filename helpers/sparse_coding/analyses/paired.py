@@ -10,6 +10,7 @@ stated only where it excludes 0."""
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Sequence
 
@@ -47,6 +48,8 @@ def paired_difference(a_sums: Sequence[np.ndarray], a_docs: Sequence[Sequence[in
     docstring). *_sums: per direction [n_fragments, 6] fragment sums; *_docs: per direction the document of each of
     those fragments. Returns {"mean", "low", "high", "separated" (the interval excludes 0), "n_a", "n_b"}; NaN and
     not separated when either method has no direction. Raises ValueError when sums and docs disagree in length."""
+    if isinstance(level, bool) or not isinstance(level, numbers.Real) or not 0 < level < 1:
+        raise ValueError(f"level must be a share in (0, 1), e.g. 0.95 for a 95% interval, got {level!r}")
     for s, d, name in ((a_sums, a_docs, "a"), (b_sums, b_docs, "b")):
         if len(s) != len(d) or any(len(x) != len(y) for x, y in zip(s, d)):
             raise ValueError(f"{name}_sums and {name}_docs must list the same directions and fragments")

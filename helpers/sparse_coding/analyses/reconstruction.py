@@ -6,8 +6,11 @@ The SAE is anything with the ensemble interface of `dictionaries.EnsembleSAE`: `
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Any, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -15,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arguments import checked
+from ..checks import check_int
 from ..dictionaries.metrics import FVU
 
 DENSE_THRESHOLD = 0.1
@@ -29,9 +33,39 @@ _BLOCK_ELEMENTS = 2**24
 def check_sae(sae: Any) -> None:
     missing = [a for a in ("encode", "decode", "n_members", "d_in", "d_sae") if not hasattr(sae, a)]
     if missing:
-        raise ValueError(f"sae must have the ensemble interface of sparse_coding.dictionaries (encode, decode, n_members, "
-                         f"d_in, d_sae); {type(sae).__name__} lacks {', '.join(missing)}. Build one with "
-                         f"sparse_coding.dictionaries.make_sae(...) or load a trained sweep")
+        raise ValueError(f"sae must have the ensemble interface of sparse_coding.dictionaries (encode, decode, "
+                         f"n_members, d_in, d_sae); {type(sae).__name__} lacks {', '.join(missing)}. Build one "
+                         f"with sparse_coding.dictionaries.make_sae(...) or load a trained sweep")
+
+
+@contextmanager
+def eval_mode(sae: Any) -> Iterator[Any]:
+    """Run the block with `sae` in eval mode (a BatchTopK SAE encodes with its inference threshold, not its batch's
+    top k·B) and give every module of it back the train/eval mode it came in with. Parameter-free stand-ins pass."""
+    modes = [(m, m.training) for m in sae.modules()] if isinstance(sae, torch.nn.Module) else []
+    if hasattr(sae, "eval"):
+        sae.eval()
+    try:
+        yield sae
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def in_eval_mode(fn: Callable) -> Callable:
+    """Decorator: call `fn` with its argument `sae` in eval mode, the caller's mode restored after (`eval_mode`)."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            sae = sig.bind_partial(*args, **kwargs).arguments.get("sae")
+        except TypeError:
+            return fn(*args, **kwargs)  # Python's own binding error, as without the decorator
+        with eval_mode(sae):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def sae_place(sae: Any) -> tuple[torch.device | None, torch.dtype | None]:
@@ -91,11 +125,13 @@ def member_indices(sae: Any, members: Sequence[int] | None) -> list[int]:
 
 
 @checked
+@in_eval_mode
 @torch.no_grad()
 def sparsity_stats(sae: Any, batches: Iterable[torch.Tensor], max_tokens: int | None = None, *,
                    dense_threshold: float = DENSE_THRESHOLD, input_scale: float = 1.0,
                    progress: bool = True) -> tuple[pd.DataFrame, torch.Tensor]:
-    """Reconstruction and sparsity of every member on activation batches.
+    """Reconstruction and sparsity of every member on activation batches, in eval mode (as `mean_l0`; the SAE's
+    train/eval mode is restored afterwards).
 
     batches: any iterable of float tensors [B, d] (e.g. `store.batches(4096, seed=0, epochs=1)`), d == sae.d_in.
     max_tokens: stop after this many rows (the last batch is cut), None = all.
@@ -202,15 +238,20 @@ def density_histogram(feature_freq: torch.Tensor, bins: int = 50, lo: float | No
     if lo is None:
         lo = math.floor(float(logd[live].min())) if live.any() else -1.0
         lo = min(lo, hi - 1.0)
+    if not lo < hi:
+        raise ValueError(f"lo={lo!r} must be below hi={hi!r} (log10 densities, e.g. lo=-6, hi=0); pass lo < hi or "
+                         f"leave lo=None for the smallest live density")
     edges = np.linspace(lo, hi, bins + 1)
     counts = np.stack([np.histogram(row[m].numpy(), bins=edges)[0] for row, m in zip(logd, live)])
     return edges, counts, (~live).sum(1).numpy()
 
 
 @checked
+@in_eval_mode
 @torch.no_grad()
 def mean_l0(sae: Any, x: torch.Tensor, member: int = 0) -> float:
     """Mean number of active latents (codes > 0) per row of x [rows, d_in] for one member of an SAE (L0, latents
-    per token), in eval mode."""
+    per token), in eval mode (the SAE's train/eval mode is restored afterwards)."""
     check_sae(sae)
-    return float((sae.eval().encode(x)[member] > 0).sum(1).float().mean())
+    check_int(member, "member", 0, int(sae.n_members) - 1, f" (an index into the ensemble of {sae.n_members})")
+    return float((sae.encode(x)[member] > 0).sum(1).float().mean())

@@ -11,6 +11,9 @@ features. Cosines are signed: a decoder direction and its negation are different
   `A[:7] @ B.T` is not bitwise `(A @ B.T)[:7]`. Hence chunked and unchunked results agree exactly, and the exact
   matching (`analyses.matching`) sees the very same values.
 
+Rows are normalised in the working dtype; a row of very large (1e20) or very small (1e-40) entries first in float64
+after division by its largest entry, so it is a direction like any other (`unit_rows`).
+
 Dead features (all-zero / non-finite rows, or rows marked dead by `alive_a`/`alive_b`) are excluded from every
 computation and reported as NaN / -1 and in the `n_dead_*` counts; they are never counted as matches or misses."""
 
@@ -50,10 +53,32 @@ def _as_matrix(D: torch.Tensor, name: str) -> torch.Tensor:
     return D
 
 
-def _alive_mask(D: torch.Tensor, alive: torch.Tensor | None, name: str) -> torch.Tensor:
+def unit_rows(D: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D's rows at unit norm in `dtype`, bool [n]: the rows that are a direction). A row whose largest |entry| lies
+    in [1e-15, 1e15] is cast and divided by its norm in `dtype` (squares stay far inside float32's range); a row
+    outside it (e.g. 1e20 or 1e-40) is first divided by its largest entry and normalised in float64, so it neither
+    overflows nor underflows. A zero row or a row with a non-finite entry is not a direction (its output row is 0)."""
+    D = D.detach()
+    scale = D.abs().amax(dim=1) if D.shape[1] else torch.zeros(D.shape[0], dtype=D.dtype, device=D.device)
+    safe = torch.isfinite(scale) & (scale >= 1e-15) & (scale <= 1e15)  # NaN anywhere in a row: its max is NaN
+    U = D.to(dtype)
+    U = U / U.norm(dim=1, keepdim=True)
+    usable = safe.clone()
+    rest = (~safe & torch.isfinite(scale) & (scale > 0)).nonzero().squeeze(1)
+    if len(rest):
+        X = D[rest].double()
+        X = X / X.abs().amax(dim=1, keepdim=True)
+        X = X / X.norm(dim=1, keepdim=True)
+        usable[rest] = torch.isfinite(X).all(dim=1)
+        U[rest] = X.to(dtype)
+    return torch.where(usable[:, None], U, torch.zeros_like(U)), usable
+
+
+def _alive_mask(D: torch.Tensor, alive: torch.Tensor | None, name: str,
+                usable: torch.Tensor | None = None) -> torch.Tensor:
     """Live rows: those the caller marks alive, minus rows that cannot be a direction (zero or non-finite)."""
-    norms = D.detach().double().norm(dim=1)
-    usable = torch.isfinite(norms) & (norms > 0)
+    if usable is None:
+        usable = unit_rows(D)[1]
     if alive is not None:
         alive = torch.as_tensor(alive, device=D.device)
         if alive.dtype != torch.bool or alive.shape != (D.shape[0],):
@@ -75,12 +100,11 @@ def prepare(A, B, alive_a, alive_b, dtype):
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     B = B.to(A.device)
-    ma, mb = _alive_mask(A, alive_a, "A"), _alive_mask(B, alive_b, "B")
+    # Unit rows, extreme ones through float64 (`unit_rows`).
+    (UA, ua), (UB, ub) = unit_rows(A, dtype), unit_rows(B, dtype)
+    ma, mb = _alive_mask(A, alive_a, "A", ua), _alive_mask(B, alive_b, "B", ub)
     ia, ib = ma.nonzero().squeeze(1), mb.nonzero().squeeze(1)
-    Au = A.detach()[ia].to(dtype)
-    Bu = B.detach()[ib].to(dtype)
-    Au = Au / Au.norm(dim=1, keepdim=True)
-    Bu = Bu / Bu.norm(dim=1, keepdim=True)
+    Au, Bu = UA[ia], UB[ib]
     return Au.contiguous(), Bu.contiguous(), ma, mb, ia, ib
 
 

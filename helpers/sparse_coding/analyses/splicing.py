@@ -19,7 +19,7 @@ from ..arguments import checked
 from .. import lm
 from ..activations import Exclusion
 from ..lm.upper import UpperLayers
-from .reconstruction import check_finite, check_sae, encode_decode, member_indices, rows_per_block
+from .reconstruction import check_finite, check_sae, encode_decode, in_eval_mode, member_indices, rows_per_block
 
 
 class _Stop(Exception):
@@ -150,7 +150,14 @@ def _width_error(splicer: Splicer, sae: Any, width: int) -> ValueError:
     return ValueError(msg)
 
 
+def _nothing_left(exclude: Exclusion, tokens: torch.Tensor, what: str) -> ValueError:
+    return ValueError(f"exclude={exclude} leaves out (its max_norm limits included) every position of these "
+                      f"{tuple(tokens.shape)} contexts that could be used: {what}; pass an exclusion with a larger "
+                      f"max_norm or fewer positions (the harvest's manifest records the one the SAE was trained with)")
+
+
 @checked
+@in_eval_mode
 @torch.no_grad()
 def spliced_loss(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str,
                  sae: Any = None, *,
@@ -180,6 +187,8 @@ def spliced_loss(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str,
     Efficiency: the clean forward runs once per batch and is reused by every member; for residual-stream hooks on a
     HookedTransformer (`start_at_layer`) or a bridge over a Llama-family or GPT-NeoX decoder (`lm.upper`), spliced runs
     restart from the hook's layer instead of re-running the layers below it.
+    The SAE encodes in eval mode (as `reconstruction.mean_l0`); its and the model's train/eval modes are restored.
+    ValueError when `exclude` (its max_norm limits included) leaves nothing to score or to average.
     """
     tokens = check_tokens(model, tokens)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -222,6 +231,8 @@ def spliced_loss(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str,
                 s = act.double().sum(dim=0)
                 total = s if total is None else total + s
                 count += act.shape[0]
+            if count == 0:
+                raise _nothing_left(unscored, tokens, "the mean ablation has no activation to average")
             mean_act = total / count
         mean_act = torch.as_tensor(mean_act)
         if not torch.isfinite(mean_act).all():
@@ -275,6 +286,8 @@ def spliced_loss(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str,
         if was_training and hasattr(model, "train"):
             model.train()
 
+    if n_pred == 0:
+        raise _nothing_left(unscored, tokens, "no prediction is left to score")
     ce_clean = sums["clean"] / n_pred
     row_common: dict[str, Any] = {"ce_clean": ce_clean, "ppl_clean": math.exp(ce_clean)}
     for name in ("zero", "mean"):
