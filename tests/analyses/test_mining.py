@@ -383,6 +383,13 @@ def test_bad_input_errors(setup, planted):
         sae_encoder(sae, member=1)
     with pytest.raises(ValueError, match="negative activations"):
         mine(lambda tb: {"h": -torch.ones(*tb.shape, 2)}, {"x": ("h", lambda x: x)}, tokens[:2], progress=False)
+    for bad in (math.nan, math.inf):  # before: a NaN reached the histogram as an int64 bin (bincount's error)
+        acts = torch.zeros(4, tokens.shape[1], 2)
+        acts[3, 5, 1] = bad
+        with pytest.raises(ValueError, match=r"'x' gave non-finite activations \(NaN or inf\) in contexts 2\.\.3"):
+            batches = iter(acts.split(2))  # the second batch (contexts 2, 3) holds the bad value
+            mine(lambda tb, it=batches: {"h": next(it)}, {"x": ("h", lambda x: x)}, tokens[:4], batch_size=2,
+                 progress=False)
     with pytest.raises(ValueError, match="integer token ids"):
         mine(lambda tb: {}, {"x": ("h", lambda x: x)}, tokens[:2].float(), progress=False)
     with pytest.raises(ValueError, match="encoders is empty"):

@@ -22,7 +22,7 @@ from ..activations import Exclusion
 from ..checks import check_int
 from ..files import atomic_dir, load_json, load_tensors, save_json, save_tensors
 from ..paths import resolve
-from .mining import FORMAT, Example, Mined, mine
+from .mining import FORMAT, Example, Mined, RowPicks, mine
 
 MINED_FILE = "mined.safetensors"
 MINED_META = "mined.json"
@@ -45,6 +45,27 @@ def sae_encoder(sae: Any, member: int = 0) -> Callable[[torch.Tensor], torch.Ten
     return encode
 
 
+@checked
+def sae_picks_encoder(sae: Any, member: int = 0) -> Callable[[torch.Tensor], torch.Tensor | RowPicks]:
+    """`sae_encoder` for `mining.mine`: where the SAE chooses each row's codes itself (a TopK SAE's k per row,
+    `encode_picks`), activations [rows, d_in] -> `RowPicks` (values, latents [rows, k]), else the dense codes
+    [rows, d_sae]. The same mining result either way, without the dense codes (a TopK SAE of 32768 latents:
+    512 MB per 4096 tokens, and a pass over all of them to find the firing pairs)."""
+    check_int(member, "member", 0, int(sae.n_members) - 1, " (an index into the ensemble)")
+    sae.eval()
+    picks_of = getattr(sae, "encode_picks", None)
+
+    @torch.no_grad()
+    def encode(x: torch.Tensor) -> torch.Tensor | RowPicks:
+        x = x.to(device=sae.device, dtype=sae.dtype)
+        picks = picks_of(x) if picks_of is not None else None
+        if picks is None:
+            return sae.encode(x)[member]
+        return RowPicks(picks[0][member], picks[1][member], int(sae.d_sae))
+
+    return encode
+
+
 def check_width(model, sae: Any, hook: str, read: Callable | None = None) -> int:
     """The hook's activation width, checked against the SAE's d_in (ValueError naming both and the fix)."""
     read = read or lm.hook_reader(model, [hook])
@@ -57,10 +78,28 @@ def check_width(model, sae: Any, hook: str, read: Callable | None = None) -> int
 
 
 def _weights_digest(sae: Any, member: int) -> str:
-    h = hashlib.sha1()
+    """The member's weights and what else decides its codes: its kind and hyperparameters (two TopK SAEs of the same
+    weights and another k encode differently) and the input scale."""
+    h = hashlib.sha1(json.dumps([type(sae).__name__, getattr(sae, "architecture", None), sae.hparams[member],
+                                 float(getattr(sae, "input_scale", 1.0))], sort_keys=True, default=str).encode())
     for name, t in sorted(sae.member_state(member).items()):
         h.update(name.encode())
         h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _model_digest(model: torch.nn.Module) -> str:
+    """A fingerprint of the model's weights (its source and revision name them only as loaded: a model changed in
+    place, or one not built by `lm.load_model`, would share a cache otherwise): per tensor its name, dtype, shape,
+    float64 sum and up to 4096 entries at a fixed stride. Hashing every weight would copy the whole model on each
+    call, cache hits included (device to host on a GPU)."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        total = float(flat.sum(dtype=torch.float64)) if flat.numel() else 0.0
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:{total!r}".encode())
+        sample = flat[::max(1, flat.numel() // 4096)][:4096].contiguous().cpu()
+        h.update(sample.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -108,10 +147,12 @@ def mine_dictionary(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.T
     the float rounding of the batched forward pass). With `folder` (e.g. the member's dictionary folder), the result
     is saved in `folder/mining-<key>/` and reused when the same dictionary weights, model, settings (the batch size
     aside) and tokens come again in the same format (`mining.FORMAT` is part of the key: a cache mined by older code
-    is never reused). exclude: positions left out of the dictionary's inputs, as its cfg.json records them
-    (`activations.exclusion_of(cfg)`); see `mining.mine`. Raises ValueError when the hook is not the model's or its
-    width is not the dictionary's d_in, and for contexts longer than the model's n_ctx."""
+    is never reused; the key holds the dictionary's kind and hyperparameters and the model's weights too). exclude:
+    positions left out of the dictionary's inputs, as its cfg.json records them (`activations.exclusion_of(cfg)`);
+    see `mining.mine`. Raises ValueError when the hook is not the model's or its width is not the dictionary's d_in,
+    for token ids outside the model's vocabulary, a negative window, and contexts longer than the model's n_ctx."""
     lm.check_hooks(model, [hook])
+    lm.check_token_ids(tokens, getattr(getattr(model, "cfg", None), "d_vocab", None))
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
     if n_ctx is not None and tokens.shape[1] > n_ctx:
         raise ValueError(f"contexts of {tokens.shape[1]} tokens exceed the model's n_ctx={n_ctx}; cut them with "
@@ -125,11 +166,13 @@ def mine_dictionary(model: torch.nn.Module, sae: Any, hook: str, tokens: torch.T
                 "n_random": n_random, "per_bin": per_bin, "window": list(window) if window else None, "seed": seed,
                 "d_sae": int(sae.d_sae), "shape": list(tokens.shape),
                 **({"exclude": exclude.to_json()} if exclude else {})}
+    if folder is not None:
+        settings["model_weights"] = _model_digest(model)
     cache = resolve(folder) / f"mining-{_key(settings, tokens)}" if folder is not None else None
     if cache is not None and (cache / MINED_FILE).exists():
         return load_mined(cache)
     dev = next(model.parameters()).device
-    mined = mine(lambda tb: read_all(tb.to(dev)), {"sae": (hook, sae_encoder(sae, member))}, tokens,
+    mined = mine(lambda tb: read_all(tb.to(dev)), {"sae": (hook, sae_picks_encoder(sae, member))}, tokens,
                  batch_size=batch_size, n_top=n_top, n_random=n_random, per_bin=per_bin, window=window, seed=seed,
                  exclude=exclude, progress=progress)["sae"]
     mined.meta.update(settings)
@@ -152,17 +195,29 @@ def check_feature(mined: Mined, latent: int, allow_dead: bool = False) -> int:
 @torch.no_grad()
 def examples_at(model: torch.nn.Module, sae: Any, hook: str, mined: Mined, latent: int,
                 locations: Sequence[tuple[int, int, float]], member: int = 0) -> list[Example]:
-    """Examples (windows as `mined` keeps them) of the feature of index `latent` at (context, position, value) locations of the mined
-    text, recomputed with one forward pass over the contexts involved (e.g. `mined.quantile_locations`)."""
+    """Examples (windows as `mined` keeps them) of the feature of index `latent` at (context, position, value)
+    locations of the mined text, recomputed with one forward pass over the contexts involved (e.g.
+    `mined.quantile_locations`); positions the mining excluded read 0, as they did there. ValueError for a hook or
+    member other than the ones `mine_dictionary` recorded, and for a location outside the mined text."""
     latent = check_feature(mined, latent, allow_dead=True)
+    for key, value in (("hook", hook), ("member", member)):  # as mine_dictionary recorded them
+        if mined.meta.get(key, value) != value:
+            raise ValueError(f"{key}={value!r} but these features were mined with {key}={mined.meta[key]!r}: pass "
+                             f"the same, or the examples would be of other codes than the mined values")
     if not locations:
         return []
+    N, T = mined.tokens.shape
+    bad = [loc for loc in locations if not (0 <= loc[0] < N and 0 <= loc[1] < T)]
+    if bad:
+        raise ValueError(f"locations must be (context in [0, {N}), position in [0, {T}), value), got {bad[0]!r}")
     ctxs = sorted({c for c, _, _ in locations})
     dev = next(model.parameters()).device
-    acts = lm.hook_reader(model, [hook])(mined.tokens[ctxs].to(dev))[hook]
-    T = acts.shape[1]
+    tokens = mined.tokens[ctxs]
+    acts = lm.hook_reader(model, [hook])(tokens.to(dev))[hook]
     codes = sae_encoder(sae, member)(acts.reshape(len(ctxs) * T, -1))[:, latent]
     codes = codes.reshape(len(ctxs), T).float().cpu()
+    if mined.meta.get("exclude"):  # positions the mining left out read 0 there: here too
+        codes = codes * Exclusion.from_json(mined.meta["exclude"]).keep(tokens, acts, hook).cpu()
     row = {c: i for i, c in enumerate(ctxs)}
     window = mined.meta.get("window")
     out = []

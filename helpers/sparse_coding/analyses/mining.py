@@ -26,6 +26,7 @@ from ..activations import Exclusion
 from ..arguments import checked
 from ..checks import check_int
 # the grid's constants live beside the stream that bins with them; imported from here by users and tests
+from .mining_sources import RowPicks, checked_picks
 from .mining_stream import BINS_PER_OCTAVE, HIGHEST_OCTAVE, LOWEST_OCTAVE, N_BINS, _OFFSET, Stream  # noqa: F401
 
 FORMAT = 2  # of what `mine` keeps (meta "format"); 1 anchored the grid at each direction's max in the first batch
@@ -138,6 +139,8 @@ class Mined:
 
     def _quantile_picks(self, d: int, n_bins: int, per_bin: int, seed: int) -> list[tuple[float, float, list]]:
         """Per equal-width bin of (0, max]: (lo, hi, [(context, position, value, flat index into the sample slots)])."""
+        check_int(n_bins, "n_bins", 1)
+        check_int(per_bin, "per_bin", 1)
         top, g = float(self.max[d]), torch.Generator().manual_seed(seed)
         ctx = self.sample_context[d]
         weight = (self.hist[d].double() / (ctx >= 0).sum(-1).clamp_min(1)).unsqueeze(-1).expand_as(ctx).flatten()
@@ -184,7 +187,8 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
          progress: bool = True, keep_context_max: bool = False) -> dict[str, Mined]:
     """Stream `tokens` [n_contexts, ctx_len] through `read` (tokens [B, T] -> {hook: activations [B, T, d]}, e.g.
     `lm.hook_reader`, one forward pass for every hook) and every encoder {name: (hook, activations [rows, d] ->
-    non-negative direction activations [rows, n])} in batches of `batch_size` contexts; return {name: Mined}.
+    non-negative direction activations [rows, n], or each row's picks as `RowPicks`)} in batches of `batch_size`
+    contexts; return {name: Mined}. The two forms of the codes give the same result.
 
     exclude: rows left out of the dictionaries' inputs (`activations.Exclusion`, its norm limit applied at each
     encoder's hook): their activations count as 0 and statistics are over the kept tokens (meta n_kept). window:
@@ -192,10 +196,16 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
     also keep every context's max per direction (`Mined.context_max`, e.g. to draw contexts where a direction is
     0). Seeded: the same
     contexts give the same result whatever the batch size. meta records the format and the seconds spent reading,
-    encoding and keeping statistics. Raises ValueError for non-integer tokens, no encoders or negative activations."""
+    encoding and keeping statistics. Raises ValueError for non-integer tokens, no encoders or negative or non-finite
+    (NaN, inf) activations."""
     for value, name in ((batch_size, "batch_size"), (n_top, "n_top"), (n_random, "n_random")):
         check_int(value, name, 1)
     check_int(per_bin, "per_bin", 0)
+    if window is not None:
+        if len(window) != 2:
+            raise ValueError(f"window must be (tokens before, tokens after) or None for whole contexts, got {window!r}")
+        for w, part in zip(window, ("before", "after")):
+            check_int(w, f"window's tokens {part}", 0, hint=" (window = (tokens before, tokens after))")
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point:
         raise ValueError(f"tokens must be integer token ids [n_contexts, ctx_len], got "
                          f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
@@ -212,15 +222,21 @@ def mine(read: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
         for name, (hook, encode) in encoders.items():
             x = xs[hook]
             t1 = time.perf_counter()
-            a = encode(x.reshape(x.shape[0] * T, -1)).float().reshape(x.shape[0], T, -1).cpu()
+            a = encode(x.reshape(x.shape[0] * T, -1))
+            if isinstance(a, RowPicks):
+                a = checked_picks(a, x.shape[0] * T, name, distinct=name not in streams)
+                a = RowPicks(a.values.view(x.shape[0], T, -1), a.latents.view(x.shape[0], T, -1), a.n)
+            else:
+                a = a.float().reshape(x.shape[0], T, -1).cpu()
             if exclude:  # (without, no `* 1.0`: a copy of the codes per batch for nothing)
                 kept = exclude.keep(tokens[c0:c0 + batch_size], x, hook)[..., None].float().cpu()
-                a = a * kept
+                a = RowPicks(a.values * kept, a.latents, a.n) if isinstance(a, RowPicks) else a * kept
             n_kept[name] += int(kept.sum()) if exclude else x.shape[0] * T
             t2 = time.perf_counter()
             if name not in streams:
-                streams[name] = Stream(a.shape[-1], n_top, n_random, per_bin, window, T, seed, name, keep_context_max)
-            streams[name].update(a, c0)  # ValueError for negative activations
+                n = a.n if isinstance(a, RowPicks) else a.shape[-1]
+                streams[name] = Stream(n, n_top, n_random, per_bin, window, T, seed, name, keep_context_max)
+            streams[name].update(a, c0)  # ValueError for negative or non-finite activations
             clock["encode_seconds"] += t2 - t1
             clock["keep_seconds"] += time.perf_counter() - t2
     meta = {"format": FORMAT, "window": list(window) if window is not None else None, "n_top": n_top,

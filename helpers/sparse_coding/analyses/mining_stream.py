@@ -11,7 +11,9 @@ Shaped for speed (issue #25), with the same result as keeping every window in de
   - a token sample key hashes (seed, context, position) once per token and only the direction per firing pair;
   - each context's max comes from `amax`, its position from an argmax over the few (context, direction) pairs that
     need it (the first maximal position, as `max(dim)` gives), not from `max(dim)` over the whole batch;
-  - negative activations are looked for among the nonzero values only."""
+  - negative activations are looked for among the nonzero values only;
+  - the codes come dense or as each token's picks (`mining_sources`): a TopK SAE's k values and latents per token
+    give the same firing pairs, context maxima and windows without the [tokens, d_sae] matrix."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import math
 
 import torch
 
+from .mining_sources import DenseSource, PickSource, RowPicks
 from .sketch_keys import hash_states, keys_of, sketch_keys
 
 BINS_PER_OCTAVE = 4
@@ -88,21 +91,10 @@ class Stream:
                     torch.full((n * N_BINS, per_bin), -1, dtype=torch.long)]
         self.pool, self.used = torch.empty((0, self.W)), 0
 
-    def _windows(self, A: torch.Tensor, b: torch.Tensor, p: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """[m, W] activations of direction f[i] in context b[i] at the window around position p[i]."""
-        if self.window is None:  # the whole column: nothing to clip
-            if len(b) > 4096:  # many (the first batches): through a transposed copy, each window one contiguous row
-                return A.transpose(1, 2).reshape(-1, self.T).index_select(0, b * A.shape[2] + f)
-            return A[b, :, f]
-        pos = p[:, None] + self.offsets[None]
-        ok = (pos >= 0) & (pos < self.T)
-        w = A[b[:, None], pos.clamp(0, self.T - 1), f[:, None]]
-        return torch.where(ok, w, torch.full_like(w, math.nan))
-
-    def _store(self, A: torch.Tensor, b: torch.Tensor, p: torch.Tensor, f: torch.Tensor,
+    def _store(self, src: DenseSource | PickSource, b: torch.Tensor, p: torch.Tensor, f: torch.Tensor,
                columns: torch.Tensor | None = None) -> torch.Tensor:
-        """Pool rows [m] now holding the windows of (b, p, f) (`columns`: A[b, :, f] when already gathered); may
-        compact the pool (and rewrite the tables)."""
+        """Pool rows [m] now holding the windows of (b, p, f) (`columns`: src.columns(b, f) when already gathered);
+        may compact the pool (and rewrite the tables)."""
         m = len(b)
         if self.used + m > len(self.pool):
             tables = [self.top_w, self.rnd[3], self.smp[3]]
@@ -115,8 +107,10 @@ class Stream:
             for t in tables:
                 t.copy_(remap[t])
             self.pool, self.used = pool, len(live)
-        self.pool[self.used:self.used + m] = (columns if columns is not None and self.window is None
-                                              else self._windows(A, b, p, f))
+        if self.window is None:
+            self.pool[self.used:self.used + m] = columns if columns is not None else src.columns(b, f)
+        else:
+            self.pool[self.used:self.used + m] = src.windows(b, p, f, self.offsets)
         self.used += m
         return torch.arange(self.used - m, self.used)
 
@@ -127,16 +121,21 @@ class Stream:
         out[have] = self.pool[rows[have]]
         return out
 
-    def update(self, A: torch.Tensor, c0: int) -> None:
-        """A [B, T, n] non-negative activations of contexts c0 .. c0 + B - 1 (global indices: the keys hash them).
-        ValueError naming the encoder for a negative activation (before anything is kept)."""
-        B, T, n = A.shape
-        flat = A.reshape(-1, n)
-        rows, f = flat.nonzero(as_tuple=True)
-        v = flat[rows, f]
-        if bool((v < 0).any()):  # a negative value is nonzero: looking among these is enough
-            raise ValueError(f"encoder {self.name!r} gave negative activations; pass non-negative ones (split a "
-                             f"signed direction into its positive and negative halves)")
+    def update(self, A: torch.Tensor | RowPicks, c0: int) -> None:
+        """A: non-negative activations of contexts c0 .. c0 + B - 1 (global indices: the keys hash them), dense
+        [B, T, n] or as `RowPicks` of values and latents [B, T, w] (checked by `checked_picks`). ValueError naming
+        the encoder for a negative or non-finite activation (before anything is kept)."""
+        src = PickSource(A) if isinstance(A, RowPicks) else DenseSource(A)
+        B, T, n = src.B, src.T, src.n
+        rows, f, v = src.pairs()
+        # a negative, NaN or infinite value is nonzero: looking among these is enough (NaN fails v >= 0)
+        if not bool(((v >= 0) & (v < math.inf)).all()):
+            if bool((v < 0).any()):
+                raise ValueError(f"encoder {self.name!r} gave negative activations; pass non-negative ones (split a "
+                                 f"signed direction into its positive and negative halves)")
+            raise ValueError(f"encoder {self.name!r} gave non-finite activations (NaN or inf) in contexts "
+                             f"{c0}..{c0 + B - 1}: check the model's activations at the hook and the encoder's "
+                             f"weights for NaN/inf")
         self.count += torch.bincount(f, minlength=n)
         vd = v.double()
         for i in range(4):
@@ -158,9 +157,9 @@ class Stream:
             r, fk = rows[keep], f[keep]
             b, p = r // T, r % T
             _bottom_k(self.smp_key, self.smp, g[keep], keys,
-                      [v[keep], c0 + b, p, lambda i: self._store(A, b[i], p[i], fk[i])])
+                      [v[keep], c0 + b, p, lambda i: self._store(src, b[i], p[i], fk[i])])
 
-        cmax = A.amax(dim=1)  # [B, n]: each context's max
+        cmax = src.context_max()  # [B, n]
         if self.context_max is not None:
             self.context_max.append(cmax)
         cand = torch.where(cmax > 0, cmax, torch.full_like(cmax, -1.0))
@@ -170,9 +169,9 @@ class Stream:
         old = sel.clamp(max=self.n_top - 1)
         j, ff = (sel >= self.n_top).nonzero(as_tuple=True)
         bb = sel[j, ff] - self.n_top
-        columns = A[bb, :, ff]
+        columns = src.columns(bb, ff)
         pp = columns.argmax(dim=1)  # where the max is: its first position
-        rows_new = self._store(A, bb, pp, ff, columns)  # before the gathers below: storing may rewrite the tables
+        rows_new = self._store(src, bb, pp, ff, columns)  # before the gathers below: storing may rewrite the tables
         top_c, top_p, top_w = self.top_c.gather(0, old), self.top_p.gather(0, old), self.top_w.gather(0, old)
         top_c[j, ff], top_p[j, ff], top_w[j, ff] = c0 + bb, pp, rows_new
         self.top_v, self.top_c, self.top_p, self.top_w = vals, top_c, top_p, top_w
@@ -180,10 +179,10 @@ class Stream:
         ckeys = sketch_keys(1, *self.seed, torch.arange(c0, c0 + B)[:, None], torch.arange(n))  # [B, n]: the context's
         ok = (cmax > 0) & (ckeys < self.rnd_key[:, -1].unsqueeze(0))
         bb, ff = ok.nonzero(as_tuple=True)
-        columns = A[bb, :, ff]
+        columns = src.columns(bb, ff)
         pp = columns.argmax(dim=1)
         _bottom_k(self.rnd_key, self.rnd, ff, ckeys[bb, ff],
-                  [cmax[bb, ff], c0 + bb, pp, lambda i: self._store(A, bb[i], pp[i], ff[i], columns[i])])
+                  [cmax[bb, ff], c0 + bb, pp, lambda i: self._store(src, bb[i], pp[i], ff[i], columns[i])])
 
     def result(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """(the tensors of `mining.Mined` from count to sample_acts, in its field order, direction axis first;

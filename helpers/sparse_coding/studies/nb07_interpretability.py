@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import activations, dictionaries, lm
 from ..analyses import directions as D
-from ..analyses.features import sae_encoder
+from ..analyses.features import sae_picks_encoder
 from ..analyses.detection import evaluate_direction, matched_negatives
 from ..analyses.interpretability import Record, document_sides, split_by_document
 from ..analyses.mining import Mined, mine
@@ -37,9 +37,9 @@ def layer_encoders(sae_best: Any, sae_paper: Any, sample: torch.Tensor, top_k: i
                    ) -> dict[str, Any]:
     """{method: encoder} for one layer (see METHODS): every baseline centred on `sample` [rows, d] and split into
     both signs (`analyses.directions`), PCA and ICA fitted on it, top-K on whitened scores."""
-    return {"sae": sae_encoder(sae_best), "sae_paper": sae_encoder(sae_paper), "neurons": D.neuron_encoder(sample),
-            "random": D.random_encoder(sample, seed=seed), "pca": D.pca_encoder(sample, seed=seed),
-            "ica": D.ica_encoder(sample, seed=seed), "pca_topk": D.pca_encoder(sample, top_k=top_k, seed=seed),
+    return {"sae": sae_picks_encoder(sae_best), "sae_paper": sae_picks_encoder(sae_paper),
+            "neurons": D.neuron_encoder(sample), "random": D.random_encoder(sample, seed=seed),
+            "pca": D.pca_encoder(sample, seed=seed), "ica": D.ica_encoder(sample, seed=seed), "pca_topk": D.pca_encoder(sample, top_k=top_k, seed=seed),
             "ica_topk": D.ica_encoder(sample, top_k=top_k, seed=seed)}
 
 
@@ -175,7 +175,7 @@ def step0_control(tl, model: str, recipe: Mapping[str, Any], trained: pd.DataFra
     hook = recipe["hook"]
 
     def scored(tl, sae, exclusion) -> pd.DataFrame:
-        sides = mine_sides(tl, {"0/x": (hook, sae_encoder(sae))}, fragments, doc, seed=seed, exclude=exclusion)
+        sides = mine_sides(tl, {"0/x": (hook, sae_picks_encoder(sae))}, fragments, doc, seed=seed, exclude=exclusion)
         return score_method(sides["0/x"], texts, explainer, simulator, fragments, doc, n_directions=n_directions,
                             seed=seed)[0]
 

@@ -104,13 +104,26 @@ class TopKSAE(Workspaces, EnsembleSAE):
         """Raw x [B, d_in] or [E, B, d_in] -> codes [E, B, d_sae]. Without autograd (under torch.no_grad, as when
         harvesting), where the screen pays (`screening.screens`) the top k are found through it: the same codes as
         the float32 pass up to a few ulps, without computing every pre-activation in float32."""
-        if type(self).activation is TopKSAE.activation and not torch.is_grad_enabled():
-            xs = self.expand(self.scale_in(self.check_input(x)))
-            if screens(xs, self.d_sae, self.k_max):
-                values, idx = self._screened_top(xs, self.encoder_weight(), self.encoder_bias(), self.k_max)
-                values = self._finish(values, self.k_max, "k")
-                return values.new_zeros(*xs.shape[:2], self.d_sae).scatter_(-1, idx, values)
+        if not torch.is_grad_enabled():
+            picks = self.encode_picks(x)
+            if picks is not None:
+                values, idx = picks
+                return values.new_zeros(*values.shape[:2], self.d_sae).scatter_(-1, idx, values)
         return super().encode(x)
+
+    @torch.no_grad()
+    def encode_picks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Raw x [B, d_in] or [E, B, d_in] -> each row's chosen codes without the dense [E, B, d_sae]: values
+        [E, B, k_max] (0 where inactive: below the ReLU, or past a member's own k) at latents [E, B, k_max]
+        (distinct within a row); scattered, they are `encode`'s codes. None for a subclass whose choice is not each
+        row's top k (BatchTopK). Without autograd; through the screen where it pays, as `encode`."""
+        if type(self).activation is not TopKSAE.activation:
+            return None
+        xs = self.expand(self.scale_in(self.check_input(x)))
+        if screens(xs, self.d_sae, self.k_max):
+            values, idx = self._screened_top(xs, self.encoder_weight(), self.encoder_bias(), self.k_max)
+            return self._finish(values, self.k_max, "k"), idx
+        return self.select(self._pre(xs), self.k_max, "k")
 
     def sparse_decode(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Σ_j values[e,b,j] · W_dec[e, idx[e,b,j]]  ([E, B, d_in], no b_dec). Only the k chosen decoder rows are
