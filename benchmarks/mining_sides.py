@@ -153,6 +153,28 @@ class Ours:
                 x.reshape(-1, x.shape[-1]) @ W
         return time.perf_counter() - t0
 
+    def encode_parts(self, tokens) -> dict:
+        """Seconds of the dictionary's own encode as mining calls it (`sae_picks_encoder`: matmul, bias, the per-row
+        top-k, its values and latents) and of x @ W_enc alone, each summed over the same batches (the forward runs
+        untimed): what the top-k adds beyond the ideal's matmul."""
+        import torch
+
+        from sparse_coding import lm
+        from sparse_coding.analyses.features import sae_picks_encoder
+
+        read, encode = lm.hook_reader(self.model, [HOOK]), sae_picks_encoder(self.sae)
+        W = self.sae.encoder_weight().detach()[0]
+        clock = {"encode_seconds": 0.0, "matmul_seconds": 0.0}
+        with torch.inference_mode():
+            for c0 in range(0, len(tokens), BATCH):
+                x = read(tokens[c0:c0 + BATCH])[HOOK]
+                x = x.reshape(-1, x.shape[-1])
+                for key, f in (("matmul_seconds", lambda: x @ W), ("encode_seconds", lambda: encode(x))):
+                    t0 = time.perf_counter()
+                    f()
+                    clock[key] += time.perf_counter() - t0
+        return clock
+
     def quantile_acts(self, mined, n_sample: int = 16) -> dict:
         """Per-token activations of the quantile examples' windows through `examples_at` (one forward over the
         examples' contexts per feature), timed on a seeded sample of live features, extrapolated to all live ones."""

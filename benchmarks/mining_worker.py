@@ -35,6 +35,7 @@ def worker(side: str, n_contexts: int, n_features: int) -> None:
         impl = Ours(info, tokens)
         impl.run(tokens[: 2 * BATCH])  # warm-up: lazy imports, first-call allocations
         impl.ideal(tokens[:BATCH])
+        impl.encode_parts(tokens[:BATCH])
     else:
         impl = PEERS[side](info, tokens)
         impl.run(tokens[: 2 * BATCH], features[:8])
@@ -57,6 +58,7 @@ def worker(side: str, n_contexts: int, n_features: int) -> None:
             out["load"] = os.getloadavg()[0]
             if cmd == "run+ideal":
                 out["ideal_seconds"] = impl.ideal(tokens)
+                out.update(impl.encode_parts(tokens))
             if side != "ours":
                 last = None  # the peer's results are not needed again; free them before the next round
             reply(out)

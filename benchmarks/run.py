@@ -26,9 +26,10 @@ GOALS = {"topk_vs_dense": 5, "batchtopk_vs_dense": 3, "jumprelu_vs_dense": 3, "t
 # Measured bounds shown beside the goals (no goal of their own).
 BOUNDS = ("topk_vs_dense_bound",)
 # Measured and shown, with no goal: AuxK's step cost with 5 % of latents dead (bench_train (c)), where the TopK
-# step screens (AMX), its own floor over its step (bench_train (b)), and what an end-to-end SAE step costs over a
-# local one (bench_e2e).
-SHOWN = ("topk_auxk5_step_ratio", "topk_screen_floor_fraction", "e2e_step_vs_local_step", "e2e_ds_step_vs_local_step")
+# step screens (AMX), its own floor over its step (bench_train (b)), what an end-to-end SAE step costs over a
+# local one (bench_e2e), and the mining dictionary's top-k against the slack its goal leaves (bench_mining).
+SHOWN = ("topk_auxk5_step_ratio", "topk_screen_floor_fraction", "e2e_step_vs_local_step", "e2e_ds_step_vs_local_step",
+         "feature_mining_topk_share_of_goal_slack")
 CEILINGS = {"loaded_slowdown": 2}
 
 
