@@ -103,3 +103,21 @@ def test_exclusion_built_directly_follows_the_manifest_rules():
                        (dict(max_norm=(("h", -1.0),)), "max_norm must be")):
         with pytest.raises(ValueError, match=match):
             Exclusion(**bad)
+
+
+@pytest.mark.parametrize("make", ["sae_encoder", "sae_picks_encoder"])
+def test_encoders_leave_the_sae_in_the_mode_it_was_in(make):
+    # before: building an encoder switched the SAE to eval mode for good (a BatchTopK SAE in training then encoded
+    # with its inference threshold)
+    from sparse_coding.analyses import features
+
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    sae = make_sae("batchtopk", 32, 64, k=4)
+    encode = getattr(features, make)(sae)
+    assert sae.training
+    codes = encode(x)
+    assert sae.training and all(m.training for m in sae.modules())
+    sae.eval()
+    torch.testing.assert_close(codes, sae.encode(x)[0])  # what it gave is the eval-mode encoding
+    encode(x)
+    assert not sae.training

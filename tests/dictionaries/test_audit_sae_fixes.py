@@ -235,3 +235,20 @@ def test_an_interrupted_run_resumes_into_its_saved_and_reloaded_sae(kind, kw, tm
     assert again.input_scale == whole.input_scale
     for name, t in whole.state_dict().items():
         torch.testing.assert_close(again.state_dict()[name], t, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk"])
+def test_weights_copied_by_load_state_dict_are_fine_tuned_at_their_own_scale(loaded, kind):
+    # A copy through torch's own load_state_dict is an SAE with weights: "auto" must not estimate a new scale on top
+    # of the one folded into them (before: the copy was trained as a fresh SAE and its function changed at step 0).
+    x = _data()
+    src = load_sae(loaded[kind][1])
+    copy = make_sae(kind, 16, 64, **dict(KINDS)[kind])
+    assert not copy.fitted
+    copy.load_state_dict(src.state_dict())
+    assert copy.fitted
+    fvu, _, x_hat = _measure(copy, x)
+    train_sae(copy, x, steps=1, lr=1e-12, batch_size=64, progress=False)
+    fvu2, _, x_hat2 = _measure(copy, x)
+    torch.testing.assert_close(x_hat2, x_hat, rtol=1e-4, atol=1e-4 * float(x.abs().max()))
+    assert copy.input_scale == pytest.approx(loaded[kind][0].input_scale, rel=1e-5)

@@ -23,6 +23,7 @@ from ..checks import check_int
 from ..files import atomic_dir, load_json, load_tensors, save_json, save_tensors
 from ..paths import resolve
 from .mining import FORMAT, Example, Mined, RowPicks, mine
+from .reconstruction import eval_mode
 
 MINED_FILE = "mined.safetensors"
 MINED_META = "mined.json"
@@ -34,13 +35,13 @@ _FIELDS = ["count", "power_sums", "hist", "top_value", "top_context", "top_posit
 @checked
 def sae_encoder(sae: Any, member: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
     """activations [rows, d_in] -> codes [rows, d_sae] of one member, in eval mode (a loaded BatchTopK encodes
-    with its inference threshold), on the SAE's device and dtype."""
+    with its inference threshold), on the SAE's device and dtype. Each call gives the SAE back its train/eval mode."""
     check_int(member, "member", 0, int(sae.n_members) - 1, " (an index into the ensemble)")
-    sae.eval()
 
     @torch.no_grad()
     def encode(x: torch.Tensor) -> torch.Tensor:
-        return sae.encode(x.to(device=sae.device, dtype=sae.dtype))[member]
+        with eval_mode(sae):
+            return sae.encode(x.to(device=sae.device, dtype=sae.dtype))[member]
 
     return encode
 
@@ -52,15 +53,15 @@ def sae_picks_encoder(sae: Any, member: int = 0) -> Callable[[torch.Tensor], tor
     [rows, d_sae]. The same mining result either way, without the dense codes (a TopK SAE of 32768 latents:
     512 MB per 4096 tokens, and a pass over all of them to find the firing pairs)."""
     check_int(member, "member", 0, int(sae.n_members) - 1, " (an index into the ensemble)")
-    sae.eval()
     picks_of = getattr(sae, "encode_picks", None)
 
     @torch.no_grad()
     def encode(x: torch.Tensor) -> torch.Tensor | RowPicks:
         x = x.to(device=sae.device, dtype=sae.dtype)
-        picks = picks_of(x) if picks_of is not None else None
-        if picks is None:
-            return sae.encode(x)[member]
+        with eval_mode(sae):
+            picks = picks_of(x) if picks_of is not None else None
+            if picks is None:
+                return sae.encode(x)[member]
         return RowPicks(picks[0][member], picks[1][member], int(sae.d_sae))
 
     return encode

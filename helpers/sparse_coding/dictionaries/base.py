@@ -64,6 +64,10 @@ def init_decoder(d_in: int, d_sae: int, seed: int) -> torch.Tensor:
     return (W / W.norm(dim=1, keepdim=True)).float()
 
 
+def _mark_fitted(module: nn.Module, incompatible_keys: Any) -> None:  # a load_state_dict post hook
+    module.fitted = True  # weights from a state dict: train_sae's input_scale "auto" keeps their scale
+
+
 @checked
 def fold_input_scale(state: dict[str, torch.Tensor], input_scale: float) -> dict[str, torch.Tensor]:
     """Weights trained on x·s as weights for raw x: W_enc·s, W_dec/s, b_dec/s (b_enc and thresholds act on codes,
@@ -141,6 +145,7 @@ class EnsembleSAE(nn.Module):
         self.dead_window: int | None = None  # tokens; see DEFAULT_DEAD_WINDOW
         self.input_scale = 1.0  # the SAE sees input_scale · x (module docstring)
         self.fitted = False  # weights from training or a file: train_sae's input_scale "auto" keeps their scale
+        self.register_load_state_dict_post_hook(_mark_fitted)
         self.hparams = [dict(h) for h in hparams]
         for h in self.hparams:
             self.validate_member(h)
@@ -158,17 +163,9 @@ class EnsembleSAE(nn.Module):
             self.register_buffer(f"_{key}", torch.tensor(values, device=device, dtype=dtype), persistent=False)
 
     # ----- description -----
-    @property
-    def n_members(self) -> int:
-        return self.W_dec.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.W_dec.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.W_dec.dtype
+    n_members = property(lambda self: self.W_dec.shape[0], doc="E, the number of members")
+    device = property(lambda self: self.W_dec.device, doc="the parameters' device")
+    dtype = property(lambda self: self.W_dec.dtype, doc="the parameters' dtype")
 
     @property
     def config(self) -> dict[str, Any]:
