@@ -252,3 +252,38 @@ def test_weights_copied_by_load_state_dict_are_fine_tuned_at_their_own_scale(loa
     fvu2, _, x_hat2 = _measure(copy, x)
     torch.testing.assert_close(x_hat2, x_hat, rtol=1e-4, atol=1e-4 * float(x.abs().max()))
     assert copy.input_scale == pytest.approx(loaded[kind][0].input_scale, rel=1e-5)
+
+
+def test_a_jumprelu_with_zero_thresholds_trains_with_saved_states_and_resumes(tmp_path):
+    # θ = 0 (a plain ReLU, as SAELens files may hold) is log θ = -inf; before, the state writer took it for damage
+    # and raised TrainingDiverged at step 0.
+    x = _data()
+
+    def loaded_sae():
+        sae = make_sae("jumprelu", 16, 64, threshold_lr_mult=1.0)
+        state = sae.member_state(0)
+        state["threshold"] = torch.cat([torch.full((32,), 0.1), torch.zeros(32)])
+        sae.load_member_state_(0, state)
+        return sae
+
+    def stop_at_4(step, sae):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    whole = loaded_sae()
+    train_sae(whole, x, steps=8, batch_size=64, progress=False, state_dir=tmp_path / "whole", state_every=2,
+              log_every=1)
+    cut = loaded_sae()
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(cut, x, steps=8, batch_size=64, progress=False, state_dir=tmp_path / "cut", state_every=2,
+                  log_every=1, callback=stop_at_4)
+    resumed = loaded_sae()
+    train_sae(resumed, x, steps=8, batch_size=64, progress=False, state_dir=tmp_path / "cut", state_every=2,
+              log_every=1, resume=True)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(whole.threshold().detach()[0, 32:], torch.zeros(32))  # still exactly a ReLU there
+    with torch.no_grad():
+        whole.W_dec[0, 0, 0] = float("nan")  # real damage is still refused
+    with pytest.raises(FloatingPointError):
+        train_sae(whole, x, steps=2, batch_size=64, progress=False, state_dir=tmp_path / "nan")
