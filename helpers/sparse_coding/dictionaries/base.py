@@ -3,8 +3,9 @@
 An ensemble holds E members that share d_in and d_sae but differ in per-member hyperparameters (L1 coefficient, k,
 seed, ...), stacked along a leading member axis and computed with batched matmuls (a sweep of 16 small SAEs costs
 about one kernel launch per layer). Members never interact: the loss is a sum of per-member losses and Adam is
-per-element, so member i trains exactly as it would alone. Weights are in SAELens's orientation (W_enc [E, d_in,
-d_sae], W_dec [E, d_sae, d_in]), so `member_state(i)` is a plain slice:
+per-element, so member i trains as it would alone (bit for bit for ReLU; TopK's sparse kernels, which flatten the
+members into one matrix, may round a few ulps apart). Weights are in SAELens's orientation (W_enc [E, d_in, d_sae],
+W_dec [E, d_sae, d_in]), so `member_state(i)` is a plain slice:
 
     codes = act(x W_enc + b_enc − b_dec W_enc)      (the b_dec term only with pre_bias)
     x̂     = codes W_dec + b_dec
