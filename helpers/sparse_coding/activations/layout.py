@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..arguments import checked
+from ..checks import check_choice
 from .. import lm
 from ..files import atomic_path
 from ..paths import resolve
@@ -66,7 +67,12 @@ def write_chunk(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     """Write a safetensors file straight from the tensors' memory (no serialised copy of a ~100 MB chunk), to a
     temporary name then renamed. Returns (bytes, crc32 of the whole file as 8 hex digits). Readable by
     ``safetensors.safe_open``. CRC-32 rather than a cryptographic hash: it is there to catch damaged files, at a
-    fraction of sha256's cost."""
+    fraction of sha256's cost. Raises ValueError, before writing, for a tensor whose dtype the format here does not
+    hold (float32/float16/bfloat16, int32/int64); note that `open_chunk` maps float32/float16/int32/int64 only."""
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"write_chunk: tensor {name!r} is {t.dtype}, which a chunk cannot hold; convert it to "
+                             f"one of {', '.join(map(str, _ST_DTYPES))} (e.g. .float() or .to(torch.int32))")
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset, arrays = 0, []
     for name, t in tensors.items():
@@ -108,6 +114,10 @@ def open_chunk(path: Path, expect_rows: int | None = None, expect_bytes: int | N
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            if info["dtype"] not in _NP_DTYPES:
+                # A valid file numpy cannot map (bfloat16): not damage, so no advice to delete it.
+                raise ChunkError(f"chunk {path} stores {name!r} as {info['dtype']}, which cannot be memory-mapped; "
+                                 f"the readers take {', '.join(_NP_DTYPES)}: rewrite it with .float() tensors")
             start, end = info["data_offsets"]
             if 8 + hlen + end > size:
                 raise ValueError(f"tensor {name} runs past the end of the file")
@@ -125,7 +135,8 @@ def open_chunk(path: Path, expect_rows: int | None = None, expect_bytes: int | N
 @checked
 def chunk_checksum(path: Path, kind: str = "crc32") -> str:
     """The checksum of a whole chunk file as the manifest records it: crc32 (8 hex digits) or, in manifests written
-    before crc32, sha256."""
+    before crc32, sha256. Raises ValueError for any other kind (it would otherwise silently be sha256)."""
+    check_choice(kind, "kind", ("crc32", "sha256"))
     h, crc = hashlib.sha256(), 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):

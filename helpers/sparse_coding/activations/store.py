@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..arguments import checked
+from ..checks import check_bool, check_device, check_int, check_seed
 from ..files import load_json, save_json
 from ..paths import resolve
 from .exclusion import Exclusion, exclusion_of, kept_rows
@@ -28,6 +29,21 @@ def row_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     """The rows of a store in the order epoch `epoch` of a run with `seed` reads them: a permutation of
     range(n_rows) drawn from numpy's default_rng([seed, epoch]), so any step's batch is computable directly."""
     return np.random.default_rng([int(seed), int(epoch)]).permutation(int(n_rows))
+
+
+def _row_indices(idx) -> np.ndarray:
+    """idx as int64 row numbers (1-D). A bool mask would be read as rows 0 and 1, and float indices truncated to
+    other rows, each handing back the wrong activations without a word: refused instead."""
+    arr = idx.detach().cpu().numpy() if isinstance(idx, torch.Tensor) else np.asarray(idx)
+    if arr.ndim != 1:
+        fix = "wrap a single row in a list: [row]" if arr.ndim == 0 else "flatten it with .reshape(-1)"
+        raise ValueError(f"ActivationStore.rows: idx must be a 1-D sequence of row numbers, got "
+                         f"{'a scalar' if arr.ndim == 0 else f'shape {arr.shape}'}; {fix}")
+    if arr.size and arr.dtype.kind not in "iu":
+        fix = ("pass the rows it selects: mask.nonzero()[0] (numpy) or mask.nonzero().squeeze(1) (torch)"
+               if arr.dtype.kind == "b" else "convert whole numbers with .astype(np.int64) or .long()")
+        raise ValueError(f"ActivationStore.rows: idx must hold integer row numbers, got {arr.dtype} values; {fix}")
+    return arr.astype(np.int64, copy=False)
 
 
 @checked
@@ -124,7 +140,10 @@ class ActivationStore:
         return toks if self._kept is None else toks[torch.from_numpy(self._kept)]
 
     def context_of(self, row: int) -> tuple[torch.Tensor, int]:
-        """(tokens of the whole context holding kept ``row``, excluded positions included, the row's position)."""
+        """(tokens of the whole context holding kept ``row``, excluded positions included, the row's position).
+        Raises ValueError for a row that is not an int (True would read as row 1), IndexError outside
+        [0, n_tokens)."""
+        row = check_int(row, "ActivationStore.context_of: row", hint=" (a kept row number)")
         if not 0 <= row < self.n_tokens:
             raise IndexError(f"row {row} out of range [0, {self.n_tokens})")
         row = row if self._kept is None else int(self._kept[row])
@@ -132,8 +151,10 @@ class ActivationStore:
         return self._all_tokens()[c * self.ctx_len:(c + 1) * self.ctx_len], row % self.ctx_len
 
     def rows(self, idx: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
-        """Activations (float32 [len(idx), d]) at the given kept row numbers, in that order."""
-        idx = np.asarray(idx, dtype=np.int64)
+        """Activations (float32 [len(idx), d]) at the given kept row numbers (a 1-D list, range, integer array or
+        tensor), in that order. Raises ValueError for a bool mask, non-integer or multi-dimensional idx, IndexError
+        for a row outside [0, n_tokens)."""
+        idx = _row_indices(idx)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_tokens):
             raise IndexError(f"row indices must be in [0, {self.n_tokens})")
         if self._kept is not None:
@@ -160,9 +181,19 @@ class ActivationStore:
                 drop_last: bool = False) -> Iterator[torch.Tensor]:
         """Shuffled float32 batches [batch_size, d]: each epoch is a fresh permutation of all rows drawn from a
         generator seeded by (seed, epoch), so every row appears exactly once per epoch and the order is a function
-        of the seed only. The last batch of an epoch is smaller unless drop_last."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        of the seed only. The last batch of an epoch is smaller unless drop_last.
+        Raises ValueError when called (not at the first batch) for a batch_size or epochs that is not an int >= 1
+        (a bool included: True would mean batches of one row), a seed outside [0, 2**63) or an unknown device."""
+        check_int(batch_size, "batch_size", 1, hint=" (rows per batch)")
+        # epochs=0 would hand back no batches at all: a run "trained" on nothing.
+        check_int(epochs, "epochs", 1, hint=" (passes over the store)")
+        check_seed(seed)
+        check_device(device)
+        check_bool(drop_last, "drop_last")
+        return self._batches(batch_size, seed, epochs, device, drop_last)
+
+    def _batches(self, batch_size: int, seed: int, epochs: int, device: str | torch.device,
+                 drop_last: bool) -> Iterator[torch.Tensor]:
         for epoch in range(epochs):
             perm = row_order(self.n_tokens, seed, epoch)
             for i in range(0, self.n_tokens, batch_size):
@@ -190,7 +221,8 @@ def write_store(folder: str | os.PathLike, acts: torch.Tensor, tokens: torch.Ten
     must divide the rows; chunk_rows (default: one chunk) is rounded down to whole contexts; exclude: positions and
     token ids the readers leave out (`activations.exclusion`), and with a norm_ratio the rows over it x the median
     norm (the limit measured here from acts, as a harvest does).
-    Raises FileExistsError when the folder already holds a manifest."""
+    Raises FileExistsError when the folder already holds a manifest; ValueError for acts that are not finite
+    float32/float16 and for token ids outside [0, 2**31) (int32 on disk)."""
     folder = resolve(folder)
     if (folder / MANIFEST).exists():
         raise FileExistsError(f"{folder} already holds a store ({MANIFEST}); choose another folder")
@@ -198,6 +230,17 @@ def write_store(folder: str | os.PathLike, acts: torch.Tensor, tokens: torch.Ten
         raise ValueError(f"acts must be a float tensor [rows, d], got "
                          f"{tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__}")
     n, d = acts.shape
+    if not bool(torch.isfinite(acts).all()):
+        # Stored as they are, NaN rows would reach every reader (an SAE trained on them is NaN from its first step).
+        bad = (~torch.isfinite(acts)).any(dim=1).nonzero().squeeze(1)
+        raise ValueError(f"acts holds {int(torch.isnan(acts).sum())} NaN and {int(torch.isinf(acts).sum())} inf values "
+                         f"in {bad.numel()} rows (first: row {int(bad[0])}); a store holds finite activations: drop "
+                         f"or recompute those rows first")
+    if tokens is not None and (int(tokens.min()) < 0 or int(tokens.max()) > 2**31 - 1):
+        # int32 on disk: larger ids would wrap to other tokens, and a -1/-100 padding id reads back as a token.
+        raise ValueError(f"tokens must be token ids in [0, 2**31), got values in [{int(tokens.min())}, "
+                         f"{int(tokens.max())}]; drop padded rows (or map them to a real id), and check that these "
+                         f"are token ids")
     tokens = torch.zeros(n, dtype=torch.int32) if tokens is None else tokens.reshape(-1).to(torch.int32)
     if tokens.numel() != n:
         raise ValueError(f"tokens has {tokens.numel()} entries for {n} rows of acts")
@@ -207,7 +250,7 @@ def write_store(folder: str | os.PathLike, acts: torch.Tensor, tokens: torch.Ten
     step = max(ctx_len, (int(chunk_rows or n) // ctx_len) * ctx_len)
     dtype = {torch.float32: "float32", torch.float16: "float16"}.get(acts.dtype)
     if dtype is None:
-        raise ValueError(f"acts must be float32 or float16, got {acts.dtype}")
+        raise ValueError(f"acts must be float32 or float16, got {acts.dtype}; convert it with .float()")
     if exclude and exclude.norm_ratio and exclude.limit(hook) is None:
         # As a harvest does: the limit is norm_ratio x the median norm of the rows kept by position and token.
         by_token = exclude.keep(tokens.reshape(-1, ctx_len)).reshape(-1)
@@ -245,5 +288,7 @@ def norm_outliers(store: ActivationStore, norm_ratio: float = 10.0, rows_per_rea
         pos = store.context_of(r)[1]
         positions[pos] = positions.get(pos, 0) + 1
     sq = norms.double().pow(2)
+    total = float(sq.sum())  # 0 for an all-zero store: no outliers, a share of 0 rather than 0/0 = NaN
     return {"median_norm": median, "max_norm": float(norms.max()), "n_rows": int(big.numel()),
-            "share_of_sum_squares": float(sq[big].sum() / sq.sum()), "positions": dict(sorted(positions.items()))}
+            "share_of_sum_squares": float(sq[big].sum()) / total if total > 0 else 0.0,
+            "positions": dict(sorted(positions.items()))}

@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from ..arguments import checked
+from ..checks import check_int, check_seed
 
 
 
@@ -73,7 +74,8 @@ def firing_probabilities(n_features: int, mean_active: float, decay: float) -> t
 
     Scaling decay**i to sum mean_active can push the first few past 1 (e.g. mean_active close to n_features, or a steep decay). Those
     are clipped to 1 and the rest rescaled to make up the difference, repeated until nothing exceeds 1, so the
-    expected number of active features is still exactly mean_active."""
+    expected number of active features is still exactly mean_active. A decay steep enough that decay**i underflows
+    to 0 for every feature left unclipped is rescaled in log space, so no p_i is NaN."""
     base = decay ** torch.arange(n_features, dtype=torch.float64)
     p = base * (mean_active / base.sum())
     for _ in range(n_features):  # each pass clips at least one more feature, so this ends
@@ -83,7 +85,12 @@ def firing_probabilities(n_features: int, mean_active: float, decay: float) -> t
         p = p.clamp(max=1.0)
         free = p < 1
         remaining = mean_active - (~free).sum()
-        p[free] = base[free] * (remaining / base[free].sum())
+        scale = remaining / base[free].sum()
+        if bool(torch.isfinite(scale)):
+            p[free] = base[free] * scale
+        else:  # every free decay**i underflowed (0/0, or x/subnormal = inf): the same ratios, from their logs
+            logs = torch.arange(n_features, dtype=torch.float64)[free] * math.log(decay)
+            p[free] = remaining * torch.softmax(logs, dim=0)
     return p.clamp(max=1.0)
 
 
@@ -122,13 +129,14 @@ class ToyData:
         return cov * self._scale[:, None] * self._scale[None, :]
 
     def generator(self, seed: int) -> torch.Generator:
-        """A generator on this sampler's device, for reproducible `sample` calls."""
-        return torch.Generator(device=self.device).manual_seed(int(seed))
+        """A generator on this sampler's device, for reproducible `sample` calls. Raises ValueError for a seed that
+        is not an int in [0, 2**63) (1.5 would silently be seed 1)."""
+        return torch.Generator(device=self.device).manual_seed(check_seed(seed))
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, d] float32 and the true codes [B, F] (magnitude where a feature fires, 0 elsewhere)."""
-        if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        """x [B, d] float32 and the true codes [B, F] (magnitude where a feature fires, 0 elsewhere). Raises
+        ValueError for a batch_size that is not an int >= 1 (a bool included)."""
+        check_int(batch_size, "batch_size", 1, hint=" (samples per batch)")
         g = self._generator if generator is None else generator
         B, F = batch_size, self.cfg.n_features
         if self._factors is None:
@@ -149,10 +157,14 @@ class ToyData:
         return x, codes
 
     def batches(self, batch_size: int, steps: int, seed: int = 0) -> Iterator[torch.Tensor]:
-        """`steps` batches of x, the same ones for the same seed (each call starts a fresh generator)."""
-        if not isinstance(steps, numbers.Integral) or steps < 0:
-            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-        g = self.generator(seed)
+        """`steps` batches of x, the same ones for the same seed (each call starts a fresh generator). Raises
+        ValueError when called (not at the first batch) for a batch_size >= 1, steps >= 0 or seed that is not an
+        int (True would mean one step)."""
+        check_int(batch_size, "batch_size", 1, hint=" (samples per batch)")
+        check_int(steps, "steps", 0)
+        return self._batches(batch_size, steps, self.generator(seed))
+
+    def _batches(self, batch_size: int, steps: int, g: torch.Generator) -> Iterator[torch.Tensor]:
         for _ in range(steps):
             yield self.sample(batch_size, generator=g)[0]
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..arguments import checked
+from ..paths import resolve
 
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
@@ -114,6 +115,10 @@ def load_corpus(source: str | os.PathLike = "stdlib", *, stdlib_val: str = "spli
         errors: for files that are not valid UTF-8: "replace" (default) replaces the bad bytes with U+FFFD, counts
             them in the corpus's ``replaced`` and, for a folder, warns naming the files; "strict" raises ValueError
             naming the first such file.
+
+    A relative folder is looked up from the working directory, then from the repo root (as every path of this
+    package is). Raises FileNotFoundError for a source that can only be a path (absolute, ``./``/``../``/``~``,
+    several ``/``, an os.PathLike) but is no folder, and ValueError for a file, instead of asking the hub for it.
     """
     if errors not in ("replace", "strict"):
         raise ValueError(f"errors must be 'replace' or 'strict', got {errors!r}")
@@ -154,8 +159,8 @@ def load_corpus(source: str | os.PathLike = "stdlib", *, stdlib_val: str = "spli
                             [str(p.relative_to(root)) for p in val_paths])
         else:
             raise ValueError(f"stdlib_val must be 'split' or 'tests', got {stdlib_val!r}")
-    elif Path(src).is_dir():
-        root = Path(src)
+    elif Path(src).is_dir() or resolve(src).is_dir():
+        root = Path(src) if Path(src).is_dir() else resolve(src)
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"no text files ({', '.join(TEXT_SUFFIXES)}) under {root}")
@@ -170,6 +175,7 @@ def load_corpus(source: str | os.PathLike = "stdlib", *, stdlib_val: str = "spli
                         [t for t, v in zip(texts, is_val) if v],
                         [r for r, v in zip(rel, is_val) if not v], [r for r, v in zip(rel, is_val) if v])
     else:
+        _refuse_missing_path(source, src)
         corpus = _load_hf(src, val_fraction=val_fraction, split=hf_split, text_field=text_field, max_docs=max_docs)
     if max_train_bytes is not None:
         keep, total = 0, 0
@@ -181,7 +187,7 @@ def load_corpus(source: str | os.PathLike = "stdlib", *, stdlib_val: str = "spli
     if not corpus.val:
         raise ValueError(f"corpus {corpus.name} has no validation documents; raise val_fraction / val_bytes")
     corpus.replaced = replaced
-    if replaced and Path(src).is_dir() and src != "stdlib":
+    if replaced and src != "stdlib":  # a folder: the stdlib's few mis-encoded test files are expected
         import warnings
 
         names = ", ".join(f"{Path(p).name} ({n})" for p, n in list(replaced.items())[:5])
@@ -189,6 +195,19 @@ def load_corpus(source: str | os.PathLike = "stdlib", *, stdlib_val: str = "spli
                       f"were replaced with U+FFFD ({names}{', ...' if len(replaced) > 5 else ''}); convert them to "
                       f"UTF-8, or pass errors='strict' to refuse them (corpus.replaced lists them all)", stacklevel=2)
     return corpus
+
+
+def _refuse_missing_path(source: str | os.PathLike, src: str) -> None:
+    """A source that is a file, or can only be a path, is not a hub dataset: asking the hub for it ends (offline,
+    after a minute of retries) in a ConnectionError about the datasets cache that hides the mistyped path."""
+    if Path(src).is_file() or resolve(src).is_file():
+        raise ValueError(f"corpus source {src!r} is a file; pass the folder that holds the text files "
+                         f"({', '.join(TEXT_SUFFIXES)}), e.g. {str(Path(src).parent)!r}")
+    if isinstance(source, os.PathLike) or src.startswith(("/", ".", "~")) or src.count("/") > 1 or "\\" in src:
+        places = " and ".join(map(str, dict.fromkeys([Path(src).absolute(), resolve(src)])))
+        tilde = " (~ is not expanded)" if src.startswith("~") else ""
+        raise FileNotFoundError(f"corpus source folder {src!r} does not exist (looked in {places}); check the "
+                                f"path{tilde}, or pass 'stdlib' or a hub dataset name such as 'NeelNanda/pile-10k'")
 
 
 def _load_hf(name: str, *, val_fraction: float, split: str, text_field: str, max_docs: int | None) -> Corpus:

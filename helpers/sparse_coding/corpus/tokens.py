@@ -109,7 +109,16 @@ def contexts(tokens: torch.Tensor, ctx_len: int, max_contexts: int | None = None
 @checked
 def unigram_entropy(tokens: torch.Tensor, vocab_size: int | None = None) -> float:
     """Entropy (nats/token) of the empirical unigram distribution of ``tokens``: the loss of the best model that
-    ignores context, the reference line a language model must get well under."""
+    ignores context, the reference line a language model must get well under. Raises ValueError for a negative
+    id (e.g. a -100 label padding) or, with vocab_size, an id >= vocab_size (tokens from another tokenizer)."""
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0:
+        raise ValueError(f"unigram_entropy: tokens must be token ids >= 0, got a minimum of {lo} (a padding or "
+                         f"ignore label such as -100?); drop those entries first, e.g. tokens[tokens >= 0]")
+    if vocab_size is not None and hi >= vocab_size:
+        # bincount would just grow to fit: an entropy over ids the model cannot emit, reported as if it could.
+        raise ValueError(f"unigram_entropy: tokens hold id {hi} >= vocab_size={vocab_size}; they come from another "
+                         f"tokenizer, or vocab_size is the wrong model's")
     counts = torch.bincount(tokens.flatten(), minlength=vocab_size or 0).double()
     p = counts[counts > 0] / counts.sum()
     return float(-(p * p.log()).sum())
