@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from ..arguments import checked
-from .interpretability import (Explainer, Record, Simulator, Split, TokenTableExplainer, TokenTableSimulator, _pooled,
-                               score_direction)
+from .interpretability import (Explainer, Record, Simulator, Split, TokenTableExplainer, TokenTableSimulator,
+                               _check_aligned, _pooled, score_direction)
 
 THRESHOLD = 0.5
 
@@ -44,10 +44,14 @@ def detection_score(explanation: str, simulator: Simulator, positives: Sequence[
                     negatives: Sequence[Sequence[str]], threshold: float = THRESHOLD) -> float:
     """Balanced accuracy (0.5 = chance, 1 = perfect) of calling `positives` (token texts of contexts where the
     direction fires) activating and `negatives` (contexts where it is 0) not, from `explanation` alone. NaN when
-    either list is empty."""
+    either list is empty. Raises ValueError when the simulator does not return one prediction per token of each
+    context."""
     if not len(positives) or not len(negatives):
         return math.nan
-    pred = simulator.simulate(explanation, [list(p) for p in positives] + [list(n) for n in negatives])
+    contexts = [list(p) for p in positives] + [list(n) for n in negatives]
+    pred = simulator.simulate(explanation, contexts)
+    # a simulator that drops or adds a context would shift negatives into positives without a trace
+    _check_aligned(contexts, pred)
     return _detection(pred[:len(positives)], pred[len(positives):], threshold)
 
 
@@ -64,12 +68,13 @@ def detection_from_predictions(positive: Sequence[Sequence[float]], negative: Se
 
 
 def _marks(records: Sequence[Record], seed: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """Per usable record (index, its m most active tokens, m seeded random silent tokens)."""
+    """Per usable record (index, its m most active tokens, m seeded random silent tokens). A NaN activation (a
+    mined window's token past its context's edge) is unknown, neither firing nor silent: never drawn as silent."""
     rng = np.random.default_rng(seed)
     out = []
     for i, r in enumerate(records):
         acts = np.asarray(r.acts, dtype=np.float64)
-        on, off = np.nonzero(acts > 0)[0], np.nonzero(~(acts > 0))[0]
+        on, off = np.nonzero(acts > 0)[0], np.nonzero(acts <= 0)[0]
         m = min(len(on), len(off))
         if m:
             out.append((i, on[np.argsort(-acts[on], kind="stable")[:m]], rng.choice(off, m, replace=False)))
@@ -90,11 +95,14 @@ def fuzzing_score(explanation: str, simulator: Simulator, records: Sequence[Reco
 @checked
 def fuzzing_from_predictions(records: Sequence[Record], predictions: Sequence[Sequence[float]], seed: int = 0,
                              threshold: float = THRESHOLD) -> float:
-    """`fuzzing_score` from simulated activations already made for the records (per record, per token)."""
+    """`fuzzing_score` from simulated activations already made for the records (per record, per token). Raises
+    ValueError unless predictions holds one value per token of each record, in the records' order."""
     return _fuzzing(records, predictions, seed, threshold)
 
 
 def _fuzzing(records, predictions, seed: int, threshold: float) -> float:
+    # one prediction per token of each record, else the marks below index past them or into another record
+    _check_aligned([r.acts for r in records], predictions)
     said_pos, said_neg = [], []
     for i, on, off in _marks(records, seed):
         p = np.asarray(predictions[i], dtype=np.float64)
@@ -141,9 +149,20 @@ def matched_negatives(positives: Sequence[int], silent: Sequence[int], doc: torc
                       ) -> list[int]:
     """For each positive fragment (global index) a distinct silent fragment (the direction is 0 throughout) from
     the same document where one is left, else a seeded random silent one; fewer when silent ones run out.
-    doc: [n_fragments] document index of every fragment."""
+    doc: [n_fragments] document index of every fragment. Raises ValueError unless doc is 1-d, every index lies in
+    [0, n_fragments) and no fragment is both positive and silent."""
+    if doc.ndim != 1:
+        raise ValueError(f"doc must be [n_fragments] (one document index per fragment), got shape {tuple(doc.shape)}")
+    silent, positives = [int(f) for f in silent], [int(f) for f in positives]
+    for name, idx in (("positives", positives), ("silent", silent)):
+        bad = [f for f in idx if not 0 <= f < len(doc)]
+        if bad:  # a negative index would silently read another fragment's document (Python wraps it)
+            raise ValueError(f"{name} must be fragment indices in [0, {len(doc)}) (doc's length), got {bad[:5]}")
+    both = sorted(set(positives) & set(silent))
+    if both:  # a positive could be handed back as its own negative
+        raise ValueError(f"fragments {both[:5]} are in both positives and silent; a fragment is either one where "
+                         f"the direction fires or one where it is 0 throughout")
     rng = np.random.default_rng(seed)
-    silent = list(silent)
     by_doc: dict[int, list[int]] = {}
     for f in rng.permutation(silent).tolist() if silent else []:
         by_doc.setdefault(int(doc[f]), []).append(f)

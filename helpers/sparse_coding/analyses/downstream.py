@@ -55,7 +55,8 @@ def downstream_loss(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str
     positions of ‖x − x̂‖², the activation's units) and nmse_at_hook (that over the mean ‖x − mean x‖²), and per
     later layer L (`training.e2e.downstream_hooks`) `mse:<hook>` and `nmse:<hook>`, the same between the spliced
     and the clean activations there; n_predictions, n_positions.
-    Raises ValueError for float tokens, an SAE of another width than the hook's or members out of range."""
+    Raises ValueError for float tokens, an SAE of another width than the hook's, members out of range or an
+    exclusion that leaves no prediction to score."""
     tokens = check_tokens(model, tokens)
     check_sae(sae)
     ids = member_indices(sae, members)
@@ -101,6 +102,9 @@ def downstream_loss(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str
                 sums["kl"][j] += float(kl[keep].double().sum())
                 for h in later:
                     sums[f"mse:{h}"][j] += float((spliced[h] - clean[h])[keep].double().pow(2).sum())
+    if n_pred == 0:  # every number below is a mean over the scored predictions (a ZeroDivisionError otherwise)
+        raise ValueError(f"exclude leaves no next-token prediction to score in tokens {tuple(tokens.shape)} (kept "
+                         f"positions: {n_pos}); pass longer contexts or exclude fewer positions / token ids")
     ce_clean = clean_sum / n_pred
     rows = []
     for j, m in enumerate(ids):
@@ -123,7 +127,12 @@ def downstream_loss(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str
 @checked
 def matched_ce_increase(frontiers: Mapping[str, pd.DataFrame]) -> float:
     """One CE loss increase every frontier reaches: the geometric middle of the range of CE increases the
-    frontiers share (each {kind: table with ce_increase}); NaN when they share none."""
+    frontiers share (each {kind: table with ce_increase}); NaN when they share none. Raises ValueError for no
+    frontiers or a table without a ce_increase column."""
+    if not frontiers:
+        raise ValueError("frontiers is empty: pass {kind: table with a ce_increase column}, one table per kind")
+    for kind, t in frontiers.items():
+        _need_columns(t, ("ce_increase",), f"frontiers[{kind!r}]")
     lo = max(float(t["ce_increase"].min()) for t in frontiers.values())
     hi = min(float(t["ce_increase"].max()) for t in frontiers.values())
     if not (lo <= hi) or lo <= 0:
@@ -134,14 +143,28 @@ def matched_ce_increase(frontiers: Mapping[str, pd.DataFrame]) -> float:
 @checked
 def at_ce_increase(table: pd.DataFrame, ce_increase: float, column: str = "l0") -> float:
     """`column` (l0, alive, ...) interpolated at a CE loss increase on one kind's frontier (rows with ce_increase
-    and `column`): linear in log CE increase between the two nearest points; NaN outside the range measured."""
-    t = table.sort_values("ce_increase")
+    and `column`): linear in log CE increase between the two nearest points; NaN outside the range measured (or
+    when no row has both numbers). Rows where either is NaN (not measured) are left out. Raises ValueError when
+    the table lacks one of the two columns."""
+    _need_columns(table, ("ce_increase", column), "table")
+    t = table[["ce_increase", column]].astype(float)
+    # a NaN row would sort last and become the top of the range: every target would fall outside it
+    t = t[np.isfinite(t["ce_increase"]) & np.isfinite(t[column])].sort_values("ce_increase")
+    if not len(t):
+        return math.nan
     x = np.log(np.clip(t["ce_increase"].to_numpy(float), 1e-12, None))
     y = t[column].to_numpy(float)
     target = math.log(max(ce_increase, 1e-12))
     if not (x[0] <= target <= x[-1]) or not math.isfinite(target):
         return math.nan
     return float(np.interp(target, x, y))
+
+
+def _need_columns(table: pd.DataFrame, columns: Sequence[str], name: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"{name} has no column {', '.join(map(repr, missing))} (its columns: {list(table.columns)}); "
+                         f"pass the table downstream_loss returns, one row per member")
 
 
 @checked

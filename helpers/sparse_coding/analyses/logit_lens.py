@@ -86,9 +86,16 @@ def centred_norm(model) -> bool:
 def top_tokens(logits: torch.Tensor, k: int = 10, token_counts: torch.Tensor | None = None, min_count: int = 0
                ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """(the k tokens the logits promote most, the k they suppress most) as [(token id, logit)], leaving out tokens
-    seen fewer than `min_count` times in `token_counts` [d_vocab] (e.g. torch.bincount of the corpus)."""
+    seen fewer than `min_count` times in `token_counts` [d_vocab] (e.g. torch.bincount of the corpus). Raises
+    ValueError unless logits is one direction's [d_vocab] (a `logit_lens_matrix` is ranked row by row) without NaN."""
     check_int(k, "k", 1)
+    # 2-D logits would be indexed as rows by the token ids below (an IndexError from torch, or wrong ids)
+    check_tensor(logits, "logits", 1, floating=False,
+                 shape_hint="[d_vocab] (one direction's logit_lens; for a logit_lens_matrix pass one row, m[i])")
     logits = logits.detach().float().cpu()
+    if bool(torch.isnan(logits).any()):  # topk ranks NaN above every number: it would head the promoted list
+        raise ValueError(f"logits contains {int(torch.isnan(logits).sum())} NaN values; the direction or the "
+                         f"unembedding is not finite: check what produced them")
     keep = torch.ones_like(logits, dtype=torch.bool)
     if token_counts is not None and min_count > 0:
         counts = torch.as_tensor(token_counts)

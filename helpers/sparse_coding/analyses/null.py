@@ -59,8 +59,8 @@ def null_mcs_quantile(q: float | np.ndarray, n_ref: int, d: int, absolute: bool 
 
     _check_null_args(n_ref, d)
     q = np.asarray(q, dtype=np.float64)
-    if np.any((q <= 0) | (q >= 1)):
-        raise ValueError(f"quantiles must lie strictly between 0 and 1, got {q}")
+    if not np.all((q > 0) & (q < 1)):  # written so that NaN fails too (it would come back as a NaN quantile)
+        raise ValueError(f"quantiles q must lie strictly between 0 and 1 (e.g. 0.99), got {q}")
     tail = -np.expm1(np.log(q) / n_ref)  # 1 - q^(1/n), accurate for large n
     if absolute:
         tail = tail / 2.0

@@ -139,9 +139,20 @@ def evaluate_lm_sweep(model: torch.nn.Module | None, run: LMSweep, store: Activa
 @checked
 def best_members(table: pd.DataFrame, l0_budget: float) -> pd.DataFrame:
     """Per kind, the member with the lowest FVU among those with L0 <= l0_budget (the sparsest member if none
-    is that sparse): one row per kind, indexed by kind."""
+    is that sparse): one row per kind, indexed by kind. Members whose FVU or L0 is NaN (not measured, e.g. a
+    diverged run) are never picked. Raises ValueError for a table without rows or without the kind, l0 and fvu
+    columns, or a kind none of whose members has both numbers."""
+    missing = [c for c in ("kind", "l0", "fvu") if c not in table.columns]
+    if missing or not len(table):
+        raise ValueError(f"table must be a sweep evaluation (evaluate_sweep(...).table) with rows and the columns "
+                         f"kind, l0 and fvu; got {len(table)} rows" + (f", missing {missing}" if missing else ""))
     rows = []
     for kind, sub in table.groupby("kind", sort=False):
+        # an unmeasured FVU is not a low one (idxmin skips NaN, and fails outright when all of them are NaN)
+        sub = sub[sub["fvu"].notna() & sub["l0"].notna()]
+        if not len(sub):
+            raise ValueError(f"kind {kind!r} has no member with both fvu and l0 measured (all NaN): evaluate it "
+                             f"again, or drop the kind from the table")
         ok = sub[sub["l0"] <= l0_budget]
         rows.append(ok.loc[ok["fvu"].idxmin()] if len(ok) else sub.loc[sub["l0"].idxmin()])
     return pd.DataFrame(rows).set_index("kind", drop=False)

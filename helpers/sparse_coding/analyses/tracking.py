@@ -84,7 +84,11 @@ def reached_then_fell(sim: torch.Tensor, high: float = 0.9, low: float = 0.6) ->
 @checked
 def settled_step(to_final: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:
     """[n] long: the first snapshot from which the feature stays >= threshold with its final self to the end
-    (-1 if it never does, e.g. a dead feature). The step at which a feature took its final form."""
+    (-1 if it never does, e.g. a dead feature). The step at which a feature took its final form. to_final is
+    [T, n_features] (or one feature's [T]); raises ValueError for more dimensions."""
+    if to_final.ndim not in (1, 2):  # a 3-d stack would be read as [T, n] per leading slice, silently
+        raise ValueError(f"to_final must be [T, n_features] (SelfSimilarity.to_final), got shape "
+                         f"{tuple(to_final.shape)}; track one SAE (one ensemble member) at a time")
     ok = (to_final >= threshold).int()
     suffix_all = ok.flip(0).cumprod(dim=0).flip(0).bool()   # ok at t and at every later snapshot
     first = suffix_all.int().argmax(dim=0)
@@ -193,6 +197,12 @@ def match_across_revisions(dictionaries: Sequence[torch.Tensor], alive: Sequence
     Extra keywords go to `hungarian_match` / `mcs` (e.g. chunk_size, candidates)."""
     if len(dictionaries) < 2:
         raise ValueError(f"need at least 2 dictionaries (revisions) to match, got {len(dictionaries)}")
+    widths = [D.shape[-1] if isinstance(D, torch.Tensor) and D.ndim else None for D in dictionaries]
+    for k, w in enumerate(widths[1:], 1):
+        if w != widths[0]:  # named here: the matcher's own message cannot say which revisions differ
+            raise ValueError(f"dictionaries have different widths: dictionaries[{k}] has d={w} but "
+                             f"dictionaries[0] has d={widths[0]}; every revision's dictionary must be trained at "
+                             f"the same site (one activation width)")
     alive = [None] * len(dictionaries) if alive is None else list(alive)
     if len(alive) != len(dictionaries):
         raise ValueError(f"got {len(alive)} alive masks for {len(dictionaries)} dictionaries; pass one per "
