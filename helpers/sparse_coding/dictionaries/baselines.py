@@ -28,6 +28,10 @@ import numpy as np
 import torch
 
 from ..arguments import checked
+from ..checks import check_int
+
+# scikit-learn (and numpy's legacy RandomState under it) takes seeds in [0, 2**32)
+SKLEARN_SEEDS = 2**32
 
 
 def _as_numpy(X, name: str = "X") -> np.ndarray:
@@ -50,6 +54,25 @@ def _check_components(n_components, d: int, name: str = "n_components", at_most:
     return int(n_components)
 
 
+def _sklearn_seed(seed: int) -> int:
+    return check_int(seed, "seed", 0, SKLEARN_SEEDS - 1, " (scikit-learn's random_state range)")
+
+
+def _input_eps(X) -> float:
+    """The rounding unit of X as given (before the float64 copy): what decides which directions are noise."""
+    if isinstance(X, torch.Tensor) and X.is_floating_point():
+        return float(torch.finfo(X.dtype).eps)
+    dtype = np.asarray(X).dtype
+    return float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else float(np.finfo(np.float64).eps)
+
+
+def _centred_rank(X: np.ndarray, eps: float) -> int:
+    """The number of directions the centred X spans above the rounding noise of its entries (the noise matrix's
+    spectral norm is at most its Frobenius norm, about eps·‖X‖_F)."""
+    s = np.linalg.svd(X - X.mean(axis=0), compute_uv=False)
+    return int((s > 10 * eps * np.linalg.norm(X)).sum())
+
+
 def _unit_oriented(atoms: np.ndarray, coefs: np.ndarray) -> torch.Tensor:
     """Unit rows, each flipped so that its coefficients over the data have positive skewness."""
     centred = coefs - coefs.mean(axis=0)
@@ -62,9 +85,11 @@ def _unit_oriented(atoms: np.ndarray, coefs: np.ndarray) -> torch.Tensor:
 
 @checked
 def pca_dictionary(X: torch.Tensor | np.ndarray, n_components: int | None = None, seed: int = 0) -> torch.Tensor:
-    """The top principal directions [n, d] (n ≤ d: PCA cannot be over-complete)."""
+    """The top principal directions [n, d] (n ≤ d: PCA cannot be over-complete). Raises ValueError for X not
+    [n_samples >= 2, d] and finite, n_components above min(n_samples, d), or seed outside [0, 2**32)."""
     from sklearn.decomposition import PCA
 
+    seed = _sklearn_seed(seed)
     X = _as_numpy(X)
     n = min(X.shape) if n_components is None else _check_components(n_components, X.shape[1], at_most=min(X.shape))
     pca = PCA(n_components=n, random_state=seed).fit(X)
@@ -73,16 +98,32 @@ def pca_dictionary(X: torch.Tensor | np.ndarray, n_components: int | None = None
 
 @checked
 def ica_dictionary(X: torch.Tensor | np.ndarray, n_components: int | None = None, seed: int = 0, max_iter: int = 400) -> torch.Tensor:
-    """FastICA's mixing directions [n, d] (the columns of `mixing_`, i.e. the directions the sources add along)."""
+    """FastICA's mixing directions [n, d] (the columns of `mixing_`, i.e. the directions the sources add along).
+
+    n_components: default the rank of the centred X (at most min(n_samples - 1, d)). Whitening divides by the
+    singular values of the centred X, so a direction it does not span (a constant or dead column, fewer samples than
+    d, features in a subspace) cannot be unmixed: n_components above that rank raises ValueError, as do X with no
+    variance and seed outside [0, 2**32)."""
     from sklearn.decomposition import FastICA
     from sklearn.exceptions import ConvergenceWarning
 
+    seed = _sklearn_seed(seed)
+    eps = _input_eps(X)
     X = _as_numpy(X)
-    n = min(X.shape) if n_components is None else _check_components(n_components, X.shape[1], at_most=min(X.shape))
+    rank = _centred_rank(X, eps)
+    if rank == 0:
+        raise ValueError(f"X has no variance (every row is the same, shape {X.shape}): ICA needs data that varies")
+    n = rank if n_components is None else _check_components(n_components, X.shape[1], at_most=min(X.shape))
+    if n > rank:
+        raise ValueError(f"n_components={n} exceeds the rank {rank} of the centred X (shape {X.shape}): ICA unmixes "
+                         f"only the directions X varies along (constant columns, fewer samples than d or a subspace "
+                         f"add none); lower n_components to <= {rank}, or leave it None")
     ica = FastICA(n_components=n, whiten="unit-variance", random_state=seed, max_iter=max_iter)
     with warnings.catch_warnings():
         # Non-convergence within max_iter still leaves a usable (if rougher) unmixing; the score shows the quality.
         warnings.simplefilter("ignore", ConvergenceWarning)
+        # Whitening divides by every singular value, the zeros past the rank too, before keeping the first n.
+        warnings.filterwarnings("ignore", "(invalid value|divide by zero) encountered in divide", RuntimeWarning)
         sources = ica.fit_transform(X)
     return _unit_oriented(ica.mixing_.T, sources)
 
@@ -114,7 +155,7 @@ def ksvd_dictionary(X: torch.Tensor | np.ndarray, n_components: int, n_nonzero: 
         # One round per fit: each fit starts by coding with the dictionary given, so the rounds chain exactly.
         dl = DictionaryLearning(n_components=n, fit_algorithm="ksvd", n_nonzero_coefs=int(n_nonzero),
                                 transform_algorithm="omp", max_iter=1, tol=0.0, dict_init=D,
-                                replace_unused_atoms="worst", random_state=seed + it).fit(X)
+                                replace_unused_atoms="worst", random_state=(seed + it) % SKLEARN_SEEDS).fit(X)
         D = dl.components_
         if on_iteration is not None:
             on_iteration(it + 1, torch.from_numpy(D.astype(np.float32)))
@@ -126,9 +167,12 @@ def online_dictionary(X: torch.Tensor | np.ndarray, n_components: int, alpha: fl
                       seed: int = 0) -> torch.Tensor:
     """Online dictionary learning with lasso coding (scikit-learn's MiniBatchDictionaryLearning, Mairal et al.
     2009, coordinate descent) for `n_epochs` passes over X, no early stopping; alpha is the lasso penalty in X's
-    units."""
+    units. Raises ValueError for n_epochs < 1 (scikit-learn would return its random initial dictionary for 0) or
+    seed outside [0, 2**32)."""
     from sklearn.decomposition import MiniBatchDictionaryLearning
 
+    check_int(n_epochs, "n_epochs", 1, hint=" (passes over X)")
+    seed = _sklearn_seed(seed)
     X = _as_numpy(X)
     n = _check_components(n_components, X.shape[1])
     if not (isinstance(alpha, numbers.Real) and alpha > 0):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..arguments import checked
+from ..checks import check_tensor
 
 
 
@@ -27,6 +28,18 @@ class FVU:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> "FVU":
+        """Add one batch: x [B, d] and its reconstruction x_hat [E, B, d] (or [B, d]). Raises ValueError for other
+        shapes (broadcasting would otherwise count a reconstruction of one row, or of another batch, against every
+        row) and for a width or member count that differs from the batches before."""
+        check_tensor(x, "x", 2, shape_hint="[B, d]")
+        check_tensor(x_hat, "x_hat", (2, 3), shape_hint="[E, B, d] or [B, d]")
+        if tuple(x_hat.shape[-2:]) != tuple(x.shape):
+            raise ValueError(f"x_hat must be [E, B, d] or [B, d] with [B, d] = x's shape {tuple(x.shape)}, got "
+                             f"{tuple(x_hat.shape)}; pass the reconstruction of this batch, row for row")
+        members = x_hat.shape[0] if x_hat.ndim == 3 else 1
+        if self.sse is not None and (self.sum_x.shape[0] != x.shape[1] or self.sse.shape[0] != members):
+            raise ValueError(f"this batch has d={x.shape[1]} and {members} member(s), the batches before had "
+                             f"d={self.sum_x.shape[0]} and {self.sse.shape[0]}; use one FVU per dictionary")
         xd = x.detach().double()
         err = (x_hat.detach().double() - xd).pow(2)
         sse = err.sum(dim=(-2, -1)).cpu().reshape(-1)

@@ -110,6 +110,24 @@ def saved_sweep(folder: Path, kind: str, ratio: float, settings_json: dict, devi
     return None
 
 
+def _sweep_cfg(settings: TrainSettings | None, fields: Mapping[str, Any], batch_size: int) -> TrainSettings:
+    """A sweep's TrainSettings before its length is known (batch_size: the default batch). Raises ValueError for
+    `steps` among the keywords: a sweep's steps are n_tokens // batch_size, so it would be ignored."""
+    if "steps" in fields:
+        raise ValueError(f"steps={fields['steps']!r} cannot be given to a sweep: it trains n_tokens // batch_size "
+                         f"steps; pass n_tokens=steps * batch_size instead")
+    cfg = TrainSettings.build(settings or TrainSettings(batch_size=batch_size), **fields)
+    return cfg if cfg.batch_size is not None else replace(cfg, batch_size=batch_size)
+
+
+def _run_cfg(cfg: TrainSettings, steps: int, snapshots: bool, fields: Mapping[str, Any]) -> TrainSettings:
+    """`cfg` for a sweep of `steps` steps: a resumable state beside the sweep (every twentieth of the run unless
+    cfg sets state_every), so a killed run continues where it stopped; with snapshots=True the weight snapshots at
+    cfg's snapshot_steps ("log" by default), else only those given as a keyword."""
+    snap = cfg.snapshot_steps if snapshots or "snapshot_steps" in fields else None
+    return replace(cfg, steps=steps, snapshot_steps=snap, state_every=cfg.state_every or max(1, steps // 20))
+
+
 def _settings(store: ActivationStore, kind: str, ratio: float, hparams: Mapping[str, Any], n_tokens: int,
               cfg: TrainSettings, snapshots: bool) -> dict:
     """What a sweep.json records and a rerun compares: the sweep's own settings and its TrainSettings whole (the
@@ -131,32 +149,27 @@ def train_lm_sweep(store: ActivationStore, kind: str, ratio: float, hparams: Map
     """Train one ensemble (kind, ratio; one member per value in `hparams` lists) on `store`, or reload it.
 
     settings: how every member trains (`TrainSettings`; here batch_size defaults to 4096 and steps are
-    n_tokens // batch_size); its fields given as keywords override it (seed, lr, batch_size, log_every,
-    warmup_steps, decay, resample_every, ...). seed also seeds the members' initialisation and names the folder.
+    n_tokens // batch_size, so `steps` as a keyword is a ValueError); its fields given as keywords override it (seed,
+    lr, batch_size, log_every, warmup_steps, decay, resample_every, ...). seed also seeds the members'
+    initialisation (unless hparams gives "seed", one per member) and names the folder.
     n_tokens: training tokens (default: one pass over the store). snapshots=True keeps log-spaced weight snapshots
     in `<sweep folder>.training/` (notebook 05 tracks features across them; snapshot_steps overrides which) and lets
     a killed run resume there. A rerun with the same settings (compared after a JSON round trip) reloads the saved
     sweep; retrain=True replaces a saved sweep whose settings differ, otherwise that is a FileExistsError."""
     check_positive(ratio, "ratio", " (dictionary size / d_model)")
-    cfg = TrainSettings.build(settings or TrainSettings(batch_size=DEFAULT_BATCH_SIZE), **fields)
-    if cfg.batch_size is None:
-        cfg = replace(cfg, batch_size=DEFAULT_BATCH_SIZE)
+    cfg = _sweep_cfg(settings, fields, DEFAULT_BATCH_SIZE)
     n_tokens = int(n_tokens or store.n_tokens)
     if n_tokens < cfg.batch_size:
         raise ValueError(f"n_tokens={n_tokens} is less than one batch (batch_size={cfg.batch_size})")
-    steps = n_tokens // cfg.batch_size
-    # A resumable state beside the sweep (every twentieth of the run), so a killed run continues where it stopped;
-    # snapshots=True also keeps log-spaced weight snapshots there.
-    cfg = replace(cfg, steps=steps,
-                  snapshot_steps=fields.get("snapshot_steps", "log" if snapshots else None),
-                  state_every=fields.get("state_every", max(1, steps // 20)))
+    cfg = _run_cfg(cfg, n_tokens // cfg.batch_size, snapshots, fields)
     folder = sweep_dir(data_dir, store, kind, ratio, cfg.seed)
     settings_json = _settings(store, kind, ratio, hparams, n_tokens, cfg, snapshots)
     saved = saved_sweep(folder, kind, ratio, settings_json, device, retrain)
     if saved is not None:
         return saved
 
-    sae = make_sae(kind, store.d, ratio=ratio, seed=cfg.seed, device=device, **hparams)
+    # hparams may give each member its own initialisation seed ("seed": [...]); the batches follow cfg.seed
+    sae = make_sae(kind, store.d, ratio=ratio, device=device, **{"seed": cfg.seed, **hparams})
     if retrain:
         shutil.rmtree(state_dir(folder), ignore_errors=True)  # another settings' unfinished state
     t0 = time.time()

@@ -12,7 +12,6 @@ import io
 import os
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,7 +25,7 @@ from ..files import canonical
 from ..paths import resolve
 from .factory import make_sae
 from .saelens_io import load_sweep, save_sweep
-from .sweep import HISTORY_FILE, LMSweep, saved_sweep, state_dir
+from .sweep import HISTORY_FILE, LMSweep, _run_cfg, _sweep_cfg, saved_sweep, state_dir
 from .training import TrainSettings, train_sae
 from .training.e2e import DEFAULT_BATCH_TOKENS, SplicedObjective, check_contexts
 
@@ -60,19 +59,16 @@ def train_e2e_sweep(model: torch.nn.Module, tokens: torch.Tensor, hook_name: str
     downstream_coef, lr, seed, warmup_steps, ...). model_name / revision name the folder and the metadata.
     exclude: positions left out of the SAE's inputs and the loss (as the harvest of this hook recorded them).
     A rerun with the same settings and contexts reloads the saved sweep; retrain=True replaces one trained with
-    other settings (else FileExistsError). Raises ValueError for float tokens or fewer than one batch."""
+    other settings (else FileExistsError). Raises ValueError for float tokens, fewer than one batch, or `steps` as
+    a keyword (steps are n_tokens // batch_size)."""
     check_positive(ratio, "ratio", " (dictionary size / d_model)")
     tokens = check_contexts(model, tokens)
-    cfg = TrainSettings.build(settings or TrainSettings(batch_size=DEFAULT_BATCH_TOKENS), **fields)
-    if cfg.batch_size is None:
-        cfg = replace(cfg, batch_size=DEFAULT_BATCH_TOKENS)
+    cfg = _sweep_cfg(settings, fields, DEFAULT_BATCH_TOKENS)
     per_step = (cfg.batch_size // tokens.shape[1]) * tokens.shape[1]
     if per_step < 1 or n_tokens < per_step:
         raise ValueError(f"n_tokens={n_tokens} is less than one batch ({max(per_step, cfg.batch_size)} tokens of "
                          f"whole {tokens.shape[1]}-token contexts)")
-    steps = n_tokens // per_step
-    cfg = replace(cfg, steps=steps, snapshot_steps=fields.get("snapshot_steps", "log" if snapshots else None),
-                  state_every=fields.get("state_every", max(1, steps // 20)))
+    cfg = _run_cfg(cfg, n_tokens // per_step, snapshots, fields)
     folder = e2e_sweep_dir(data_dir, model_name, revision, hook_name, kind, cfg.loss, ratio, cfg.seed)
     settings_json = canonical({
         "kind": kind, "ratio": float(ratio), "loss": cfg.loss, "seed": cfg.seed, "n_tokens": int(n_tokens),

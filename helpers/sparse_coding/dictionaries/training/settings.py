@@ -76,29 +76,34 @@ class TrainSettings:
     downstream_coef: float = 2.5
 
     def __post_init__(self) -> None:
-        check_int(self.steps, "steps", 1, hint=" (optimizer steps)")
-        check_positive(self.lr, "lr")
+        # Each checked value is stored as the plain int / float the check returns: a numpy scalar (a seed from
+        # np.arange, an lr from np.logspace) would otherwise make to_json() unwritable by json.
+        ints = {"steps": (1, " (optimizer steps)"), "log_every": (1, " (steps between log rows)"),
+                "warmup_steps": (0, ""), "coef_warmup_steps": (0, "")}
+        for name, (low, hint) in ints.items():
+            self._set(name, check_int(getattr(self, name), name, low, hint=hint))
+        self._set("lr", check_positive(self.lr, "lr"))
         betas = self.betas
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be Adam's two decay rates (b1, b2) in [0, 1), got {betas!r}")
-        for i, b in enumerate(betas):
-            check_number(b, f"betas[{i}]", low=0, high=1, high_open=True, hint=" (an Adam decay rate)")
-        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
-        check_seed(self.seed)
-        check_int(self.log_every, "log_every", 1, hint=" (steps between log rows)")
+        self._set("betas", tuple(check_number(b, f"betas[{i}]", low=0, high=1, high_open=True,
+                                              hint=" (an Adam decay rate)") for i, b in enumerate(betas)))
+        self._set("seed", check_seed(self.seed))
         for name in ("dead_window", "resample_every", "state_every", "batch_size"):
             if getattr(self, name) is not None:
-                check_int(getattr(self, name), name, 1, hint=" or None")
-        check_int(self.warmup_steps, "warmup_steps", 0)
-        check_int(self.coef_warmup_steps, "coef_warmup_steps", 0)
+                self._set(name, check_int(getattr(self, name), name, 1, hint=" or None"))
         check_choice(self.decay, "decay", (None, "linear", "cosine"))
-        check_number(self.decay_frac, "decay_frac", low=0, high=1, low_open=True, hint=" (share of the steps decaying)")
+        self._set("decay_frac", check_number(self.decay_frac, "decay_frac", low=0, high=1, low_open=True,
+                                             hint=" (share of the steps decaying)"))
         if self.input_scale != "auto":
-            check_positive(self.input_scale, "input_scale", " (see estimate_input_scale) or 'auto'")
-        check_number(self.resample_until, "resample_until", low=0, high=1, hint=" (share of the run resampling)")
+            self._set("input_scale", check_positive(self.input_scale, "input_scale",
+                                                    " (see estimate_input_scale) or 'auto'"))
+        self._set("resample_until", check_number(self.resample_until, "resample_until", low=0, high=1,
+                                                 hint=" (share of the run resampling)"))
         check_choice(self.loss, "loss", LOSSES)
-        check_positive(self.kl_coef, "kl_coef")
-        check_number(self.downstream_coef, "downstream_coef", low=0, hint=" (0 leaves the later layers out)")
+        self._set("kl_coef", check_positive(self.kl_coef, "kl_coef"))
+        self._set("downstream_coef", check_number(self.downstream_coef, "downstream_coef", low=0,
+                                                  hint=" (0 leaves the later layers out)"))
         snap = self.snapshot_steps
         if snap is not None and not (isinstance(snap, str) and snap == "log"):
             if isinstance(snap, str) or not isinstance(snap, (list, tuple, range)):
@@ -109,6 +114,9 @@ class TrainSettings:
                 raise ValueError(f"snapshot_steps must be ints in [0, steps={self.steps}] (steps completed), got "
                                  f"{bad}")
             object.__setattr__(self, "snapshot_steps", tuple(int(s) for s in snap))
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
 
     @classmethod
     def build(cls, settings: "TrainSettings | None" = None, **overrides: Any) -> "TrainSettings":

@@ -86,7 +86,12 @@ class BatchSource:
                 self._perm, self._perm_epoch = row_order(self.store.n_tokens, self.seed, epoch), epoch
             return self.store.rows(self._perm[i * self.batch_size:(i + 1) * self.batch_size])
         if self.kind == "callable":
-            return self.fn(step)
+            try:
+                return self.fn(step)
+            except (IndexError, KeyError, StopIteration) as e:
+                # a callable over a precomputed stream (`lambda step: stream[step]`) ends like an iterable does
+                raise ValueError(f"batches({step}) raised {type(e).__name__}: {e}; a callable source must give a "
+                                 f"batch for every step 0..steps-1 (lower steps, or give a longer stream)") from e
         try:
             return next(self.it)
         except StopIteration:
@@ -133,8 +138,9 @@ def estimate_input_scale(batches: Batches, n_batches: int = 16, batch_size: int 
                          ) -> float:
     """s with E‖s·x‖² = d_in, from `n_batches` batches of the source (a dataset tensor or an ActivationStore,
     sampled with `seed` and `batch_size`, default 4096; a callable, called for steps 0..n-1; an iterable, its first
-    batches). `train_sae(input_scale="auto")` calls it through `default_input_scale`.
-    Raises ValueError when the inputs are all zero or not finite."""
+    batches; a callable or iterable that ends sooner, those it gives). `train_sae(input_scale="auto")` calls it
+    through `default_input_scale`. Raises ValueError when the inputs are all zero or not finite, or the batches
+    differ in width."""
     check_int(n_batches, "n_batches", 1)
     if isinstance(batches, (torch.Tensor, ActivationStore)):
         # an estimate needs no more rows than there are: a small store is read whole rather than refused
@@ -151,6 +157,9 @@ def estimate_input_scale(batches: Batches, n_batches: int = 16, batch_size: int 
             raise
         if not isinstance(x, torch.Tensor) or x.ndim != 2:
             raise ValueError(f"batch {step} must be a [batch, d_in] tensor")
+        if d is not None and x.shape[1] != d:
+            raise ValueError(f"batch {step} has width {x.shape[1]} but the batches before have d_in={d}: every "
+                             f"batch must be [batch, d_in] of one hook's activations")
         total += float(x.double().pow(2).sum())
         rows, d = rows + x.shape[0], x.shape[1]
     if rows == 0:
