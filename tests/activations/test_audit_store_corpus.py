@@ -29,7 +29,7 @@ import torch
 
 from sparse_coding import activations as A
 from sparse_coding import corpus as C
-from sparse_coding.activations.layout import ChunkError
+from sparse_coding.activations.layout import ChunkError, hook_folder, safe_name
 from sparse_coding.paths import repo_root
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -171,3 +171,19 @@ def test_load_corpus_finds_a_folder_relative_to_the_repo_root(tmp_path, monkeypa
     assert (repo_root() / "tests" / "corpus").is_dir()
     corpus = C.load_corpus("tests/corpus", val_fraction=0.5)
     assert corpus.name == "folder:corpus" and len(corpus.train) + len(corpus.val) >= 2
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../..", "/", ""])
+def test_safe_name_never_gives_a_path_step(name):
+    # before: safe_name("..") was "..", so a harvest folder could land above out_root
+    assert safe_name(name) not in ("", ".", "..") and "/" not in safe_name(name)
+
+
+def test_hook_folder_stays_under_out_root(tmp_path):
+    from sparse_coding.paths import resolve
+
+    root = resolve(tmp_path)
+    for hook in ("blocks.2.hook_resid_post", "../../etc", "/etc", ".."):
+        folder = hook_folder(tmp_path, "m", None, hook)
+        assert folder.parent.parent.parent == root and folder.name not in ("", ".", "..")
+    assert hook_folder(tmp_path, "m", None, "blocks.2.hook_resid_post").name == "blocks.2.hook_resid_post"

@@ -153,3 +153,17 @@ def test_a_short_callable_stream_is_estimated_on_the_batches_it_has():
 def test_estimate_input_scale_refuses_mixed_widths():
     with pytest.raises(ValueError, match="batch 1 has width 2 but the batches before have d_in=8"):
         estimate_input_scale([torch.ones(4, 8), torch.ones(4, 2)])
+
+
+def test_fvu_keeps_its_precision_far_from_the_origin():
+    # Σ‖x‖² − ‖Σx‖²/n cancelled away: about 1 % off at mean/spread 1e7, even in float64 (before)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g, dtype=torch.float64)
+    x_hat = x + 0.5 * torch.randn(512, 8, generator=g, dtype=torch.float64)
+    near = FVU().update(x, x_hat).value()
+    far = FVU()
+    # several batches: the shift is the first batch's mean, not the overall one
+    for xs, hs in zip((x + 1e7).split(100), (x_hat + 1e7).split(100)):
+        far.update(xs, hs)
+    torch.testing.assert_close(far.value(), near, rtol=1e-6, atol=0)
+    assert far.total_variance() == pytest.approx(float(((x - x.mean(0)) ** 2).sum()), rel=1e-9)

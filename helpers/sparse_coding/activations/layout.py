@@ -44,8 +44,10 @@ class ChunkError(RuntimeError):
 
 @checked
 def safe_name(name: str) -> str:
-    """A model name as one folder name: ``EleutherAI/pythia-70m`` -> ``EleutherAI__pythia-70m``."""
-    return re.sub(r"[^\w.\-]+", "__", str(name)).strip("_") or "model"
+    """A model name as one folder name: ``EleutherAI/pythia-70m`` -> ``EleutherAI__pythia-70m``. Never a name the
+    file system reads as a path step (``.``, ``..``): those would put the folder beside or above its parent."""
+    out = re.sub(r"[^\w.\-]+", "__", str(name)).strip("_")
+    return out if out.strip(".") else "model"
 
 
 def revision_name(model_name: str, revision: str | None) -> str:
@@ -56,7 +58,9 @@ def revision_name(model_name: str, revision: str | None) -> str:
 
 @checked
 def hook_folder(out_root: str | os.PathLike, model_name: str, revision: str | None, hook: str) -> Path:
-    return resolve(out_root) / safe_name(model_name) / safe_name(revision_name(model_name, revision)) / hook
+    """out_root/<model>/<revision>/<hook>, each part one folder name (`safe_name`: a hook name such as
+    ``blocks.2.hook_resid_post`` is kept as is; ``..`` or ``/etc`` cannot lead outside out_root)."""
+    return resolve(out_root) / safe_name(model_name) / safe_name(revision_name(model_name, revision)) / safe_name(hook)
 
 
 # ----------------------------------------------------------------------------------------------------- chunk files
