@@ -128,6 +128,7 @@ class EnsembleSAE(nn.Module):
     required_hparams: tuple[str, ...] = ()  # member keys without a default
     unit_norm_decoder: bool = True
     nonnegative_codes: bool = True  # False for a kind whose codes can be negative
+    log_params: tuple[str, ...] = ()  # parameters stored as logs, where -inf is a value (log 0), not damage
 
     @classmethod
     def default_hparams(cls, d_in: int) -> dict[str, Any]:

@@ -131,6 +131,7 @@ class JumpReLUSAE(Workspaces, EnsembleSAE):
 
     architecture = "jumprelu"
     member_keys = ("l0_coef", "bandwidth", "init_threshold", "threshold_lr_mult")
+    log_params = ("log_threshold",)  # θ = 0 (a plain ReLU, as loaded SAEs may have) is log θ = -inf
     sparsity_knob = sparsity_coef = "l0_coef"
 
     @classmethod

@@ -41,10 +41,10 @@ FORMAT_VERSION = 1
 _SNAP_RE = re.compile(r"^step-(\d+)\.safetensors$")
 
 
-def _intact(name: str, p: torch.Tensor) -> bool:
-    """Whether parameter p holds no damage (NaN, inf). A JumpReLU threshold of 0 (a plain ReLU: loaded SAEs may have
-    them) is log θ = -inf, which exp() maps back to exactly 0 and which Adam leaves alone (its gradient is 0)."""
-    if name == "log_threshold":
+def _intact(p: torch.Tensor, log: bool) -> bool:
+    """Whether parameter p holds no damage (NaN, inf). In a log parameter (the kind's `log_params`) -inf is log 0,
+    which exp() maps back to exactly 0 and which Adam leaves alone (its gradient is 0)."""
+    if log:
         return not bool((p.isnan() | (p == float("inf"))).any())
     return bool(torch.isfinite(p).all())
 
@@ -164,7 +164,7 @@ class TrainingState:
 
     def save(self, done: int, progress: Mapping[str, Any]) -> None:
         """Write the snapshot of step `done` (if one is due) and the full state with `progress` (JSON-able)."""
-        if not all(_intact(name, p) for name, p in self.sae.named_parameters()):
+        if not all(_intact(p, name in self.sae.log_params) for name, p in self.sae.named_parameters()):
             raise TrainingDiverged(f"weights are NaN/inf after step {done}; nothing was written, {self.folder} keeps "
                                    f"the state of step {self.last_good}")
         weights = dict(self.sae.state_dict())
