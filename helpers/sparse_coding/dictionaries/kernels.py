@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import jit
+
 
 # Off the CPU, or in half precision (which torch's CPU sparse matmuls lack), the sparse passes run as chunked
 # index_add_ / index_select: E·rows·K·d_in ≈ this many elements per chunk (a bounded temporary), at least _MIN_ROWS
@@ -212,6 +214,20 @@ class SparseDecode(torch.autograd.Function):
         return g_W, g_values, None
 
 
+def _jit_groups(pre: torch.Tensor, n: int, k: int) -> int:
+    """The number of strided groups `jit.topk` takes for rows of n (a power of two from 2k with at least 4
+    values per group), or 0 where it does not apply (not a contiguous float32 CPU tensor, or too few values)."""
+    if not (jit.available(pre) and pre.dtype == torch.float32 and pre.is_contiguous() and 1 <= k and 8 * k <= n
+            and not pre.requires_grad):
+        return 0
+    g = 1
+    while g < 2 * k:
+        g *= 2
+    while n % g and g <= n // 4:
+        g *= 2
+    return g if g <= n // 4 and n % g == 0 else 0
+
+
 def topk_rows(pre: torch.Tensor, k: int, sorted: bool,
               workspace: Callable[..., torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`pre.topk(k, dim=-1, sorted=sorted)` for [E, B, n], through group maxima when n is large next to k.
@@ -223,6 +239,11 @@ def topk_rows(pre: torch.Tensor, k: int, sorted: bool,
     exactly torch.topk's; among exactly tied values the latent picked may differ. workspace(*shape), if given,
     returns a buffer of that shape for the group maxima (or None), kept by the caller from call to call."""
     n = pre.shape[-1]
+    g = _jit_groups(pre, n, k)
+    if g:
+        got = jit.topk(pre.reshape(-1, n), k, g, sorted)
+        if got is not None:  # None: a NaN somewhere, whose place torch.topk decides
+            return got[0].view(*pre.shape[:-1], k), got[1].view(*pre.shape[:-1], k)
     s = 1
     while s * 2 * 64 * k <= n and n % (s * 2) == 0:  # keep m >= 64k, where torch.topk takes its cheaper path
         s *= 2

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from . import jit
 from .kernels import _csr_matrix
 
 # Past 1/_DENSE_ABOVE of all latents as candidates, the float32 pass is cheaper than rescoring them one by one.
@@ -149,6 +150,8 @@ def screened_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, sor
     radius = screen_radius(x, xa, W, b)
     s = 8 if n % 8 == 0 and n // 8 >= k else 1
     m = n // s
+    if jit.available(screen):
+        return _jit_screened(x, W, b, k, sorted, workspace, screen, radius, s)
     group_max = torch.amax(screen.unflatten(-1, (s, m)), -2, out=workspace("screen_max", E, B, m, dtype=screen.dtype))
     kth = _kth_lower(group_max, k)
     if not bool((torch.isfinite(kth).all() & torch.isfinite(radius).all())):
@@ -163,6 +166,27 @@ def screened_topk(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int, sor
         # rescoring that many one by one costs more than the dense float32 pass.
         return _dense_topk(x, W, b, k, sorted)
     return _rescore_top(x, W, b, rows[i], groups[i] + r * m, k, sorted)
+
+
+def _jit_screened(x, W, b, k, sorted, workspace, screen, radius, s):
+    """`screened_topk`'s passes over the screen as two compiled row kernels (`jit`): the same candidates."""
+    E, B, _ = x.shape
+    n = screen.shape[-1]
+    m = n // s
+    # A finite radius bounds ‖x̃‖·‖W̃_j‖ and |b̃_j| within float32's range, so the screen holds no NaN (the kernels
+    # do not look for one); the torch passes fall back on the same inputs (a NaN screen needs a non-finite radius).
+    if not bool(torch.isfinite(radius).all()):
+        return _dense_topk(x, W, b, k, sorted)
+    group_max, kth = jit.screen_maxima(screen.view(E * B, n), s, k, m % 8 == 0 and m // 8 >= 4 * k, workspace)
+    kth = kth.float().view(E, B)
+    if not bool(torch.isfinite(kth).all()):  # a screen rounded up to ±inf near float32's largest values
+        return _dense_topk(x, W, b, k, sorted)
+    lower = kth - radius - _UP * kth.abs()
+    threshold = screen_floor(lower, radius, kth).view(E * B)
+    rows, cols = jit.screen_candidates(screen.view(E * B, n), s, group_max, threshold)
+    if rows.numel() * _DENSE_ABOVE > E * B * n:
+        return _dense_topk(x, W, b, k, sorted)
+    return _rescore_top(x, W, b, rows, cols, k, sorted)
 
 
 def screen_floor(lower: torch.Tensor, radius: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

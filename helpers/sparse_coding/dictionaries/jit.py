@@ -1,0 +1,299 @@
+"""Compiled CPU kernels (numba) for the row-wise selections that torch runs as many passes of small ops: the bfloat16
+screen's candidate search (`screening.screened_topk`) and an exact row top-k (`kernels.topk_rows`). Each kernel
+reads its rows once, on numba's threads, and gives exactly what the torch passes it replaces give (tests compare
+them, tests/dictionaries/test_jit.py); where numba is not installed, or `SPARSE_CODING_JIT=0` is set, or `ENABLED`
+is set False, the callers keep their torch passes.
+
+bfloat16 values are compared as integers: for the 16 bits x of a bfloat16 (read as int16),
+    key(x) = (x ^ m) + (m & 1),  m = (x >> 15) & 0x7FFF
+orders the keys as the floats (negatives have their magnitude bits flipped; -0 and +0 both map to 0); NaN maps
+beyond ±inf and is looked for separately.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # numba is a dependency, but the package keeps working (on torch's passes) where it cannot be imported
+    import numba
+    import numpy as np
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - exercised where numba is missing
+    numba = None
+
+# False: every caller takes its torch passes (tests flip it to compare the two).
+ENABLED: bool = numba is not None and os.environ.get("SPARSE_CODING_JIT", "1") not in ("0", "false", "False")
+
+
+def available(t: torch.Tensor) -> bool:
+    """Whether the kernels run for a tensor: numba present and enabled, t on the CPU."""
+    return ENABLED and t.device.type == "cpu"
+
+
+def set_threads() -> None:
+    """numba's thread count follows torch's (e.g. 1 inside harvest's single-threaded workers)."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+if numba is not None:
+
+    @njit(cache=True, inline="always")
+    def _key(x):
+        """The order key of bfloat16 bits x (int16), in int16 arithmetic (vectorises where int64 would not)."""
+        m = np.int16((x >> 15) & 0x7FFF)
+        return np.int16(np.int16(x ^ m) + np.int16(m & 1))
+
+    @njit(cache=True, inline="always")
+    def _select(a, n, q):
+        """a[0:n] reordered so that a[q] is its q-th smallest (0-based), returned (quickselect, median of three)."""
+        lo, hi = 0, n - 1
+        while hi > lo:
+            x, y, z = a[lo], a[(lo + hi) >> 1], a[hi]
+            if x > y:
+                x, y = y, x
+            if y > z:
+                y = z
+            if x > y:
+                y = x
+            i, j = lo, hi
+            while i <= j:
+                while a[i] < y:
+                    i += 1
+                while a[j] > y:
+                    j -= 1
+                if i <= j:
+                    a[i], a[j] = a[j], a[i]
+                    i += 1
+                    j -= 1
+            if q <= j:
+                hi = j
+            elif q >= i:
+                lo = i
+            else:
+                return a[q]
+        return a[q]
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _screen_maxima(screen, s, k, fold, group_max, kth):
+        """screen [R, s·m] int16 (bfloat16 bits, no NaN) -> group_max [R, m]: keys of each strided group
+        {g, g+m, ...}'s max; kth [R]: the key of the k-th largest group max (of the maxima of 8 strided groups of
+        group maxima if fold)."""
+        R, n = screen.shape
+        m = n // s
+        for r in prange(R):
+            row = screen[r]
+            gm = group_max[r]
+            # _key written out, and each group's row as a slice: numba's inlined call, or indexing row[base + j]
+            # with a run-time s, does not vectorise (4x slower)
+            for j in range(m):
+                x = row[j]
+                h = np.int16((x >> 15) & 0x7FFF)
+                gm[j] = np.int16(np.int16(x ^ h) + np.int16(h & 1))
+            for q in range(1, s):
+                seg = row[q * m:(q + 1) * m]
+                for j in range(m):
+                    x = seg[j]
+                    h = np.int16((x >> 15) & 0x7FFF)
+                    gm[j] = max(gm[j], np.int16(np.int16(x ^ h) + np.int16(h & 1)))
+            if fold:
+                f = m // 8
+                work = gm[:f].copy()
+                for q in range(1, 8):
+                    seg = gm[q * f:(q + 1) * f]
+                    for j in range(f):
+                        work[j] = max(work[j], seg[j])
+            else:
+                f = m
+                work = gm.copy()
+            kth[r] = _select(work, f, f - k)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _screen_bounds(group_max, threshold, s, bounds):
+        """bounds [R]: s x the groups whose max reaches the row's threshold key (the most candidates a row has)."""
+        R, m = group_max.shape
+        for r in prange(R):
+            t = threshold[r]
+            gm = group_max[r]
+            c = 0
+            for j in range(m):
+                c += gm[j] >= t
+            bounds[r] = c * s
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _screen_fill(screen, s, group_max, threshold, starts, cols, counts):
+        """Each row's candidates (members of the passing groups at or above the threshold key), in order, into
+        cols[starts[r]:]; their number into counts."""
+        R, n = screen.shape
+        m = n // s
+        for r in prange(R):
+            t = threshold[r]
+            gm = group_max[r]
+            row = screen[r]
+            o = starts[r]
+            for j in range(m):
+                if gm[j] >= t:
+                    for q in range(s):
+                        cols[o] = q * m + j
+                        o += _key(row[q * m + j]) >= t
+            counts[r] = o - starts[r]
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _compact(src, starts, counts, dst_starts, rows, cols):
+        R = starts.shape[0]
+        for r in prange(R):
+            a, o, c = starts[r], dst_starts[r], counts[r]
+            for i in range(c):
+                cols[o + i] = src[a + i]
+                rows[o + i] = r
+
+    @njit(cache=True, nogil=True)
+    def _kth(a, n, k, hist, scratch):
+        """The k-th largest of a[0:n] (1 <= k <= n), exactly: a histogram over len(hist) equal buckets between
+        the min and the max (a few vector passes), then a selection among the one bucket that holds it. Needs no
+        NaN (a NaN gives some value; the callers look for NaN themselves)."""
+        mn, mx = a[0], a[0]
+        for i in range(1, n):
+            mn = min(mn, a[i])
+            mx = max(mx, a[i])
+        span = np.float64(mx) - np.float64(mn)
+        if not (span > 0 and span < np.inf):  # all equal, or ±inf among them: select among all
+            for i in range(n):
+                scratch[i] = a[i]
+            return _select(scratch, n, n - k)
+        NB = hist.shape[0]
+        scale = (NB - 0.5) / span  # the max lands in the last bucket, below NB
+        hist[:] = 0
+        for i in range(n):
+            hist[np.int64((np.float64(a[i]) - mn) * scale)] += 1
+        above, b = 0, NB - 1
+        while above + hist[b] < k:
+            above += hist[b]
+            b -= 1
+        m = 0
+        for i in range(n):
+            if np.int64((np.float64(a[i]) - mn) * scale) == b:
+                scratch[m] = a[i]
+                m += 1
+        return _select(scratch, m, m - (k - above))
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _topk(x, k, g, sort, out_v, out_i):
+        """Each row's k largest of x [R, n] (n = g·m, g >= k) into out_v, out_i [R, k]: the k-th largest of the g
+        strided group maxima {j, j+g, ...} bounds the row's k-th largest from below (k groups reach it), the few
+        values at or above it are the candidates, and the k-th largest of those is the cut. Ties at the cut: the
+        lower indices. With sort, descending (ties: the lower index first). Returns the number of rows holding a
+        NaN (left unwritten: the caller falls back)."""
+        R, n = x.shape
+        m = n // g
+        bad = 0
+        for blk in prange((R + 31) // 32):
+            gm, cv, scratch = np.empty(g, x.dtype), np.empty(n, x.dtype), np.empty(n, x.dtype)
+            buf, hist = np.empty(n, np.int64), np.empty(64, np.int64)
+            sv, si = np.empty(k, x.dtype), np.empty(k, np.int64)
+            for r in range(blk * 32, min(R, blk * 32 + 32)):
+                row = x[r]
+                gm[:] = row[:g]
+                for q in range(1, m):
+                    seg = row[q * g:(q + 1) * g]
+                    for j in range(g):
+                        v = seg[j]
+                        gm[j] = v if v > gm[j] else gm[j]
+                t = _kth(gm, g, k, hist, scratch)
+                c = 0
+                nan = 0
+                for j in range(n):
+                    v = row[j]
+                    buf[c] = j
+                    c += v >= t
+                    nan |= v != v
+                if nan:
+                    bad += 1
+                    continue
+                for j in range(c):
+                    cv[j] = row[buf[j]]
+                vk = _kth(cv, c, k, hist, scratch)
+                o = 0
+                for j in range(c):
+                    if cv[j] > vk:
+                        sv[o], si[o] = cv[j], buf[j]
+                        o += 1
+                for j in range(c):
+                    if o < k and cv[j] == vk:
+                        sv[o], si[o] = cv[j], buf[j]
+                        o += 1
+                if not sort:
+                    out_v[r], out_i[r] = sv, si
+                    continue
+                for i in range(k):  # rank = values above, then equal values at lower indices
+                    rank = 0
+                    for j in range(k):
+                        rank += sv[j] > sv[i]
+                        rank += (sv[j] == sv[i]) & (si[j] < si[i])
+                    out_v[r, rank], out_i[r, rank] = sv[i], si[i]
+        return bad
+
+
+def keys_of(bits: torch.Tensor) -> torch.Tensor:
+    """int16 order keys of bfloat16 bits (int16 tensor), as the kernels compute them."""
+    x = bits.to(torch.int32)
+    m = (x >> 15) & 0x7FFF
+    return ((x ^ m) + (m & 1)).to(torch.int16)
+
+
+def bits_of(keys: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 values [·] of order keys (int16; key 0 gives +0)."""
+    keys = keys.to(torch.int32)
+    x = torch.where(keys >= 0, keys, (keys - 1) ^ 0x7FFF)
+    return x.to(torch.int16).view(torch.bfloat16)
+
+
+def screen_maxima(screen: torch.Tensor, s: int, k: int, fold: bool, workspace=None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """screen [R, n] bfloat16 without NaN -> (group maxima [R, n / s] as int16 keys, each row's k-th largest group
+    maximum (of the 8-fold maxima if fold) [R] as bfloat16)."""
+    R, n = screen.shape
+    m = n // s
+    gm = workspace("jit_group_max", R, m, dtype=torch.int16) if workspace is not None else None
+    gm = gm if gm is not None else torch.empty(R, m, dtype=torch.int16)
+    kth = torch.empty(R, dtype=torch.int16)
+    set_threads()
+    _screen_maxima(screen.view(torch.int16).numpy(), s, k, fold, gm.numpy(), kth.numpy())
+    return gm, bits_of(kth)
+
+
+def _starts(counts: torch.Tensor) -> tuple[torch.Tensor, int]:
+    starts = torch.zeros_like(counts)
+    torch.cumsum(counts[:-1], 0, out=starts[1:])
+    return starts, int(starts[-1] + counts[-1]) if len(counts) else 0
+
+
+def screen_candidates(screen: torch.Tensor, s: int, group_max: torch.Tensor, threshold: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) [N] of the screen [R, n] entries at or above their row's threshold [R] (bfloat16), in the
+    order of the torch passes: rows ascending, then strided groups ascending, then members."""
+    R = screen.shape[0]
+    t = keys_of(threshold.view(torch.int16)).numpy()
+    bits, gm = screen.view(torch.int16).numpy(), group_max.numpy()
+    bounds, counts = torch.empty(R, dtype=torch.int64), torch.empty(R, dtype=torch.int64)
+    set_threads()
+    _screen_bounds(gm, t, s, bounds.numpy())
+    starts, total = _starts(bounds)
+    spill = torch.empty(total, dtype=torch.int64)
+    _screen_fill(bits, s, gm, t, starts.numpy(), spill.numpy(), counts.numpy())
+    dst, N = _starts(counts)
+    rows, cols = torch.empty(N, dtype=torch.int64), torch.empty(N, dtype=torch.int64)
+    _compact(spill.numpy(), starts.numpy(), counts.numpy(), dst.numpy(), rows.numpy(), cols.numpy())
+    return rows, cols
+
+
+def topk(x: torch.Tensor, k: int, g: int, sort: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x [R, n] float32 contiguous (n divisible by g, g >= k) -> each row's k largest values and indices [R, k]
+    (torch.topk's values; ties at the cut: the lower indices), descending if sort (ties: the lower index first),
+    or None where a row holds a NaN."""
+    R = x.shape[0]
+    values, idx = torch.empty(R, k), torch.empty(R, k, dtype=torch.int64)
+    set_threads()
+    bad = _topk(x.numpy(), k, g, sort, values.numpy(), idx.numpy())
+    return None if bad else (values, idx)
