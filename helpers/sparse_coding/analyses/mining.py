@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -141,21 +142,30 @@ class Mined:
         """Per equal-width bin of (0, max]: (lo, hi, [(context, position, value, flat index into the sample slots)])."""
         check_int(n_bins, "n_bins", 1)
         check_int(per_bin, "per_bin", 1)
-        top, g = float(self.max[d]), torch.Generator().manual_seed(seed)
+        top, g = max(float(self.top_value[d, 0]), 0.0), torch.Generator().manual_seed(seed)
         ctx = self.sample_context[d]
-        weight = (self.hist[d].double() / (ctx >= 0).sum(-1).clamp_min(1)).unsqueeze(-1).expand_as(ctx).flatten()
-        have = (ctx.flatten() >= 0).nonzero().squeeze(1)  # the filled slots (most are empty), ascending
-        slots, c = have.tolist(), ctx.flatten()[have].tolist()
-        p, v = self.sample_position[d].flatten()[have].tolist(), self.sample_value[d].flatten()[have].tolist()
+        K = ctx.shape[-1]
+        flat = ctx.flatten()
+        have = (flat >= 0).nonzero().squeeze(1)  # the filled slots (most are empty), ascending
+        slots, c = have.tolist(), flat[have].tolist()
+        values = self.sample_value[d].flatten()[have].numpy()
+        p, v = self.sample_position[d].flatten()[have].tolist(), values.tolist()
         edges = [top * j / n_bins for j in range(n_bins + 1)]
         # compared as torch compares a float32 tensor with a Python float: the bound rounded to float32 first
-        edges32 = torch.tensor(edges, dtype=torch.float64).float().tolist()
+        e32 = np.array(edges, dtype=np.float64).astype(np.float32)
+        at = np.searchsorted(e32, values, side="left") - 1  # (lo, hi]: the bin whose upper edge is the first >= x
+        at[(at < 0) | (at >= n_bins) | (e32[np.clip(at, 0, n_bins)] >= values)] = -1  # outside (0, max]
+        members = [np.flatnonzero(at == j).tolist() for j in range(n_bins)]
+        hist = None
         out = []
         for j in range(n_bins):
-            lo, hi = edges32[j], edges32[j + 1]
-            idx = [k for k, x in enumerate(v) if lo < x <= hi]  # (lo, hi]: bins partition (0, max]
+            idx = members[j]
             if len(idx) > per_bin:
-                pick = torch.multinomial(weight[[slots[k] for k in idx]], per_bin, replacement=False, generator=g)
+                if hist is None:  # each slot stands for its histogram bin's count over the slots filled there
+                    hist, filled = self.hist[d].tolist(), (ctx >= 0).sum(-1).tolist()
+                weight = torch.tensor([hist[slots[k] // K] / max(filled[slots[k] // K], 1) for k in idx],
+                                      dtype=torch.float64)
+                pick = torch.multinomial(weight, per_bin, replacement=False, generator=g)
                 idx = [idx[k] for k in pick.tolist()]
             out.append((edges[j], edges[j + 1], [(c[k], p[k], v[k], slots[k]) for k in idx]))
         return out

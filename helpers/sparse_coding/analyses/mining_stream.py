@@ -13,7 +13,9 @@ Shaped for speed (issue #25), with the same result as keeping every window in de
     need it (the first maximal position, as `max(dim)` gives), not from `max(dim)` over the whole batch;
   - negative activations are looked for among the nonzero values only;
   - the codes come dense or as each token's picks (`mining_sources`): a TopK SAE's k values and latents per token
-    give the same firing pairs, context maxima and windows without the [tokens, d_sae] matrix."""
+    give the same firing pairs, context maxima and windows without the [tokens, d_sae] matrix;
+  - where numba runs (`mining_kernels.available`), a batch is one compiled pass over its firing pairs and a few
+    compiled merges (`_update_compiled`), keeping exactly the tables the torch passes below keep."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import math
 
 import torch
 
-from .mining_sources import DenseSource, PickSource, RowPicks
+from . import mining_kernels
+from .mining_sources import DenseSource, PickSource, RowPicks, _windowed
 from .sketch_keys import hash_states, keys_of, sketch_keys
 
 BINS_PER_OCTAVE = 4
@@ -73,6 +76,7 @@ class Stream:
         self.context_max: list[torch.Tensor] | None = [] if keep_context_max else None  # each batch's [B, n]
         self.seed = (seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF)  # the seed as two 32-bit hash parts
         self.token_prefix = hash_states(0, *self.seed)  # the token keys' leading parts, hashed once
+        self.context_prefix = hash_states(1, *self.seed)  # the context keys' (compiled path)
         self.offsets = torch.arange(T) if window is None else torch.arange(-window[0], window[1] + 1)
         self.W = len(self.offsets)
         self.count = torch.zeros(n, dtype=torch.long)
@@ -136,10 +140,13 @@ class Stream:
             raise ValueError(f"encoder {self.name!r} gave non-finite activations (NaN or inf) in contexts "
                              f"{c0}..{c0 + B - 1}: check the model's activations at the hook and the encoder's "
                              f"weights for NaN/inf")
+        if mining_kernels.available():
+            return self._update_compiled(src, rows.contiguous(), f.contiguous(), v.contiguous(), c0)
         self.count += torch.bincount(f, minlength=n)
         vd = v.double()
-        for i in range(4):
-            self.power[i] += torch.bincount(f, weights=vd ** (i + 1), minlength=n)
+        v2 = vd * vd  # the powers as products (the compiled pass forms them alike): v, v², v²·v, v²·v²
+        for i, power in enumerate((vd, v2, v2 * vd, v2 * v2)):
+            self.power[i] += torch.bincount(f, weights=power, minlength=n)
         # log2 in float64: a value one float32 step off a bin edge stays on its own side
         g = f * N_BINS + (vd.log2() * BINS_PER_OCTAVE).floor().clamp_(-_OFFSET, N_BINS - 1 - _OFFSET).long() + _OFFSET
         self.hist += torch.bincount(g, minlength=n * N_BINS)
@@ -184,6 +191,42 @@ class Stream:
         _bottom_k(self.rnd_key, self.rnd, ff, ckeys[bb, ff],
                   [cmax[bb, ff], c0 + bb, pp, lambda i: self._store(src, bb[i], pp[i], ff[i], columns[i])])
 
+    def _update_compiled(self, src: DenseSource | PickSource, rows: torch.Tensor, f: torch.Tensor, v: torch.Tensor,
+                         c0: int) -> None:
+        """`update` through `mining_kernels` (the same tables): one pass over the firing pairs, then the merges;
+        the windows of what entered are stored after each merge, from the picks or the dense codes."""
+        B, T, n = src.B, src.T, src.n
+        cmax, cpos = torch.zeros(B, n), torch.zeros(B, n, dtype=torch.long)
+        t1, t2 = mining_kernels.row_states(self.token_prefix, c0, B, T)
+        cand, keys, groups = mining_kernels.pairs_pass(rows, f, v, T, BINS_PER_OCTAVE, _OFFSET, N_BINS, self.count,
+                                                       self.power, self.hist, cmax, cpos, t1, t2, self.smp_key)
+        if self.context_max is not None:
+            self.context_max.append(cmax)
+        cols = (mining_kernels.PickColumns(src.values, src.latents, (rows, f, v), n) if isinstance(src, PickSource)
+                else src)
+        r = rows[cand]
+        slots, j = mining_kernels.merge(self.smp_key, self.smp, groups, keys, v[cand], c0 + r // T, r % T)
+        self._store_at(cols, self.smp[3], slots, r[j] // T, r[j] % T, f[cand[j]])
+        slots, b = mining_kernels.top_merge(self.top_v, self.top_c, self.top_p, self.top_w, cmax, cpos, c0)
+        self._store_at(cols, self.top_w, slots, b, self.top_p.view(-1)[slots], slots % n)
+        s1, s2 = hash_states(torch.arange(c0, c0 + B), states=self.context_prefix)
+        bb, ff, ckeys = mining_kernels.context_keys(cmax, s1, s2, self.rnd_key)
+        slots, j = mining_kernels.merge(self.rnd_key, self.rnd, ff, ckeys, cmax[bb, ff], c0 + bb, cpos[bb, ff])
+        self._store_at(cols, self.rnd[3], slots, bb[j], cpos[bb[j], ff[j]], ff[j])
+
+    def _store_at(self, cols, wrow: torch.Tensor, slots: torch.Tensor, b: torch.Tensor, p: torch.Tensor,
+                  f: torch.Tensor) -> None:
+        """Store the windows of (b, p, f) (contexts in the batch, positions, directions) and point the table
+        entries at flat `slots` of wrow (left -1 by the merge: a compaction of the pool while storing remaps the
+        tables) to them."""
+        if not len(slots):
+            return
+        if self.window is None:
+            rows = self._store(cols, b, p, f, cols.columns(b, f))
+        else:
+            rows = self._store(_Windows(cols, self.T), b, p, f)
+        wrow.view(-1)[slots] = rows
+
     def result(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """(the tensors of `mining.Mined` from count to sample_acts, in its field order, direction axis first;
         the context maxima [n_contexts, n] or None)."""
@@ -194,3 +237,14 @@ class Stream:
                    top_c.T.contiguous(), self.top_p.T.contiguous(), self._acts(self.top_w.T), *self.rnd[:3],
                    self._acts(self.rnd[3]), *smp, self._acts(self.smp[3]).view(n, N_BINS, self.smp[3].shape[1], self.W)]
         return tensors, torch.cat(self.context_max) if self.context_max is not None else None
+
+
+class _Windows:
+    """`windows` of a source that gives only `columns` (`mining_kernels.PickColumns`), for `Stream._store`."""
+
+    def __init__(self, cols, T: int):
+        self.cols, self.T = cols, T
+
+    def windows(self, b: torch.Tensor, p: torch.Tensor, f: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        columns = self.cols.columns(b, f)
+        return _windowed(lambda pos: columns.gather(1, pos), p, offsets, self.T)

@@ -1,0 +1,315 @@
+"""Compiled kernels (numba) for `mining_stream.Stream.update`: the per-batch work of feature mining as a few
+sequential loops over the batch's firing pairs instead of some sixty torch passes (issue #25: mining within 0.8 of
+the model's forward plus the encoder matmul). Each gives exactly what the torch passes give (the same sums in the
+same order, the same hashes, the same stable merges; tests/analyses/test_mining_kernels.py compares the two on every
+field of `Mined`); `available()` is False without numba or with the kernels switched off (`dictionaries.jit`), and
+the stream then runs its torch passes.
+
+    pairs_pass   firing pairs -> counts, power sums, histogram, each context's max and its first position, and
+                 the token-sample candidates (keys below their bin's current k-th smallest)
+    merge        bottom-k insertion of candidates into per-group tables, payload rows marked for the windows
+    top_merge    each direction's top contexts (stable: kept entries first, then lower contexts)
+    context_keys the context sample's candidates (hash keys below each direction's current k-th smallest)
+    PickColumns  a batch's codes of a (context, direction) over all positions, from its picks
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dictionaries import jit
+
+numba = jit.numba
+if numba is not None:
+    import numpy as np
+    from numba import njit, prange
+
+
+def available() -> bool:
+    """Whether the stream takes these kernels (numba importable and `dictionaries.jit.ENABLED`)."""
+    return jit.ENABLED
+
+
+if numba is not None:
+    _M32 = 0xFFFFFFFF
+    # ceil((2^(j/4) - 1)·2^23) for j = 1, 2, 3 (floor(4·log2 v) at 4 bins per octave; exact decimals)
+    _QUARTERS = (1587185, 3474676, 5719293)
+
+    @njit(cache=True, nogil=True)
+    def _mix(h, part):
+        """`sketch_keys._mix` on int64 scalars: the same 32-bit hash step."""
+        h = h ^ (part & _M32)
+        for _ in range(2):
+            h = ((h >> 16) ^ h) * 0x45D9F3B & _M32
+        return (h >> 16) ^ h
+
+    @njit(cache=True, nogil=True)
+    def _pairs_pass(rows, f, v, vbits, T, offset, n_bins, count, power, hist, cmax, cpos, t1, t2,
+                    smp_key, out_i, out_key, out_g):
+        """In pair order (the torch bincounts' order, so the float64 sums round alike). Returns the number of
+        token-sample candidates written to out_i (pair index), out_key, out_g (flat bin)."""
+        per = smp_key.shape[1]
+        m = 0
+        for i in range(rows.shape[0]):
+            r, fi, vi = rows[i], f[i], v[i]
+            count[fi] += 1
+            vd = np.float64(vi)
+            v2 = vd * vd
+            power[0, fi] += vd
+            power[1, fi] += v2
+            power[2, fi] += v2 * vd
+            power[3, fi] += v2 * v2
+            # floor(4·log2 v) from v's float32 bits: 4·(exponent) + the quarter octaves the mantissa has passed
+            # (_QUARTERS: the least mantissas at or above 2^(j/4), j = 1, 2, 3; each 0.2 ulp or more away from it,
+            # so float64 log2 lands on the same side: test_the_bins_are_the_torch_formula_everywhere)
+            bits = vbits[i]
+            mant = bits & 0x7FFFFF
+            lg = 4 * ((bits >> 23) - 127) + (mant >= _QUARTERS[0]) + (mant >= _QUARTERS[1]) + (mant >= _QUARTERS[2])
+            lg = min(max(lg, -offset), n_bins - 1 - offset)
+            g = fi * n_bins + np.int64(lg) + offset
+            hist[g] += 1
+            b = r // T
+            if vi > cmax[b, fi]:  # pairs come in position order: the first maximal position is kept
+                cmax[b, fi] = vi
+                cpos[b, fi] = r - b * T
+            if per:
+                thr = smp_key[g, per - 1]
+                h1 = _mix(t1[r], fi)
+                if h1 * 2.0 ** -32 < thr:  # the first state bounds the key from below
+                    key = (h1 * 2 ** 21 + (_mix(t2[r], fi) >> 11)) * 2.0 ** -53
+                    if key < thr:
+                        out_i[m], out_key[m], out_g[m] = i, key, g
+                        m += 1
+        return m
+
+    @njit(cache=True, nogil=True)
+    def _merge(keys, vals, ctx, pos, wrow, groups, new_keys, new_vals, new_ctx, new_pos, entered):
+        """Insert candidate j (in order) into group groups[j]'s table of the K smallest keys (ascending, +inf
+        empty; an equal key goes after those kept: arrival order breaks ties), its window row marked -2 - j.
+        The groups entered are listed in `entered` (repeats possible); returns how many."""
+        K = keys.shape[1]
+        m = 0
+        for j in range(groups.shape[0]):
+            g, key = groups[j], new_keys[j]
+            if not key < keys[g, K - 1]:
+                continue
+            entered[m] = g
+            m += 1
+            s = K - 1
+            while s > 0 and keys[g, s - 1] > key:
+                keys[g, s], vals[g, s], ctx[g, s] = keys[g, s - 1], vals[g, s - 1], ctx[g, s - 1]
+                pos[g, s], wrow[g, s] = pos[g, s - 1], wrow[g, s - 1]
+                s -= 1
+            keys[g, s], vals[g, s], ctx[g, s], pos[g, s], wrow[g, s] = key, new_vals[j], new_ctx[j], new_pos[j], -2 - j
+        return m
+
+    @njit(cache=True, nogil=True)
+    def _take_marked(wrow, groups, slots, marks):
+        """The marked entries (window row <= -2) of the listed groups of wrow [G, K]: flat slots and marks, each
+        entry once (its mark is cleared to -1, empty, as it is taken); returns how many."""
+        K = wrow.shape[1]
+        m = 0
+        for g in groups:
+            for s in range(K):
+                if wrow[g, s] <= -2:
+                    slots[m], marks[m] = g * K + s, wrow[g, s]
+                    wrow[g, s] = -1
+                    m += 1
+        return m
+
+    @njit(cache=True, nogil=True)
+    def _top_merge(top_v, top_c, top_p, top_w, cmax, cpos, c0, entered):
+        """Each direction's n_top largest context maxima, descending; a new context enters below the kept ones
+        of its value and below lower contexts (the torch pass's stable sort); its window row marked -2 - b.
+        Lists the directions entered in `entered`; returns how many."""
+        n_top, n = top_v.shape
+        m = 0
+        for fi in range(n):
+            hit = False
+            for b in range(cmax.shape[0]):
+                cand = cmax[b, fi]
+                if not (cand > 0 and cand > top_v[n_top - 1, fi]):
+                    continue
+                hit = True
+                s = n_top - 1
+                while s > 0 and top_v[s - 1, fi] < cand:
+                    top_v[s, fi], top_c[s, fi] = top_v[s - 1, fi], top_c[s - 1, fi]
+                    top_p[s, fi], top_w[s, fi] = top_p[s - 1, fi], top_w[s - 1, fi]
+                    s -= 1
+                top_v[s, fi], top_c[s, fi], top_p[s, fi], top_w[s, fi] = cand, c0 + b, cpos[b, fi], -2 - b
+            if hit:
+                entered[m] = fi
+                m += 1
+        return m
+
+    @njit(cache=True, nogil=True)
+    def _context_keys(cmax, s1, s2, rnd_key, out_b, out_f, out_key):
+        """(context, direction) pairs that fire, row-major, whose key (the hash states s1, s2 [B] of each context
+        continued by the direction) is below the direction's current k-th smallest; returns how many."""
+        B, n = cmax.shape
+        last = rnd_key.shape[1] - 1
+        m = 0
+        for b in range(B):
+            for fi in range(n):
+                if cmax[b, fi] > 0:
+                    key = (_mix(s1[b], fi) * 2 ** 21 + (_mix(s2[b], fi) >> 11)) * 2.0 ** -53
+                    if key < rnd_key[fi, last]:
+                        out_b[m], out_f[m], out_key[m] = b, fi, key
+                        m += 1
+        return m
+
+    @njit(cache=True, nogil=True)
+    def _row_states(p1, p2, c0, B, T, t1, t2):
+        """`hash_states(c0 + b, t, states=(p1, p2))` for every row b·T + t of the batch."""
+        for b in range(B):
+            h1, h2 = _mix(p1, c0 + b), _mix(p2, c0 + b)
+            for t in range(T):
+                t1[b * T + t], t2[b * T + t] = _mix(h1, t), _mix(h2, t)
+
+    @njit(cache=True, nogil=True)
+    def _pick_pairs(values, latents, rows, f, v):
+        """The nonzero picks of [R, w] values and latents, row-major: rows, directions, values; returns how many."""
+        m = 0
+        for r in range(values.shape[0]):
+            for s in range(values.shape[1]):
+                if values[r, s] != 0:
+                    rows[m], f[m], v[m] = r, latents[r, s], values[r, s]
+                    m += 1
+        return m
+
+    @njit(cache=True, nogil=True)
+    def _bucket(rows, f, T, n, starts, order):
+        """Counting sort of the pairs by (context, direction) (starts [B·n + 1] zeros): order lists pair indices
+        bucket by bucket, in pair order within one."""
+        for i in range(rows.shape[0]):
+            starts[(rows[i] // T) * n + f[i] + 1] += 1
+        for k in range(starts.shape[0] - 1):
+            starts[k + 1] += starts[k]
+        fill = starts[:-1].copy()
+        for i in range(rows.shape[0]):
+            k = (rows[i] // T) * n + f[i]
+            order[fill[k]] = i
+            fill[k] += 1
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _bucket_columns(rows, v, T, n, starts, order, b, f, out):
+        for m in prange(b.shape[0]):
+            k = b[m] * n + f[m]
+            for t in range(T):
+                out[m, t] = 0
+            for e in range(starts[k], starts[k + 1]):
+                i = order[e]
+                out[m, rows[i] % T] = v[i]
+
+    @njit(parallel=True, cache=True, fastmath=True, nogil=True)
+    def _pick_columns(values, latents, b, f, out):
+        """out[m, t] = the value picked for direction f[m] at position t of context b[m] ([B, T, w] picks: finite,
+        non-negative, each latent at most once per row among the nonzero values), 0 where it was not. The largest
+        of the row's picks of that latent: order-free, so the loop vectorises (fastmath: no NaN or inf here)."""
+        T, w = values.shape[1], values.shape[2]
+        for m in prange(b.shape[0]):
+            vals, lats, fm = values[b[m]], latents[b[m]], f[m]
+            for t in range(T):
+                acc = np.float32(0.0)
+                for s in range(w):
+                    acc = max(acc, vals[t, s] if lats[t, s] == fm else np.float32(0.0))
+                out[m, t] = acc
+
+
+def pairs_pass(rows, f, v, T, bins_per_octave, offset, n_bins, count, power, hist, cmax, cpos, t1, t2, smp_key):
+    """See `_pairs_pass`; returns the candidates (pair indices, keys, flat bins) as tensors. The batch's power
+    sums start from zero and are added to `power` at the end, as the torch pass adds each batch's bincount."""
+    P = rows.shape[0]
+    total, power = power, torch.zeros_like(power)
+    out_i, out_key, out_g = (torch.empty(P, dtype=torch.long) if smp_key.shape[1] else torch.empty(0, dtype=torch.long),
+                             torch.empty(P if smp_key.shape[1] else 0, dtype=torch.float64),
+                             torch.empty(P if smp_key.shape[1] else 0, dtype=torch.long))
+    if bins_per_octave != 4:
+        raise ValueError(f"the compiled pairs pass bins at 4 per octave, not {bins_per_octave}")
+    m = _pairs_pass(rows.numpy(), f.numpy(), v.numpy(), v.view(torch.int32).numpy(), T, offset, n_bins, count.numpy(),
+                    power.numpy(), hist.numpy(), cmax.numpy(), cpos.numpy(), t1.numpy(), t2.numpy(), smp_key.numpy(),
+                    out_i.numpy(), out_key.numpy(), out_g.numpy())
+    total += power
+    return out_i[:m], out_key[:m], out_g[:m]
+
+
+def merge(keys, tables, groups, new_keys, new_vals, new_ctx, new_pos) -> tuple[torch.Tensor, torch.Tensor]:
+    """See `_merge`; tables = [values, contexts, positions, window rows] as the stream keeps them. Returns the
+    entries that entered, (flat slots into the tables, candidate indices), their window rows left -1 (empty)."""
+    vals, ctx, pos, wrow = tables
+    entered = torch.empty(len(groups), dtype=torch.long)
+    m = _merge(keys.numpy(), vals.numpy(), ctx.numpy(), pos.numpy(), wrow.numpy(), groups.numpy(), new_keys.numpy(),
+               new_vals.numpy(), new_ctx.numpy(), new_pos.numpy(), entered.numpy())
+    return take_marked(wrow, entered[:m])
+
+
+def take_marked(wrow: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """See `_take_marked`: (flat slots, candidate indices j) of the marked entries (mark -2 - j) in `groups`."""
+    K = wrow.shape[1]
+    slots, marks = torch.empty(len(groups) * K, dtype=torch.long), torch.empty(len(groups) * K, dtype=torch.long)
+    m = _take_marked(wrow.numpy(), groups.numpy(), slots.numpy(), marks.numpy())
+    return slots[:m], -2 - marks[:m]
+
+
+def top_merge(top_v, top_c, top_p, top_w, cmax, cpos, c0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """See `_top_merge`: the entries that entered, (flat slots into the [n_top, n] tables, contexts in the batch),
+    their window rows left -1 (empty)."""
+    entered = torch.empty(top_v.shape[1], dtype=torch.long)
+    m = _top_merge(top_v.numpy(), top_c.numpy(), top_p.numpy(), top_w.numpy(), cmax.numpy(), cpos.numpy(), c0,
+                   entered.numpy())
+    # take_marked reads [G, K] groups: the [n_top, n] tables' columns are the directions
+    slots, b = take_marked(top_w.T, entered[:m])  # slots index top_w.T: f * n_top + s
+    n_top = top_w.shape[0]
+    return (slots % n_top) * top_w.shape[1] + slots // n_top, b
+
+
+def context_keys(cmax, s1, s2, rnd_key):
+    """See `_context_keys`: (contexts in the batch, directions, keys) of the context-sample candidates."""
+    N = cmax.numel()
+    out_b, out_f, out_key = torch.empty(N, dtype=torch.long), torch.empty(N, dtype=torch.long), torch.empty(
+        N, dtype=torch.float64)
+    m = _context_keys(cmax.numpy(), s1.numpy(), s2.numpy(), rnd_key.numpy(), out_b.numpy(), out_f.numpy(),
+                      out_key.numpy())
+    return out_b[:m], out_f[:m], out_key[:m]
+
+
+def row_states(prefix: tuple[torch.Tensor, torch.Tensor], c0: int, B: int, T: int) -> tuple[torch.Tensor, ...]:
+    """The token hash states [B·T] of a batch's rows (see `_row_states`)."""
+    t1, t2 = torch.empty(B * T, dtype=torch.long), torch.empty(B * T, dtype=torch.long)
+    _row_states(int(prefix[0]), int(prefix[1]), c0, B, T, t1.numpy(), t2.numpy())
+    return t1, t2
+
+
+def pick_pairs(values: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, directions, values) of the nonzero picks of [R, w] values and int64 latents, row-major."""
+    R, w = values.shape
+    rows, f, v = torch.empty(R * w, dtype=torch.long), torch.empty(R * w, dtype=torch.long), torch.empty(R * w)
+    m = _pick_pairs(values.contiguous().numpy(), latents.contiguous().numpy(), rows.numpy(), f.numpy(), v.numpy())
+    return rows[:m], f[:m], v[:m]
+
+
+class PickColumns:
+    """A batch's codes from its picks (values, latents [B, T, w]) and their firing pairs (rows, directions, values):
+    `columns(b, f)` is [m, T] direction f[i]'s codes over context b[i] (0 where it does not fire). A few requests
+    scan the context's picks; many (the first batches) read a bucket sort of the pairs, made once."""
+
+    def __init__(self, values: torch.Tensor, latents: torch.Tensor, pairs: tuple[torch.Tensor, ...], n: int):
+        self.values, self.latents = values.contiguous(), latents.contiguous()
+        self.pairs, self.n, self.buckets = pairs, n, None
+
+    def columns(self, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        B, T, w = self.values.shape
+        out = torch.empty(len(b), T)
+        b, f = b.contiguous().numpy(), f.contiguous().numpy()
+        jit.set_threads()
+        rows, ff, v = self.pairs
+        if len(b) * T * w > 8 * (len(rows) + B * self.n):
+            if self.buckets is None:
+                starts, order = torch.zeros(B * self.n + 1, dtype=torch.long), torch.empty(len(rows), dtype=torch.long)
+                _bucket(rows.numpy(), ff.numpy(), T, self.n, starts.numpy(), order.numpy())
+                self.buckets = starts, order
+            _bucket_columns(rows.numpy(), v.numpy(), T, self.n, self.buckets[0].numpy(), self.buckets[1].numpy(), b,
+                            f, out.numpy())
+        else:
+            _pick_columns(self.values.numpy(), self.latents.numpy(), b, f, out.numpy())
+        return out
