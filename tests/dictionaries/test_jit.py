@@ -138,3 +138,36 @@ def test_unsorted_topk_rows_holds_the_same_set(case, both):
     assert torch.equal(pre.gather(-1, i1), v1) and bool((i1.sort(-1).values.diff(dim=-1) > 0).all())
     if case == "random":
         assert torch.equal(i1.sort(-1).values, ref.indices.sort(-1).values)
+
+
+@pytest.mark.parametrize("where", ["first_groups", "most_groups", "column"])
+def test_topk_rows_with_nan_among_the_group_maxima(where, both):
+    """A NaN in the first g values seeds a group maximum: it must be seen before any selection (the row falls back
+    to torch.topk, NaN first), whether in one row, in most groups of a row, or in one column of every row."""
+    pre = torch.randn(40, 512, generator=torch.Generator().manual_seed(8))
+    if where == "first_groups":
+        pre[3, 1] = float("nan")
+    elif where == "most_groups":
+        pre[5, 1:60] = float("nan")
+    else:
+        pre[:, 9] = float("nan")
+    for sort in (True, False):
+        (v1, i1), _ = both(lambda: topk_rows(pre, 32, sorted=sort))
+        ref = pre.topk(32, dim=-1, sorted=sort)
+        assert torch.equal(i1, ref.indices) and torch.allclose(v1, ref.values, equal_nan=True)
+
+
+def test_the_kernels_compile_without_a_writable_cache(tmp_path):
+    """Where numba finds no writable cache location its decorator raises: the kernels then compile per process."""
+    code = ("import numba.core.caching as c\n"
+            "def refuse(*a, **k): raise RuntimeError('cannot cache function: no locator available')\n"
+            "c.Cache.__init__ = refuse\n"
+            "from sparse_coding.dictionaries import jit\n"
+            "import torch\n"
+            "from sparse_coding.dictionaries.kernels import topk_rows\n"
+            "x = torch.randn(64, 512)\n"
+            "assert not jit.CACHE and jit.ENABLED\n"
+            "assert torch.equal(topk_rows(x, 8, sorted=True)[0], x.topk(8, dim=-1).values)\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

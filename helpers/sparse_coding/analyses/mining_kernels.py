@@ -35,7 +35,7 @@ if numba is not None:
     # ceil((2^(j/4) - 1)·2^23) for j = 1, 2, 3 (floor(4·log2 v) at 4 bins per octave; exact decimals)
     _QUARTERS = (1587185, 3474676, 5719293)
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=jit.CACHE, nogil=True)
     def _mix(h, part):
         """`sketch_keys._mix` on int64 scalars: the same 32-bit hash step."""
         h = h ^ (part & _M32)
@@ -43,7 +43,7 @@ if numba is not None:
             h = ((h >> 16) ^ h) * 0x45D9F3B & _M32
         return (h >> 16) ^ h
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=jit.CACHE, nogil=True)
     def _pairs_pass(rows, f, v, vbits, T, offset, n_bins, count, power, hist, cmax, cpos, t1, t2,
                     smp_key, out_i, out_key, out_g):
         """In pair order (the torch bincounts' order, so the float64 sums round alike). Returns the number of
@@ -82,7 +82,7 @@ if numba is not None:
                         m += 1
         return m
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=jit.CACHE, nogil=True)
     def _merge(keys, vals, ctx, pos, wrow, groups, new_keys, new_vals, new_ctx, new_pos, entered):
         """Insert candidate j (in order) into group groups[j]'s table of the K smallest keys (ascending, +inf
         empty; an equal key goes after those kept: arrival order breaks ties), its window row marked -2 - j.
@@ -103,7 +103,7 @@ if numba is not None:
             keys[g, s], vals[g, s], ctx[g, s], pos[g, s], wrow[g, s] = key, new_vals[j], new_ctx[j], new_pos[j], -2 - j
         return m
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=jit.CACHE, nogil=True)
     def _take_marked(wrow, groups, slots, marks):
         """The marked entries (window row <= -2) of the listed groups of wrow [G, K]: flat slots and marks, each
         entry once (its mark is cleared to -1, empty, as it is taken); returns how many."""
@@ -117,7 +117,7 @@ if numba is not None:
                     m += 1
         return m
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=jit.CACHE, nogil=True)
     def _top_merge(top_v, top_c, top_p, top_w, cmax, cpos, c0, entered):
         """Each direction's n_top largest context maxima, descending; a new context enters below the kept ones
         of its value and below lower contexts (the torch pass's stable sort); its window row marked -2 - b.
@@ -142,7 +142,7 @@ if numba is not None:
                 m += 1
         return m
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=jit.CACHE, nogil=True)
     def _context_keys(cmax, s1, s2, rnd_key, out_b, out_f, out_key):
         """(context, direction) pairs that fire, row-major, whose key (the hash states s1, s2 [B] of each context
         continued by the direction) is below the direction's current k-th smallest; returns how many."""
@@ -158,7 +158,7 @@ if numba is not None:
                         m += 1
         return m
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=jit.CACHE, nogil=True)
     def _row_states(p1, p2, c0, B, T, t1, t2):
         """`hash_states(c0 + b, t, states=(p1, p2))` for every row b·T + t of the batch."""
         for b in range(B):
@@ -166,7 +166,7 @@ if numba is not None:
             for t in range(T):
                 t1[b * T + t], t2[b * T + t] = _mix(h1, t), _mix(h2, t)
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=jit.CACHE, nogil=True)
     def _pick_pairs(values, latents, rows, f, v):
         """The nonzero picks of [R, w] values and latents, row-major: rows, directions, values; returns how many."""
         m = 0
@@ -177,7 +177,7 @@ if numba is not None:
                     m += 1
         return m
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=jit.CACHE, nogil=True)
     def _bucket(rows, f, T, n, starts, order):
         """Counting sort of the pairs by (context, direction) (starts [B·n + 1] zeros): order lists pair indices
         bucket by bucket, in pair order within one."""
@@ -191,7 +191,7 @@ if numba is not None:
             order[fill[k]] = i
             fill[k] += 1
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(parallel=True, cache=jit.CACHE, nogil=True)
     def _bucket_columns(rows, v, T, n, starts, order, b, f, out):
         for m in prange(b.shape[0]):
             k = b[m] * n + f[m]
@@ -201,7 +201,7 @@ if numba is not None:
                 i = order[e]
                 out[m, rows[i] % T] = v[i]
 
-    @njit(parallel=True, cache=True, fastmath=True, nogil=True)
+    @njit(parallel=True, cache=jit.CACHE, fastmath=True, nogil=True)
     def _pick_columns(values, latents, b, f, out):
         """out[m, t] = the value picked for direction f[m] at position t of context b[m] ([B, T, w] picks: finite,
         non-negative, each latent at most once per row among the nonzero values), 0 where it was not. The largest
@@ -224,8 +224,9 @@ def pairs_pass(rows, f, v, T, bins_per_octave, offset, n_bins, count, power, his
     out_i, out_key, out_g = (torch.empty(P, dtype=torch.long) if smp_key.shape[1] else torch.empty(0, dtype=torch.long),
                              torch.empty(P if smp_key.shape[1] else 0, dtype=torch.float64),
                              torch.empty(P if smp_key.shape[1] else 0, dtype=torch.long))
-    if bins_per_octave != 4:
-        raise ValueError(f"the compiled pairs pass bins at 4 per octave, not {bins_per_octave}")
+    if bins_per_octave != 4 or v.dtype != torch.float32:
+        raise ValueError(f"the compiled pairs pass bins float32 values at 4 per octave, got {v.dtype} values and "
+                         f"{bins_per_octave} bins per octave")
     m = _pairs_pass(rows.numpy(), f.numpy(), v.numpy(), v.view(torch.int32).numpy(), T, offset, n_bins, count.numpy(),
                     power.numpy(), hist.numpy(), cmax.numpy(), cpos.numpy(), t1.numpy(), t2.numpy(), smp_key.numpy(),
                     out_i.numpy(), out_key.numpy(), out_g.numpy())

@@ -23,6 +23,22 @@ try:  # numba is a dependency, but the package keeps working (on torch's passes)
 except ImportError:  # pragma: no cover - exercised where numba is missing
     numba = None
 
+
+
+def _probe() -> int:
+    return 0
+
+
+# numba caches compiled kernels beside their source or in its user cache directory; where neither is writable (a
+# read-only install without a home) its decorator raises at import, so the kernels compile once per process instead.
+CACHE = False
+if numba is not None:
+    try:
+        njit(cache=True)(_probe)
+        CACHE = True
+    except RuntimeError:
+        pass
+
 # False: every caller takes its torch passes (tests flip it to compare the two).
 ENABLED: bool = numba is not None and os.environ.get("SPARSE_CODING_JIT", "1") not in ("0", "false", "False")
 
@@ -39,13 +55,13 @@ def set_threads() -> None:
 
 if numba is not None:
 
-    @njit(cache=True, inline="always")
+    @njit(cache=CACHE, inline="always")
     def _key(x):
         """The order key of bfloat16 bits x (int16), in int16 arithmetic (vectorises where int64 would not)."""
         m = np.int16((x >> 15) & 0x7FFF)
         return np.int16(np.int16(x ^ m) + np.int16(m & 1))
 
-    @njit(cache=True, inline="always")
+    @njit(cache=CACHE, inline="always")
     def _select(a, n, q):
         """a[0:n] reordered so that a[q] is its q-th smallest (0-based), returned (quickselect, median of three)."""
         lo, hi = 0, n - 1
@@ -75,7 +91,7 @@ if numba is not None:
                 return a[q]
         return a[q]
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(parallel=True, cache=CACHE, nogil=True)
     def _screen_maxima(screen, s, k, fold, group_max, kth):
         """screen [R, s·m] int16 (bfloat16 bits, no NaN) -> group_max [R, m]: keys of each strided group
         {g, g+m, ...}'s max; kth [R]: the key of the k-th largest group max (of the maxima of 8 strided groups of
@@ -109,7 +125,7 @@ if numba is not None:
                 work = gm.copy()
             kth[r] = _select(work, f, f - k)
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(parallel=True, cache=CACHE, nogil=True)
     def _screen_bounds(group_max, threshold, s, bounds):
         """bounds [R]: s x the groups whose max reaches the row's threshold key (the most candidates a row has)."""
         R, m = group_max.shape
@@ -121,7 +137,7 @@ if numba is not None:
                 c += gm[j] >= t
             bounds[r] = c * s
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(parallel=True, cache=CACHE, nogil=True)
     def _screen_fill(screen, s, group_max, threshold, starts, cols, counts):
         """Each row's candidates (members of the passing groups at or above the threshold key), in order, into
         cols[starts[r]:]; their number into counts."""
@@ -139,7 +155,7 @@ if numba is not None:
                         o += _key(row[q * m + j]) >= t
             counts[r] = o - starts[r]
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(parallel=True, cache=CACHE, nogil=True)
     def _compact(src, starts, counts, dst_starts, rows, cols):
         R = starts.shape[0]
         for r in prange(R):
@@ -148,17 +164,19 @@ if numba is not None:
                 cols[o + i] = src[a + i]
                 rows[o + i] = r
 
-    @njit(cache=True, nogil=True)
+    @njit(cache=CACHE, nogil=True)
     def _kth(a, n, k, hist, scratch):
         """The k-th largest of a[0:n] (1 <= k <= n), exactly: a histogram over len(hist) equal buckets between
-        the min and the max (a few vector passes), then a selection among the one bucket that holds it. Needs no
-        NaN (a NaN gives some value; the callers look for NaN themselves)."""
+        the min and the max (a few vector passes), then a selection among the one bucket that holds it. With a NaN
+        among them, a selection among all (some value: the callers look for NaN themselves)."""
         mn, mx = a[0], a[0]
+        nan = a[0] != a[0]
         for i in range(1, n):
             mn = min(mn, a[i])
             mx = max(mx, a[i])
+            nan |= a[i] != a[i]
         span = np.float64(mx) - np.float64(mn)
-        if not (span > 0 and span < np.inf):  # all equal, or ±inf among them: select among all
+        if nan or not (span > 0 and span < np.inf):  # all equal, ±inf or NaN among them: select among all
             for i in range(n):
                 scratch[i] = a[i]
             return _select(scratch, n, n - k)
@@ -178,7 +196,7 @@ if numba is not None:
                 m += 1
         return _select(scratch, m, m - (k - above))
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(parallel=True, cache=CACHE, nogil=True)
     def _topk(x, k, g, sort, out_v, out_i):
         """Each row's k largest of x [R, n] (n = g·m, g >= k) into out_v, out_i [R, k]: the k-th largest of the g
         strided group maxima {j, j+g, ...} bounds the row's k-th largest from below (k groups reach it), the few
@@ -195,22 +213,23 @@ if numba is not None:
             for r in range(blk * 32, min(R, blk * 32 + 32)):
                 row = x[r]
                 gm[:] = row[:g]
+                nan = 0
+                for j in range(g):
+                    nan |= gm[j] != gm[j]
                 for q in range(1, m):
                     seg = row[q * g:(q + 1) * g]
                     for j in range(g):
                         v = seg[j]
+                        nan |= v != v
                         gm[j] = v if v > gm[j] else gm[j]
-                t = _kth(gm, g, k, hist, scratch)
-                c = 0
-                nan = 0
-                for j in range(n):
-                    v = row[j]
-                    buf[c] = j
-                    c += v >= t
-                    nan |= v != v
-                if nan:
+                if nan:  # before any selection: a NaN has no place in the order (torch.topk's own rule applies)
                     bad += 1
                     continue
+                t = _kth(gm, g, k, hist, scratch)
+                c = 0
+                for j in range(n):
+                    buf[c] = j
+                    c += row[j] >= t
                 for j in range(c):
                     cv[j] = row[buf[j]]
                 vk = _kth(cv, c, k, hist, scratch)
