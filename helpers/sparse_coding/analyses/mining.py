@@ -143,13 +143,15 @@ class Mined:
         check_int(n_bins, "n_bins", 1)
         check_int(per_bin, "per_bin", 1)
         top, g = max(float(self.top_value[d, 0]), 0.0), torch.Generator().manual_seed(seed)
-        ctx = self.sample_context[d]
+        # numpy for these small gathers: a torch op may start a parallel region, and with OpenMP's passive wait
+        # policy (sparse_coding.threads) waking the other thread costs more than the gather
+        ctx = self.sample_context[d].numpy()
         K = ctx.shape[-1]
-        flat = ctx.flatten()
-        have = (flat >= 0).nonzero().squeeze(1)  # the filled slots (most are empty), ascending
+        flat = ctx.ravel()
+        have = np.flatnonzero(flat >= 0)  # the filled slots (most are empty), ascending
         slots, c = have.tolist(), flat[have].tolist()
-        values = self.sample_value[d].flatten()[have].numpy()
-        p, v = self.sample_position[d].flatten()[have].tolist(), values.tolist()
+        values = self.sample_value[d].numpy().ravel()[have]
+        p, v = self.sample_position[d].numpy().ravel()[have].tolist(), values.tolist()
         edges = [top * j / n_bins for j in range(n_bins + 1)]
         # compared as torch compares a float32 tensor with a Python float: the bound rounded to float32 first
         e32 = np.array(edges, dtype=np.float64).astype(np.float32)
@@ -162,7 +164,7 @@ class Mined:
             idx = members[j]
             if len(idx) > per_bin:
                 if hist is None:  # each slot stands for its histogram bin's count over the slots filled there
-                    hist, filled = self.hist[d].tolist(), (ctx >= 0).sum(-1).tolist()
+                    hist, filled = self.hist[d].tolist(), (ctx >= 0).sum(-1).tolist()  # per histogram bin
                 weight = torch.tensor([hist[slots[k] // K] / max(filled[slots[k] // K], 1) for k in idx],
                                       dtype=torch.float64)
                 pick = torch.multinomial(weight, per_bin, replacement=False, generator=g)
@@ -184,7 +186,7 @@ class Mined:
         d = self._check(latent)
         bins = self._quantile_picks(d, n_bins, per_bin, seed)
         rows = [i for _, _, picks in bins for *_, i in picks]
-        acts = iter(self.sample_acts[d].flatten(0, 1)[rows].tolist())  # one gather and conversion per feature
+        acts = iter(self.sample_acts[d].flatten(0, 1).numpy()[rows].tolist())  # one gather and conversion
         return [(lo, hi, [self._example(c, p, v, next(acts)) for c, p, v, _ in picks]) for lo, hi, picks in bins]
 
 

@@ -22,7 +22,7 @@ from ..dictionaries import jit
 numba = jit.numba
 if numba is not None:
     import numpy as np
-    from numba import njit, prange
+    from numba import njit
 
 
 def available() -> bool:
@@ -191,9 +191,9 @@ if numba is not None:
             order[fill[k]] = i
             fill[k] += 1
 
-    @njit(parallel=True, cache=jit.CACHE, nogil=True)
+    @njit(cache=jit.CACHE, nogil=True)
     def _bucket_columns(rows, v, T, n, starts, order, b, f, out):
-        for m in prange(b.shape[0]):
+        for m in range(b.shape[0]):
             k = b[m] * n + f[m]
             for t in range(T):
                 out[m, t] = 0
@@ -201,13 +201,13 @@ if numba is not None:
                 i = order[e]
                 out[m, rows[i] % T] = v[i]
 
-    @njit(parallel=True, cache=jit.CACHE, fastmath=True, nogil=True)
+    @njit(cache=jit.CACHE, fastmath=True, nogil=True)
     def _pick_columns(values, latents, b, f, out):
         """out[m, t] = the value picked for direction f[m] at position t of context b[m] ([B, T, w] picks: finite,
         non-negative, each latent at most once per row among the nonzero values), 0 where it was not. The largest
         of the row's picks of that latent: order-free, so the loop vectorises (fastmath: no NaN or inf here)."""
         T, w = values.shape[1], values.shape[2]
-        for m in prange(b.shape[0]):
+        for m in range(b.shape[0]):
             vals, lats, fm = values[b[m]], latents[b[m]], f[m]
             for t in range(T):
                 acc = np.float32(0.0)
@@ -302,7 +302,6 @@ class PickColumns:
         B, T, w = self.values.shape
         out = torch.empty(len(b), T)
         b, f = b.contiguous().numpy(), f.contiguous().numpy()
-        jit.set_threads()
         rows, ff, v = self.pairs
         if len(b) * T * w > 8 * (len(rows) + B * self.n):
             if self.buckets is None:

@@ -38,7 +38,8 @@ def checked_picks(picks: RowPicks, rows: int, name: str, distinct: bool = False)
                          f"{getattr(v, 'shape', type(v).__name__)}, latents {getattr(lat, 'shape', type(lat).__name__)}"
                          f", n {n!r}")
     lat = lat.long().cpu()
-    if lat.numel() and not (0 <= int(lat.min()) and int(lat.max()) < n):
+    ln = lat.numpy()  # numpy: no parallel region to wake a passive OpenMP thread for (sparse_coding.threads)
+    if lat.numel() and not (0 <= int(ln.min()) and int(ln.max()) < n):
         raise ValueError(f"encoder {name!r} gave latents outside [0, {n}) (n, the number of directions, is {n})")
     v = v.float().cpu()
     if distinct and lat.shape[1] > 1:  # a latent twice in a row would be counted twice

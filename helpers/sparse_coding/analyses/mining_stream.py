@@ -132,8 +132,10 @@ class Stream:
         src = PickSource(A) if isinstance(A, RowPicks) else DenseSource(A)
         B, T, n = src.B, src.T, src.n
         rows, f, v = src.pairs()
-        # a negative, NaN or infinite value is nonzero: looking among these is enough (NaN fails v >= 0)
-        if not bool(((v >= 0) & (v < math.inf)).all()):
+        # a negative, NaN or infinite value is nonzero: looking among these is enough (NaN fails v >= 0); in numpy,
+        # which starts no parallel region (waking a passive OpenMP thread costs more than this pass)
+        vn = v.numpy()
+        if not bool(((vn >= 0) & (vn < math.inf)).all()):
             if bool((v < 0).any()):
                 raise ValueError(f"encoder {self.name!r} gave negative activations; pass non-negative ones (split a "
                                  f"signed direction into its positive and negative halves)")
