@@ -109,10 +109,8 @@ def test_compiled_columns_are_the_codes():
     a = codes(6)
     flat = a.reshape(-1, D)
     picks = as_picks(flat, W)
-    pairs = mining_kernels.pick_pairs(picks.values, picks.latents)
-    cols = mining_kernels.PickColumns(picks.values.view(N, T, W), picks.latents.view(N, T, W), pairs, D)
-    for m in (5, 3000):  # few requests scan the picks, many read the bucket sort
+    cols = mining_kernels.PickColumns(picks.values.view(N, T, W), picks.latents.view(N, T, W), D)
+    for m in (0, 1, 5, 3000):  # repeats of one (context, direction) among them
         b = torch.randint(N, (m,), generator=torch.Generator().manual_seed(0))
         ff = torch.randint(D, (m,), generator=torch.Generator().manual_seed(1))
         assert torch.equal(cols.columns(b, ff), a[b, :, ff])
-    assert cols.buckets is not None

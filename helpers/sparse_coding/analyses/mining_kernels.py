@@ -178,42 +178,43 @@ if numba is not None:
         return m
 
     @njit(cache=jit.CACHE, nogil=True)
-    def _bucket(rows, f, T, n, starts, order):
-        """Counting sort of the pairs by (context, direction) (starts [B·n + 1] zeros): order lists pair indices
-        bucket by bucket, in pair order within one."""
-        for i in range(rows.shape[0]):
-            starts[(rows[i] // T) * n + f[i] + 1] += 1
-        for k in range(starts.shape[0] - 1):
-            starts[k + 1] += starts[k]
-        fill = starts[:-1].copy()
-        for i in range(rows.shape[0]):
-            k = (rows[i] // T) * n + f[i]
-            order[fill[k]] = i
-            fill[k] += 1
-
-    @njit(cache=jit.CACHE, nogil=True)
-    def _bucket_columns(rows, v, T, n, starts, order, b, f, out):
-        for m in range(b.shape[0]):
-            k = b[m] * n + f[m]
+    def _pick_columns(values, latents, n, b, f, out):
+        """out[m, t] = the value picked for direction f[m] at position t of context b[m] ([B, T, w] picks, each
+        latent at most once per row among the nonzero values), 0 where it was not: the requests grouped by
+        context, each context's picks read once, a direction -> request table answering every pick."""
+        B, T, w = values.shape
+        M = b.shape[0]
+        starts = np.zeros(B + 1, np.int64)
+        for m in range(M):
+            starts[b[m] + 1] += 1
+        for c in range(B):
+            starts[c + 1] += starts[c]
+        order, fill = np.empty(M, np.int64), starts[:-1].copy()
+        for m in range(M):
+            order[fill[b[m]]] = m
+            fill[b[m]] += 1
+        table = np.full(n, -1, np.int64)
+        out[:] = 0
+        for c in range(B):
+            if starts[c] == starts[c + 1]:
+                continue
+            for e in range(starts[c], starts[c + 1]):  # the first request of a direction answers for all
+                m = order[e]
+                if table[f[m]] < 0:
+                    table[f[m]] = m
+            vals, lats = values[c], latents[c]
             for t in range(T):
-                out[m, t] = 0
-            for e in range(starts[k], starts[k + 1]):
-                i = order[e]
-                out[m, rows[i] % T] = v[i]
-
-    @njit(cache=jit.CACHE, fastmath=True, nogil=True)
-    def _pick_columns(values, latents, b, f, out):
-        """out[m, t] = the value picked for direction f[m] at position t of context b[m] ([B, T, w] picks: finite,
-        non-negative, each latent at most once per row among the nonzero values), 0 where it was not. The largest
-        of the row's picks of that latent: order-free, so the loop vectorises (fastmath: no NaN or inf here)."""
-        T, w = values.shape[1], values.shape[2]
-        for m in range(b.shape[0]):
-            vals, lats, fm = values[b[m]], latents[b[m]], f[m]
-            for t in range(T):
-                acc = np.float32(0.0)
-                for s in range(w):
-                    acc = max(acc, vals[t, s] if lats[t, s] == fm else np.float32(0.0))
-                out[m, t] = acc
+                for q in range(w):
+                    r = table[lats[t, q]]
+                    if r >= 0 and vals[t, q] != 0:
+                        out[r, t] = vals[t, q]
+            for e in range(starts[c], starts[c + 1]):
+                m = order[e]
+                first = table[f[m]]
+                if first != m:
+                    out[m] = out[first]
+            for e in range(starts[c], starts[c + 1]):
+                table[f[order[e]]] = -1
 
 
 def pairs_pass(rows, f, v, T, bins_per_octave, offset, n_bins, count, power, hist, cmax, cpos, t1, t2, smp_key):
@@ -290,26 +291,14 @@ def pick_pairs(values: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tenso
 
 
 class PickColumns:
-    """A batch's codes from its picks (values, latents [B, T, w]) and their firing pairs (rows, directions, values):
-    `columns(b, f)` is [m, T] direction f[i]'s codes over context b[i] (0 where it does not fire). A few requests
-    scan the context's picks; many (the first batches) read a bucket sort of the pairs, made once."""
+    """A batch's codes from its picks (values, latents [B, T, w]): `columns(b, f)` is [m, T] direction f[i]'s codes
+    over context b[i] (0 where it does not fire), each requested context's picks read once."""
 
-    def __init__(self, values: torch.Tensor, latents: torch.Tensor, pairs: tuple[torch.Tensor, ...], n: int):
-        self.values, self.latents = values.contiguous(), latents.contiguous()
-        self.pairs, self.n, self.buckets = pairs, n, None
+    def __init__(self, values: torch.Tensor, latents: torch.Tensor, n: int):
+        self.values, self.latents, self.n = values.contiguous(), latents.contiguous(), n
 
     def columns(self, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        B, T, w = self.values.shape
-        out = torch.empty(len(b), T)
-        b, f = b.contiguous().numpy(), f.contiguous().numpy()
-        rows, ff, v = self.pairs
-        if len(b) * T * w > 8 * (len(rows) + B * self.n):
-            if self.buckets is None:
-                starts, order = torch.zeros(B * self.n + 1, dtype=torch.long), torch.empty(len(rows), dtype=torch.long)
-                _bucket(rows.numpy(), ff.numpy(), T, self.n, starts.numpy(), order.numpy())
-                self.buckets = starts, order
-            _bucket_columns(rows.numpy(), v.numpy(), T, self.n, self.buckets[0].numpy(), self.buckets[1].numpy(), b,
-                            f, out.numpy())
-        else:
-            _pick_columns(self.values.numpy(), self.latents.numpy(), b, f, out.numpy())
+        out = torch.empty(len(b), self.values.shape[1])
+        _pick_columns(self.values.numpy(), self.latents.numpy(), self.n, b.contiguous().numpy(),
+                      f.contiguous().numpy(), out.numpy())
         return out

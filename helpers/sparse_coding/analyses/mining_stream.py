@@ -204,8 +204,7 @@ class Stream:
                                                        self.power, self.hist, cmax, cpos, t1, t2, self.smp_key)
         if self.context_max is not None:
             self.context_max.append(cmax)
-        cols = (mining_kernels.PickColumns(src.values, src.latents, (rows, f, v), n) if isinstance(src, PickSource)
-                else src)
+        cols = mining_kernels.PickColumns(src.values, src.latents, n) if isinstance(src, PickSource) else src
         r = rows[cand]
         slots, j = mining_kernels.merge(self.smp_key, self.smp, groups, keys, v[cand], c0 + r // T, r % T)
         self._store_at(cols, self.smp[3], slots, r[j] // T, r[j] % T, f[cand[j]])
