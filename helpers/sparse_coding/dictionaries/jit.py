@@ -24,7 +24,6 @@ except ImportError:  # pragma: no cover - exercised where numba is missing
     numba = None
 
 
-
 def _probe() -> int:
     return 0
 

@@ -223,8 +223,6 @@ def _jit_groups(pre: torch.Tensor, n: int, k: int) -> int:
     g = 1
     while g < 2 * k:
         g *= 2
-    while n % g and g <= n // 4:
-        g *= 2
     return g if g <= n // 4 and n % g == 0 else 0
 
 
