@@ -220,11 +220,10 @@ if numba is not None:
 def pairs_pass(rows, f, v, T, bins_per_octave, offset, n_bins, count, power, hist, cmax, cpos, t1, t2, smp_key):
     """See `_pairs_pass`; returns the candidates (pair indices, keys, flat bins) as tensors. The batch's power
     sums start from zero and are added to `power` at the end, as the torch pass adds each batch's bincount."""
-    P = rows.shape[0]
+    P = rows.shape[0] if smp_key.shape[1] else 0  # per_bin = 0: no token sample, no candidates
     total, power = power, torch.zeros_like(power)
-    out_i, out_key, out_g = (torch.empty(P, dtype=torch.long) if smp_key.shape[1] else torch.empty(0, dtype=torch.long),
-                             torch.empty(P if smp_key.shape[1] else 0, dtype=torch.float64),
-                             torch.empty(P if smp_key.shape[1] else 0, dtype=torch.long))
+    out_i, out_key, out_g = torch.empty(P, dtype=torch.long), torch.empty(P, dtype=torch.float64), torch.empty(
+        P, dtype=torch.long)
     if bins_per_octave != 4 or v.dtype != torch.float32:
         raise ValueError(f"the compiled pairs pass bins float32 values at 4 per octave, got {v.dtype} values and "
                          f"{bins_per_octave} bins per octave")

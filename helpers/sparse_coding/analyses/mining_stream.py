@@ -225,7 +225,7 @@ class Stream:
         if self.window is None:
             rows = self._store(cols, b, p, f, cols.columns(b, f))
         else:
-            rows = self._store(_Windows(cols, self.T), b, p, f)
+            rows = self._store(cols if isinstance(cols, DenseSource) else _Windows(cols, self.T), b, p, f)
         wrow.view(-1)[slots] = rows
 
     def result(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
