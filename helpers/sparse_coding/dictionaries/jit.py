@@ -1,8 +1,8 @@
 """Compiled CPU kernels (numba) for the row-wise selections that torch runs as many passes of small ops: the bfloat16
-screen's candidate search (`screening.screened_topk`) and an exact row top-k (`kernels.topk_rows`). Each kernel
-reads its rows once, on numba's threads, and gives exactly what the torch passes it replaces give (tests compare
-them, tests/dictionaries/test_jit.py); where numba is not installed, or `SPARSE_CODING_JIT=0` is set, or `ENABLED`
-is set False, the callers keep their torch passes.
+screen's candidate search (`screening.screened_topk`) here, an exact row top-k (`kernels.topk_rows`) in `jit_topk`.
+Each kernel reads its rows once, on numba's threads, and gives exactly what the torch passes it replaces give (tests
+compare them, tests/dictionaries/test_jit.py); where numba is not installed, or `SPARSE_CODING_JIT=0` is set, or
+`ENABLED` is set False, the callers keep their torch passes.
 
 bfloat16 values are compared as integers: for the 16 bits x of a bfloat16 (read as int16),
     key(x) = (x ^ m) + (m & 1),  m = (x >> 15) & 0x7FFF
@@ -163,95 +163,6 @@ if numba is not None:
                 cols[o + i] = src[a + i]
                 rows[o + i] = r
 
-    @njit(cache=CACHE, nogil=True)
-    def _kth(a, n, k, hist, scratch):
-        """The k-th largest of a[0:n] (1 <= k <= n), exactly: a histogram over len(hist) equal buckets between
-        the min and the max (a few vector passes), then a selection among the one bucket that holds it. With a NaN
-        among them, a selection among all (some value: the callers look for NaN themselves)."""
-        mn, mx = a[0], a[0]
-        nan = a[0] != a[0]
-        for i in range(1, n):
-            mn = min(mn, a[i])
-            mx = max(mx, a[i])
-            nan |= a[i] != a[i]
-        span = np.float64(mx) - np.float64(mn)
-        if nan or not (span > 0 and span < np.inf):  # all equal, ±inf or NaN among them: select among all
-            for i in range(n):
-                scratch[i] = a[i]
-            return _select(scratch, n, n - k)
-        NB = hist.shape[0]
-        scale = (NB - 0.5) / span  # the max lands in the last bucket, below NB
-        hist[:] = 0
-        for i in range(n):
-            hist[np.int64((np.float64(a[i]) - mn) * scale)] += 1
-        above, b = 0, NB - 1
-        while above + hist[b] < k:
-            above += hist[b]
-            b -= 1
-        m = 0
-        for i in range(n):
-            if np.int64((np.float64(a[i]) - mn) * scale) == b:
-                scratch[m] = a[i]
-                m += 1
-        return _select(scratch, m, m - (k - above))
-
-    @njit(parallel=True, cache=CACHE, nogil=True)
-    def _topk(x, k, g, sort, out_v, out_i):
-        """Each row's k largest of x [R, n] (n = g·m, g >= k) into out_v, out_i [R, k]: the k-th largest of the g
-        strided group maxima {j, j+g, ...} bounds the row's k-th largest from below (k groups reach it), the few
-        values at or above it are the candidates, and the k-th largest of those is the cut. Ties at the cut: the
-        lower indices. With sort, descending (ties: the lower index first). Returns the number of rows holding a
-        NaN (left unwritten: the caller falls back)."""
-        R, n = x.shape
-        m = n // g
-        bad = 0
-        for blk in prange((R + 31) // 32):
-            gm, cv, scratch = np.empty(g, x.dtype), np.empty(n, x.dtype), np.empty(n, x.dtype)
-            buf, hist = np.empty(n, np.int64), np.empty(64, np.int64)
-            sv, si = np.empty(k, x.dtype), np.empty(k, np.int64)
-            for r in range(blk * 32, min(R, blk * 32 + 32)):
-                row = x[r]
-                gm[:] = row[:g]
-                nan = 0
-                for j in range(g):
-                    nan |= gm[j] != gm[j]
-                for q in range(1, m):
-                    seg = row[q * g:(q + 1) * g]
-                    for j in range(g):
-                        v = seg[j]
-                        nan |= v != v
-                        gm[j] = v if v > gm[j] else gm[j]
-                if nan:  # before any selection: a NaN has no place in the order (torch.topk's own rule applies)
-                    bad += 1
-                    continue
-                t = _kth(gm, g, k, hist, scratch)
-                c = 0
-                for j in range(n):
-                    buf[c] = j
-                    c += row[j] >= t
-                for j in range(c):
-                    cv[j] = row[buf[j]]
-                vk = _kth(cv, c, k, hist, scratch)
-                o = 0
-                for j in range(c):
-                    if cv[j] > vk:
-                        sv[o], si[o] = cv[j], buf[j]
-                        o += 1
-                for j in range(c):
-                    if o < k and cv[j] == vk:
-                        sv[o], si[o] = cv[j], buf[j]
-                        o += 1
-                if not sort:
-                    out_v[r], out_i[r] = sv, si
-                    continue
-                for i in range(k):  # rank = values above, then equal values at lower indices
-                    rank = 0
-                    for j in range(k):
-                        rank += sv[j] > sv[i]
-                        rank += (sv[j] == sv[i]) & (si[j] < si[i])
-                    out_v[r, rank], out_i[r, rank] = sv[i], si[i]
-        return bad
-
 
 def keys_of(bits: torch.Tensor) -> torch.Tensor:
     """int16 order keys of bfloat16 bits (int16 tensor), as the kernels compute them."""
@@ -304,14 +215,3 @@ def screen_candidates(screen: torch.Tensor, s: int, group_max: torch.Tensor, thr
     rows, cols = torch.empty(N, dtype=torch.int64), torch.empty(N, dtype=torch.int64)
     _compact(spill.numpy(), starts.numpy(), counts.numpy(), dst.numpy(), rows.numpy(), cols.numpy())
     return rows, cols
-
-
-def topk(x: torch.Tensor, k: int, g: int, sort: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """x [R, n] float32 contiguous (n divisible by g, g >= k) -> each row's k largest values and indices [R, k]
-    (torch.topk's values; ties at the cut: the lower indices), descending if sort (ties: the lower index first),
-    or None where a row holds a NaN."""
-    R = x.shape[0]
-    values, idx = torch.empty(R, k), torch.empty(R, k, dtype=torch.int64)
-    set_threads()
-    bad = _topk(x.numpy(), k, g, sort, values.numpy(), idx.numpy())
-    return None if bad else (values, idx)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import jit
+from . import jit, jit_topk
 
 
 # Off the CPU, or in half precision (which torch's CPU sparse matmuls lack), the sparse passes run as chunked
@@ -215,7 +215,7 @@ class SparseDecode(torch.autograd.Function):
 
 
 def _jit_groups(pre: torch.Tensor, n: int, k: int) -> int:
-    """The number of strided groups `jit.topk` takes for rows of n (a power of two from 2k with at least 4
+    """The number of strided groups `jit_topk.topk` takes for rows of n (a power of two from 2k with at least 4
     values per group), or 0 where it does not apply (not a contiguous float32 CPU tensor, or too few values)."""
     if not (jit.available(pre) and pre.dtype == torch.float32 and pre.is_contiguous() and 1 <= k and 8 * k <= n
             and not pre.requires_grad):
@@ -239,7 +239,7 @@ def topk_rows(pre: torch.Tensor, k: int, sorted: bool,
     n = pre.shape[-1]
     g = _jit_groups(pre, n, k)
     if g:
-        got = jit.topk(pre.reshape(-1, n), k, g, sorted)
+        got = jit_topk.topk(pre.reshape(-1, n), k, g, sorted)
         if got is not None:  # None: a NaN somewhere, whose place torch.topk decides
             return got[0].view(*pre.shape[:-1], k), got[1].view(*pre.shape[:-1], k)
     s = 1
