@@ -91,12 +91,11 @@ def test_the_bins_are_the_torch_formula_everywhere():
     out = [torch.zeros(n, dtype=torch.long), torch.zeros(1, n), torch.zeros(1, n, dtype=torch.long)]
     for i in range(n):  # one pair per call: the bin of each value alone
         hist.zero_()
-        mining_kernels.pairs_pass(rows[i:i + 1] * 0, f[i:i + 1], v[i:i + 1], 1, mining_stream.BINS_PER_OCTAVE,
+        mining_kernels.pairs_pass(rows[i:i + 1] * 0, f[i:i + 1], v[i:i + 1], 0, 1, mining_stream.BINS_PER_OCTAVE,
                                   mining_stream._OFFSET, mining_stream.N_BINS, out[0][:1].clone(),
                                   torch.zeros(4, 1, dtype=torch.float64), hist, torch.zeros(1, 1),
                                   torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-                                  torch.zeros(1, dtype=torch.long), torch.zeros(mining_stream.N_BINS, 0,
-                                                                                dtype=torch.float64))
+                                  torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
         out[0][i] = int(hist.nonzero()[0])
     vd = v.double()
     ref = (vd.log2() * mining_stream.BINS_PER_OCTAVE).floor().clamp_(
@@ -114,3 +113,28 @@ def test_compiled_columns_are_the_codes():
         b = torch.randint(N, (m,), generator=torch.Generator().manual_seed(0))
         ff = torch.randint(D, (m,), generator=torch.Generator().manual_seed(1))
         assert torch.equal(cols.columns(b, ff), a[b, :, ff])
+
+
+@pytest.mark.parametrize("picks", [False, True])
+def test_compiled_mining_on_two_threads_keeps_the_same(picks, monkeypatch):
+    """The pairs pass splits each batch's contexts into two halves, one per thread, each with its own sums: on two
+    threads (the halves at once) every field is still the torch passes' (no race, the same float64 sums)."""
+    torch.set_num_threads(2)  # the one_thread fixture restores the count afterwards
+    a = codes(8)
+    kw = {"window": None, "batch_size": 6, "keep_context_max": True}
+    assert_same(mine_with(a, True, monkeypatch, picks, **kw), mine_with(a, False, monkeypatch, picks, **kw))
+
+
+def test_quantile_draws_are_torch_multinomial():
+    """`mining._draw` replaces torch.multinomial without replacement by the same exponential draws: the same picks,
+    in the same order, and the generator left in the same state, for ties, one pick and many."""
+    from sparse_coding.analyses.mining import _draw
+
+    for seed in range(40):
+        for L, n in ((2, 1), (7, 3), (40, 5), (200, 5)):
+            w = torch.rand(L, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 99)) + 0.01
+            if seed % 2:
+                w[::2] = 1.0  # equal weights
+            g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            assert _draw(w.numpy(), n, g1) == torch.multinomial(w, n, replacement=False, generator=g2).tolist()
+            assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))

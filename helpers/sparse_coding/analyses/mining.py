@@ -44,6 +44,14 @@ class Example:
     target: int
 
 
+def _draw(weight: np.ndarray, n: int, g: torch.Generator) -> list[int]:
+    """torch.multinomial(weight, n, replacement=False, generator=g) for float64 weights, drawn alike (one
+    exponential per weight from g, then the n largest weight / exponential, largest first): the same picks and the
+    same state of g afterwards (tests/analyses/test_mining.py), with one torch call instead of three."""
+    q = torch.empty(len(weight), dtype=torch.float64).exponential_(1, generator=g).numpy()
+    return np.argsort(-(weight / q), kind="stable")[:n].tolist()
+
+
 @dataclass
 class Mined:
     """What `mine` kept for every direction of one encoder; tensors have the direction axis first ([n, ...]).
@@ -157,18 +165,18 @@ class Mined:
         e32 = np.array(edges, dtype=np.float64).astype(np.float32)
         at = np.searchsorted(e32, values, side="left") - 1  # (lo, hi]: the bin whose upper edge is the first >= x
         at[(at < 0) | (at >= n_bins) | (e32[np.clip(at, 0, n_bins)] >= values)] = -1  # outside (0, max]
-        members = [np.flatnonzero(at == j).tolist() for j in range(n_bins)]
+        order = np.argsort(at, kind="stable")  # the slots of each bin together, ascending within it
+        ends = np.cumsum(np.bincount(at + 1, minlength=n_bins + 1)).tolist()
+        order = order.tolist()
         hist = None
         out = []
         for j in range(n_bins):
-            idx = members[j]
+            idx = order[ends[j]:ends[j + 1]]
             if len(idx) > per_bin:
                 if hist is None:  # each slot stands for its histogram bin's count over the slots filled there
                     hist, filled = self.hist[d].tolist(), (ctx >= 0).sum(-1).tolist()  # per histogram bin
-                weight = torch.tensor([hist[slots[k] // K] / max(filled[slots[k] // K], 1) for k in idx],
-                                      dtype=torch.float64)
-                pick = torch.multinomial(weight, per_bin, replacement=False, generator=g)
-                idx = [idx[k] for k in pick.tolist()]
+                weight = np.array([hist[slots[k] // K] / max(filled[slots[k] // K], 1) for k in idx])
+                idx = [idx[k] for k in _draw(weight, per_bin, g)]
             out.append((edges[j], edges[j + 1], [(c[k], p[k], v[k], slots[k]) for k in idx]))
         return out
 

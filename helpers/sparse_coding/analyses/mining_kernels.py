@@ -22,7 +22,7 @@ from ..dictionaries import jit
 numba = jit.numba
 if numba is not None:
     import numpy as np
-    from numba import njit
+    from numba import njit, prange
 
 
 def available() -> bool:
@@ -43,50 +43,74 @@ if numba is not None:
             h = ((h >> 16) ^ h) * 0x45D9F3B & _M32
         return (h >> 16) ^ h
 
-    @njit(cache=jit.CACHE, nogil=True)
-    def _pairs_pass(rows, f, v, vbits, T, offset, n_bins, count, power, hist, cmax, cpos, t1, t2,
-                    smp_key, out_i, out_key, out_g):
-        """In pair order (the torch bincounts' order, so the float64 sums round alike). Returns the number of
-        token-sample candidates written to out_i (pair index), out_key, out_g (flat bin)."""
-        per = smp_key.shape[1]
-        m = 0
-        for i in range(rows.shape[0]):
-            r, fi, vi = rows[i], f[i], v[i]
-            count[fi] += 1
-            vd = np.float64(vi)
-            v2 = vd * vd
-            power[0, fi] += vd
-            power[1, fi] += v2
-            power[2, fi] += v2 * vd
-            power[3, fi] += v2 * v2
-            # floor(4·log2 v) from v's float32 bits: 4·(exponent) + the quarter octaves the mantissa has passed
-            # (_QUARTERS: the least mantissas at or above 2^(j/4), j = 1, 2, 3; each 0.2 ulp or more away from it,
-            # so float64 log2 lands on the same side: test_the_bins_are_the_torch_formula_everywhere)
-            bits = vbits[i]
-            mant = bits & 0x7FFFFF
-            lg = 4 * ((bits >> 23) - 127) + (mant >= _QUARTERS[0]) + (mant >= _QUARTERS[1]) + (mant >= _QUARTERS[2])
-            lg = min(max(lg, -offset), n_bins - 1 - offset)
-            g = fi * n_bins + np.int64(lg) + offset
-            hist[g] += 1
-            b = r // T
-            if vi > cmax[b, fi]:  # pairs come in position order: the first maximal position is kept
-                cmax[b, fi] = vi
-                cpos[b, fi] = r - b * T
-            if per:
-                thr = smp_key[g, per - 1]
-                h1 = _mix(t1[r], fi)
-                if h1 * 2.0 ** -32 < thr:  # the first state bounds the key from below
-                    key = (h1 * 2 ** 21 + (_mix(t2[r], fi) >> 11)) * 2.0 ** -53
-                    if key < thr:
-                        out_i[m], out_key[m], out_g[m] = i, key, g
-                        m += 1
-        return m
+    @njit(parallel=True, cache=jit.CACHE, nogil=True)
+    def _pairs_pass(rows, f, v, vbits, w, T, offset, n_bins, count, power, hist, parts, cmax, cpos, t1, t2,
+                    thr_of, bounds, out_r, out_f, out_v, out_key, out_g, found):
+        """Pairs bounds[h] .. bounds[h + 1] - 1 (two halves of the batch's contexts, one thread each), each half in
+        pair order into its own counts, power sums and histogram (parts), then the halves' sums added to count,
+        power, hist (the torch pass sums its bincounts per half alike, so the float64 sums round alike). Pairs are
+        rows, f, v, or with w > 0 flat picks of w per row (f, v; row i // w, zero values skipped). Each half's
+        token-sample candidates go to out_* from bounds[h] on; found[h] says how many."""
+        per = thr_of.shape[0] > 0
+        n = count.shape[0]
+        for h in prange(2):
+            c_h, p_h, hist_h = parts[0][h], parts[1][h], parts[2][h]
+            c_h[:] = 0
+            p_h[:] = 0.0
+            hist_h[:] = 0
+            m = bounds[h]
+            for i in range(bounds[h], bounds[h + 1]):
+                vi = v[i]
+                if w > 0:
+                    if vi == 0:
+                        continue
+                    r = i // w
+                else:
+                    r = rows[i]
+                fi = f[i]
+                c_h[fi] += 1
+                vd = np.float64(vi)
+                v2 = vd * vd
+                p_h[0, fi] += vd
+                p_h[1, fi] += v2
+                p_h[2, fi] += v2 * vd
+                p_h[3, fi] += v2 * v2
+                # floor(4·log2 v) from v's float32 bits: 4·(exponent) + the quarter octaves the mantissa has
+                # passed (_QUARTERS: the least mantissas at or above 2^(j/4), j = 1, 2, 3; each 0.2 ulp or more
+                # away from it, so float64 log2 lands on the same side: test_the_bins_are_the_torch_formula_everywhere)
+                bits = vbits[i]
+                mant = bits & 0x7FFFFF
+                lg = 4 * ((bits >> 23) - 127) + (mant >= _QUARTERS[0]) + (mant >= _QUARTERS[1]) + (
+                    mant >= _QUARTERS[2])
+                lg = min(max(lg, -offset), n_bins - 1 - offset)
+                g = fi * n_bins + np.int64(lg) + offset
+                hist_h[g] += 1
+                b = r // T
+                if vi > cmax[b, fi]:  # pairs come in position order: the first maximal position is kept
+                    cmax[b, fi] = vi
+                    cpos[b, fi] = r - b * T
+                if per:
+                    thr = thr_of[g]
+                    h1 = _mix(t1[r], fi)
+                    if h1 * 2.0 ** -32 < thr:  # the first state bounds the key from below
+                        key = (h1 * 2 ** 21 + (_mix(t2[r], fi) >> 11)) * 2.0 ** -53
+                        if key < thr:
+                            out_r[m], out_f[m], out_v[m], out_key[m], out_g[m] = r, fi, vi, key, g
+                            m += 1
+            found[h] = m - bounds[h]
+        for fi in range(n):
+            count[fi] += parts[0][0][fi] + parts[0][1][fi]
+            for q in range(4):
+                power[q, fi] += parts[1][0][q, fi] + parts[1][1][q, fi]
+        for g in range(hist.shape[0]):
+            hist[g] += parts[2][0][g] + parts[2][1][g]
 
     @njit(cache=jit.CACHE, nogil=True)
-    def _merge(keys, vals, ctx, pos, wrow, groups, new_keys, new_vals, new_ctx, new_pos, entered):
+    def _merge(keys, vals, ctx, pos, wrow, groups, new_keys, new_vals, new_ctx, new_pos, entered, last):
         """Insert candidate j (in order) into group groups[j]'s table of the K smallest keys (ascending, +inf
         empty; an equal key goes after those kept: arrival order breaks ties), its window row marked -2 - j.
-        The groups entered are listed in `entered` (repeats possible); returns how many."""
+        The groups entered are listed in `entered` (repeats possible); returns how many. last [G] follows each
+        group's K-th smallest key (the threshold `_pairs_pass` reads)."""
         K = keys.shape[1]
         m = 0
         for j in range(groups.shape[0]):
@@ -101,6 +125,7 @@ if numba is not None:
                 pos[g, s], wrow[g, s] = pos[g, s - 1], wrow[g, s - 1]
                 s -= 1
             keys[g, s], vals[g, s], ctx[g, s], pos[g, s], wrow[g, s] = key, new_vals[j], new_ctx[j], new_pos[j], -2 - j
+            last[g] = keys[g, K - 1]
         return m
 
     @njit(cache=jit.CACHE, nogil=True)
@@ -159,23 +184,14 @@ if numba is not None:
         return m
 
     @njit(cache=jit.CACHE, nogil=True)
-    def _row_states(p1, p2, c0, B, T, t1, t2):
-        """`hash_states(c0 + b, t, states=(p1, p2))` for every row b·T + t of the batch."""
+    def _row_states(p1, p2, q1, q2, c0, B, T, t1, t2, s1, s2):
+        """`hash_states(c0 + b, t, states=(p1, p2))` for every row b·T + t of the batch, and
+        `hash_states(c0 + b, states=(q1, q2))` for every context b."""
         for b in range(B):
+            s1[b], s2[b] = _mix(q1, c0 + b), _mix(q2, c0 + b)
             h1, h2 = _mix(p1, c0 + b), _mix(p2, c0 + b)
             for t in range(T):
                 t1[b * T + t], t2[b * T + t] = _mix(h1, t), _mix(h2, t)
-
-    @njit(cache=jit.CACHE, nogil=True)
-    def _pick_pairs(values, latents, rows, f, v):
-        """The nonzero picks of [R, w] values and latents, row-major: rows, directions, values; returns how many."""
-        m = 0
-        for r in range(values.shape[0]):
-            for s in range(values.shape[1]):
-                if values[r, s] != 0:
-                    rows[m], f[m], v[m] = r, latents[r, s], values[r, s]
-                    m += 1
-        return m
 
     @njit(cache=jit.CACHE, nogil=True)
     def _pick_columns(values, latents, n, b, f, out):
@@ -217,30 +233,47 @@ if numba is not None:
                 table[f[order[e]]] = -1
 
 
-def pairs_pass(rows, f, v, T, bins_per_octave, offset, n_bins, count, power, hist, cmax, cpos, t1, t2, smp_key):
-    """See `_pairs_pass`; returns the candidates (pair indices, keys, flat bins) as tensors. The batch's power
-    sums start from zero and are added to `power` at the end, as the torch pass adds each batch's bincount."""
-    P = rows.shape[0] if smp_key.shape[1] else 0  # per_bin = 0: no token sample, no candidates
-    total, power = power, torch.zeros_like(power)
-    out_i, out_key, out_g = torch.empty(P, dtype=torch.long), torch.empty(P, dtype=torch.float64), torch.empty(
-        P, dtype=torch.long)
+def halves(B: int, T: int, rows: torch.Tensor | None, w: int, P: int) -> torch.Tensor:
+    """[3] pair bounds of the batch's two halves of contexts (the first (B + 1) // 2 contexts, then the rest)."""
+    h = (B + 1) // 2 * T
+    mid = h * w if w > 0 else int(torch.searchsorted(rows, torch.tensor(h)))
+    return torch.tensor([0, min(mid, P), P])
+
+
+def pairs_pass(rows, f, v, w, T, bins_per_octave, offset, n_bins, count, power, hist, cmax, cpos, t1, t2,
+               thresholds):
+    """See `_pairs_pass`: the firing pairs (rows, f, v) [P], or with w > 0 the flat picks f, v [R·w] (rows None),
+    of a batch of cmax.shape[0] contexts; thresholds [n · n_bins] each bin's current k-th smallest token-sample key
+    (empty without a token sample). Returns the token-sample candidates (rows, directions, values, keys,
+    flat bins) as tensors, in pair order."""
     if bins_per_octave != 4 or v.dtype != torch.float32:
         raise ValueError(f"the compiled pairs pass bins float32 values at 4 per octave, got {v.dtype} values and "
                          f"{bins_per_octave} bins per octave")
-    m = _pairs_pass(rows.numpy(), f.numpy(), v.numpy(), v.view(torch.int32).numpy(), T, offset, n_bins, count.numpy(),
-                    power.numpy(), hist.numpy(), cmax.numpy(), cpos.numpy(), t1.numpy(), t2.numpy(), smp_key.numpy(),
-                    out_i.numpy(), out_key.numpy(), out_g.numpy())
-    total += power
-    return out_i[:m], out_key[:m], out_g[:m]
+    P = len(v)
+    rows = rows if rows is not None else torch.empty(0, dtype=torch.long)
+    bounds = halves(cmax.shape[0], T, rows, w, P)
+    C = P if len(thresholds) else 0  # per_bin = 0: no token sample, no candidates
+    out = [torch.empty(C, dtype=torch.long), torch.empty(C, dtype=torch.long), torch.empty(C),
+           torch.empty(C, dtype=torch.float64), torch.empty(C, dtype=torch.long)]
+    n = len(count)
+    parts = (np.empty((2, n), np.int64), np.empty((2, 4, n)), np.empty((2, len(hist)), np.int32))
+    found = torch.zeros(2, dtype=torch.long)
+    jit.set_threads()
+    _pairs_pass(rows.numpy(), f.numpy(), v.numpy(), v.view(torch.int32).numpy(), w, T, offset, n_bins,
+                count.numpy(), power.numpy(), hist.numpy(), parts, cmax.numpy(), cpos.numpy(), t1.numpy(), t2.numpy(),
+                thresholds.numpy(), bounds.numpy(), *(t.numpy() for t in out), found.numpy())
+    (a, b), (m0, m1) = bounds[:2].tolist(), found.tolist()
+    return tuple(torch.cat([t[a:a + m0], t[b:b + m1]]) for t in out)
 
 
-def merge(keys, tables, groups, new_keys, new_vals, new_ctx, new_pos) -> tuple[torch.Tensor, torch.Tensor]:
-    """See `_merge`; tables = [values, contexts, positions, window rows] as the stream keeps them. Returns the
-    entries that entered, (flat slots into the tables, candidate indices), their window rows left -1 (empty)."""
+def merge(keys, tables, groups, new_keys, new_vals, new_ctx, new_pos, last) -> tuple[torch.Tensor, torch.Tensor]:
+    """See `_merge`; tables = [values, contexts, positions, window rows] as the stream keeps them, last = keys[:, -1]
+    kept contiguous. Returns the entries that entered, (flat slots into the tables, candidate indices), their
+    window rows left -1 (empty)."""
     vals, ctx, pos, wrow = tables
     entered = torch.empty(len(groups), dtype=torch.long)
     m = _merge(keys.numpy(), vals.numpy(), ctx.numpy(), pos.numpy(), wrow.numpy(), groups.numpy(), new_keys.numpy(),
-               new_vals.numpy(), new_ctx.numpy(), new_pos.numpy(), entered.numpy())
+               new_vals.numpy(), new_ctx.numpy(), new_pos.numpy(), entered.numpy(), last.numpy())
     return take_marked(wrow, entered[:m])
 
 
@@ -274,19 +307,14 @@ def context_keys(cmax, s1, s2, rnd_key):
     return out_b[:m], out_f[:m], out_key[:m]
 
 
-def row_states(prefix: tuple[torch.Tensor, torch.Tensor], c0: int, B: int, T: int) -> tuple[torch.Tensor, ...]:
-    """The token hash states [B·T] of a batch's rows (see `_row_states`)."""
+def row_states(prefix: tuple[torch.Tensor, torch.Tensor], context_prefix: tuple[torch.Tensor, torch.Tensor], c0: int,
+               B: int, T: int) -> tuple[torch.Tensor, ...]:
+    """The token hash states [B·T] of a batch's rows and the context hash states [B] (see `_row_states`)."""
     t1, t2 = torch.empty(B * T, dtype=torch.long), torch.empty(B * T, dtype=torch.long)
-    _row_states(int(prefix[0]), int(prefix[1]), c0, B, T, t1.numpy(), t2.numpy())
-    return t1, t2
-
-
-def pick_pairs(values: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, directions, values) of the nonzero picks of [R, w] values and int64 latents, row-major."""
-    R, w = values.shape
-    rows, f, v = torch.empty(R * w, dtype=torch.long), torch.empty(R * w, dtype=torch.long), torch.empty(R * w)
-    m = _pick_pairs(values.contiguous().numpy(), latents.contiguous().numpy(), rows.numpy(), f.numpy(), v.numpy())
-    return rows[:m], f[:m], v[:m]
+    s1, s2 = torch.empty(B, dtype=torch.long), torch.empty(B, dtype=torch.long)
+    _row_states(int(prefix[0]), int(prefix[1]), int(context_prefix[0]), int(context_prefix[1]), c0, B, T,
+                t1.numpy(), t2.numpy(), s1.numpy(), s2.numpy())
+    return t1, t2, s1, s2
 
 
 class PickColumns:
@@ -296,8 +324,9 @@ class PickColumns:
     def __init__(self, values: torch.Tensor, latents: torch.Tensor, n: int):
         self.values, self.latents, self.n = values.contiguous(), latents.contiguous(), n
 
-    def columns(self, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(len(b), self.values.shape[1])
+    def columns(self, b: torch.Tensor, f: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[m, T] (into `out`, contiguous, when given)."""
+        out = torch.empty(len(b), self.values.shape[1]) if out is None else out
         _pick_columns(self.values.numpy(), self.latents.numpy(), self.n, b.contiguous().numpy(),
                       f.contiguous().numpy(), out.numpy())
         return out

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 
 from ..arguments import checked
-from . import mining_kernels
 
 
 @checked
@@ -103,8 +102,6 @@ class PickSource:
         self._pairs = self._dense = None
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self._pairs is None and mining_kernels.available():
-            self._pairs = mining_kernels.pick_pairs(self.values.reshape(-1, self.w), self.latents.reshape(-1, self.w))
         if self._pairs is None:
             v, f = self.values.reshape(-1), self.latents.reshape(-1)
             live = (v != 0).nonzero().squeeze(1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import mining_kernels
@@ -94,6 +95,9 @@ class Stream:
                     torch.zeros((n * N_BINS, per_bin), dtype=torch.long),
                     torch.full((n * N_BINS, per_bin), -1, dtype=torch.long)]
         self.pool, self.used = torch.empty((0, self.W)), 0
+        # the samples' k-th smallest keys, kept contiguous by the compiled merges (read once per firing pair)
+        self.smp_last = self.smp_key[:, -1].contiguous() if per_bin else torch.empty(0, dtype=torch.float64)
+        self.rnd_last = self.rnd_key[:, -1].contiguous()
 
     def _store(self, src: DenseSource | PickSource, b: torch.Tensor, p: torch.Tensor, f: torch.Tensor,
                columns: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,19 +115,29 @@ class Stream:
             for t in tables:
                 t.copy_(remap[t])
             self.pool, self.used = pool, len(live)
-        if self.window is None:
-            self.pool[self.used:self.used + m] = columns if columns is not None else src.columns(b, f)
+        out = self.pool[self.used:self.used + m]
+        if self.window is not None:
+            out[:] = src.windows(b, p, f, self.offsets)
+        elif columns is not None:
+            out[:] = columns
+        elif isinstance(src, mining_kernels.PickColumns):  # straight into the pool
+            src.columns(b, f, out=out)
         else:
-            self.pool[self.used:self.used + m] = src.windows(b, p, f, self.offsets)
+            out[:] = src.columns(b, f)
         self.used += m
         return torch.arange(self.used - m, self.used)
 
     def _acts(self, rows: torch.Tensor) -> torch.Tensor:
         """[*rows.shape, W] the pool's windows at `rows`, NaN where -1."""
-        out = torch.full((*rows.shape, self.W), math.nan)
-        have = rows >= 0
-        out[have] = self.pool[rows[have]]
-        return out
+        # one gather from the pool with a NaN row after the used ones (-1 points there): the [..., W] result (the
+        # token sample's, mostly empty bins, is the largest) is written once, not filled and then scattered into
+        if self.used < len(self.pool):  # a free row: no copy of the pool
+            pool = self.pool
+            pool[self.used] = math.nan
+        else:
+            pool = torch.cat([self.pool, torch.full((1, self.W), math.nan)])
+        at = torch.where(rows >= 0, rows, self.used).reshape(-1)
+        return pool.index_select(0, at).view(*rows.shape, self.W)
 
     def update(self, A: torch.Tensor | RowPicks, c0: int) -> None:
         """A: non-negative activations of contexts c0 .. c0 + B - 1 (global indices: the keys hash them), dense
@@ -131,7 +145,11 @@ class Stream:
         the encoder for a negative or non-finite activation (before anything is kept)."""
         src = PickSource(A) if isinstance(A, RowPicks) else DenseSource(A)
         B, T, n = src.B, src.T, src.n
-        rows, f, v = src.pairs()
+        compiled = mining_kernels.available()
+        if compiled and isinstance(src, PickSource):  # the compiled pass reads the picks as they are (zeros skipped)
+            rows, f, v, w = None, src.latents.reshape(-1), src.values.reshape(-1), src.w
+        else:
+            (rows, f, v), w = src.pairs(), 0
         # a negative, NaN or infinite value is nonzero: looking among these is enough (NaN fails v >= 0); in numpy,
         # which starts no parallel region (waking a passive OpenMP thread costs more than this pass)
         vn = v.numpy()
@@ -142,13 +160,15 @@ class Stream:
             raise ValueError(f"encoder {self.name!r} gave non-finite activations (NaN or inf) in contexts "
                              f"{c0}..{c0 + B - 1}: check the model's activations at the hook and the encoder's "
                              f"weights for NaN/inf")
-        if mining_kernels.available():
-            return self._update_compiled(src, rows.contiguous(), f.contiguous(), v.contiguous(), c0)
+        if compiled:
+            return self._update_compiled(src, rows, f.contiguous(), v.contiguous(), w, c0)
         self.count += torch.bincount(f, minlength=n)
         vd = v.double()
         v2 = vd * vd  # the powers as products (the compiled pass forms them alike): v, v², v²·v, v²·v²
+        h = int(mining_kernels.halves(B, T, rows, 0, len(v))[1])  # summed per half batch, as the compiled pass sums
         for i, power in enumerate((vd, v2, v2 * vd, v2 * v2)):
-            self.power[i] += torch.bincount(f, weights=power, minlength=n)
+            self.power[i] += (torch.bincount(f[:h], weights=power[:h], minlength=n)
+                              + torch.bincount(f[h:], weights=power[h:], minlength=n))
         # log2 in float64: a value one float32 step off a bin edge stays on its own side
         g = f * N_BINS + (vd.log2() * BINS_PER_OCTAVE).floor().clamp_(-_OFFSET, N_BINS - 1 - _OFFSET).long() + _OFFSET
         self.hist += torch.bincount(g, minlength=n * N_BINS)
@@ -193,40 +213,48 @@ class Stream:
         _bottom_k(self.rnd_key, self.rnd, ff, ckeys[bb, ff],
                   [cmax[bb, ff], c0 + bb, pp, lambda i: self._store(src, bb[i], pp[i], ff[i], columns[i])])
 
-    def _update_compiled(self, src: DenseSource | PickSource, rows: torch.Tensor, f: torch.Tensor, v: torch.Tensor,
-                         c0: int) -> None:
+    def _update_compiled(self, src: DenseSource | PickSource, rows: torch.Tensor | None, f: torch.Tensor,
+                         v: torch.Tensor, w: int, c0: int) -> None:
         """`update` through `mining_kernels` (the same tables): one pass over the firing pairs, then the merges;
         the windows of what entered are stored after each merge, from the picks or the dense codes."""
         B, T, n = src.B, src.T, src.n
         cmax, cpos = torch.zeros(B, n), torch.zeros(B, n, dtype=torch.long)
-        t1, t2 = mining_kernels.row_states(self.token_prefix, c0, B, T)
-        cand, keys, groups = mining_kernels.pairs_pass(rows, f, v, T, BINS_PER_OCTAVE, _OFFSET, N_BINS, self.count,
-                                                       self.power, self.hist, cmax, cpos, t1, t2, self.smp_key)
+        t1, t2, s1, s2 = mining_kernels.row_states(self.token_prefix, self.context_prefix, c0, B, T)
+        r, fc, vc, keys, groups = mining_kernels.pairs_pass(rows, f, v, w, T, BINS_PER_OCTAVE, _OFFSET, N_BINS,
+                                                            self.count, self.power, self.hist, cmax, cpos, t1, t2,
+                                                            self.smp_last)
         if self.context_max is not None:
             self.context_max.append(cmax)
-        cols = mining_kernels.PickColumns(src.values, src.latents, n) if isinstance(src, PickSource) else src
-        r = rows[cand]
-        slots, j = mining_kernels.merge(self.smp_key, self.smp, groups, keys, v[cand], c0 + r // T, r % T)
-        self._store_at(cols, self.smp[3], slots, r[j] // T, r[j] % T, f[cand[j]])
+        slots, j = mining_kernels.merge(self.smp_key, self.smp, groups, keys, vc, c0 + r // T, r % T, self.smp_last)
+        wanted = [(self.smp[3], slots, r[j] // T, r[j] % T, fc[j])]
         slots, b = mining_kernels.top_merge(self.top_v, self.top_c, self.top_p, self.top_w, cmax, cpos, c0)
-        self._store_at(cols, self.top_w, slots, b, self.top_p.view(-1)[slots], slots % n)
-        s1, s2 = hash_states(torch.arange(c0, c0 + B), states=self.context_prefix)
+        wanted.append((self.top_w, slots, b, self.top_p.view(-1)[slots], slots % n))
         bb, ff, ckeys = mining_kernels.context_keys(cmax, s1, s2, self.rnd_key)
-        slots, j = mining_kernels.merge(self.rnd_key, self.rnd, ff, ckeys, cmax[bb, ff], c0 + bb, cpos[bb, ff])
-        self._store_at(cols, self.rnd[3], slots, bb[j], cpos[bb[j], ff[j]], ff[j])
+        slots, j = mining_kernels.merge(self.rnd_key, self.rnd, ff, ckeys, cmax[bb, ff], c0 + bb, cpos[bb, ff],
+                                        self.rnd_last)
+        wanted.append((self.rnd[3], slots, bb[j], cpos[bb[j], ff[j]], ff[j]))
+        cols = mining_kernels.PickColumns(src.values, src.latents, n) if isinstance(src, PickSource) else src
+        self._store_all(cols, wanted)
 
-    def _store_at(self, cols, wrow: torch.Tensor, slots: torch.Tensor, b: torch.Tensor, p: torch.Tensor,
-                  f: torch.Tensor) -> None:
-        """Store the windows of (b, p, f) (contexts in the batch, positions, directions) and point the table
-        entries at flat `slots` of wrow (left -1 by the merge: a compaction of the pool while storing remaps the
-        tables) to them."""
-        if not len(slots):
+    def _store_all(self, cols, wanted: list[tuple[torch.Tensor, ...]]) -> None:
+        """Store the windows the merges asked for, [(wrow, flat slots of wrow, contexts in the batch b, positions p,
+        directions f)], and point those entries (left -1 by the merge: a compaction of the pool while storing
+        remaps the tables) to them: one read of the batch's codes for all, each distinct window stored once (the
+        tables may share a pool row; whole-context windows differ only by (b, f))."""
+        b, p, f = (torch.cat([w[i] for w in wanted]) for i in (2, 3, 4))
+        if not len(b):
             return
-        if self.window is None:
-            rows = self._store(cols, b, p, f, cols.columns(b, f))
-        else:
-            rows = self._store(cols if isinstance(cols, DenseSource) else _Windows(cols, self.T), b, p, f)
-        wrow.view(-1)[slots] = rows
+        key = b * self.n + f if self.window is None else (b * self.n + f) * self.T + p
+        # numpy: no parallel region to wake a passive OpenMP thread for (sparse_coding.threads)
+        _, first, inverse = np.unique(key.numpy(), return_index=True, return_inverse=True)
+        first, inverse = torch.from_numpy(first), torch.from_numpy(inverse.reshape(-1))
+        b, p, f = b[first], p[first], f[first]
+        whole = self.window is None or isinstance(cols, DenseSource)
+        rows = self._store(cols if whole else _Windows(cols, self.T), b, p, f)
+        at = 0
+        for wrow, slots, *_ in wanted:
+            wrow.view(-1)[slots] = rows[inverse[at:at + len(slots)]]
+            at += len(slots)
 
     def result(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """(the tensors of `mining.Mined` from count to sample_acts, in its field order, direction axis first;
