@@ -171,3 +171,25 @@ def test_the_kernels_compile_without_a_writable_cache(tmp_path):
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sort", [True, False])
+@pytest.mark.parametrize("case", ["plain", "ties", "neg_inf"])
+def test_topk_rows_with_bias_and_relu_is_the_definition(sort, case, both):
+    """bias [E, n] per member and relu: relu(top-k of pre + bias), the kernel adding the bias as it reads a row."""
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(3, 100, 512, generator=g)
+    bias = torch.randn(3, 512, generator=g)
+    if case == "ties":
+        pre, bias = torch.randint(-3, 3, (3, 100, 512), generator=g).float(), torch.zeros(3, 512)
+    elif case == "neg_inf":
+        pre[:, :, 40:] = float("-inf")
+    full = pre + bias[:, None]
+    ref = full.topk(32, dim=-1, sorted=True)
+    for v, i in both(lambda: topk_rows(pre, 32, sorted=sort, bias=bias, relu=True)):
+        picked = full.gather(-1, i)
+        assert torch.equal(v, picked.relu())
+        if not sort:  # in some order: the same values (ties: any of the tied latents)
+            picked = picked.sort(dim=-1, descending=True).values
+        assert torch.equal(picked, ref.values)
+        assert bool((i.sort(-1).values.diff(dim=-1) > 0).all())  # distinct latents

@@ -240,12 +240,24 @@ def halves(B: int, T: int, rows: torch.Tensor | None, w: int, P: int) -> torch.T
     return torch.tensor([0, min(mid, P), P])
 
 
+def _buffer(buffers: dict | None, name: str, size: int, dtype) -> np.ndarray:
+    """np.empty(size) kept in `buffers` from call to call (grown when short): the candidate and per-half arrays
+    are megabytes per batch, and fresh ones each batch cost page faults (in the model's forward too, as the
+    allocator trims and regrows its heap)."""
+    if buffers is None:
+        return np.empty(size, dtype)
+    b = buffers.get(name)
+    if b is None or len(b) < size:
+        b = buffers[name] = np.empty(size, dtype)
+    return b[:size]
+
+
 def pairs_pass(rows, f, v, w, T, bins_per_octave, offset, n_bins, count, power, hist, cmax, cpos, t1, t2,
-               thresholds):
+               thresholds, buffers: dict | None = None):
     """See `_pairs_pass`: the firing pairs (rows, f, v) [P], or with w > 0 the flat picks f, v [R·w] (rows None),
     of a batch of cmax.shape[0] contexts; thresholds [n · n_bins] each bin's current k-th smallest token-sample key
-    (empty without a token sample). Returns the token-sample candidates (rows, directions, values, keys,
-    flat bins) as tensors, in pair order."""
+    (empty without a token sample); buffers, a dict the caller keeps for the scratch arrays. Returns the
+    token-sample candidates (rows, directions, values, keys, flat bins) as tensors, in pair order."""
     if bins_per_octave != 4 or v.dtype != torch.float32:
         raise ValueError(f"the compiled pairs pass bins float32 values at 4 per octave, got {v.dtype} values and "
                          f"{bins_per_octave} bins per octave")
@@ -253,10 +265,12 @@ def pairs_pass(rows, f, v, w, T, bins_per_octave, offset, n_bins, count, power, 
     rows = rows if rows is not None else torch.empty(0, dtype=torch.long)
     bounds = halves(cmax.shape[0], T, rows, w, P)
     C = P if len(thresholds) else 0  # per_bin = 0: no token sample, no candidates
-    out = [torch.empty(C, dtype=torch.long), torch.empty(C, dtype=torch.long), torch.empty(C),
-           torch.empty(C, dtype=torch.float64), torch.empty(C, dtype=torch.long)]
-    n = len(count)
-    parts = (np.empty((2, n), np.int64), np.empty((2, 4, n)), np.empty((2, len(hist)), np.int32))
+    out = [torch.from_numpy(_buffer(buffers, name, C, dtype)) for name, dtype in
+           (("r", np.int64), ("f", np.int64), ("v", np.float32), ("key", np.float64), ("g", np.int64))]
+    n, H = len(count), len(hist)
+    parts = (_buffer(buffers, "count", 2 * n, np.int64).reshape(2, n),
+             _buffer(buffers, "power", 8 * n, np.float64).reshape(2, 4, n),
+             _buffer(buffers, "hist", 2 * H, np.int32).reshape(2, H))
     found = torch.zeros(2, dtype=torch.long)
     jit.set_threads()
     _pairs_pass(rows.numpy(), f.numpy(), v.numpy(), v.view(torch.int32).numpy(), w, T, offset, n_bins,

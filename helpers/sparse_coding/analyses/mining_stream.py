@@ -98,6 +98,7 @@ class Stream:
         # the samples' k-th smallest keys, kept contiguous by the compiled merges (read once per firing pair)
         self.smp_last = self.smp_key[:, -1].contiguous() if per_bin else torch.empty(0, dtype=torch.float64)
         self.rnd_last = self.rnd_key[:, -1].contiguous()
+        self.buffers: dict = {}  # the compiled pass's scratch arrays, kept from batch to batch
 
     def _store(self, src: DenseSource | PickSource, b: torch.Tensor, p: torch.Tensor, f: torch.Tensor,
                columns: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,7 +223,7 @@ class Stream:
         t1, t2, s1, s2 = mining_kernels.row_states(self.token_prefix, self.context_prefix, c0, B, T)
         r, fc, vc, keys, groups = mining_kernels.pairs_pass(rows, f, v, w, T, BINS_PER_OCTAVE, _OFFSET, N_BINS,
                                                             self.count, self.power, self.hist, cmax, cpos, t1, t2,
-                                                            self.smp_last)
+                                                            self.smp_last, self.buffers)
         if self.context_max is not None:
             self.context_max.append(cmax)
         slots, j = mining_kernels.merge(self.smp_key, self.smp, groups, keys, vc, c0 + r // T, r % T, self.smp_last)

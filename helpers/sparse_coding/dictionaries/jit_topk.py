@@ -79,8 +79,9 @@ if numba is not None:
         return np.float32(np.nan)
 
     @njit(parallel=True, cache=CACHE, nogil=True)
-    def _topk(x, k, g, sort, out_v, out_i):
-        """Each row's k largest of x [R, n] (n = g·m, g >= k) into out_v, out_i [R, k]. Any t with k of the g
+    def _topk(x, bias, per_bias, relu, k, g, sort, out_v, out_i):
+        """Each row's k largest of x [R, n] + bias[r // per_bias] (bias [R / per_bias, n]: one row per ensemble
+        member, added in float32 as it is read) into out_v, out_i [R, k], ReLU'd with relu. Any t with k of the g
         strided group maxima {j, j+g, ...} at or above it bounds the row's k-th largest from below (k groups reach
         it): a few bisection steps over the maxima give one, the values at or above it are the candidates, and
         a bisection among those finds a cut with exactly k above it (where ties at the k-th largest leave none, the
@@ -93,17 +94,19 @@ if numba is not None:
         for blk in prange((R + 31) // 32):
             gm, cv, scratch = np.empty(g, x.dtype), np.empty(n, x.dtype), np.empty(n, x.dtype)
             buf, hist = np.empty(n, np.int64), np.empty(64, np.int64)
-            sv, si = np.empty(n, x.dtype), np.empty(n, np.int64)
+            sv, si, row = np.empty(n, x.dtype), np.empty(n, np.int64), np.empty(n, x.dtype)
             for r in range(blk * 32, min(R, blk * 32 + 32)):
-                row = x[r]
-                gm[:] = row[:g]
+                xr, br = x[r], bias[r // per_bias]
+                for j in range(g):
+                    row[j] = gm[j] = xr[j] + br[j]
                 nan = 0
                 for j in range(g):
                     nan |= gm[j] != gm[j]
-                for q in range(1, m):
-                    seg = row[q * g:(q + 1) * g]
+                for q in range(1, m):  # each group's row as slices: indexing with a run-time base does not vectorise
+                    seg, bseg, out = xr[q * g:(q + 1) * g], br[q * g:(q + 1) * g], row[q * g:(q + 1) * g]
                     for j in range(g):
-                        v = seg[j]
+                        v = seg[j] + bseg[j]
+                        out[j] = v
                         nan |= v != v
                         gm[j] = v if v > gm[j] else gm[j]
                 if nan:  # before any selection: a NaN has no place in the order (torch.topk's own rule applies)
@@ -140,24 +143,27 @@ if numba is not None:
                         if o < k and cv[j] == vk:
                             sv[o], si[o] = cv[j], buf[j]
                             o += 1
-                if not sort:
-                    out_v[r], out_i[r] = sv[:k], si[:k]
-                    continue
                 for i in range(k):  # rank = values above, then equal values at lower indices
-                    rank = 0
-                    for j in range(k):
-                        rank += sv[j] > sv[i]
-                        rank += (sv[j] == sv[i]) & (si[j] < si[i])
-                    out_v[r, rank], out_i[r, rank] = sv[i], si[i]
+                    rank = i
+                    if sort:
+                        rank = 0
+                        for j in range(k):
+                            rank += sv[j] > sv[i]
+                            rank += (sv[j] == sv[i]) & (si[j] < si[i])
+                    out_v[r, rank] = max(sv[i], np.float32(0)) if relu else sv[i]
+                    out_i[r, rank] = si[i]
         return bad
 
 
-def topk(x: torch.Tensor, k: int, g: int, sort: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """x [R, n] float32 contiguous (n divisible by g, g >= k) -> each row's k largest values and indices [R, k]
-    (torch.topk's values; ties at the cut: the lower indices), descending if sort (ties: the lower index first),
-    or None where a row holds a NaN."""
-    R = x.shape[0]
+def topk(x: torch.Tensor, k: int, g: int, sort: bool = True, bias: torch.Tensor | None = None, relu: bool = False
+         ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x [R, n] float32 contiguous (n divisible by g, g >= k), bias [E, n] float32 (E dividing R: the first R / E
+    rows take bias[0], ...) or None -> each row's k largest values of x + bias and their indices [R, k] (torch.topk's
+    values; ties at the cut: the lower indices), descending if sort (ties: the lower index first), else in index
+    order, ReLU'd if relu; or None where a row holds a NaN."""
+    R, n = x.shape
+    bias = torch.zeros(1, n) if bias is None else bias.detach().float().contiguous()
     values, idx = torch.empty(R, k), torch.empty(R, k, dtype=torch.int64)
     set_threads()
-    bad = _topk(x.numpy(), k, g, sort, values.numpy(), idx.numpy())
+    bad = _topk(x.numpy(), bias.numpy(), R // len(bias), relu, k, g, sort, values.numpy(), idx.numpy())
     return None if bad else (values, idx)

@@ -226,9 +226,11 @@ def _jit_groups(pre: torch.Tensor, n: int, k: int) -> int:
     return g if g <= n // 4 and n % g == 0 else 0
 
 
-def topk_rows(pre: torch.Tensor, k: int, sorted: bool,
-              workspace: Callable[..., torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`pre.topk(k, dim=-1, sorted=sorted)` for [E, B, n], through group maxima when n is large next to k.
+def topk_rows(pre: torch.Tensor, k: int, sorted: bool, workspace: Callable[..., torch.Tensor | None] | None = None,
+              bias: torch.Tensor | None = None, relu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pre.topk(k, dim=-1, sorted=sorted)` for [E, B, n], through group maxima when n is large next to k. With bias
+    [E, n], of pre + bias (the compiled kernel adds it as it reads each row: no pass over [E, B, n] for it); with
+    relu, the values ReLU'd.
 
     Split each row into s strided groups {g, g + m, g + 2m, ...} (m = n / s): every one of the row's k largest
     values lies in one of the k groups with the largest maxima (a group outside them has k groups whose maxima are
@@ -238,10 +240,19 @@ def topk_rows(pre: torch.Tensor, k: int, sorted: bool,
     returns a buffer of that shape for the group maxima (or None), kept by the caller from call to call."""
     n = pre.shape[-1]
     g = _jit_groups(pre, n, k)
-    if g:
-        got = jit_topk.topk(pre.reshape(-1, n), k, g, sorted)
+    if g and (bias is None or (bias.dtype == torch.float32 and bias.shape == (pre.shape[0], n))):
+        got = jit_topk.topk(pre.reshape(-1, n), k, g, sorted, bias, relu)
         if got is not None:  # None: a NaN somewhere, whose place torch.topk decides
             return got[0].view(*pre.shape[:-1], k), got[1].view(*pre.shape[:-1], k)
+    if bias is not None:
+        pre = pre + bias.unsqueeze(-2)
+    values, idx = _torch_topk(pre, k, sorted, workspace)
+    return (torch.relu(values) if relu else values), idx
+
+
+def _torch_topk(pre: torch.Tensor, k: int, sorted: bool, workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """`topk_rows` through torch's passes."""
+    n = pre.shape[-1]
     s = 1
     while s * 2 * 64 * k <= n and n % (s * 2) == 0:  # keep m >= 64k, where torch.topk takes its cheaper path
         s *= 2

@@ -102,8 +102,10 @@ class TopKSAE(Workspaces, EnsembleSAE):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Raw x [B, d_in] or [E, B, d_in] -> codes [E, B, d_sae]. Without autograd (under torch.no_grad, as when
-        harvesting), where the screen pays (`screening.screens`) the top k are found through it: the same codes as
-        the float32 pass up to a few ulps, without computing every pre-activation in float32."""
+        harvesting), through `encode_picks`: where the screen pays (`screening.screens`) the top k are found through
+        it, without computing every pre-activation in float32, else x W_enc and the bias are added as the top-k
+        reads them; the same codes as the autograd pass up to a few ulps (the bias added after x W_enc, not inside
+        one fused matmul)."""
         if not torch.is_grad_enabled():
             picks = self.encode_picks(x)
             if picks is not None:
@@ -123,7 +125,14 @@ class TopKSAE(Workspaces, EnsembleSAE):
         if screens(xs, self.d_sae, self.k_max):
             values, idx = self._screened_top(xs, self.encoder_weight(), self.encoder_bias(), self.k_max)
             return self._finish(values, self.k_max, "k"), idx
-        return self.select(self._pre(xs), self.k_max, "k")
+        # the bias and the ReLU join the top-k's one read of each row (no two more passes over [E, B, d_sae]);
+        # x W as `mm` where there is one member (as the ideal of benchmarks/bench_mining.py computes it)
+        W = self.encoder_weight()
+        xw = (xs[0] @ W[0]).unsqueeze(0) if self.n_members == 1 else torch.bmm(xs, W)
+        values, idx = topk_rows(xw, self.k_max, sorted=self._ragged(self.k_max, "k"),
+                                workspace=lambda *shape: self._workspace(f"group_max{shape}", *shape),
+                                bias=self.encoder_bias(), relu=True)
+        return (self._keep_first(values, "k") if self._ragged(self.k_max, "k") else values), idx
 
     def sparse_decode(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Σ_j values[e,b,j] · W_dec[e, idx[e,b,j]]  ([E, B, d_in], no b_dec). Only the k chosen decoder rows are
