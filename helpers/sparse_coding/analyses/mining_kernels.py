@@ -58,15 +58,25 @@ if numba is not None:
             c_h[:] = 0
             p_h[:] = 0.0
             hist_h[:] = 0
-            m = bounds[h]
-            for i in range(bounds[h], bounds[h + 1]):
+            m = lo = bounds[h]
+            # rows and their (context, position) followed as i advances: an integer division per pair costs more
+            # than the rest of the pair's work
+            r_next, s_next = (lo // w, lo % w) if w > 0 else (0, 0)
+            prev, b, t = -1, 0, 0
+            for i in range(lo, bounds[h + 1]):
                 vi = v[i]
                 if w > 0:
+                    r = r_next
+                    s_next += 1
+                    if s_next == w:
+                        s_next = 0
+                        r_next += 1
                     if vi == 0:
                         continue
-                    r = i // w
                 else:
                     r = rows[i]
+                if r != prev:
+                    prev, b, t = r, r // T, r % T
                 fi = f[i]
                 c_h[fi] += 1
                 vd = np.float64(vi)
@@ -85,10 +95,9 @@ if numba is not None:
                 lg = min(max(lg, -offset), n_bins - 1 - offset)
                 g = fi * n_bins + np.int64(lg) + offset
                 hist_h[g] += 1
-                b = r // T
                 if vi > cmax[b, fi]:  # pairs come in position order: the first maximal position is kept
                     cmax[b, fi] = vi
-                    cpos[b, fi] = r - b * T
+                    cpos[b, fi] = t
                 if per:
                     thr = thr_of[g]
                     h1 = _mix(t1[r], fi)
