@@ -138,3 +138,15 @@ def test_quantile_draws_are_torch_multinomial():
             g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
             assert _draw(w.numpy(), n, g1) == torch.multinomial(w, n, replacement=False, generator=g2).tolist()
             assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+
+
+def test_first_of_is_numpy_unique_in_order_of_appearance():
+    buffers: dict = {}
+    g = torch.Generator().manual_seed(4)
+    for m in (0, 1, 7, 500):
+        key = torch.randint(0, 60, (m,), generator=g)
+        first, inverse = mining_kernels.first_of(key, 60, buffers)
+        assert torch.equal(key[first][inverse], key)  # every key is its representative's
+        assert len(first) == len(torch.unique(key)) and bool((first.diff() > 0).all())  # once each, in order
+        assert all(int(f) == int((key == key[f]).nonzero()[0]) for f in first)  # the first appearance
+        assert bool((torch.from_numpy(buffers["first_of"]) == -1).all())  # the table is left clean

@@ -203,6 +203,22 @@ if numba is not None:
                 t1[b * T + t], t2[b * T + t] = _mix(h1, t), _mix(h2, t)
 
     @njit(cache=jit.CACHE, nogil=True)
+    def _first_of(key, table, first, inverse):
+        """Distinct keys in order of first appearance: first[u] the index of the u-th, inverse[m] which one key[m]
+        is; table (all -1, one slot per possible key) is left all -1 again. Returns how many."""
+        U = 0
+        for m in range(key.shape[0]):
+            u = table[key[m]]
+            if u < 0:
+                u = table[key[m]] = U
+                first[U] = m
+                U += 1
+            inverse[m] = u
+        for u in range(U):
+            table[key[first[u]]] = -1
+        return U
+
+    @njit(cache=jit.CACHE, nogil=True)
     def _pick_columns(values, latents, n, b, f, out):
         """out[m, t] = the value picked for direction f[m] at position t of context b[m] ([B, T, w] picks, each
         latent at most once per row among the nonzero values), 0 where it was not: the requests grouped by
@@ -338,6 +354,17 @@ def row_states(prefix: tuple[torch.Tensor, torch.Tensor], context_prefix: tuple[
     _row_states(int(prefix[0]), int(prefix[1]), int(context_prefix[0]), int(context_prefix[1]), c0, B, T,
                 t1.numpy(), t2.numpy(), s1.numpy(), s2.numpy())
     return t1, t2, s1, s2
+
+
+def first_of(key: torch.Tensor, size: int, buffers: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index of each distinct key's first appearance [U], which distinct key each is [M]) for int64 keys in
+    [0, size): `np.unique`'s return_index and return_inverse, in order of appearance, without its sort."""
+    table = buffers.get("first_of")
+    if table is None or len(table) < size:
+        table = buffers["first_of"] = np.full(size, -1, np.int64)
+    first, inverse = torch.empty(len(key), dtype=torch.long), torch.empty(len(key), dtype=torch.long)
+    U = _first_of(key.contiguous().numpy(), table, first.numpy(), inverse.numpy())
+    return first[:U], inverse
 
 
 class PickColumns:

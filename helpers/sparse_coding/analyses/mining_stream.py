@@ -235,20 +235,22 @@ class Stream:
                                         self.rnd_last)
         wanted.append((self.rnd[3], slots, bb[j], cpos[bb[j], ff[j]], ff[j]))
         cols = mining_kernels.PickColumns(src.values, src.latents, n) if isinstance(src, PickSource) else src
-        self._store_all(cols, wanted)
+        self._store_all(cols, wanted, B)
 
-    def _store_all(self, cols, wanted: list[tuple[torch.Tensor, ...]]) -> None:
-        """Store the windows the merges asked for, [(wrow, flat slots of wrow, contexts in the batch b, positions p,
-        directions f)], and point those entries (left -1 by the merge: a compaction of the pool while storing
-        remaps the tables) to them: one read of the batch's codes for all, each distinct window stored once (the
-        tables may share a pool row; whole-context windows differ only by (b, f))."""
+    def _store_all(self, cols, wanted: list[tuple[torch.Tensor, ...]], B: int) -> None:
+        """Store the windows the merges asked for, [(wrow, flat slots of wrow, contexts in the batch b (of B),
+        positions p, directions f)], and point those entries (left -1 by the merge: a compaction of the pool while
+        storing remaps the tables) to them: one read of the batch's codes for all, each distinct window stored once
+        (the tables may share a pool row; whole-context windows differ only by (b, f))."""
         b, p, f = (torch.cat([w[i] for w in wanted]) for i in (2, 3, 4))
         if not len(b):
             return
-        key = b * self.n + f if self.window is None else (b * self.n + f) * self.T + p
-        # numpy: no parallel region to wake a passive OpenMP thread for (sparse_coding.threads)
-        _, first, inverse = np.unique(key.numpy(), return_index=True, return_inverse=True)
-        first, inverse = torch.from_numpy(first), torch.from_numpy(inverse.reshape(-1))
+        if self.window is None:  # whole contexts: one window per (context, direction)
+            first, inverse = mining_kernels.first_of(b * self.n + f, B * self.n, self.buffers)
+        else:  # numpy: no parallel region to wake a passive OpenMP thread for (sparse_coding.threads)
+            _, first, inverse = np.unique(((b * self.n + f) * self.T + p).numpy(), return_index=True,
+                                          return_inverse=True)
+            first, inverse = torch.from_numpy(first), torch.from_numpy(inverse.reshape(-1))
         b, p, f = b[first], p[first], f[first]
         whole = self.window is None or isinstance(cols, DenseSource)
         rows = self._store(cols if whole else _Windows(cols, self.T), b, p, f)
