@@ -86,8 +86,8 @@ if numba is not None:
         it): a few bisection steps over the maxima give one, the values at or above it are the candidates, and
         a bisection among those finds a cut with exactly k above it (where ties at the k-th largest leave none, the
         k-th largest by `_kth`, ties at it: the lower indices). With sort, descending (ties: the lower index
-        first), else in index order. Returns the number of rows holding a NaN (left unwritten: the caller falls
-        back)."""
+        first), else those above the k-th largest in index order, then those equal to it. Returns the number of
+        rows holding a NaN (left unwritten: the caller falls back)."""
         R, n = x.shape
         m = n // g
         bad = 0
@@ -129,10 +129,16 @@ if numba is not None:
                     cv[j] = row[buf[j]]
                 t = _cut(cv, c, k, lo)
                 o = 0
-                if t == t:
+                if t == t:  # the k values at or above t, as the selection below orders them (no ties across t)
+                    vk = np.inf
+                    for j in range(c):
+                        vk = min(vk, cv[j]) if cv[j] >= t else vk
                     for j in range(c):
                         sv[o], si[o] = cv[j], buf[j]
-                        o += cv[j] >= t
+                        o += cv[j] > vk
+                    for j in range(c):
+                        sv[o], si[o] = cv[j], buf[j]
+                        o += cv[j] == vk
                 else:
                     vk = _kth(cv, c, k, hist, scratch)
                     for j in range(c):
@@ -159,8 +165,8 @@ def topk(x: torch.Tensor, k: int, g: int, sort: bool = True, bias: torch.Tensor 
          ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """x [R, n] float32 contiguous (n divisible by g, g >= k), bias [E, n] float32 (E dividing R: the first R / E
     rows take bias[0], ...) or None -> each row's k largest values of x + bias and their indices [R, k] (torch.topk's
-    values; ties at the cut: the lower indices), descending if sort (ties: the lower index first), else in index
-    order, ReLU'd if relu; or None where a row holds a NaN."""
+    values; ties at the cut: the lower indices), descending if sort (ties: the lower index first), else those above
+    the k-th largest in index order, then those equal to it; ReLU'd if relu; or None where a row holds a NaN."""
     R, n = x.shape
     bias = torch.zeros(1, n) if bias is None else bias.detach().float().contiguous()
     values, idx = torch.empty(R, k), torch.empty(R, k, dtype=torch.int64)
