@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sparse_coding.activations import Exclusion
-from sparse_coding.analyses import mining_kernels, mining_stream
+from sparse_coding.analyses import mining_kernels, mining_stream, mining_windows
 from sparse_coding.analyses.mining import mine
 from sparse_coding.dictionaries import jit
 
@@ -108,7 +108,7 @@ def test_compiled_columns_are_the_codes():
     a = codes(6)
     flat = a.reshape(-1, D)
     picks = as_picks(flat, W)
-    cols = mining_kernels.PickColumns(picks.values.view(N, T, W), picks.latents.view(N, T, W), D)
+    cols = mining_windows.PickColumns(picks.values.view(N, T, W), picks.latents.view(N, T, W), D)
     for m in (0, 1, 5, 3000):  # repeats of one (context, direction) among them
         b = torch.randint(N, (m,), generator=torch.Generator().manual_seed(0))
         ff = torch.randint(D, (m,), generator=torch.Generator().manual_seed(1))
@@ -145,7 +145,7 @@ def test_first_of_is_numpy_unique_in_order_of_appearance():
     g = torch.Generator().manual_seed(4)
     for m in (0, 1, 7, 500):
         key = torch.randint(0, 60, (m,), generator=g)
-        first, inverse = mining_kernels.first_of(key, 60, buffers)
+        first, inverse = mining_windows.first_of(key, 60, buffers)
         assert torch.equal(key[first][inverse], key)  # every key is its representative's
         assert len(first) == len(torch.unique(key)) and bool((first.diff() > 0).all())  # once each, in order
         assert all(int(f) == int((key == key[f]).nonzero()[0]) for f in first)  # the first appearance

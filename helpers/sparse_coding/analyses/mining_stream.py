@@ -24,7 +24,7 @@ import math
 import numpy as np
 import torch
 
-from . import mining_kernels
+from . import mining_kernels, mining_windows
 from .mining_sources import DenseSource, PickSource, RowPicks, _windowed
 from .sketch_keys import hash_states, keys_of, sketch_keys
 
@@ -121,7 +121,7 @@ class Stream:
             out[:] = src.windows(b, p, f, self.offsets)
         elif columns is not None:
             out[:] = columns
-        elif isinstance(src, mining_kernels.PickColumns):  # straight into the pool
+        elif isinstance(src, mining_windows.PickColumns):  # straight into the pool
             src.columns(b, f, out=out)
         else:
             out[:] = src.columns(b, f)
@@ -234,7 +234,7 @@ class Stream:
         slots, j = mining_kernels.merge(self.rnd_key, self.rnd, ff, ckeys, cmax[bb, ff], c0 + bb, cpos[bb, ff],
                                         self.rnd_last)
         wanted.append((self.rnd[3], slots, bb[j], cpos[bb[j], ff[j]], ff[j]))
-        cols = mining_kernels.PickColumns(src.values, src.latents, n) if isinstance(src, PickSource) else src
+        cols = mining_windows.PickColumns(src.values, src.latents, n) if isinstance(src, PickSource) else src
         self._store_all(cols, wanted, B)
 
     def _store_all(self, cols, wanted: list[tuple[torch.Tensor, ...]], B: int) -> None:
@@ -246,7 +246,7 @@ class Stream:
         if not len(b):
             return
         if self.window is None:  # whole contexts: one window per (context, direction)
-            first, inverse = mining_kernels.first_of(b * self.n + f, B * self.n, self.buffers)
+            first, inverse = mining_windows.first_of(b * self.n + f, B * self.n, self.buffers)
         else:  # numpy: no parallel region to wake a passive OpenMP thread for (sparse_coding.threads)
             _, first, inverse = np.unique(((b * self.n + f) * self.T + p).numpy(), return_index=True,
                                           return_inverse=True)
@@ -272,7 +272,7 @@ class Stream:
 
 
 class _Windows:
-    """`windows` of a source that gives only `columns` (`mining_kernels.PickColumns`), for `Stream._store`."""
+    """`windows` of a source that gives only `columns` (`mining_windows.PickColumns`), for `Stream._store`."""
 
     def __init__(self, cols, T: int):
         self.cols, self.T = cols, T
