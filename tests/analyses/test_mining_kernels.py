@@ -116,36 +116,22 @@ def test_compiled_columns_are_the_codes():
 
 
 @pytest.mark.parametrize("picks", [False, True])
-def test_compiled_mining_on_two_threads_keeps_the_same(picks, monkeypatch):
+@pytest.mark.parametrize("window", [None, (2, 1)])
+def test_compiled_mining_on_two_threads_keeps_the_same(picks, window, monkeypatch):
     """The pairs pass splits each batch's contexts into two halves, one per thread, each with its own sums: on two
     threads (the halves at once) every field is still the torch passes' (no race, the same float64 sums)."""
     torch.set_num_threads(2)  # the one_thread fixture restores the count afterwards
     a = codes(8)
-    kw = {"window": None, "batch_size": 6, "keep_context_max": True}
+    kw = {"window": window, "batch_size": 6, "keep_context_max": True}
     assert_same(mine_with(a, True, monkeypatch, picks, **kw), mine_with(a, False, monkeypatch, picks, **kw))
-
-
-def test_quantile_draws_are_torch_multinomial():
-    """`mining._draw` replaces torch.multinomial without replacement by the same exponential draws: the same picks,
-    in the same order, and the generator left in the same state, for ties, one pick and many."""
-    from sparse_coding.analyses.mining import _draw
-
-    for seed in range(40):
-        for L, n in ((2, 1), (7, 3), (40, 5), (200, 5)):
-            w = torch.rand(L, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 99)) + 0.01
-            if seed % 2:
-                w[::2] = 1.0  # equal weights
-            g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-            assert _draw(w.numpy(), n, g1) == torch.multinomial(w, n, replacement=False, generator=g2).tolist()
-            assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
 
 
 def test_first_of_is_numpy_unique_in_order_of_appearance():
     buffers: dict = {}
     g = torch.Generator().manual_seed(4)
-    for m in (0, 1, 7, 500):
-        key = torch.randint(0, 60, (m,), generator=g)
-        first, inverse = mining_windows.first_of(key, 60, buffers)
+    for m, size in ((0, 60), (1, 60), (7, 60), (500, 60), (300, 20), (900, 200)):  # smaller after larger, growth
+        key = torch.randint(0, size, (m,), generator=g)
+        first, inverse = mining_windows.first_of(key, size, buffers)
         assert torch.equal(key[first][inverse], key)  # every key is its representative's
         assert len(first) == len(torch.unique(key)) and bool((first.diff() > 0).all())  # once each, in order
         assert all(int(f) == int((key == key[f]).nonzero()[0]) for f in first)  # the first appearance

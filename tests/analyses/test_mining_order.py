@@ -221,3 +221,19 @@ def test_cache_key_and_file_carry_the_format(setup, tmp_path, monkeypatch):
     (old / "mined.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=rf"format 1, this code reads format {FORMAT}.*delete the folder"):
         load_mined(old)
+
+
+def test_quantile_draws_are_torch_multinomial():
+    """`mining._draw` replaces torch.multinomial without replacement by the same exponential draws: the same picks,
+    in the same order, and the generator left in the same state, for ties, one pick and many."""
+    from sparse_coding.analyses.mining import _draw
+
+    for seed in range(40):
+        for L, n in ((2, 1), (7, 3), (40, 5), (200, 5)):
+            w = torch.rand(L, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 99)) + 0.01
+            if seed % 2:
+                w[::2] = 1.0  # equal weights
+            g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            assert _draw(w.numpy(), n, g1) == torch.multinomial(w, n, replacement=False, generator=g2).tolist()
+            assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+

@@ -48,7 +48,8 @@ def test_topk_rows_is_torch_topk(shape, k, both):
     assert torch.equal(v0, ref.values) and torch.equal(i0, ref.indices)
 
 
-@pytest.mark.parametrize("case", ["ties", "neg_inf", "few_finite", "signed_zeros", "all_equal"])
+@pytest.mark.parametrize("case", ["ties", "neg_inf", "few_finite", "signed_zeros", "all_equal", "pos_inf",
+                                  "neg_inf_groups"])
 def test_topk_rows_on_ties_and_fills(case, both):
     g = torch.Generator().manual_seed(1)
     pre = torch.randn(200, 512, generator=g)
@@ -63,9 +64,15 @@ def test_topk_rows_on_ties_and_fills(case, both):
         pre[:, ::2] = -0.0
     elif case == "all_equal":
         pre = torch.full((200, 512), 0.5)
+    elif case == "pos_inf":
+        pre[::2, 7], pre[::3, 300] = float("inf"), float("inf")
+    elif case == "neg_inf_groups":  # whole strided groups of -inf (AuxK's padded columns)
+        pre[:, 0::64] = float("-inf")
+        pre[:, 5::64] = float("-inf")
     (v1, i1), _ = both(lambda: topk_rows(pre, 32, sorted=True))
     ref = pre.topk(32, dim=-1, sorted=True)
     assert torch.equal(v1, ref.values)
+    assert torch.equal(torch.signbit(v1), torch.signbit(pre.gather(-1, i1)))  # a -0.0 picked stays -0.0
     assert torch.equal(pre.gather(-1, i1), v1)  # the indices hold the values
     assert bool((i1.sort(-1).values.diff(dim=-1) > 0).all())  # distinct latents
     if case in ("ties", "all_equal"):  # among equal values, the lower index first
@@ -193,3 +200,29 @@ def test_topk_rows_with_bias_and_relu_is_the_definition(sort, case, both):
             picked = picked.sort(dim=-1, descending=True).values
         assert torch.equal(picked, ref.values)
         assert bool((i.sort(-1).values.diff(dim=-1) > 0).all())  # distinct latents
+
+
+@pytest.mark.parametrize("case", ["plain", "tie_inside", "tie_at_cut"])
+def test_unsorted_topk_rows_keep_their_order(case, both):
+    """Unsorted: the values above the k-th largest in index order, then those equal to it (the order a TopK step's
+    sparse decode sums in, so training stays bit-identical to the earlier kernel)."""
+    g = torch.Generator().manual_seed(5)
+    pre = torch.randn(64, 512, generator=g)
+    order = pre.argsort(dim=-1, descending=True)
+    k = 16
+    if case == "tie_inside":  # the (k-1)-th and k-th largest equal, the (k+1)-th below: an exact cut exists
+        pre.scatter_(-1, order[:, k - 1:k], pre.gather(-1, order[:, k - 2:k - 1]))
+    elif case == "tie_at_cut":  # the k-th and (k+1)-th largest equal: no exact cut, the lower index goes in
+        pre.scatter_(-1, order[:, k:k + 1], pre.gather(-1, order[:, k - 1:k]))
+    for v, i in both(lambda: topk_rows(pre, k, sorted=False)):
+        vk = pre.topk(k, dim=-1).values[:, -1:]
+        for r in range(len(pre)):
+            above = (pre[r] > vk[r]).nonzero().squeeze(1)
+            equal = (pre[r] == vk[r]).nonzero().squeeze(1)[:k - len(above)]
+            want = torch.cat([above, equal])
+            if not jit.ENABLED:  # torch.topk: its own order and tie rule, only the values are given
+                want, got = pre[r, want].sort().values, pre[r, i[r]].sort().values
+            else:
+                got = i[r]
+            assert torch.equal(got, want), (case, r)
+            assert torch.equal(v[r], pre[r, i[r]])

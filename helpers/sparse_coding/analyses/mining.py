@@ -47,7 +47,7 @@ class Example:
 def _draw(weight: np.ndarray, n: int, g: torch.Generator) -> list[int]:
     """torch.multinomial(weight, n, replacement=False, generator=g) for float64 weights, drawn alike (one
     exponential per weight from g, then the n largest weight / exponential, largest first): the same picks and the
-    same state of g afterwards (tests/analyses/test_mining.py), with one torch call instead of three."""
+    same state of g afterwards (tests/analyses/test_mining_order.py), with one torch call instead of three."""
     q = torch.empty(len(weight), dtype=torch.float64).exponential_(1, generator=g).numpy()
     return np.argsort(-(weight / q), kind="stable")[:n].tolist()
 

@@ -178,17 +178,16 @@ if numba is not None:
         return m
 
     @njit(cache=jit.CACHE, nogil=True)
-    def _context_keys(cmax, s1, s2, rnd_key, out_b, out_f, out_key):
+    def _context_keys(cmax, s1, s2, last, out_b, out_f, out_key):
         """(context, direction) pairs that fire, row-major, whose key (the hash states s1, s2 [B] of each context
-        continued by the direction) is below the direction's current k-th smallest; returns how many."""
+        continued by the direction) is below the direction's current k-th smallest (last [n]); returns how many."""
         B, n = cmax.shape
-        last = rnd_key.shape[1] - 1
         m = 0
         for b in range(B):
             for fi in range(n):
                 if cmax[b, fi] > 0:
                     key = (_mix(s1[b], fi) * 2 ** 21 + (_mix(s2[b], fi) >> 11)) * 2.0 ** -53
-                    if key < rnd_key[fi, last]:
+                    if key < last[fi]:
                         out_b[m], out_f[m], out_key[m] = b, fi, key
                         m += 1
         return m
@@ -205,9 +204,10 @@ if numba is not None:
 
 
 def halves(B: int, T: int, rows: torch.Tensor | None, w: int, P: int) -> torch.Tensor:
-    """[3] pair bounds of the batch's two halves of contexts (the first (B + 1) // 2 contexts, then the rest)."""
+    """[3] bounds of the batch's two halves of contexts (the first (B + 1) // 2 contexts, then the rest) among its P
+    pairs: with w > 0 the pairs are flat picks, w per row, else `rows` [P] (ascending) gives each pair's row."""
     h = (B + 1) // 2 * T
-    mid = h * w if w > 0 else int(torch.searchsorted(rows, torch.tensor(h)))
+    mid = h * w if w > 0 else int(np.searchsorted(rows.contiguous().numpy(), h))
     return torch.tensor([0, min(mid, P), P])
 
 
@@ -282,12 +282,13 @@ def top_merge(top_v, top_c, top_p, top_w, cmax, cpos, c0: int) -> tuple[torch.Te
     return (slots % n_top) * top_w.shape[1] + slots // n_top, b
 
 
-def context_keys(cmax, s1, s2, rnd_key):
-    """See `_context_keys`: (contexts in the batch, directions, keys) of the context-sample candidates."""
+def context_keys(cmax, s1, s2, last):
+    """See `_context_keys` (last [n]: each direction's current k-th smallest context-sample key, as `merge` keeps
+    it): (contexts in the batch, directions, keys) of the context-sample candidates."""
     N = cmax.numel()
     out_b, out_f, out_key = torch.empty(N, dtype=torch.long), torch.empty(N, dtype=torch.long), torch.empty(
         N, dtype=torch.float64)
-    m = _context_keys(cmax.numpy(), s1.numpy(), s2.numpy(), rnd_key.numpy(), out_b.numpy(), out_f.numpy(),
+    m = _context_keys(cmax.numpy(), s1.numpy(), s2.numpy(), last.numpy(), out_b.numpy(), out_f.numpy(),
                       out_key.numpy())
     return out_b[:m], out_f[:m], out_key[:m]
 

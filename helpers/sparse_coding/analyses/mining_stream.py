@@ -95,7 +95,9 @@ class Stream:
                     torch.zeros((n * N_BINS, per_bin), dtype=torch.long),
                     torch.full((n * N_BINS, per_bin), -1, dtype=torch.long)]
         self.pool, self.used = torch.empty((0, self.W)), 0
-        # the samples' k-th smallest keys, kept contiguous by the compiled merges (read once per firing pair)
+        # the samples' k-th smallest keys, kept contiguous by the compiled merges (read once per firing pair); the
+        # torch passes leave them as they are: higher than the tables' after a torch batch, which stays correct
+        # (a merge checks each key against its table)
         self.smp_last = self.smp_key[:, -1].contiguous() if per_bin else torch.empty(0, dtype=torch.float64)
         self.rnd_last = self.rnd_key[:, -1].contiguous()
         self.buffers: dict = {}  # the compiled pass's scratch arrays, kept from batch to batch
@@ -151,6 +153,7 @@ class Stream:
             rows, f, v, w = None, src.latents.reshape(-1), src.values.reshape(-1), src.w
         else:
             (rows, f, v), w = src.pairs(), 0
+            rows = rows.contiguous()  # (nonzero's columns are strided views)
         # a negative, NaN or infinite value is nonzero: looking among these is enough (NaN fails v >= 0); in numpy,
         # which starts no parallel region (waking a passive OpenMP thread costs more than this pass)
         vn = v.numpy()
@@ -230,7 +233,7 @@ class Stream:
         wanted = [(self.smp[3], slots, r[j] // T, r[j] % T, fc[j])]
         slots, b = mining_kernels.top_merge(self.top_v, self.top_c, self.top_p, self.top_w, cmax, cpos, c0)
         wanted.append((self.top_w, slots, b, self.top_p.view(-1)[slots], slots % n))
-        bb, ff, ckeys = mining_kernels.context_keys(cmax, s1, s2, self.rnd_key)
+        bb, ff, ckeys = mining_kernels.context_keys(cmax, s1, s2, self.rnd_last)
         slots, j = mining_kernels.merge(self.rnd_key, self.rnd, ff, ckeys, cmax[bb, ff], c0 + bb, cpos[bb, ff],
                                         self.rnd_last)
         wanted.append((self.rnd[3], slots, bb[j], cpos[bb[j], ff[j]], ff[j]))
@@ -252,8 +255,8 @@ class Stream:
                                           return_inverse=True)
             first, inverse = torch.from_numpy(first), torch.from_numpy(inverse.reshape(-1))
         b, p, f = b[first], p[first], f[first]
-        whole = self.window is None or isinstance(cols, DenseSource)
-        rows = self._store(cols if whole else _Windows(cols, self.T), b, p, f)
+        source = cols if self.window is None or isinstance(cols, DenseSource) else _Windows(cols, self.T)
+        rows = self._store(source, b, p, f)
         at = 0
         for wrow, slots, *_ in wanted:
             wrow.view(-1)[slots] = rows[inverse[at:at + len(slots)]]

@@ -1,7 +1,8 @@
 """The exact row top-k of `kernels.topk_rows` as a compiled kernel (numba; see `dictionaries.jit`, whose switches
 and thread count it follows): strided group maxima bound each row's k-th largest from below, a bisection among the
 few values above the bound finds the cut, and the row is read from memory once (tests/dictionaries/test_jit.py
-compares it with torch.topk on ties, infinities, NaN and every width)."""
+compares it with torch.topk on ties, -inf and +inf, NaN, signed zeros and widths with and without power-of-two
+groups)."""
 
 from __future__ import annotations
 
@@ -112,11 +113,16 @@ if numba is not None:
                 if nan:  # before any selection: a NaN has no place in the order (torch.topk's own rule applies)
                     bad += 1
                     continue
-                lo, hi = gm[0], gm[0]
+                # lo keeps k maxima at or above it: the least of those above -inf where k are (groups of -inf
+                # fills), else -inf; an infinite end leaves it where it is
+                lo, hi = np.float32(np.inf), gm[0]
                 for j in range(g):
-                    lo, hi = min(lo, gm[j]), max(hi, gm[j])
-                for _ in range(6):  # lo keeps k maxima at or above it; an infinite end leaves it where it is
-                    mid = lo + (hi - lo) * np.float32(0.5)
+                    lo = min(lo, gm[j]) if gm[j] > -np.inf else lo
+                    hi = max(hi, gm[j])
+                if _count_at_least(gm, g, lo) < k:
+                    lo = np.float32(-np.inf)
+                for _ in range(6):
+                    mid = lo * np.float32(0.5) + hi * np.float32(0.5)  # (hi - lo could overflow)
                     if _count_at_least(gm, g, mid) >= k:
                         lo = mid
                     else:
@@ -168,7 +174,10 @@ def topk(x: torch.Tensor, k: int, g: int, sort: bool = True, bias: torch.Tensor 
     values; ties at the cut: the lower indices), descending if sort (ties: the lower index first), else those above
     the k-th largest in index order, then those equal to it; ReLU'd if relu; or None where a row holds a NaN."""
     R, n = x.shape
-    bias = torch.zeros(1, n) if bias is None else bias.detach().float().contiguous()
+    # no bias: -0.0 added, which leaves every float as it is (+0.0 would turn -0.0 into +0.0)
+    bias = torch.full((1, n), -0.0) if bias is None else bias.detach().float().contiguous()
+    if bias.shape != (len(bias), n) or R % len(bias):
+        raise ValueError(f"bias must be [E, {n}] with E dividing the {R} rows, got {tuple(bias.shape)}")
     values, idx = torch.empty(R, k), torch.empty(R, k, dtype=torch.int64)
     set_threads()
     bad = _topk(x.numpy(), bias.numpy(), R // len(bias), relu, k, g, sort, values.numpy(), idx.numpy())

@@ -240,7 +240,8 @@ def topk_rows(pre: torch.Tensor, k: int, sorted: bool, workspace: Callable[..., 
     returns a buffer of that shape for the group maxima (or None), kept by the caller from call to call."""
     n = pre.shape[-1]
     g = _jit_groups(pre, n, k)
-    if g and (bias is None or (bias.dtype == torch.float32 and bias.shape == (pre.shape[0], n))):
+    if g and (bias is None or (bias.dtype == torch.float32 and bias.shape == (pre.shape[0], n)
+                               and not (bias.requires_grad and torch.is_grad_enabled()))):  # (the kernel detaches)
         got = jit_topk.topk(pre.reshape(-1, n), k, g, sorted, bias, relu)
         if got is not None:  # None: a NaN somewhere, whose place torch.topk decides
             return got[0].view(*pre.shape[:-1], k), got[1].view(*pre.shape[:-1], k)

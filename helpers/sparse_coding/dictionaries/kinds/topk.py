@@ -104,8 +104,9 @@ class TopKSAE(Workspaces, EnsembleSAE):
         """Raw x [B, d_in] or [E, B, d_in] -> codes [E, B, d_sae]. Without autograd (under torch.no_grad, as when
         harvesting), through `encode_picks`: where the screen pays (`screening.screens`) the top k are found through
         it, without computing every pre-activation in float32, else x W_enc and the bias are added as the top-k
-        reads them; the same codes as the autograd pass up to a few ulps (the bias added after x W_enc, not inside
-        one fused matmul)."""
+        reads them. The same codes as the autograd pass up to a few ulps in the values (the bias is added after
+        x W_enc, not inside one fused matmul), and where two pre-activations lie within such an ulp at the cut, the
+        latent chosen may differ."""
         if not torch.is_grad_enabled():
             picks = self.encode_picks(x)
             if picks is not None:
