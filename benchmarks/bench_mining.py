@@ -37,9 +37,10 @@ fixed is its measured forward + encode time (the TopK encode computes all latent
 the encode-and-keep pass): per-feature work scales with the features, one sweep of forward passes does not. The
 printout says when this is used.
 
-Method (the machine may be shared): each side lives in its own worker process (imports, model, warm-up once); the
-timed runs alternate between the two (>= 3 repetitions, the first side swapping each round), each ratio is the
-median of the per-round ratios, and `<key>_spread` is [min, max] over rounds. Peak memory: each worker resets its
+Method (the machine may be shared): each side lives in its own worker process (imports, model, and one untimed
+warm-up run on all the tokens, so that no side's first timed run pays for its heap growing); the timed runs
+alternate between the two (>= 3 repetitions, the first side swapping each round), each ratio is the median of the
+per-round ratios, and `<key>_spread` is [min, max] over rounds. Peak memory: each worker resets its
 peak-RSS mark (/proc/self/clear_refs) before a run and reports VmHWM minus the RSS it started the run with (these
 vary by tens of MiB between runs: glibc keeps freed memory or not). For the verdict, ours also runs once on all the
 tokens and once on 1/8 of them (at least 2 batches), each in a fresh worker with MALLOC_MMAP_THRESHOLD_=65536 (every
@@ -135,7 +136,8 @@ def main(argv=None) -> int:
     F = min(F, d_sae)
 
     # Start the two workers together (their start-up is not timed), then alternate timed runs.
-    ours_w, peer_w = Worker("ours", N, d_sae, "ours"), Worker(peer, N, F, peer)
+    warm = {"BENCH_WARM_FULL": "1"}  # each timed side warms up once on all the tokens (mining_worker.worker)
+    ours_w, peer_w = Worker("ours", N, d_sae, "ours", warm), Worker(peer, N, F, peer, warm)
     runs: dict[str, list[dict]] = {"ours": [], "peer": []}
     try:
         ready = ours_w.read(), peer_w.read()
