@@ -178,9 +178,10 @@ if numba is not None:
         return m
 
     @njit(cache=jit.CACHE, nogil=True)
-    def _context_keys(cmax, s1, s2, last, out_b, out_f, out_key):
+    def _context_keys(cmax, cpos, s1, s2, last, out_b, out_f, out_key, out_v, out_p):
         """(context, direction) pairs that fire, row-major, whose key (the hash states s1, s2 [B] of each context
-        continued by the direction) is below the direction's current k-th smallest (last [n]); returns how many."""
+        continued by the direction) is below the direction's current k-th smallest (last [n]), with their max and
+        its position; returns how many."""
         B, n = cmax.shape
         m = 0
         for b in range(B):
@@ -188,7 +189,7 @@ if numba is not None:
                 if cmax[b, fi] > 0:
                     key = (_mix(s1[b], fi) * 2 ** 21 + (_mix(s2[b], fi) >> 11)) * 2.0 ** -53
                     if key < last[fi]:
-                        out_b[m], out_f[m], out_key[m] = b, fi, key
+                        out_b[m], out_f[m], out_key[m], out_v[m], out_p[m] = b, fi, key, cmax[b, fi], cpos[b, fi]
                         m += 1
         return m
 
@@ -203,12 +204,12 @@ if numba is not None:
                 t1[b * T + t], t2[b * T + t] = _mix(h1, t), _mix(h2, t)
 
 
-def halves(B: int, T: int, rows: torch.Tensor | None, w: int, P: int) -> torch.Tensor:
+def halves(B: int, T: int, rows: torch.Tensor | None, w: int, P: int) -> np.ndarray:
     """[3] bounds of the batch's two halves of contexts (the first (B + 1) // 2 contexts, then the rest) among its P
     pairs: with w > 0 the pairs are flat picks, w per row, else `rows` [P] (ascending) gives each pair's row."""
     h = (B + 1) // 2 * T
     mid = h * w if w > 0 else int(np.searchsorted(rows.contiguous().numpy(), h))
-    return torch.tensor([0, min(mid, P), P])
+    return np.array([0, min(mid, P), P], dtype=np.int64)
 
 
 def _buffer(buffers: dict | None, name: str, size: int, dtype) -> np.ndarray:
@@ -228,7 +229,8 @@ def pairs_pass(rows, f, v, w, T, bins_per_octave, offset, n_bins, count, power, 
     """See `_pairs_pass`: the firing pairs (rows, f, v) [P], or with w > 0 the flat picks f, v [R·w] (rows None),
     of a batch of cmax.shape[0] contexts; thresholds [n · n_bins] each bin's current k-th smallest token-sample key
     (empty without a token sample); buffers, a dict the caller keeps for the scratch arrays. Returns the
-    token-sample candidates (rows, directions, values, keys, flat bins) as tensors, in pair order."""
+    token-sample candidates (rows, directions, values, keys, flat bins) as tensors, in pair order: views into
+    `buffers` when given (valid until its next use)."""
     if bins_per_octave != 4 or v.dtype != torch.float32:
         raise ValueError(f"the compiled pairs pass bins float32 values at 4 per octave, got {v.dtype} values and "
                          f"{bins_per_octave} bins per octave")
@@ -236,19 +238,22 @@ def pairs_pass(rows, f, v, w, T, bins_per_octave, offset, n_bins, count, power, 
     rows = rows if rows is not None else torch.empty(0, dtype=torch.long)
     bounds = halves(cmax.shape[0], T, rows, w, P)
     C = P if len(thresholds) else 0  # per_bin = 0: no token sample, no candidates
-    out = [torch.from_numpy(_buffer(buffers, name, C, dtype)) for name, dtype in
+    # numpy throughout: each torch call here costs microseconds, sixty-four batches a run
+    out = [_buffer(buffers, name, C, dtype) for name, dtype in
            (("r", np.int64), ("f", np.int64), ("v", np.float32), ("key", np.float64), ("g", np.int64))]
     n, H = len(count), len(hist)
     parts = (_buffer(buffers, "count", 2 * n, np.int64).reshape(2, n),
              _buffer(buffers, "power", 8 * n, np.float64).reshape(2, 4, n),
              _buffer(buffers, "hist", 2 * H, np.int32).reshape(2, H))
-    found = torch.zeros(2, dtype=torch.long)
+    found = np.zeros(2, dtype=np.int64)
     jit.set_threads()
     _pairs_pass(rows.numpy(), f.numpy(), v.numpy(), v.view(torch.int32).numpy(), w, T, offset, n_bins,
                 count.numpy(), power.numpy(), hist.numpy(), parts, cmax.numpy(), cpos.numpy(), t1.numpy(), t2.numpy(),
-                thresholds.numpy(), bounds.numpy(), *(t.numpy() for t in out), found.numpy())
-    (a, b), (m0, m1) = bounds[:2].tolist(), found.tolist()
-    return tuple(torch.cat([t[a:a + m0], t[b:b + m1]]) for t in out)
+                thresholds.numpy(), bounds, *out, found)
+    b, (m0, m1) = int(bounds[1]), found.tolist()
+    for t in out:  # the second half's candidates after the first's (the first's start at 0)
+        t[m0:m0 + m1] = t[b:b + m1]
+    return tuple(torch.from_numpy(t[:m0 + m1]) for t in out)
 
 
 def merge(keys, tables, groups, new_keys, new_vals, new_ctx, new_pos, last) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,15 +287,14 @@ def top_merge(top_v, top_c, top_p, top_w, cmax, cpos, c0: int) -> tuple[torch.Te
     return (slots % n_top) * top_w.shape[1] + slots // n_top, b
 
 
-def context_keys(cmax, s1, s2, last):
+def context_keys(cmax, cpos, s1, s2, last):
     """See `_context_keys` (last [n]: each direction's current k-th smallest context-sample key, as `merge` keeps
-    it): (contexts in the batch, directions, keys) of the context-sample candidates."""
+    it): (contexts in the batch, directions, keys, context maxima, their positions) of the context-sample
+    candidates."""
     N = cmax.numel()
-    out_b, out_f, out_key = torch.empty(N, dtype=torch.long), torch.empty(N, dtype=torch.long), torch.empty(
-        N, dtype=torch.float64)
-    m = _context_keys(cmax.numpy(), s1.numpy(), s2.numpy(), last.numpy(), out_b.numpy(), out_f.numpy(),
-                      out_key.numpy())
-    return out_b[:m], out_f[:m], out_key[:m]
+    out = [np.empty(N, np.int64), np.empty(N, np.int64), np.empty(N), np.empty(N, np.float32), np.empty(N, np.int64)]
+    m = _context_keys(cmax.numpy(), cpos.numpy(), s1.numpy(), s2.numpy(), last.numpy(), *out)
+    return tuple(torch.from_numpy(t[:m]) for t in out)
 
 
 def row_states(prefix: tuple[torch.Tensor, torch.Tensor], context_prefix: tuple[torch.Tensor, torch.Tensor], c0: int,

@@ -233,10 +233,9 @@ class Stream:
         wanted = [(self.smp[3], slots, r[j] // T, r[j] % T, fc[j])]
         slots, b = mining_kernels.top_merge(self.top_v, self.top_c, self.top_p, self.top_w, cmax, cpos, c0)
         wanted.append((self.top_w, slots, b, self.top_p.view(-1)[slots], slots % n))
-        bb, ff, ckeys = mining_kernels.context_keys(cmax, s1, s2, self.rnd_last)
-        slots, j = mining_kernels.merge(self.rnd_key, self.rnd, ff, ckeys, cmax[bb, ff], c0 + bb, cpos[bb, ff],
-                                        self.rnd_last)
-        wanted.append((self.rnd[3], slots, bb[j], cpos[bb[j], ff[j]], ff[j]))
+        bb, ff, ckeys, cv, cp = mining_kernels.context_keys(cmax, cpos, s1, s2, self.rnd_last)
+        slots, j = mining_kernels.merge(self.rnd_key, self.rnd, ff, ckeys, cv, c0 + bb, cp, self.rnd_last)
+        wanted.append((self.rnd[3], slots, bb[j], cp[j], ff[j]))
         cols = mining_windows.PickColumns(src.values, src.latents, n) if isinstance(src, PickSource) else src
         self._store_all(cols, wanted, B)
 
