@@ -237,3 +237,26 @@ def test_quantile_draws_are_torch_multinomial():
             assert _draw(w.numpy(), n, g1) == torch.multinomial(w, n, replacement=False, generator=g2).tolist()
             assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
 
+
+
+def test_mining_without_numba_takes_the_torch_passes(tmp_path):
+    """Where numba cannot be imported, mining (dense codes and a TopK SAE's picks) runs on the torch passes."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['numba'] = None\n"
+            "import torch\n"
+            "from sparse_coding.analyses.mining import mine\n"
+            "from sparse_coding.dictionaries import jit, make_sae\n"
+            "from sparse_coding.analyses.features import sae_picks_encoder\n"
+            "assert not jit.ENABLED\n"
+            "x = torch.rand(70, 16)\n"
+            "tokens = torch.arange(70).reshape(10, 7)\n"
+            "read = lambda tb: {'h': x[tb.reshape(-1)].reshape(*tb.shape, 16)}\n"
+            "sae = make_sae('topk', d_in=16, d_sae=64, k=4, seed=0)\n"
+            "out = mine(read, {'d': ('h', lambda a: a), 't': ('h', sae_picks_encoder(sae))}, tokens, batch_size=3,"
+            " progress=False)\n"
+            "assert int(out['d'].count.sum()) == 70 * 16 and int(out['t'].count.sum()) <= 70 * 4\n"
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]

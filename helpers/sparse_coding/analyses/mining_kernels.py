@@ -16,13 +16,13 @@ The windows of what entered the tables are deduplicated and read from the picks 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..dictionaries import jit
 
 numba = jit.numba
 if numba is not None:
-    import numpy as np
     from numba import njit, prange
 
 

@@ -220,7 +220,8 @@ class Stream:
     def _update_compiled(self, src: DenseSource | PickSource, rows: torch.Tensor | None, f: torch.Tensor,
                          v: torch.Tensor, w: int, c0: int) -> None:
         """`update` through `mining_kernels` (the same tables): one pass over the firing pairs, then the merges;
-        the windows of what entered are stored after each merge, from the picks or the dense codes."""
+        the windows of what entered all three tables are stored together after them (`_store_all`), from the picks
+        or the dense codes."""
         B, T, n = src.B, src.T, src.n
         cmax, cpos = torch.zeros(B, n), torch.zeros(B, n, dtype=torch.long)
         t1, t2, s1, s2 = mining_kernels.row_states(self.token_prefix, self.context_prefix, c0, B, T)

@@ -69,10 +69,11 @@ class TopKSAE(Workspaces, EnsembleSAE):
     def _ragged(self, k: int, key: str) -> bool:
         return k > 1 and len({h[key] for h in self.hparams}) > 1
 
-    def _top(self, pre: torch.Tensor, k: int, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's k largest pre-activations (before the ReLU) and their latents; sorted only if the members'
-        `key` differ (they are then cut at their own k)."""
-        return topk_rows(pre, k, sorted=self._ragged(k, key),
+    def _top(self, pre: torch.Tensor, k: int, key: str, bias: torch.Tensor | None = None, relu: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's k largest pre-activations (before the ReLU, of pre + bias [E, d_sae] when given; ReLU'd with
+        relu) and their latents; sorted only if the members' `key` differ (they are then cut at their own k)."""
+        return topk_rows(pre, k, sorted=self._ragged(k, key), bias=bias, relu=relu,
                          workspace=lambda *shape: self._workspace(f"group_max{shape}", *shape))
 
     def _screened_top(self, xs: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, k: int
@@ -130,9 +131,7 @@ class TopKSAE(Workspaces, EnsembleSAE):
         # x W as `mm` where there is one member (as the ideal of benchmarks/bench_mining.py computes it)
         W = self.encoder_weight()
         xw = (xs[0] @ W[0]).unsqueeze(0) if self.n_members == 1 else torch.bmm(xs, W)
-        values, idx = topk_rows(xw, self.k_max, sorted=self._ragged(self.k_max, "k"),
-                                workspace=lambda *shape: self._workspace(f"group_max{shape}", *shape),
-                                bias=self.encoder_bias(), relu=True)
+        values, idx = self._top(xw, self.k_max, "k", bias=self.encoder_bias(), relu=True)
         return (self._keep_first(values, "k") if self._ragged(self.k_max, "k") else values), idx
 
     def sparse_decode(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
